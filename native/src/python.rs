@@ -1,0 +1,416 @@
+//! The Python bindings: `swarmserve._native`. Thin by design: argument conversion, error
+//! mapping, and releasing the GIL for large cells. All logic lives in the pure-Rust modules.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use pyo3::create_exception;
+use pyo3::exceptions::{PyException, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+
+use crate::chain;
+use crate::error::Error;
+use crate::identity;
+use crate::onion;
+
+create_exception!(swarmserve._native, CryptoError, PyException, "Base class of every error the native core raises.");
+create_exception!(swarmserve._native, MalformedCellError, CryptoError, "A cell or onion whose shape is wrong (truncated, wrong size, unknown field).");
+create_exception!(swarmserve._native, CellAuthenticationError, CryptoError, "A cell that failed AEAD authentication: tampered, reordered, or under the wrong key.");
+create_exception!(swarmserve._native, ReplayError, CryptoError, "A circuit set-up this relay has already accepted.");
+create_exception!(swarmserve._native, ReplayCacheFullError, CryptoError, "The replay cache is full of unexpired tags; new set-ups are refused.");
+create_exception!(swarmserve._native, SignatureError, CryptoError, "An Ed25519 signature that does not verify.");
+create_exception!(swarmserve._native, InvalidKeyError, CryptoError, "Key bytes or a key encoding that cannot be used.");
+create_exception!(swarmserve._native, KeyFileError, CryptoError, "A key file that cannot be read or written, or is readable by others.");
+create_exception!(swarmserve._native, CircuitClosedError, CryptoError, "A circuit closed by an earlier authentication failure.");
+
+/// Cells at least this large are processed without the GIL, so other threads keep running.
+const RELEASE_GIL_AT: usize = 4096;
+
+impl From<Error> for PyErr {
+    fn from(error: Error) -> PyErr {
+        let message = error.to_string();
+        match error {
+            Error::Malformed { .. } => MalformedCellError::new_err(message),
+            Error::Authentication { .. } => CellAuthenticationError::new_err(message),
+            Error::Replay => ReplayError::new_err(message),
+            Error::ReplayCacheFull { .. } => ReplayCacheFullError::new_err(message),
+            Error::Signature(_) => SignatureError::new_err(message),
+            Error::InvalidKey(_) => InvalidKeyError::new_err(message),
+            Error::KeyFile { .. } => KeyFileError::new_err(message),
+            Error::CircuitClosed => CircuitClosedError::new_err(message),
+            Error::InvalidArgument(_) => PyValueError::new_err(message),
+        }
+    }
+}
+
+fn run<T: Send>(py: Python<'_>, size: usize, work: impl FnOnce() -> T + Send) -> T {
+    if size >= RELEASE_GIL_AT {
+        py.allow_threads(work)
+    } else {
+        work()
+    }
+}
+
+/// A node's long-term Ed25519 identity key.
+#[pyclass(module = "swarmserve._native", frozen)]
+struct Identity(identity::Identity);
+
+#[pymethods]
+impl Identity {
+    /// A new random identity.
+    #[staticmethod]
+    fn generate() -> Self {
+        Self(identity::Identity::generate())
+    }
+
+    /// The identity for a 32-byte RFC 8032 secret seed.
+    #[staticmethod]
+    fn from_seed(seed: &[u8]) -> PyResult<Self> {
+        Ok(Self(identity::Identity::from_seed(seed)?))
+    }
+
+    /// Parses a PKCS#8 PEM Ed25519 private key.
+    #[staticmethod]
+    fn from_pem(pem: &str) -> PyResult<Self> {
+        Ok(Self(identity::Identity::from_pem(pem)?))
+    }
+
+    /// Loads a key file; refuses files that group or others can read.
+    #[staticmethod]
+    fn load(path: PathBuf) -> PyResult<Self> {
+        Ok(Self(identity::Identity::load(&path)?))
+    }
+
+    /// Writes the key as PKCS#8 PEM with mode 0600, atomically.
+    fn save(&self, path: PathBuf) -> PyResult<()> {
+        Ok(self.0.save(&path)?)
+    }
+
+    fn to_pem(&self) -> PyResult<String> {
+        Ok(self.0.to_pem()?.to_string())
+    }
+
+    /// The 32-byte Ed25519 public key.
+    #[getter]
+    fn public_key<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.0.public_key())
+    }
+
+    /// Lowercase hex of BLAKE3 derive_key("swarmserve v1 node id", public key).
+    #[getter]
+    fn node_id(&self) -> String {
+        self.0.node_id()
+    }
+
+    /// The 64-byte Ed25519 signature of `message`.
+    fn sign<'py>(&self, py: Python<'py>, message: &[u8]) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.0.sign(message))
+    }
+
+    fn __repr__(&self) -> String {
+        format!("Identity(node_id='{}')", self.0.node_id())
+    }
+}
+
+/// Raises SignatureError unless `signature` is `public_key`'s Ed25519 signature of `message`.
+#[pyfunction]
+fn verify_signature(public_key: &[u8], message: &[u8], signature: &[u8]) -> PyResult<()> {
+    Ok(identity::verify(public_key, message, signature)?)
+}
+
+/// The node id of an Ed25519 public key.
+#[pyfunction]
+fn node_id(public_key: &[u8]) -> PyResult<String> {
+    Ok(identity::node_id(public_key)?)
+}
+
+/// An X25519 onion key: relays and inference nodes publish its public half in their
+/// descriptors, and peel circuit set-ups with it.
+#[pyclass(module = "swarmserve._native", frozen)]
+struct OnionKey(identity::OnionKey);
+
+#[pymethods]
+impl OnionKey {
+    #[staticmethod]
+    fn generate() -> Self {
+        Self(identity::OnionKey::generate())
+    }
+
+    /// The key for 32 secret bytes (RFC 7748 scalar).
+    #[staticmethod]
+    fn from_bytes(secret: &[u8]) -> PyResult<Self> {
+        Ok(Self(identity::OnionKey::from_bytes(secret)?))
+    }
+
+    #[staticmethod]
+    fn from_pem(pem: &str) -> PyResult<Self> {
+        Ok(Self(identity::OnionKey::from_pem(pem)?))
+    }
+
+    #[staticmethod]
+    fn load(path: PathBuf) -> PyResult<Self> {
+        Ok(Self(identity::OnionKey::load(&path)?))
+    }
+
+    fn save(&self, path: PathBuf) -> PyResult<()> {
+        Ok(self.0.save(&path)?)
+    }
+
+    fn to_pem(&self) -> PyResult<String> {
+        Ok(self.0.to_pem()?.to_string())
+    }
+
+    /// The 32 secret bytes. Handle with care: whoever holds them can peel this hop.
+    fn secret_bytes<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, self.0.secret_bytes().as_ref())
+    }
+
+    #[getter]
+    fn public_key<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.0.public_key())
+    }
+
+    /// Peels exactly one layer of a set-up cell. Raises ReplayError for a set-up already in
+    /// `replay_cache` (and remembers new ones there).
+    fn peel_setup(&self, py: Python<'_>, cell: &[u8], replay_cache: &mut ReplayCache) -> PyResult<PeeledSetup> {
+        let peeled = self.0.peel_setup(cell, &mut replay_cache.0)?;
+        let (is_final, routing_info, next_cell, payload) = match peeled.next {
+            onion::SetupNext::Forward { routing_info, cell } => (false, routing_info, Some(cell), None),
+            onion::SetupNext::Final { routing_info, payload } => (true, routing_info, None, Some(payload)),
+        };
+        Ok(PeeledSetup {
+            is_final,
+            routing_info,
+            next_cell,
+            payload,
+            replay_tag: peeled.replay_tag,
+            hop: Py::new(py, CircuitHop(peeled.hop))?,
+        })
+    }
+}
+
+/// Replay tags of accepted set-ups, each kept for `ttl_seconds`; at most `capacity` at once.
+#[pyclass(module = "swarmserve._native")]
+struct ReplayCache(onion::ReplayCache);
+
+#[pymethods]
+impl ReplayCache {
+    #[new]
+    fn new(capacity: usize, ttl_seconds: f64) -> PyResult<Self> {
+        let ttl = Duration::try_from_secs_f64(ttl_seconds)
+            .map_err(|_| PyValueError::new_err(format!("ttl_seconds must be a finite, non-negative number, got {ttl_seconds}")))?;
+        Ok(Self(onion::ReplayCache::new(capacity, ttl)?))
+    }
+
+    /// Raises ReplayError if `tag` was seen within the ttl; otherwise remembers it.
+    fn check_and_remember(&mut self, tag: &[u8]) -> PyResult<()> {
+        let tag: [u8; 32] = tag
+            .try_into()
+            .map_err(|_| PyValueError::new_err(format!("a replay tag is 32 bytes, got {}", tag.len())))?;
+        Ok(self.0.check_and_remember(tag)?)
+    }
+
+    fn __len__(&self) -> usize {
+        self.0.len()
+    }
+}
+
+/// One peeled set-up layer: where to go next (or the payload, at the last hop) and the hop's
+/// data-cell state.
+#[pyclass(module = "swarmserve._native", frozen)]
+struct PeeledSetup {
+    is_final: bool,
+    routing_info: Vec<u8>,
+    next_cell: Option<Vec<u8>>,
+    payload: Option<Vec<u8>>,
+    replay_tag: [u8; 32],
+    hop: Py<CircuitHop>,
+}
+
+#[pymethods]
+impl PeeledSetup {
+    /// True when this hop terminates the circuit.
+    #[getter]
+    fn is_final(&self) -> bool {
+        self.is_final
+    }
+
+    /// The routing info the router gave this hop (the next hop's address, for a relay).
+    #[getter]
+    fn routing_info<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.routing_info)
+    }
+
+    /// The set-up cell for the next hop (None at the last hop).
+    #[getter]
+    fn next_cell<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyBytes>> {
+        self.next_cell.as_deref().map(|c| PyBytes::new(py, c))
+    }
+
+    /// The router's payload for the last hop (None at a relay).
+    #[getter]
+    fn payload<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyBytes>> {
+        self.payload.as_deref().map(|p| PyBytes::new(py, p))
+    }
+
+    #[getter]
+    fn replay_tag<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.replay_tag)
+    }
+
+    /// This hop's data-cell state for the circuit.
+    #[getter]
+    fn hop(&self, py: Python<'_>) -> Py<CircuitHop> {
+        self.hop.clone_ref(py)
+    }
+}
+
+/// A relay's (or the terminating node's) side of one circuit.
+#[pyclass(module = "swarmserve._native")]
+struct CircuitHop(onion::CircuitHop);
+
+#[pymethods]
+impl CircuitHop {
+    /// Removes this hop's layer from a forward cell.
+    fn peel_forward<'py>(&mut self, py: Python<'py>, cell: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
+        let inner = &mut self.0;
+        let out = run(py, cell.len(), || inner.peel_forward(cell))?;
+        Ok(PyBytes::new(py, &out))
+    }
+
+    /// Adds this hop's layer to a backward cell.
+    fn wrap_backward<'py>(&mut self, py: Python<'py>, cell: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
+        let inner = &mut self.0;
+        let out = run(py, cell.len(), || inner.wrap_backward(cell))?;
+        Ok(PyBytes::new(py, &out))
+    }
+}
+
+/// The router's side of a circuit.
+#[pyclass(module = "swarmserve._native")]
+struct Circuit(onion::Circuit);
+
+#[pymethods]
+impl Circuit {
+    /// Builds the set-up onion through `hops`, a sequence of (onion public key, routing info)
+    /// pairs; the last hop terminates the circuit and receives `payload`. Returns the
+    /// set-up cell for hop 0 and the circuit.
+    #[staticmethod]
+    #[pyo3(signature = (hops, payload = b"".to_vec()))]
+    fn build(hops: Vec<(Vec<u8>, Vec<u8>)>, payload: Vec<u8>) -> PyResult<(Vec<u8>, Circuit)> {
+        let mut specs = Vec::with_capacity(hops.len());
+        for (index, (key, routing_info)) in hops.iter().enumerate() {
+            let onion_key: [u8; 32] = key.as_slice().try_into().map_err(|_| {
+                PyErr::from(Error::InvalidKey(format!("onion key of hop {index} must be 32 bytes, got {}", key.len())))
+            })?;
+            specs.push(onion::HopSpec { onion_key, routing_info });
+        }
+        let (cell, circuit) = onion::Circuit::build(&specs, &payload)?;
+        Ok((cell, Circuit(circuit)))
+    }
+
+    /// Number of layers (relays plus the terminating node).
+    #[getter]
+    fn layers(&self) -> usize {
+        self.0.layers()
+    }
+
+    /// Seals a forward data cell once per hop.
+    fn wrap_forward<'py>(&mut self, py: Python<'py>, plaintext: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
+        let inner = &mut self.0;
+        let out = run(py, plaintext.len(), || inner.wrap_forward(plaintext))?;
+        Ok(PyBytes::new(py, &out))
+    }
+
+    /// Strips every hop's layer from a backward cell.
+    fn unwrap_backward<'py>(&mut self, py: Python<'py>, cell: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
+        let inner = &mut self.0;
+        let out = run(py, cell.len(), || inner.unwrap_backward(cell))?;
+        Ok(PyBytes::new(py, &out))
+    }
+}
+
+/// The incremental token-stream hash chain an inference node feeds as it emits tokens.
+#[pyclass(module = "swarmserve._native")]
+struct TokenStreamHasher(chain::TokenStreamHasher);
+
+#[pymethods]
+impl TokenStreamHasher {
+    #[new]
+    fn new(request_id: &[u8], model_digest: &[u8], prompt_digest: &[u8], sampling: &[u8]) -> PyResult<Self> {
+        Ok(Self(chain::TokenStreamHasher::new(request_id, model_digest, prompt_digest, sampling)?))
+    }
+
+    /// Extends the chain by one token: its id and the exact text bytes sent for it.
+    fn update(&mut self, token_id: u32, text: &[u8]) -> PyResult<()> {
+        Ok(self.0.update(token_id, text)?)
+    }
+
+    /// Tokens hashed so far.
+    #[getter]
+    fn count(&self) -> u64 {
+        self.0.count()
+    }
+
+    /// The current chain link.
+    #[getter]
+    fn head<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.0.head())
+    }
+
+    /// The commitment over every token so far; the hasher stays usable.
+    fn commitment<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.0.commitment())
+    }
+}
+
+/// The commitment over a whole token stream in one call (for verifiers).
+#[pyfunction]
+fn token_stream_commitment<'py>(
+    py: Python<'py>,
+    request_id: &[u8],
+    model_digest: &[u8],
+    prompt_digest: &[u8],
+    sampling: &[u8],
+    token_ids: Vec<u32>,
+    texts: Vec<Vec<u8>>,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let size = texts.iter().map(Vec::len).sum::<usize>() + 48 * texts.len();
+    let commitment = run(py, size, || {
+        chain::token_stream_commitment(request_id, model_digest, prompt_digest, sampling, &token_ids, &texts)
+    })?;
+    Ok(PyBytes::new(py, &commitment))
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add("CryptoError", py.get_type::<CryptoError>())?;
+    m.add("MalformedCellError", py.get_type::<MalformedCellError>())?;
+    m.add("CellAuthenticationError", py.get_type::<CellAuthenticationError>())?;
+    m.add("ReplayError", py.get_type::<ReplayError>())?;
+    m.add("ReplayCacheFullError", py.get_type::<ReplayCacheFullError>())?;
+    m.add("SignatureError", py.get_type::<SignatureError>())?;
+    m.add("InvalidKeyError", py.get_type::<InvalidKeyError>())?;
+    m.add("KeyFileError", py.get_type::<KeyFileError>())?;
+    m.add("CircuitClosedError", py.get_type::<CircuitClosedError>())?;
+
+    m.add("SETUP_CELL_SIZE", onion::SETUP_CELL_SIZE)?;
+    m.add("MAX_LAYERS", onion::MAX_LAYERS)?;
+    m.add("ROUTING_INFO_MAX", onion::ROUTING_INFO_MAX)?;
+    m.add("SETUP_PAYLOAD_MAX", onion::SETUP_PAYLOAD_MAX)?;
+    m.add("TAG_SIZE", onion::TAG_SIZE)?;
+
+    m.add_class::<Identity>()?;
+    m.add_class::<OnionKey>()?;
+    m.add_class::<ReplayCache>()?;
+    m.add_class::<PeeledSetup>()?;
+    m.add_class::<CircuitHop>()?;
+    m.add_class::<Circuit>()?;
+    m.add_class::<TokenStreamHasher>()?;
+    m.add_function(wrap_pyfunction!(verify_signature, m)?)?;
+    m.add_function(wrap_pyfunction!(node_id, m)?)?;
+    m.add_function(wrap_pyfunction!(token_stream_commitment, m)?)?;
+    Ok(())
+}

@@ -1,0 +1,1 @@
+"""The swarm's services, one package each: ``router``, ``relay``, ``inference``, ``verifier``."""

@@ -1,0 +1,1 @@
+"""Verifier: re-execution checks of receipts, duel-and-judge, reputation (issue #6)."""
