@@ -9,10 +9,9 @@ use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
-use ed25519_dalek::pkcs8::{DecodePrivateKey, EncodePrivateKey};
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use pkcs8::der::pem::LineEnding;
-use pkcs8::der::EncodePem;
+use pkcs8::der::{Decode, Document, EncodePem};
 use pkcs8::{ObjectIdentifier, PrivateKeyInfo};
 use rand_core::OsRng;
 use x25519_dalek::{PublicKey as X25519Public, StaticSecret};
@@ -24,8 +23,44 @@ pub const PUBLIC_KEY_LEN: usize = 32;
 pub const SIGNATURE_LEN: usize = 64;
 pub const NODE_ID_CONTEXT: &str = "swarmserve v1 node id";
 
-/// RFC 8410 object identifier for X25519 keys.
+/// RFC 8410 object identifiers.
 const X25519_OID: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.101.110");
+const ED25519_OID: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.101.112");
+
+/// Encodes a 32-byte private key as RFC 8410 PKCS#8 v1 PEM: the form every common tool reads
+/// (v2, with the public key appended, is refused by some).
+fn encode_pkcs8(oid: ObjectIdentifier, name: &str, secret: &[u8; 32]) -> Result<Zeroizing<String>> {
+    // The private key field holds the key bytes wrapped in an OCTET STRING.
+    let mut wrapped = Zeroizing::new([0u8; 34]);
+    wrapped[0] = 0x04;
+    wrapped[1] = 0x20;
+    wrapped[2..].copy_from_slice(secret);
+    PrivateKeyInfo::new(pkcs8::AlgorithmIdentifierRef { oid, parameters: None }, wrapped.as_ref())
+        .to_pem(LineEnding::LF)
+        .map(Zeroizing::new)
+        .map_err(|e| Error::InvalidKey(format!("cannot encode {name} key as PKCS#8: {e}")))
+}
+
+/// Decodes an RFC 8410 PKCS#8 (v1 or v2) PEM private key of the given algorithm.
+fn decode_pkcs8(oid: ObjectIdentifier, name: &str, pem: &str) -> Result<Zeroizing<[u8; 32]>> {
+    let bad = |e: String| Error::InvalidKey(format!("not an {name} PKCS#8 PEM private key: {e}"));
+    let (label, doc) = Document::from_pem(pem).map_err(|e| bad(e.to_string()))?;
+    if label != "PRIVATE KEY" {
+        return Err(bad(format!("PEM label is {label:?}, expected \"PRIVATE KEY\"")));
+    }
+    let info = PrivateKeyInfo::from_der(doc.as_bytes()).map_err(|e| bad(e.to_string()))?;
+    if info.algorithm.oid != oid {
+        return Err(bad(format!("algorithm is {}, expected {oid}", info.algorithm.oid)));
+    }
+    match info.private_key {
+        [0x04, 0x20, key @ ..] if key.len() == 32 => {
+            let mut out = Zeroizing::new([0u8; 32]);
+            out.copy_from_slice(key);
+            Ok(out)
+        }
+        _ => Err(bad("private key field is not a 32-byte OCTET STRING".into())),
+    }
+}
 
 fn array32(what: &str, bytes: &[u8]) -> Result<[u8; 32]> {
     bytes
@@ -83,15 +118,11 @@ impl Identity {
     }
 
     pub fn to_pem(&self) -> Result<Zeroizing<String>> {
-        self.signing
-            .to_pkcs8_pem(LineEnding::LF)
-            .map_err(|e| Error::InvalidKey(format!("cannot encode Ed25519 key as PKCS#8: {e}")))
+        encode_pkcs8(ED25519_OID, "Ed25519", &self.seed())
     }
 
     pub fn from_pem(pem: &str) -> Result<Self> {
-        SigningKey::from_pkcs8_pem(pem)
-            .map(|signing| Self { signing })
-            .map_err(|e| Error::InvalidKey(format!("not an Ed25519 PKCS#8 PEM private key: {e}")))
+        Self::from_seed(decode_pkcs8(ED25519_OID, "Ed25519", pem)?.as_ref())
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {
@@ -126,33 +157,11 @@ impl OnionKey {
     }
 
     pub fn to_pem(&self) -> Result<Zeroizing<String>> {
-        // RFC 8410: the private key field holds the 32 key bytes wrapped in an OCTET STRING.
-        let secret = self.secret_bytes();
-        let mut wrapped = Zeroizing::new([0u8; 34]);
-        wrapped[0] = 0x04;
-        wrapped[1] = 0x20;
-        wrapped[2..].copy_from_slice(secret.as_ref());
-        let info = PrivateKeyInfo::new(pkcs8::AlgorithmIdentifierRef { oid: X25519_OID, parameters: None }, wrapped.as_ref());
-        info.to_pem(LineEnding::LF)
-            .map(Zeroizing::new)
-            .map_err(|e| Error::InvalidKey(format!("cannot encode X25519 key as PKCS#8: {e}")))
+        encode_pkcs8(X25519_OID, "X25519", &self.secret_bytes())
     }
 
     pub fn from_pem(pem: &str) -> Result<Self> {
-        use pkcs8::der::{Decode, Document};
-        let bad = |e: String| Error::InvalidKey(format!("not an X25519 PKCS#8 PEM private key: {e}"));
-        let (label, doc) = Document::from_pem(pem).map_err(|e| bad(e.to_string()))?;
-        if label != "PRIVATE KEY" {
-            return Err(bad(format!("PEM label is {label:?}, expected \"PRIVATE KEY\"")));
-        }
-        let info = PrivateKeyInfo::from_der(doc.as_bytes()).map_err(|e| bad(e.to_string()))?;
-        if info.algorithm.oid != X25519_OID {
-            return Err(bad(format!("algorithm is {}, expected X25519 (1.3.101.110)", info.algorithm.oid)));
-        }
-        match info.private_key {
-            [0x04, 0x20, key @ ..] if key.len() == 32 => Self::from_bytes(key),
-            _ => Err(bad("private key field is not a 32-byte OCTET STRING".into())),
-        }
+        Self::from_bytes(decode_pkcs8(X25519_OID, "X25519", pem)?.as_ref())
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {
