@@ -1,0 +1,140 @@
+"""Node configuration: validated pydantic models loaded from one YAML file, with environment
+overrides, checked at start-up with errors that name the offending setting.
+
+Every service defines its settings as a subclass of :class:`NodeConfig` and loads them with
+:func:`load_config`. Overrides use the ``SWARMSERVE_`` prefix and ``__`` between levels:
+``SWARMSERVE_SERVER__LISTEN=0.0.0.0:7000`` sets ``server.listen``. Override values are parsed
+as YAML scalars, so numbers, booleans and ``[a, b]`` lists work.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+__all__ = [
+    "ENV_PREFIX",
+    "ConfigError",
+    "LogSettings",
+    "NodeConfig",
+    "ServerSettings",
+    "load_config",
+    "parse_listen_address",
+]
+
+ENV_PREFIX = "SWARMSERVE_"
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; the message names every problem found."""
+
+
+def parse_listen_address(value: str) -> tuple[str, int]:
+    """Splits ``HOST:PORT`` (``[v6]:PORT`` for IPv6) and checks the port range."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is outside 0..65535")
+    return host, port
+
+
+class _Strict(BaseModel):
+    # Unknown keys are mistakes (a typo would otherwise be silently ignored).
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSettings(_Strict):
+    """The gRPC server of a service."""
+
+    listen: str = Field("127.0.0.1:0", description="HOST:PORT to serve on; port 0 picks a free one")
+    grace_period_s: float = Field(
+        10.0, ge=0, le=600, description="how long running calls may finish after SIGTERM"
+    )
+    max_message_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024, description="largest gRPC message accepted or sent"
+    )
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str) -> str:
+        parse_listen_address(value)
+        return value
+
+
+class LogSettings(_Strict):
+    """Structured logging."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = Field(
+        "auto", description="auto: console on a terminal, JSON otherwise"
+    )
+
+
+class NodeConfig(_Strict):
+    """Settings every node has; services extend it with their own sections."""
+
+    data_dir: Path = Field(Path("data"), description="keys and the ledger replica live here")
+    server: ServerSettings = ServerSettings()
+    log: LogSettings = LogSettings()
+
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
+def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    for key in path[:-1]:
+        child = tree.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot override {'.'.join(path)}: {key} is not a section")
+        tree = child
+    tree[path[-1]] = value
+
+
+def _env_overrides(environ: Mapping[str, str]) -> list[tuple[list[str], Any]]:
+    overrides = []
+    for name, raw in sorted(environ.items()):
+        if name.startswith(ENV_PREFIX) and len(name) > len(ENV_PREFIX):
+            path = [part.lower() for part in name[len(ENV_PREFIX) :].split("__")]
+            try:
+                value = yaml.safe_load(raw) if raw != "" else ""
+            except yaml.YAMLError:
+                value = raw
+            overrides.append((path, value))
+    return overrides
+
+
+def load_config(
+    model: type[ConfigT],
+    path: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> ConfigT:
+    """Loads ``model`` from the YAML file at ``path`` (defaults only, if None), then applies
+    ``SWARMSERVE_*`` overrides from ``environ`` (the process environment by default)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except OSError as error:
+            raise ConfigError(f"cannot read config file {path}: {error.strerror}") from error
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {path} is not valid YAML: {error}") from error
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping, not {type(loaded).__name__}")
+        data = loaded or {}
+    for key_path, value in _env_overrides(os.environ if environ is None else environ):
+        _set_path(data, key_path, value)
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        source = str(path) if path else "defaults"
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in error.errors()
+        )
+        raise ConfigError(f"invalid configuration ({source} + {ENV_PREFIX}* overrides): {problems}") from None

@@ -1,0 +1,31 @@
+"""gRPC plumbing shared by every service: the server bootstrap, the error interceptor and the
+domain errors servicers raise."""
+
+from swarmserve.rpc.errors import (
+    DataLoss,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    ServiceError,
+    Unavailable,
+    status_for,
+)
+from swarmserve.rpc.interceptor import ErrorInterceptor
+from swarmserve.rpc.server import RpcServer, ServiceBinding
+
+__all__ = [
+    "DataLoss",
+    "ErrorInterceptor",
+    "FailedPrecondition",
+    "InvalidArgument",
+    "NotFound",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "RpcServer",
+    "ServiceBinding",
+    "ServiceError",
+    "Unavailable",
+    "status_for",
+]

@@ -1,0 +1,99 @@
+"""The one interceptor that maps exceptions raised by servicers to gRPC status codes."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import structlog
+from grpc import aio
+
+from swarmserve.rpc.errors import status_for
+from swarmserve.telemetry import get_logger
+
+__all__ = ["ErrorInterceptor"]
+
+log = get_logger("swarmserve.rpc")
+
+
+class ErrorInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
+    """Wraps every handler: binds a request id for the logs, turns known errors into their
+    status codes, and unexpected ones into INTERNAL with an id to find them in the logs."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        method = details.method
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(method, handler.unary_unary),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                _wrap_unary(method, handler.stream_unary),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(method, handler.unary_stream),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            _wrap_stream(method, handler.stream_stream),
+            handler.request_deserializer,
+            handler.response_serializer,
+        )
+
+
+async def _abort(method: str, context: aio.ServicerContext, error: Exception) -> None:
+    mapped = status_for(error)
+    if mapped is None:
+        incident = uuid.uuid4().hex[:12]
+        log.error("unhandled error", method=method, incident=incident, exc_info=error)
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error (incident {incident})")
+    else:
+        code, message = mapped
+        log.info("request refused", method=method, code=code.name, reason=message)
+        await context.abort(code, message)
+
+
+def _wrap_unary(method: str, behaviour: Callable[..., Any]) -> Callable[..., Any]:
+    async def wrapped(request: Any, context: aio.ServicerContext) -> Any:
+        structlog.contextvars.bind_contextvars(rpc=method)
+        try:
+            return await behaviour(request, context)
+        except aio.AbortError:
+            raise
+        except Exception as error:
+            await _abort(method, context, error)
+        finally:
+            structlog.contextvars.unbind_contextvars("rpc")
+
+    return wrapped
+
+
+def _wrap_stream(method: str, behaviour: Callable[..., Any]) -> Callable[..., Any]:
+    async def wrapped(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+        structlog.contextvars.bind_contextvars(rpc=method)
+        try:
+            async for response in behaviour(request, context):
+                yield response
+        except aio.AbortError:
+            raise
+        except Exception as error:
+            await _abort(method, context, error)
+        finally:
+            structlog.contextvars.unbind_contextvars("rpc")
+
+    return wrapped
