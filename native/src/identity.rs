@@ -137,15 +137,17 @@ impl Identity {
 /// A relay's (or inference node's) X25519 onion key, published in its descriptor.
 pub struct OnionKey {
     pub(crate) secret: StaticSecret,
+    /// Cached: peeling a set-up needs it, and deriving it costs a scalar multiplication.
+    public: [u8; 32],
 }
 
 impl OnionKey {
     pub fn generate() -> Self {
-        Self { secret: StaticSecret::random_from_rng(OsRng) }
+        StaticSecret::random_from_rng(OsRng).into()
     }
 
     pub fn from_bytes(secret: &[u8]) -> Result<Self> {
-        Ok(Self { secret: StaticSecret::from(array32("X25519 secret key", secret)?) })
+        Ok(StaticSecret::from(array32("X25519 secret key", secret)?).into())
     }
 
     pub fn secret_bytes(&self) -> Zeroizing<[u8; 32]> {
@@ -153,7 +155,7 @@ impl OnionKey {
     }
 
     pub fn public_key(&self) -> [u8; 32] {
-        X25519Public::from(&self.secret).to_bytes()
+        self.public
     }
 
     pub fn to_pem(&self) -> Result<Zeroizing<String>> {
@@ -170,6 +172,13 @@ impl OnionKey {
 
     pub fn load(path: &Path) -> Result<Self> {
         Self::from_pem(&read_secret_file(path)?)
+    }
+}
+
+impl From<StaticSecret> for OnionKey {
+    fn from(secret: StaticSecret) -> Self {
+        let public = X25519Public::from(&secret).to_bytes();
+        OnionKey { secret, public }
     }
 }
 

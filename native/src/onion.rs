@@ -34,7 +34,7 @@ use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce, Tag};
 use hkdf::Hkdf;
 use rand_core::OsRng;
 use sha2::Sha256;
-use x25519_dalek::{EphemeralSecret, PublicKey, StaticSecret};
+use x25519_dalek::{EphemeralSecret, PublicKey};
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::error::{Error, Result};
@@ -226,47 +226,90 @@ impl Circuit {
         self.forward.len()
     }
 
+    /// Length of a forward cell carrying `plaintext_len` bytes.
+    pub fn forward_cell_len(&self, plaintext_len: usize) -> usize {
+        plaintext_len + TAG_SIZE * self.forward.len()
+    }
+
     /// Seals a forward data cell once per hop, the last hop's layer innermost.
     pub fn wrap_forward(&mut self, plaintext: &[u8]) -> Result<Vec<u8>> {
+        let mut cell = vec![0u8; self.forward_cell_len(plaintext.len())];
+        self.wrap_forward_into(plaintext, &mut cell)?;
+        Ok(cell)
+    }
+
+    /// [`Self::wrap_forward`] into `out`, which must be `forward_cell_len(plaintext.len())`
+    /// bytes (the bindings pass the final Python buffer: no intermediate allocation).
+    pub fn wrap_forward_into(&mut self, plaintext: &[u8], out: &mut [u8]) -> Result<()> {
         if self.closed {
             return Err(Error::CircuitClosed);
         }
+        assert_eq!(out.len(), self.forward_cell_len(plaintext.len()), "output buffer size");
         let nonce = counter_nonce(self.forward_counter);
-        let mut cell = Vec::with_capacity(plaintext.len() + TAG_SIZE * self.forward.len());
-        cell.extend_from_slice(plaintext);
+        out[..plaintext.len()].copy_from_slice(plaintext);
+        let mut sealed = plaintext.len();
         for cipher in self.forward.iter().rev() {
-            cipher
-                .encrypt_in_place(&nonce, &[], &mut cell)
-                .map_err(|_| Error::InvalidArgument("cell too long for ChaCha20-Poly1305".into()))?;
+            sealed = seal_detached(cipher, &nonce, out, sealed)?;
         }
         self.forward_counter += 1;
-        Ok(cell)
+        Ok(())
     }
 
     /// Strips every hop's backward layer from a response cell, hop 0's first.
     pub fn unwrap_backward(&mut self, cell: &[u8]) -> Result<Vec<u8>> {
+        let mut buffer = cell.to_vec();
+        let len = self.unwrap_backward_in_place(&mut buffer)?;
+        buffer.truncate(len);
+        Ok(buffer)
+    }
+
+    /// [`Self::unwrap_backward`] in place: `buffer` holds the cell; returns the plaintext
+    /// length (the plaintext is `buffer[..len]`).
+    pub fn unwrap_backward_in_place(&mut self, buffer: &mut [u8]) -> Result<usize> {
         if self.closed {
             return Err(Error::CircuitClosed);
         }
         let layers = self.backward.len();
-        if cell.len() < TAG_SIZE * layers {
+        if buffer.len() < TAG_SIZE * layers {
             self.closed = true;
             return Err(Error::Malformed {
                 what: "backward cell",
-                detail: format!("{} bytes cannot hold {layers} layers of {TAG_SIZE}-byte tags", cell.len()),
+                detail: format!("{} bytes cannot hold {layers} layers of {TAG_SIZE}-byte tags", buffer.len()),
             });
         }
         let nonce = counter_nonce(self.backward_counter);
-        let mut buffer = cell.to_vec();
+        let mut len = buffer.len();
         for cipher in &self.backward {
-            if cipher.decrypt_in_place(&nonce, &[], &mut buffer).is_err() {
-                self.closed = true;
-                return Err(Error::Authentication { what: "backward cell" });
+            match open_detached(cipher, &nonce, &mut buffer[..len], "backward cell") {
+                Ok(opened) => len = opened,
+                Err(error) => {
+                    self.closed = true;
+                    return Err(error);
+                }
             }
         }
         self.backward_counter += 1;
-        Ok(buffer)
+        Ok(len)
     }
+}
+
+/// Seals `buffer[..len]` in place and writes the tag after it; returns the new length.
+fn seal_detached(cipher: &ChaCha20Poly1305, nonce: &Nonce, buffer: &mut [u8], len: usize) -> Result<usize> {
+    let tag = cipher
+        .encrypt_in_place_detached(nonce, &[], &mut buffer[..len])
+        .map_err(|_| Error::InvalidArgument("cell too long for ChaCha20-Poly1305".into()))?;
+    buffer[len..len + TAG_SIZE].copy_from_slice(&tag);
+    Ok(len + TAG_SIZE)
+}
+
+/// Opens `buffer` (ciphertext then tag) in place; returns the plaintext length.
+fn open_detached(cipher: &ChaCha20Poly1305, nonce: &Nonce, buffer: &mut [u8], what: &'static str) -> Result<usize> {
+    let len = buffer.len() - TAG_SIZE;
+    let (ciphertext, tag) = buffer.split_at_mut(len);
+    cipher
+        .decrypt_in_place_detached(nonce, &[], ciphertext, Tag::from_slice(tag))
+        .map_err(|_| Error::Authentication { what })?;
+    Ok(len)
 }
 
 fn seal_setup_layer(secrets: &HopSecrets, ephemeral: &[u8; 32], mut plaintext: Vec<u8>) -> Vec<u8> {
@@ -292,6 +335,13 @@ pub struct CircuitHop {
 impl CircuitHop {
     /// Removes this hop's layer from a forward cell.
     pub fn peel_forward(&mut self, cell: &[u8]) -> Result<Vec<u8>> {
+        let mut out = vec![0u8; cell.len().saturating_sub(TAG_SIZE)];
+        self.peel_forward_into(cell, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`Self::peel_forward`] into `out`, which must be `cell.len() - TAG_SIZE` bytes.
+    pub fn peel_forward_into(&mut self, cell: &[u8], out: &mut [u8]) -> Result<()> {
         if self.closed {
             return Err(Error::CircuitClosed);
         }
@@ -302,27 +352,35 @@ impl CircuitHop {
                 detail: format!("{} bytes is shorter than one {TAG_SIZE}-byte tag", cell.len()),
             });
         }
-        let mut buffer = cell.to_vec();
-        if self.forward.decrypt_in_place(&counter_nonce(self.forward_counter), &[], &mut buffer).is_err() {
+        let (ciphertext, tag) = cell.split_at(cell.len() - TAG_SIZE);
+        assert_eq!(out.len(), ciphertext.len(), "output buffer size");
+        out.copy_from_slice(ciphertext);
+        let nonce = counter_nonce(self.forward_counter);
+        if self.forward.decrypt_in_place_detached(&nonce, &[], out, Tag::from_slice(tag)).is_err() {
             self.closed = true;
             return Err(Error::Authentication { what: "forward cell" });
         }
         self.forward_counter += 1;
-        Ok(buffer)
+        Ok(())
     }
 
     /// Adds this hop's layer to a backward cell.
     pub fn wrap_backward(&mut self, cell: &[u8]) -> Result<Vec<u8>> {
+        let mut out = vec![0u8; cell.len() + TAG_SIZE];
+        self.wrap_backward_into(cell, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`Self::wrap_backward`] into `out`, which must be `cell.len() + TAG_SIZE` bytes.
+    pub fn wrap_backward_into(&mut self, cell: &[u8], out: &mut [u8]) -> Result<()> {
         if self.closed {
             return Err(Error::CircuitClosed);
         }
-        let mut buffer = Vec::with_capacity(cell.len() + TAG_SIZE);
-        buffer.extend_from_slice(cell);
-        self.backward
-            .encrypt_in_place(&counter_nonce(self.backward_counter), &[], &mut buffer)
-            .map_err(|_| Error::InvalidArgument("cell too long for ChaCha20-Poly1305".into()))?;
+        assert_eq!(out.len(), cell.len() + TAG_SIZE, "output buffer size");
+        out[..cell.len()].copy_from_slice(cell);
+        seal_detached(&self.backward, &counter_nonce(self.backward_counter), out, cell.len())?;
         self.backward_counter += 1;
-        Ok(buffer)
+        Ok(())
     }
 }
 
@@ -457,13 +515,6 @@ impl ReplayCache {
 
     pub fn is_empty(&self) -> bool {
         self.seen.is_empty()
-    }
-}
-
-/// Kept for callers that hold a raw X25519 secret rather than an [`OnionKey`].
-impl From<StaticSecret> for OnionKey {
-    fn from(secret: StaticSecret) -> Self {
-        OnionKey { secret }
     }
 }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyValueError};
 use pyo3::prelude::*;
+use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::PyBytes;
 
 use crate::chain;
@@ -274,22 +275,33 @@ struct CircuitHop(onion::CircuitHop);
 impl CircuitHop {
     /// Removes this hop's layer from a forward cell.
     fn peel_forward<'py>(&mut self, py: Python<'py>, cell: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
+        if cell.len() < onion::TAG_SIZE {
+            // Let the core report (and close the hop) before sizing an output buffer.
+            self.0.peel_forward(cell)?;
+        }
         let inner = &mut self.0;
-        let out = run(py, cell.len(), || inner.peel_forward(cell))?;
-        Ok(PyBytes::new(py, &out))
+        // Written straight into the new bytes object: one copy, no intermediate buffer.
+        PyBytes::new_with(py, cell.len() - onion::TAG_SIZE, |out| {
+            Ok(run(py, cell.len(), || inner.peel_forward_into(cell, out))?)
+        })
     }
 
     /// Adds this hop's layer to a backward cell.
     fn wrap_backward<'py>(&mut self, py: Python<'py>, cell: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
         let inner = &mut self.0;
-        let out = run(py, cell.len(), || inner.wrap_backward(cell))?;
-        Ok(PyBytes::new(py, &out))
+        PyBytes::new_with(py, cell.len() + onion::TAG_SIZE, |out| {
+            Ok(run(py, cell.len(), || inner.wrap_backward_into(cell, out))?)
+        })
     }
 }
 
 /// The router's side of a circuit.
 #[pyclass(module = "swarmserve._native")]
-struct Circuit(onion::Circuit);
+struct Circuit {
+    inner: onion::Circuit,
+    /// Reused for unwrapping so the per-cell path does not allocate.
+    scratch: Vec<u8>,
+}
 
 #[pymethods]
 impl Circuit {
@@ -307,27 +319,30 @@ impl Circuit {
             specs.push(onion::HopSpec { onion_key, routing_info });
         }
         let (cell, circuit) = onion::Circuit::build(&specs, &payload)?;
-        Ok((cell, Circuit(circuit)))
+        Ok((cell, Circuit { inner: circuit, scratch: Vec::new() }))
     }
 
     /// Number of layers (relays plus the terminating node).
     #[getter]
     fn layers(&self) -> usize {
-        self.0.layers()
+        self.inner.layers()
     }
 
     /// Seals a forward data cell once per hop.
     fn wrap_forward<'py>(&mut self, py: Python<'py>, plaintext: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
-        let inner = &mut self.0;
-        let out = run(py, plaintext.len(), || inner.wrap_forward(plaintext))?;
-        Ok(PyBytes::new(py, &out))
+        let inner = &mut self.inner;
+        PyBytes::new_with(py, inner.forward_cell_len(plaintext.len()), |out| {
+            Ok(run(py, plaintext.len(), || inner.wrap_forward_into(plaintext, out))?)
+        })
     }
 
     /// Strips every hop's layer from a backward cell.
     fn unwrap_backward<'py>(&mut self, py: Python<'py>, cell: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
-        let inner = &mut self.0;
-        let out = run(py, cell.len(), || inner.unwrap_backward(cell))?;
-        Ok(PyBytes::new(py, &out))
+        let (inner, scratch) = (&mut self.inner, &mut self.scratch);
+        scratch.clear();
+        scratch.extend_from_slice(cell);
+        let len = run(py, cell.len(), || inner.unwrap_backward_in_place(scratch))?;
+        Ok(PyBytes::new(py, &scratch[..len]))
     }
 }
 
@@ -374,9 +389,10 @@ fn token_stream_commitment<'py>(
     prompt_digest: &[u8],
     sampling: &[u8],
     token_ids: Vec<u32>,
-    texts: Vec<Vec<u8>>,
+    texts: Vec<PyBackedBytes>,
 ) -> PyResult<Bound<'py, PyBytes>> {
-    let size = texts.iter().map(Vec::len).sum::<usize>() + 48 * texts.len();
+    // PyBackedBytes borrows each bytes object's buffer: no copy per token.
+    let size = texts.iter().map(|t| t.len()).sum::<usize>() + 48 * texts.len();
     let commitment = run(py, size, || {
         chain::token_stream_commitment(request_id, model_digest, prompt_digest, sampling, &token_ids, &texts)
     })?;
