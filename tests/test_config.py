@@ -21,7 +21,11 @@ def test_yaml_then_environment_overrides(tmp_path: Path) -> None:
     config = load_config(
         NodeConfig,
         path,
-        environ={"SWARMSERVE_SERVER__LISTEN": "[::1]:7001", "SWARMSERVE_LOG__LEVEL": "debug", "OTHER": "x"},
+        environ={
+            "SWARMSERVE_SERVER__LISTEN": "[::1]:7001",
+            "SWARMSERVE_LOG__LEVEL": "debug",
+            "OTHER": "x",
+        },
     )
     assert config.data_dir == Path("/srv/node")
     assert config.server.listen == "[::1]:7001"
@@ -42,7 +46,9 @@ def test_yaml_then_environment_overrides(tmp_path: Path) -> None:
         ("server: 5\n", {"SWARMSERVE_SERVER__LISTEN": "h:1"}, "server is not a section"),
     ],
 )
-def test_bad_configuration_is_named(tmp_path: Path, text: str, environ: dict[str, str], expected: str) -> None:
+def test_bad_configuration_is_named(
+    tmp_path: Path, text: str, environ: dict[str, str], expected: str
+) -> None:
     path = tmp_path / "node.yaml"
     path.write_text(text)
     with pytest.raises(ConfigError, match=expected.replace("[", r"\[")):

@@ -9,7 +9,7 @@ import stat
 from pathlib import Path
 
 import pytest
-from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -43,9 +43,11 @@ def test_native_onion_is_peeled_by_the_reference(
     routes: list[bytes], payload: bytes, forward: list[bytes], backward: list[bytes]
 ) -> None:
     keys = [native.OnionKey.generate() for _ in routes]
-    cell, circuit = native.Circuit.build([(k.public_key, r) for k, r in zip(keys, routes)], payload)
+    cell, circuit = native.Circuit.build(
+        [(k.public_key, r) for k, r in zip(keys, routes, strict=True)], payload
+    )
     hops = []
-    for index, (key, route) in enumerate(zip(keys, routes)):
+    for index, (key, route) in enumerate(zip(keys, routes, strict=True)):
         assert len(cell) == native.SETUP_CELL_SIZE  # same size at every position
         peeled = ref.peel_setup(key.secret_bytes(), cell)
         assert peeled.routing_info == route
@@ -79,9 +81,11 @@ def test_reference_onion_is_peeled_by_native(
     routes: list[bytes], payload: bytes, forward: list[bytes], backward: list[bytes]
 ) -> None:
     keys = [native.OnionKey.generate() for _ in routes]
-    cell, circuit = ref.ReferenceCircuit.build([(k.public_key, r) for k, r in zip(keys, routes)], payload)
+    cell, circuit = ref.ReferenceCircuit.build(
+        [(k.public_key, r) for k, r in zip(keys, routes, strict=True)], payload
+    )
     hops = []
-    for index, (key, route) in enumerate(zip(keys, routes)):
+    for index, (key, route) in enumerate(zip(keys, routes, strict=True)):
         peeled = key.peel_setup(cell, fresh_cache())
         assert peeled.routing_info == route
         assert peeled.is_final == (index == len(keys) - 1)
@@ -106,10 +110,15 @@ def test_reference_onion_is_peeled_by_native(
 def test_replay_tags_agree_between_implementations() -> None:
     key = native.OnionKey.generate()
     cell, _ = native.Circuit.build([(key.public_key, b"")])
-    assert key.peel_setup(cell, fresh_cache()).replay_tag == ref.peel_setup(key.secret_bytes(), cell).replay_tag
+    assert (
+        key.peel_setup(cell, fresh_cache()).replay_tag
+        == ref.peel_setup(key.secret_bytes(), cell).replay_tag
+    )
 
 
-def establish(layers: int) -> tuple[native.Circuit, list[native.CircuitHop], list[native.OnionKey], bytes]:
+def establish(
+    layers: int,
+) -> tuple[native.Circuit, list[native.CircuitHop], list[native.OnionKey], bytes]:
     keys = [native.OnionKey.generate() for _ in range(layers)]
     first_cell, circuit = native.Circuit.build([(k.public_key, b"next") for k in keys], b"payload")
     cell = first_cell
@@ -125,7 +134,11 @@ def establish(layers: int) -> tuple[native.Circuit, list[native.CircuitHop], lis
 
 
 @settings(max_examples=60, deadline=None)
-@given(position=st.integers(0, native.SETUP_CELL_SIZE - 1), flip=st.integers(1, 255), hop=st.integers(0, 2))
+@given(
+    position=st.integers(0, native.SETUP_CELL_SIZE - 1),
+    flip=st.integers(1, 255),
+    hop=st.integers(0, 2),
+)
 def test_any_flipped_setup_byte_at_any_hop_is_rejected(position: int, flip: int, hop: int) -> None:
     """Tried: one byte of the set-up cell changed, at the first, middle or last hop."""
     keys = [native.OnionKey.generate() for _ in range(3)]
@@ -138,7 +151,9 @@ def test_any_flipped_setup_byte_at_any_hop_is_rejected(position: int, flip: int,
         keys[hop].peel_setup(bytes(tampered), fresh_cache())
 
 
-@pytest.mark.parametrize("size", [0, 1, 47, 48, native.SETUP_CELL_SIZE - 1, native.SETUP_CELL_SIZE + 1])
+@pytest.mark.parametrize(
+    "size", [0, 1, 47, 48, native.SETUP_CELL_SIZE - 1, native.SETUP_CELL_SIZE + 1]
+)
 def test_wrong_size_setup_cell_is_malformed(size: int) -> None:
     """Tried: truncated and over-long set-up cells."""
     key = native.OnionKey.generate()
@@ -206,7 +221,9 @@ def test_build_rejects_bad_paths_and_sizes() -> None:
 
 @settings(max_examples=60, deadline=None)
 @given(message=st.binary(min_size=1, max_size=256), data=st.data())
-def test_any_flipped_forward_byte_is_caught_and_closes_the_hop(message: bytes, data: st.DataObject) -> None:
+def test_any_flipped_forward_byte_is_caught_and_closes_the_hop(
+    message: bytes, data: st.DataObject
+) -> None:
     """Tried: one byte of a forward cell changed before a random hop."""
     circuit, hops, _, _ = establish(3)
     cell = circuit.wrap_forward(message)
@@ -223,7 +240,9 @@ def test_any_flipped_forward_byte_is_caught_and_closes_the_hop(message: bytes, d
 
 @settings(max_examples=60, deadline=None)
 @given(message=st.binary(max_size=256), data=st.data())
-def test_any_flipped_backward_byte_is_caught_at_the_router(message: bytes, data: st.DataObject) -> None:
+def test_any_flipped_backward_byte_is_caught_at_the_router(
+    message: bytes, data: st.DataObject
+) -> None:
     circuit, hops, _, _ = establish(3)
     cell = message
     for hop in reversed(hops):
@@ -327,7 +346,9 @@ def test_key_pems_interoperate_with_cryptography() -> None:
     with pytest.raises(native.InvalidKeyError):
         native.OnionKey.from_pem(identity.to_pem())
     with pytest.raises(native.InvalidKeyError):
-        native.Identity.from_pem("-----BEGIN PRIVATE KEY-----\nnot base64\n-----END PRIVATE KEY-----\n")
+        native.Identity.from_pem(
+            "-----BEGIN PRIVATE KEY-----\nnot base64\n-----END PRIVATE KEY-----\n"
+        )
 
 
 def test_key_files_are_owner_only_and_unsafe_ones_refused(tmp_path: Path) -> None:
@@ -345,7 +366,9 @@ def test_key_files_are_owner_only_and_unsafe_ones_refused(tmp_path: Path) -> Non
 
 def test_node_id_matches_the_reference() -> None:
     identity = native.Identity.generate()
-    assert identity.node_id == native.node_id(identity.public_key) == ref.node_id(identity.public_key)
+    assert (
+        identity.node_id == native.node_id(identity.public_key) == ref.node_id(identity.public_key)
+    )
 
 
 # --- token-stream commitments ---------------------------------------------------------------
@@ -371,7 +394,9 @@ def test_commitments_match_the_blake3_reference(
     assert hasher.count == len(tokens)
     assert hasher.commitment() == expected
     ids, texts = [t[0] for t in tokens], [t[1] for t in tokens]
-    assert native.token_stream_commitment(request_id, model, prompt, sampling, ids, texts) == expected
+    assert (
+        native.token_stream_commitment(request_id, model, prompt, sampling, ids, texts) == expected
+    )
 
 
 def test_commitment_changes_when_any_token_does() -> None:

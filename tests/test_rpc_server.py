@@ -31,10 +31,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class ProbeInference(inference_pb2_grpc.InferenceServicer):
-    async def Status(self, request: inference_pb2.StatusRequest, context: aio.ServicerContext) -> inference_pb2.StatusResponse:
+    async def Status(
+        self, request: inference_pb2.StatusRequest, context: aio.ServicerContext
+    ) -> inference_pb2.StatusResponse:
         return inference_pb2.StatusResponse(identity_key=b"k" * 32)
 
-    async def Score(self, request: inference_pb2.ScoreRequest, context: aio.ServicerContext) -> inference_pb2.ScoreResponse:
+    async def Score(
+        self, request: inference_pb2.ScoreRequest, context: aio.ServicerContext
+    ) -> inference_pb2.ScoreResponse:
         if request.model == "missing":
             raise NotFound(f"no model named {request.model!r}")
         if request.model == "bad-value":
@@ -83,11 +87,17 @@ async def test_reflection_lists_and_describes_services(server: RpcServer) -> Non
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         requests = [
             reflection_pb2.ServerReflectionRequest(list_services=""),
-            reflection_pb2.ServerReflectionRequest(file_containing_symbol="swarmserve.v1.Inference"),
+            reflection_pb2.ServerReflectionRequest(
+                file_containing_symbol="swarmserve.v1.Inference"
+            ),
         ]
         replies = [reply async for reply in stub.ServerReflectionInfo(iter(requests))]
     names = {s.name for s in replies[0].list_services_response.service}
-    assert {"swarmserve.v1.Inference", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names
+    assert {
+        "swarmserve.v1.Inference",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+    } <= names
     assert replies[1].file_descriptor_response.file_descriptor_proto  # describe works
 
 
@@ -117,7 +127,9 @@ async def test_stream_error_after_tokens_keeps_what_was_sent(server: RpcServer) 
     async with aio.insecure_channel(server.address) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         with pytest.raises(aio.AioRpcError) as error:
-            async for reply in stub.Generate(inference_pb2.InferenceGenerateRequest(model="fails-midway")):
+            async for reply in stub.Generate(
+                inference_pb2.InferenceGenerateRequest(model="fails-midway")
+            ):
                 received.append(reply.tokens.index)
     assert received == [0, 1]
     assert error.value.code() == grpc.StatusCode.INTERNAL
@@ -171,7 +183,9 @@ def test_sigterm_drains_and_exits_cleanly(tmp_path: Path) -> None:
 
         async def check() -> int:
             async with aio.insecure_channel(address) as channel:
-                reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+                reply = await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest()
+                )
                 return int(reply.status)
 
         assert asyncio.run(check()) == health_pb2.HealthCheckResponse.SERVING
@@ -179,7 +193,11 @@ def test_sigterm_drains_and_exits_cleanly(tmp_path: Path) -> None:
         assert process.wait(timeout=20) == 0
     finally:
         process.kill()
-    lines = [json.loads(line) for line in process.stderr.read().splitlines() if line.startswith("{")] if process.stderr else []
+    lines = (
+        [json.loads(line) for line in process.stderr.read().splitlines() if line.startswith("{")]
+        if process.stderr
+        else []
+    )
     events = [line["event"] for line in lines]
     assert {"serving", "signal received", "draining", "stopped"} <= set(events)
     assert all("timestamp" in line and "level" in line for line in lines)

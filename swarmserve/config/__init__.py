@@ -126,7 +126,9 @@ def load_config(
         except yaml.YAMLError as error:
             raise ConfigError(f"config file {path} is not valid YAML: {error}") from error
         if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping, not {type(loaded).__name__}")
+            raise ConfigError(
+                f"config file {path} must hold a mapping, not {type(loaded).__name__}"
+            )
         data = loaded or {}
     for key_path, value in _env_overrides(os.environ if environ is None else environ):
         _set_path(data, key_path, value)
@@ -137,4 +139,6 @@ def load_config(
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in error.errors()
         )
-        raise ConfigError(f"invalid configuration ({source} + {ENV_PREFIX}* overrides): {problems}") from None
+        raise ConfigError(
+            f"invalid configuration ({source} + {ENV_PREFIX}* overrides): {problems}"
+        ) from None

@@ -18,15 +18,17 @@ __all__ = ["ErrorInterceptor"]
 log = get_logger("swarmserve.rpc")
 
 
-class ErrorInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
+class ErrorInterceptor(aio.ServerInterceptor[Any, Any]):
     """Wraps every handler: binds a request id for the logs, turns known errors into their
     status codes, and unexpected ones into INTERNAL with an id to find them in the logs."""
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
+        ],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = await continuation(details)
         if handler is None:
             return None
@@ -56,7 +58,7 @@ class ErrorInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
         )
 
 
-async def _abort(method: str, context: aio.ServicerContext, error: Exception) -> None:
+async def _abort(method: str, context: aio.ServicerContext[Any, Any], error: Exception) -> None:
     mapped = status_for(error)
     if mapped is None:
         incident = uuid.uuid4().hex[:12]
@@ -69,7 +71,7 @@ async def _abort(method: str, context: aio.ServicerContext, error: Exception) ->
 
 
 def _wrap_unary(method: str, behaviour: Callable[..., Any]) -> Callable[..., Any]:
-    async def wrapped(request: Any, context: aio.ServicerContext) -> Any:
+    async def wrapped(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
         structlog.contextvars.bind_contextvars(rpc=method)
         try:
             return await behaviour(request, context)
@@ -83,8 +85,10 @@ def _wrap_unary(method: str, behaviour: Callable[..., Any]) -> Callable[..., Any
     return wrapped
 
 
-def _wrap_stream(method: str, behaviour: Callable[..., Any]) -> Callable[..., Any]:
-    async def wrapped(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+def _wrap_stream(method: str, behaviour: Callable[..., Any] | None) -> Callable[..., Any]:
+    assert behaviour is not None, "a handler has exactly one behaviour"
+
+    async def wrapped(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         structlog.contextvars.bind_contextvars(rpc=method)
         try:
             async for response in behaviour(request, context):

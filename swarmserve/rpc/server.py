@@ -36,7 +36,8 @@ class RpcServer:
     def __init__(self, settings: ServerSettings, services: Sequence[ServiceBinding]) -> None:
         self._settings = settings
         self._services = list(services)
-        self._health = health.aio.HealthServicer()
+        # grpc-stubs does not describe the asyncio health servicer.
+        self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._server: aio.Server | None = None
         self._stopping: asyncio.Task[None] | None = None
         self.port: int | None = None
@@ -85,7 +86,9 @@ class RpcServer:
         await self._server.stop(grace)
         log.info("stopped", address=self.address)
 
-    def stop_on_signals(self, signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT)) -> None:
+    def stop_on_signals(
+        self, signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT)
+    ) -> None:
         """Starts a graceful stop when one of ``signals`` arrives (call from the event loop)."""
         loop = asyncio.get_running_loop()
 
