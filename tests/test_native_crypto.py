@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.exceptions import InvalidSignature
@@ -32,6 +33,26 @@ def fresh_cache() -> native.ReplayCache:
 # --- onion circuits: native <-> reference ---------------------------------------------------
 
 
+def native_build(hops: list[tuple[bytes, bytes]], payload: bytes) -> tuple[bytes, Any]:
+    return native.Circuit.build(hops, payload)
+
+
+def native_peel(key: native.OnionKey, cell: bytes) -> Any:
+    return key.peel_setup(cell, fresh_cache())
+
+
+def reference_peel(key: native.OnionKey, cell: bytes) -> Any:
+    return ref.peel_setup(key.secret_bytes(), cell)
+
+
+# Each direction: who builds the onion and seals data at the router, who peels at the hops.
+DIRECTIONS = {
+    "native-router-reference-hops": (native_build, reference_peel),
+    "reference-router-native-hops": (ref.ReferenceCircuit.build, native_peel),
+}
+
+
+@pytest.mark.parametrize("direction", sorted(DIRECTIONS))
 @relaxed
 @given(
     routes=st.lists(routing_infos, min_size=1, max_size=native.MAX_LAYERS),
@@ -39,54 +60,16 @@ def fresh_cache() -> native.ReplayCache:
     forward=cells,
     backward=cells,
 )
-def test_native_onion_is_peeled_by_the_reference(
-    routes: list[bytes], payload: bytes, forward: list[bytes], backward: list[bytes]
+def test_onions_interoperate_with_the_reference(
+    direction: str, routes: list[bytes], payload: bytes, forward: list[bytes], backward: list[bytes]
 ) -> None:
+    build, peel = DIRECTIONS[direction]
     keys = [native.OnionKey.generate() for _ in routes]
-    cell, circuit = native.Circuit.build(
-        [(k.public_key, r) for k, r in zip(keys, routes, strict=True)], payload
-    )
+    cell, circuit = build([(k.public_key, r) for k, r in zip(keys, routes, strict=True)], payload)
     hops = []
     for index, (key, route) in enumerate(zip(keys, routes, strict=True)):
         assert len(cell) == native.SETUP_CELL_SIZE  # same size at every position
-        peeled = ref.peel_setup(key.secret_bytes(), cell)
-        assert peeled.routing_info == route
-        assert peeled.is_final == (index == len(keys) - 1)
-        hops.append(peeled.hop)
-        if peeled.is_final:
-            assert peeled.payload == payload
-        else:
-            assert peeled.next_cell is not None
-            cell = peeled.next_cell
-    for message in forward:
-        data = circuit.wrap_forward(message)
-        for hop in hops:
-            data = hop.peel_forward(data)
-        assert data == message
-    for message in backward:
-        data = message
-        for hop in reversed(hops):
-            data = hop.wrap_backward(data)
-        assert circuit.unwrap_backward(data) == message
-
-
-@relaxed
-@given(
-    routes=st.lists(routing_infos, min_size=1, max_size=native.MAX_LAYERS),
-    payload=payloads,
-    forward=cells,
-    backward=cells,
-)
-def test_reference_onion_is_peeled_by_native(
-    routes: list[bytes], payload: bytes, forward: list[bytes], backward: list[bytes]
-) -> None:
-    keys = [native.OnionKey.generate() for _ in routes]
-    cell, circuit = ref.ReferenceCircuit.build(
-        [(k.public_key, r) for k, r in zip(keys, routes, strict=True)], payload
-    )
-    hops = []
-    for index, (key, route) in enumerate(zip(keys, routes, strict=True)):
-        peeled = key.peel_setup(cell, fresh_cache())
+        peeled = peel(key, cell)
         assert peeled.routing_info == route
         assert peeled.is_final == (index == len(keys) - 1)
         hops.append(peeled.hop)
@@ -418,3 +401,31 @@ def test_commitment_rejects_bad_arguments() -> None:
     with pytest.raises(OverflowError):
         hasher.update(-1, b"x")
     assert hasher.count == 0
+
+
+# --- no panic crosses the boundary ----------------------------------------------------------
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    garbage=st.one_of(
+        st.binary(max_size=3000),
+        st.binary(min_size=native.SETUP_CELL_SIZE, max_size=native.SETUP_CELL_SIZE),
+    )
+)
+def test_arbitrary_bytes_raise_only_crypto_errors(garbage: bytes) -> None:
+    """Tried: random bytes of every length into each entry point that takes peer data. The
+    only acceptable outcome is a CryptoError subclass (a pyo3 PanicException is not one)."""
+    key = native.OnionKey.generate()
+    with pytest.raises(native.CryptoError):
+        key.peel_setup(garbage, fresh_cache())
+    circuit, hops, _, _ = establish(2)
+    with pytest.raises(native.CryptoError):
+        hops[0].peel_forward(garbage)
+    with pytest.raises(native.CryptoError):
+        circuit.unwrap_backward(garbage)
+    for call in (native.Identity.from_pem, native.OnionKey.from_pem):
+        with pytest.raises(native.CryptoError):
+            call(garbage.decode("latin-1"))
+    with pytest.raises(native.CryptoError):
+        native.verify_signature(native.Identity.generate().public_key, garbage, garbage[:64])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import structlog
@@ -18,7 +18,13 @@ __all__ = ["ErrorInterceptor"]
 log = get_logger("swarmserve.rpc")
 
 
-class ErrorInterceptor(aio.ServerInterceptor[Any, Any]):
+if TYPE_CHECKING:  # generic in grpc-stubs only; not subscriptable at run time
+    _ServerInterceptor = aio.ServerInterceptor[Any, Any]
+else:
+    _ServerInterceptor = aio.ServerInterceptor
+
+
+class ErrorInterceptor(_ServerInterceptor):
     """Wraps every handler: binds a request id for the logs, turns known errors into their
     status codes, and unexpected ones into INTERNAL with an id to find them in the logs."""
 
