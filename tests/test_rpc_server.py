@@ -52,7 +52,7 @@ class ProbeInference(inference_pb2_grpc.InferenceServicer):
     ) -> AsyncIterator[inference_pb2.InferenceGenerateResponse]:
         for index in range(5):
             yield inference_pb2.InferenceGenerateResponse(
-                tokens=inference_pb2.InferenceTokens(text=b"t", token_ids=[index], index=index)
+                token=inference_pb2.InferenceToken(token_id=index, text=b"t", index=index)
             )
             if request.model == "fails-midway" and index == 1:
                 raise RuntimeError("engine crashed")
@@ -130,7 +130,7 @@ async def test_stream_error_after_tokens_keeps_what_was_sent(server: RpcServer) 
             async for reply in stub.Generate(
                 inference_pb2.InferenceGenerateRequest(model="fails-midway")
             ):
-                received.append(reply.tokens.index)
+                received.append(reply.token.index)
     assert received == [0, 1]
     assert error.value.code() == grpc.StatusCode.INTERNAL
 
@@ -146,8 +146,8 @@ async def test_graceful_stop_lets_running_streams_finish(server: RpcServer) -> N
             rest.append(reply)
         await stopping
         assert await call.code() == grpc.StatusCode.OK
-    assert first.tokens.index == 0
-    assert [r.tokens.index for r in rest] == [1, 2, 3, 4]
+    assert first.token.index == 0
+    assert [r.token.index for r in rest] == [1, 2, 3, 4]
 
 
 def test_sigterm_drains_and_exits_cleanly(tmp_path: Path) -> None:

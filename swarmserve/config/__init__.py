@@ -23,6 +23,7 @@ __all__ = [
     "LogSettings",
     "NodeConfig",
     "ServerSettings",
+    "StrictModel",
     "load_config",
     "parse_listen_address",
 ]
@@ -45,12 +46,14 @@ def parse_listen_address(value: str) -> tuple[str, int]:
     return host, port
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """Base of every settings section: frozen, and unknown keys are errors."""
+
     # Unknown keys are mistakes (a typo would otherwise be silently ignored).
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ServerSettings(_Strict):
+class ServerSettings(StrictModel):
     """The gRPC server of a service."""
 
     listen: str = Field("127.0.0.1:0", description="HOST:PORT to serve on; port 0 picks a free one")
@@ -68,7 +71,7 @@ class ServerSettings(_Strict):
         return value
 
 
-class LogSettings(_Strict):
+class LogSettings(StrictModel):
     """Structured logging."""
 
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -77,7 +80,7 @@ class LogSettings(_Strict):
     )
 
 
-class NodeConfig(_Strict):
+class NodeConfig(StrictModel):
     """Settings every node has; services extend it with their own sections."""
 
     data_dir: Path = Field(Path("data"), description="keys and the ledger replica live here")

@@ -50,7 +50,9 @@ class RpcServer:
         host = self._settings.listen.rpartition(":")[0]
         return f"{host}:{self.port}"
 
-    async def start(self) -> None:
+    async def start(self, *, serving: bool = True) -> None:
+        """Binds and starts. With ``serving=False`` health reports NOT_SERVING until
+        :meth:`mark_serving` (a node that must load a model first)."""
         limit = self._settings.max_message_bytes
         server = aio.server(
             interceptors=[ErrorInterceptor()],
@@ -71,7 +73,16 @@ class RpcServer:
             raise OSError(f"cannot listen on {self._settings.listen}")
         await server.start()
         self._server, self.port = server, port
-        # Only now is the node ready: before start() the port accepts nothing.
+        if serving:
+            await self.mark_serving()
+        else:
+            for name in ["", *names]:
+                await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+            log.info("listening, not serving yet", address=self.address, services=names)
+
+    async def mark_serving(self) -> None:
+        """Health reports SERVING for the node and each of its services."""
+        names = [s.name for s in self._services]
         for name in ["", *names]:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving", address=self.address, services=names)

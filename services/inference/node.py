@@ -1,0 +1,130 @@
+"""Runs an inference node: keys, engines, the gRPC server, graceful shutdown.
+
+Start-up order matters for orchestrators: the port opens first with health NOT_SERVING, the
+models load (the slow part), and only then does health say SERVING. On SIGTERM the node reports
+NOT_SERVING, lets running streams finish within the grace period, then ends the rest cleanly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from services.inference.config import InferenceConfig, ModelSettings
+from services.inference.emulated import EmulatedEngine
+from services.inference.engine import Engine
+from services.inference.models import default_model_path
+from services.inference.service import InferenceService
+from services.inference.servicer import InferenceServicer
+from swarmserve.keys import NodeKeys
+from swarmserve.rpc import RpcServer, ServiceBinding
+from swarmserve.telemetry import get_logger
+from swarmserve.v1 import inference_pb2_grpc
+
+__all__ = ["InferenceNode", "load_engine"]
+
+log = get_logger("swarmserve.inference")
+
+
+async def load_engine(settings: ModelSettings, slots: int) -> Engine:
+    """Loads one configured model (blocking loads run off the event loop)."""
+    if settings.engine == "emulated":
+        timing = settings.emulated
+        return EmulatedEngine(
+            settings.name,
+            slots=slots,
+            prefill_us_per_token=timing.prefill_us_per_token,
+            decode_us_per_token=timing.decode_us_per_token,
+            batch_slowdown=timing.batch_slowdown,
+            prefix_cache_chunks=timing.prefix_cache_chunks,
+            vocab_size=timing.vocab_size,
+            context_length=settings.context_length,
+        )
+    if settings.engine == "tensorrt-llm":
+        from services.inference.tensorrt_engine import TensorRTEngine  # optional: GPU only
+
+        assert settings.path is not None  # the config requires it for this engine
+        return await asyncio.to_thread(
+            TensorRTEngine, settings.path, settings.name, context_length=settings.context_length
+        )
+    from services.inference.llama_engine import LlamaCppEngine
+
+    path = settings.path or default_model_path()
+    return await asyncio.to_thread(
+        LlamaCppEngine,
+        path,
+        settings.name,
+        slots=slots,
+        context_length=settings.context_length,
+        threads=settings.threads,
+    )
+
+
+class InferenceNode:
+    def __init__(self, config: InferenceConfig) -> None:
+        self.config = config
+        self.keys = NodeKeys.load_or_create(config.data_dir)
+        self.servicer = InferenceServicer()
+        self.server = RpcServer(
+            config.server,
+            [
+                ServiceBinding(
+                    "swarmserve.v1.Inference",
+                    lambda server: inference_pb2_grpc.add_InferenceServicer_to_server(
+                        self.servicer, server
+                    ),
+                )
+            ],
+        )
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    async def start(self) -> None:
+        await self.server.start(serving=False)
+        engines: dict[str, Engine] = {}
+        try:
+            for settings in self.config.models:
+                started = time.monotonic()
+                log.info(
+                    "loading model",
+                    model=settings.name,
+                    engine=settings.engine,
+                    path=str(settings.path or "embedded"),
+                )
+                engine = await load_engine(settings, self.config.policy.max_concurrent)
+                identity = engine.identity
+                log.info(
+                    "model loaded",
+                    model=identity.name,
+                    quantization=identity.quantization,
+                    weights_digest=identity.weights_digest.hex()[:16],
+                    seconds=round(time.monotonic() - started, 2),
+                )
+                engines[settings.name] = engine
+        except BaseException:
+            for engine in engines.values():
+                await engine.close()
+            await self.server.stop(0)
+            raise
+        self.servicer.service = InferenceService(self.keys.identity, engines, self.config.policy)
+        await self.server.mark_serving()
+        log.info("inference node ready", node_id=self.keys.identity.node_id, address=self.address)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        await self.server.stop(grace_s)
+        await self._close_engines()
+
+    async def _close_engines(self) -> None:
+        service = self.servicer.service
+        if service is not None:
+            for engine in service.engines.values():
+                await engine.close()
+
+    async def run(self) -> None:
+        """Serves until SIGTERM or SIGINT, then drains and exits."""
+        await self.start()
+        self.server.stop_on_signals()
+        await self.server.wait_for_termination()
+        await self._close_engines()
