@@ -47,7 +47,8 @@ class ModelSettings(StrictModel):
     engine: Literal["llama.cpp", "tensorrt-llm", "emulated"] = "llama.cpp"
     path: Path | None = Field(
         None,
-        description="GGUF file (llama.cpp) or model directory (tensorrt-llm); default: the embedded SmolLM2",
+        description="GGUF file (llama.cpp) or model directory (tensorrt-llm); "
+        "default: the embedded SmolLM2",
     )
     context_length: int = Field(2048, ge=64, le=1 << 20)
     threads: int | None = Field(
@@ -94,7 +95,8 @@ class ProviderPolicy(StrictModel):
     def _consistent(self) -> ProviderPolicy:
         if self.default_new_tokens > self.max_new_tokens:
             raise ValueError(
-                f"default_new_tokens ({self.default_new_tokens}) exceeds max_new_tokens ({self.max_new_tokens})"
+                f"default_new_tokens ({self.default_new_tokens}) exceeds "
+                f"max_new_tokens ({self.max_new_tokens})"
             )
         if self.accept_callers == "min_balance":
             raise ValueError(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 
 from blake3 import blake3
 
@@ -104,7 +104,7 @@ class EmulatedEngine:
 
     async def generate(
         self, prompt_ids: Sequence[int], sampling: Sampling
-    ) -> AsyncIterator[GeneratedToken]:
+    ) -> AsyncGenerator[GeneratedToken, None]:
         async with self._slots:
             self._running += 1
             try:

@@ -7,7 +7,7 @@ engine only tokenizes, generates (an async stream of tokens) and scores (teacher
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -111,7 +111,7 @@ class Engine(Protocol):
 
     def generate(
         self, prompt_ids: Sequence[int], sampling: Sampling
-    ) -> AsyncIterator[GeneratedToken]:
+    ) -> AsyncGenerator[GeneratedToken, None]:
         """Streams generated tokens until the end-of-sequence token (not yielded) or
         ``sampling.max_new_tokens``. Stop strings are applied by the caller. Closing the
         iterator early stops generation promptly and frees the engine's slot."""

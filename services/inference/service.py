@@ -127,7 +127,8 @@ class InferenceService:
         bad = [token for token in ids if not 0 <= token < engine.vocab_size]
         if bad:
             raise InvalidArgument(
-                f"{what} has token ids outside the vocabulary (0..{engine.vocab_size - 1}): {bad[:5]}"
+                f"{what} has token ids outside the vocabulary "
+                f"(0..{engine.vocab_size - 1}): {bad[:5]}"
             )
 
     def _prompt_ids(self, engine: Engine, request: GenerateRequest) -> list[int]:
@@ -174,7 +175,8 @@ class InferenceService:
         policy = self.policy
         if asked.max_new_tokens > policy.max_new_tokens:
             raise InvalidArgument(
-                f"max_new_tokens {asked.max_new_tokens} exceeds this node's limit of {policy.max_new_tokens}"
+                f"max_new_tokens {asked.max_new_tokens} exceeds this node's limit of "
+                f"{policy.max_new_tokens}"
             )
         max_new = asked.max_new_tokens or policy.default_new_tokens
         if prompt_len + max_new > engine.identity.context_length:
@@ -221,7 +223,8 @@ class InferenceService:
         prompt_ids = self._prompt_ids(engine, request)
         if len(prompt_ids) > self.policy.max_prompt_tokens:
             raise InvalidArgument(
-                f"prompt is {len(prompt_ids)} tokens; this node accepts at most {self.policy.max_prompt_tokens}"
+                f"prompt is {len(prompt_ids)} tokens; this node accepts at most "
+                f"{self.policy.max_prompt_tokens}"
             )
         sampling = self._sampling(request.sampling, engine, len(prompt_ids))
         return _Prepared(request.request_id or uuid.uuid4().hex, engine, prompt_ids, sampling)

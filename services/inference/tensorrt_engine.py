@@ -12,7 +12,7 @@ unlike top-N prompt logprobs, always contains the token being scored.
 from __future__ import annotations
 
 import importlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,7 @@ def _logprob_of(entry: Any, token: int) -> float:
         value = entry.get(token)
         if value is None:
             return float("nan")
-        return float(getattr(value, "logprob", value))
+        return float(getattr(value, "logprob", value) or 0.0)
     return float(entry)
 
 
@@ -130,7 +130,7 @@ class TensorRTEngine:
 
     async def generate(
         self, prompt_ids: Sequence[int], sampling: Sampling
-    ) -> AsyncIterator[GeneratedToken]:
+    ) -> AsyncGenerator[GeneratedToken, None]:
         result = self._llm.generate_async(
             list(prompt_ids), self.sampling_params(sampling), streaming=True
         )
