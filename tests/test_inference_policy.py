@@ -87,3 +87,9 @@ async def test_unavailable_engine_fails_start_up_clearly(tmp_path: Path) -> None
     )
     with pytest.raises(EngineUnavailable, match="does not exist"):
         await InferenceNode(missing).start()
+
+
+def test_the_documented_example_config_is_valid() -> None:
+    example = Path(__file__).resolve().parent.parent / "examples" / "inference.yaml"
+    config = load_config(InferenceConfig, example, environ={})
+    assert config == InferenceConfig(), "the example documents the defaults"
