@@ -423,3 +423,45 @@ def test_cli_refuses_a_bad_config_clearly(tmp_path: Path) -> None:
         timeout=60,
     )
     assert result.returncode == 1 and "expected HOST:PORT" in result.stderr
+
+
+async def test_grpcurl_lists_describes_and_calls_the_node(inference_node: NodeFactory) -> None:
+    """The README's grpcurl commands, run for real (grpcurl comes with the dev dependencies)."""
+    grpcurl = Path(sys.executable).parent / "grpcurl"
+    async with inference_node() as node:
+
+        async def call(*args: str) -> tuple[int, str]:
+            process = await asyncio.create_subprocess_exec(
+                str(grpcurl),
+                "-plaintext",
+                *args,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+            output, _ = await process.communicate()
+            return process.returncode or 0, output.decode()
+
+        code, listed = await call(node.address, "list")
+        assert (
+            code == 0 and "swarmserve.v1.Inference" in listed and "grpc.health.v1.Health" in listed
+        )
+        code, described = await call(node.address, "describe", "swarmserve.v1.Inference")
+        assert code == 0 and "rpc Score" in described
+        code, status = await call(node.address, "swarmserve.v1.Inference/Status")
+        assert code == 0 and json.loads(status)["models"][0]["quantization"] == "Q4_1"
+        body = json.dumps(
+            {
+                "model": MODEL,
+                "prompt": "The capital of France is",
+                "sampling": {"max_new_tokens": 3},
+            }
+        )
+        code, streamed = await call("-d", body, node.address, "swarmserve.v1.Inference/Generate")
+        assert code == 0 and streamed.count('"token"') == 3 and '"summary"' in streamed
+        code, refused = await call(
+            "-d",
+            '{"model": "nope", "prompt": "x"}',
+            node.address,
+            "swarmserve.v1.Inference/Generate",
+        )
+        assert code != 0 and "NotFound" in refused
