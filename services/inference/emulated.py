@@ -42,14 +42,14 @@ class EmulatedEngine:
         vocab_size: int = 32_000,
         context_length: int = 4096,
     ) -> None:
-        self._identity = ModelIdentity(
+        self.identity = ModelIdentity(
             name=name,
             weights_digest=blake3(f"emulated:{name}:{vocab_size}".encode()).digest(),
             quantization="emulated",
             context_length=context_length,
             engine="emulated",
         )
-        self._vocab_size = vocab_size
+        self.vocab_size = vocab_size
         self._prefill_s = prefill_us_per_token / 1e6
         self._decode_s = decode_us_per_token / 1e6
         self._batch_slowdown = batch_slowdown
@@ -59,18 +59,10 @@ class EmulatedEngine:
         self._cache_chunks = prefix_cache_chunks
         self.prefix_hits = 0  # prompt tokens served from the prefix cache, for benchmarks
 
-    @property
-    def identity(self) -> ModelIdentity:
-        return self._identity
-
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
-
     def tokenize(self, text: str) -> list[int]:
         # Deterministic stand-in: one token per whitespace-separated word.
         return [
-            int.from_bytes(blake3(w.encode()).digest()[:4], "little") % self._vocab_size
+            int.from_bytes(blake3(w.encode()).digest()[:4], "little") % self.vocab_size
             for w in text.split()
         ]
 
@@ -82,7 +74,7 @@ class EmulatedEngine:
 
     def _next_token(self, context: Sequence[int]) -> int:
         digest = blake3(b"".join(t.to_bytes(4, "little") for t in context[-64:])).digest()
-        return int.from_bytes(digest[:4], "little") % self._vocab_size
+        return int.from_bytes(digest[:4], "little") % self.vocab_size
 
     def _uncached_prefix_tokens(self, prompt: Sequence[int]) -> int:
         """Prompt tokens not covered by cached chunks; caches the prompt's chunks."""

@@ -83,14 +83,14 @@ class LlamaCppEngine:
             raise EngineUnavailable(f"llama.cpp cannot load {model_path}: {error}") from error
         first = self._contexts[0]
         file_type = int(first.metadata.get("general.file_type", -1))
-        self._identity = ModelIdentity(
+        self.identity = ModelIdentity(
             name=name,
             weights_digest=weights_digest(model_path),
             quantization=_FILE_TYPES.get(file_type, f"ftype-{file_type}"),
             context_length=first.n_ctx(),
             engine="llama.cpp",
         )
-        self._vocab_size = first.n_vocab()
+        self.vocab_size = first.n_vocab()
         template = first.metadata.get("tokenizer.chat_template")
         self._vocab = first._model.vocab
         self._chat = (
@@ -114,14 +114,6 @@ class LlamaCppEngine:
         """End-of-generation tokens (end of sequence, end of turn) end a stream unsent."""
         return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
 
-    @property
-    def identity(self) -> ModelIdentity:
-        return self._identity
-
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
-
     def tokenize(self, text: str) -> list[int]:
         return list(self._contexts[0].tokenize(text.encode(), add_bos=True, special=True))
 
@@ -130,7 +122,7 @@ class LlamaCppEngine:
 
     def apply_chat_template(self, turns: Sequence[ChatTurn]) -> str:
         if self._chat is None:
-            raise ValueError(f"model {self._identity.name} has no chat template; send a prompt")
+            raise ValueError(f"model {self.identity.name} has no chat template; send a prompt")
         messages: Any = [{"role": turn.role, "content": turn.content} for turn in turns]
         return str(self._chat(messages=messages).prompt)
 
@@ -196,7 +188,7 @@ class LlamaCppEngine:
             if stop.is_set() or self._is_end(token):
                 return
             logits = np.ctypeslib.as_array(
-                context._ctx.get_logits_ith(-1), shape=(self._vocab_size,)
+                context._ctx.get_logits_ith(-1), shape=(self.vocab_size,)
             )
             logprob = _log_softmax_at(logits, token)[0]
             yield GeneratedToken(token, bytes(context.detokenize([token])), logprob)
@@ -238,7 +230,7 @@ class LlamaCppEngine:
             context._ctx.decode(batch)
             for i in wanted:
                 row = np.ctypeslib.as_array(
-                    context._ctx.get_logits_ith(i), shape=(self._vocab_size,)
+                    context._ctx.get_logits_ith(i), shape=(self.vocab_size,)
                 )
                 target = ids[start + i + 1]
                 logprob, top, top_logprob = _log_softmax_at(row, target)

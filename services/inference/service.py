@@ -11,7 +11,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import structlog
 
@@ -234,11 +234,13 @@ class InferenceService:
     async def generate(
         self, request: GenerateRequest
     ) -> AsyncIterator[TokenEvent | GenerationSummary]:
+        # Bound first, so that even a refusal is logged with the request's id.
+        request = replace(request, request_id=request.request_id or uuid.uuid4().hex)
+        structlog.contextvars.bind_contextvars(request_id=request.request_id)
         prepared = self.prepare(request)
         sampling = prepared.sampling
         accepted_unix_ms = int(time.time() * 1000)
         accepted = time.monotonic()
-        structlog.contextvars.bind_contextvars(request_id=prepared.request_id)
         async with self.admission.slot(
             len(prepared.prompt_ids) + sampling.max_new_tokens
         ) as waited:

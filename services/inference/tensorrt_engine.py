@@ -74,7 +74,7 @@ class TensorRTEngine:
         self._llm = trt.LLM(model=str(model_path), max_seq_len=context_length)
         self._tokenizer = self._llm.tokenizer
         digest_source = weights_file or _largest_file(model_path)
-        self._identity = ModelIdentity(
+        self.identity = ModelIdentity(
             name=name,
             weights_digest=weights_digest(digest_source),
             quantization=str(getattr(self._llm.args, "dtype", "auto"))
@@ -83,17 +83,9 @@ class TensorRTEngine:
             context_length=context_length,
             engine="tensorrt-llm",
         )
-        self._vocab_size = int(
+        self.vocab_size = int(
             getattr(self._tokenizer, "vocab_size", 0) or len(self._tokenizer.get_vocab())
         )
-
-    @property
-    def identity(self) -> ModelIdentity:
-        return self._identity
-
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
 
     def tokenize(self, text: str) -> list[int]:
         return list(self._tokenizer.encode(text))
