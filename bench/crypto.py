@@ -66,9 +66,7 @@ def native_path() -> tuple[native.Circuit, list[native.CircuitHop]]:
 
 def reference_path() -> tuple[ref.ReferenceCircuit, list[ref.ReferenceHop]]:
     keys = [native.OnionKey.generate() for _ in range(3)]
-    cell, circuit = ref.ReferenceCircuit.build(
-        [(k.public_key, b"127.0.0.1:7000") for k in keys], b""
-    )
+    cell, circuit = ref.ReferenceCircuit.build([(k.public_key, b"127.0.0.1:7000") for k in keys], b"")
     hops = []
     for key in keys:
         peeled = ref.peel_setup(key.secret_bytes(), cell)
@@ -159,18 +157,12 @@ def measure() -> dict[str, Any]:
     figures: dict[str, Any] = {}
     for name, values in results.items():
         higher_is_better = name.endswith("_mb_s")
-        speedup = (
-            values["native"] / values["reference"]
-            if higher_is_better
-            else values["reference"] / values["native"]
-        )
+        speedup = values["native"] / values["reference"] if higher_is_better else values["reference"] / values["native"]
         entry: dict[str, Any] = {**values, "speedup_vs_reference": round(speedup, 2)}
         if name in TARGETS:
             op, bound = TARGETS[name]
             entry["target"] = f"{op} {bound:g}"
-            entry["meets_target"] = (
-                values["native"] <= bound if op == "<=" else values["native"] >= bound
-            )
+            entry["meets_target"] = values["native"] <= bound if op == "<=" else values["native"] >= bound
         figures[name] = entry
     return figures
 

@@ -60,9 +60,7 @@ def direct_run(llama: llama_cpp.Llama, prompt_ids: list[int]) -> tuple[float, fl
     started = time.perf_counter()
     first = last = started
     count = 0
-    for token in llama.generate(
-        prompt_ids, temp=0.0, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.0, reset=True
-    ):
+    for token in llama.generate(prompt_ids, temp=0.0, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.0, reset=True):
         if llama_cpp.llama_vocab_is_eog(llama._model.vocab, token):
             break
         llama.detokenize([token])
@@ -78,9 +76,7 @@ def direct_run(llama: llama_cpp.Llama, prompt_ids: list[int]) -> tuple[float, fl
 async def node_run(stub: inference_pb2_grpc.InferenceStub, prompt: str) -> tuple[float, float, int]:
     request = inference_pb2.InferenceGenerateRequest(
         model=DEFAULT_MODEL_NAME,
-        chat=common_pb2.ChatMessages(
-            messages=[common_pb2.ChatMessage(role=common_pb2.CHAT_ROLE_USER, content=prompt)]
-        ),
+        chat=common_pb2.ChatMessages(messages=[common_pb2.ChatMessage(role=common_pb2.CHAT_ROLE_USER, content=prompt)]),
         sampling=common_pb2.SamplingParams(max_new_tokens=NEW_TOKENS),
     )
     started = time.perf_counter()
@@ -149,9 +145,7 @@ async def measure(console: Console, threads: int) -> dict[str, Any]:
     )
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-    formatter = Jinja2ChatFormatter(
-        template=llama.metadata["tokenizer.chat_template"], eos_token="", bos_token=""
-    )
+    formatter = Jinja2ChatFormatter(template=llama.metadata["tokenizer.chat_template"], eos_token="", bos_token="")
     prompt_ids = {
         p: llama.tokenize(
             formatter(messages=[{"role": "user", "content": p}]).prompt.encode(),
@@ -170,9 +164,7 @@ async def measure(console: Console, threads: int) -> dict[str, Any]:
                 direct_run(llama, prompt_ids[PROMPTS[0]])  # warm-up both
                 await node_run(stub, PROMPTS[0])
                 with Progress(console=console, transient=True) as progress:
-                    task = progress.add_task(
-                        f"node vs direct, {threads} threads", total=ROUNDS * len(PROMPTS)
-                    )
+                    task = progress.add_task(f"node vs direct, {threads} threads", total=ROUNDS * len(PROMPTS))
                     for round_ in range(ROUNDS):
                         for prompt in PROMPTS:
                             if round_ % 2:
@@ -196,9 +188,7 @@ async def measure(console: Console, threads: int) -> dict[str, Any]:
         "node_over_grpc": summarize(node),
         "paired_runs": len(ratios),
         "throughput_overhead_pct": round(overhead, 2),
-        "throughput_overhead_pct_quartiles": [
-            round((1 - q) * 100, 2) for q in statistics.quantiles(ratios, n=4)[::-1]
-        ],
+        "throughput_overhead_pct_quartiles": [round((1 - q) * 100, 2) for q in statistics.quantiles(ratios, n=4)[::-1]],
         "ttft_added_ms": round(ttft_added, 2),
         "targets": {"throughput_overhead_pct": "<= 3", "ttft_added_ms": "<= 10"},
         "meets_targets": {"throughput": overhead <= 3, "ttft": ttft_added <= 10},
@@ -241,9 +231,7 @@ def main() -> int:
                 name,
                 f"{entry['ttft_ms_median']:.1f}",
                 f"{entry['decode_tokens_per_s_median']:.1f}",
-                f"{run['throughput_overhead_pct']}% {run['throughput_overhead_pct_quartiles']}"
-                if node
-                else "",
+                f"{run['throughput_overhead_pct']}% {run['throughput_overhead_pct_quartiles']}" if node else "",
                 f"{run['ttft_added_ms']} ms" if node else "",
             )
     console.print(table)

@@ -9,17 +9,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import grpc
 from pydantic import BaseModel
 
 from swarmserve import __version__
+from swarmserve.client import GenerationResult, generate
 from swarmserve.config import ENV_PREFIX, NodeConfig, load_config
 from swarmserve.keys import NodeKeys
+from swarmserve.swarm import LocalSwarm
 from swarmserve.telemetry import configure_logging
+
+DEFAULT_ROUTER = "127.0.0.1:7000"
+DEFAULT_MODEL = "smollm2-135m-instruct"
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
@@ -45,6 +53,113 @@ def _inference(args: argparse.Namespace) -> int:
     return 0
 
 
+def _relay(args: argparse.Namespace) -> int:
+    from services.relay.config import RelayConfig
+    from services.relay.node import RelayNode
+
+    asyncio.run(RelayNode(_service_config(RelayConfig, args)).run())
+    return 0
+
+
+def _router(args: argparse.Namespace) -> int:
+    from services.router.config import RouterConfig
+    from services.router.node import RouterNode
+
+    asyncio.run(RouterNode(_service_config(RouterConfig, args)).run())
+    return 0
+
+
+def _print_summary(result: GenerationResult, stream: Any = sys.stderr) -> None:
+    summary, receipt = result.summary, result.receipt
+    assert summary is not None and receipt is not None
+    print(file=stream)
+    print(f"served by   {summary.served_by[:16]}... through {summary.hops} relays", file=stream)
+    print(
+        f"receipt     verified: signed by the serving node, co-signed by the router, and its hash chain "
+        f"commits to exactly the {receipt.token_count} tokens received (model {receipt.model_digest.hex()[:16]}...)",
+        file=stream,
+    )
+    print(
+        f"timing      time to first token {result.time_to_first_token_s * 1000:.0f} ms, "
+        f"{len(result.token_ids)} tokens in {result.total_s:.2f} s ({result.tokens_per_second:.1f} tokens/s)",
+        file=stream,
+    )
+
+
+def _generate(args: argparse.Namespace) -> int:
+    def show(text: str) -> None:
+        print(text, end="", flush=True)
+
+    result = asyncio.run(
+        generate(
+            args.router,
+            args.prompt,
+            model=args.model,
+            hops=args.hops,
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            seed=args.seed,
+            raw=args.raw,
+            on_text=show,
+        )
+    )
+    _print_summary(result)
+    return 0
+
+
+async def _up(data_dir: Path, router: str) -> None:
+    swarm = LocalSwarm(data_dir, router)
+    print(
+        f"starting a local swarm (3 relays, 2 inference nodes, 1 router); logs in {data_dir / 'logs'}",
+        flush=True,
+    )
+    await swarm.start()
+    print(f'router ready at {router}; try: swarmserve generate "Hello" --router {router}', flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    print("stopping the swarm", flush=True)
+    await swarm.stop()
+
+
+def _up_command(args: argparse.Namespace) -> int:
+    asyncio.run(_up(Path(args.data_dir), args.router))
+    return 0
+
+
+async def _demo(data_dir: Path, router: str, prompt: str) -> None:
+    swarm = LocalSwarm(data_dir, router)
+    print(
+        f"==> starting a local swarm on loopback: 3 relays, 2 inference nodes, 1 router ({router})",
+        flush=True,
+    )
+    started = time.monotonic()
+    await swarm.start()
+    try:
+        print(f"==> swarm ready in {time.monotonic() - started:.1f} s", flush=True)
+        print(f"==> prompt, through a 3-relay onion circuit: {prompt!r}\n", flush=True)
+        result = await generate(
+            router,
+            prompt,
+            model=DEFAULT_MODEL,
+            hops=3,
+            max_tokens=96,
+            on_text=lambda t: print(t, end="", flush=True),
+        )
+        print()
+        _print_summary(result, sys.stdout)
+    finally:
+        print("==> stopping the swarm", flush=True)
+        await swarm.stop()
+
+
+def _demo_command(args: argparse.Namespace) -> int:
+    asyncio.run(_demo(Path(args.data_dir), args.router, args.prompt))
+    return 0
+
+
 def _keys(args: argparse.Namespace) -> int:
     keys = NodeKeys.load_or_create(Path(args.data_dir))
     print(f"node id:       {keys.identity.node_id}")
@@ -66,9 +181,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"swarmserve {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_service(commands, "inference", "run an inference node (serves models)", _inference)
-    keys = commands.add_parser(
-        "keys", help="create (if missing) and show this node's identity and onion keys"
-    )
+    _add_service(commands, "relay", "run an onion relay", _relay)
+    _add_service(commands, "router", "run a router (the client entry point)", _router)
+
+    gen = commands.add_parser("generate", help="send a prompt to a router and print the tokens as they stream")
+    gen.add_argument("prompt")
+    gen.add_argument("--router", default=DEFAULT_ROUTER, help=f"router address (default: {DEFAULT_ROUTER})")
+    gen.add_argument("--model", default=DEFAULT_MODEL)
+    gen.add_argument("--hops", type=int, default=None, help="relays on the path (default: the router's, 3)")
+    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--raw", action="store_true", help="complete the prompt as text, not as a chat turn")
+    gen.set_defaults(run=_generate)
+
+    up = commands.add_parser("up", help="run a local swarm on loopback until Ctrl-C")
+    up.add_argument("--data-dir", default="data/swarm")
+    up.add_argument("--router", default=DEFAULT_ROUTER, help="router address")
+    up.set_defaults(run=_up_command)
+
+    demo = commands.add_parser("demo", help="start a local swarm, stream one prompt through 3 relays, stop")
+    demo.add_argument("--data-dir", default="data/swarm")
+    demo.add_argument("--router", default=DEFAULT_ROUTER)
+    demo.add_argument("--prompt", default="Explain in two sentences why the sky is blue.")
+    demo.set_defaults(run=_demo_command)
+    keys = commands.add_parser("keys", help="create (if missing) and show this node's identity and onion keys")
     keys.add_argument("--data-dir", default="data", help="node data directory (default: ./data)")
     keys.set_defaults(run=_keys)
     return parser
@@ -80,6 +217,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.run(args))
     except KeyboardInterrupt:
         return 130
+    except grpc.aio.AioRpcError as error:
+        print(f"swarmserve: {error.code().name}: {error.details()}", file=sys.stderr)
+        return 1
     except Exception as error:  # one clear line for operators, not a traceback
         print(f"swarmserve: {error}", file=sys.stderr)
         return 1

@@ -47,9 +47,7 @@ def inference_node(tmp_path: Path) -> NodeFactory:
             "data_dir": tmp_path / "node",
             "server": ServerSettings(listen="127.0.0.1:0", grace_period_s=2),
             "models": [ModelSettings(name=MODEL, context_length=1024)],
-            "policy": ProviderPolicy(
-                max_concurrent=1, max_queue=4, max_new_tokens=256, default_new_tokens=16
-            ),
+            "policy": ProviderPolicy(max_concurrent=1, max_queue=4, max_new_tokens=256, default_new_tokens=16),
         }
         settings.update(overrides)
         node = InferenceNode(InferenceConfig(**settings))

@@ -80,9 +80,7 @@ class ReferenceCircuit:
     backward_counter: int = 0
 
     @classmethod
-    def build(
-        cls, hops: list[tuple[bytes, bytes]], payload: bytes
-    ) -> tuple[bytes, ReferenceCircuit]:
+    def build(cls, hops: list[tuple[bytes, bytes]], payload: bytes) -> tuple[bytes, ReferenceCircuit]:
         secrets, ephemerals = [], []
         for onion_public, _ in hops:
             ephemeral = X25519PrivateKey.generate()
@@ -169,9 +167,7 @@ def peel_setup(onion_secret: bytes, cell: bytes) -> ReferencePeeled:
     hop = ReferenceHop(ChaCha20Poly1305(secrets.forward), ChaCha20Poly1305(secrets.backward))
     rest = plaintext[ROUTING_SLOT_SIZE:]
     if kind == SLOT_FORWARD:
-        return ReferencePeeled(
-            False, routing_info, rest + secrets.pad, None, secrets.replay_tag, hop
-        )
+        return ReferencePeeled(False, routing_info, rest + secrets.pad, None, secrets.replay_tag, hop)
     size = int.from_bytes(rest[:2], "big")
     return ReferencePeeled(True, routing_info, None, rest[2 : 2 + size], secrets.replay_tag, hop)
 
@@ -198,18 +194,11 @@ def token_stream_commitment(
     u32 = lambda n: n.to_bytes(4, "little")  # noqa: E731
     u64 = lambda n: n.to_bytes(8, "little")  # noqa: E731
     head = blake3(
-        u32(len(request_id))
-        + request_id
-        + model_digest
-        + prompt_digest
-        + u32(len(sampling))
-        + sampling,
+        u32(len(request_id)) + request_id + model_digest + prompt_digest + u32(len(sampling)) + sampling,
         key=HEADER_KEY,
     ).digest()
     for index, (token_id, text) in enumerate(tokens, start=1):
-        head = blake3(
-            head + u64(index) + u32(token_id) + u32(len(text)) + text, key=LINK_KEY
-        ).digest()
+        head = blake3(head + u64(index) + u32(token_id) + u32(len(text)) + text, key=LINK_KEY).digest()
     return blake3(head + u64(len(tokens)), key=COMMIT_KEY).digest()
 
 

@@ -46,9 +46,7 @@ def test_yaml_then_environment_overrides(tmp_path: Path) -> None:
         ("server: 5\n", {"SWARMSERVE_SERVER__LISTEN": "h:1"}, "server is not a section"),
     ],
 )
-def test_bad_configuration_is_named(
-    tmp_path: Path, text: str, environ: dict[str, str], expected: str
-) -> None:
+def test_bad_configuration_is_named(tmp_path: Path, text: str, environ: dict[str, str], expected: str) -> None:
     path = tmp_path / "node.yaml"
     path.write_text(text)
     with pytest.raises(ConfigError, match=expected.replace("[", r"\[")):

@@ -68,9 +68,7 @@ async def test_emulated_prefix_cache_cuts_prefill() -> None:
 
 
 async def test_emulated_slots_bound_concurrency() -> None:
-    engine = EmulatedEngine(
-        "emu", slots=1, prefill_us_per_token=0, decode_us_per_token=10_000, batch_slowdown=0
-    )
+    engine = EmulatedEngine("emu", slots=1, prefill_us_per_token=0, decode_us_per_token=10_000, batch_slowdown=0)
     started = time.monotonic()
     await asyncio.gather(run(engine, [1], 10), run(engine, [2], 10))
     assert time.monotonic() - started >= 0.19  # two requests of ~0.1 s, one at a time
@@ -136,9 +134,7 @@ class FakeTokenizer:
     def decode(self, ids: list[int]) -> str:
         return "".join(chr(65 + i % 26) for i in ids)
 
-    def apply_chat_template(
-        self, messages: list[dict[str, str]], tokenize: bool, add_generation_prompt: bool
-    ) -> str:
+    def apply_chat_template(self, messages: list[dict[str, str]], tokenize: bool, add_generation_prompt: bool) -> str:
         assert tokenize is False and add_generation_prompt is True
         return "|".join(f"{m['role']}:{m['content']}" for m in messages) + "|assistant:"
 
@@ -201,10 +197,7 @@ class FakeLLM:
                             FakeCompletion(
                                 text=text,
                                 token_ids=ids[:upto],
-                                logprobs=[
-                                    {t: FakeLogprob(-0.1 * (i + 1))}
-                                    for i, t in enumerate(ids[:upto])
-                                ],
+                                logprobs=[{t: FakeLogprob(-0.1 * (i + 1))} for i, t in enumerate(ids[:upto])],
                                 finish_reason="length" if upto == 4 else None,
                             )
                         ],
@@ -237,9 +230,7 @@ def make_engine(tmp_path: Path) -> Any:
     return TensorRTEngine(tmp_path, "trt-model", context_length=512)
 
 
-def test_contract_sampling_parameters_map_to_tensorrt(
-    fake_tensorrt: types.ModuleType, tmp_path: Path
-) -> None:
+def test_contract_sampling_parameters_map_to_tensorrt(fake_tensorrt: types.ModuleType, tmp_path: Path) -> None:
     engine = make_engine(tmp_path)
     assert FakeLLM.instances[0].model == str(tmp_path) and FakeLLM.instances[0].max_seq_len == 512
     assert engine.identity.engine == "tensorrt-llm" and engine.vocab_size == 100
@@ -253,9 +244,7 @@ def test_contract_sampling_parameters_map_to_tensorrt(
         "top_p": 1.0,
         "temperature": 1.0,
     }
-    sampled = engine.sampling_params(
-        Sampling(max_new_tokens=8, temperature=0.7, top_p=0.9, top_k=0, seed=9)
-    ).kwargs
+    sampled = engine.sampling_params(Sampling(max_new_tokens=8, temperature=0.7, top_p=0.9, top_k=0, seed=9)).kwargs
     assert sampled["temperature"] == 0.7 and sampled["top_p"] == 0.9 and sampled["top_k"] is None
     assert (
         engine.apply_chat_template(
@@ -279,9 +268,7 @@ async def test_contract_stream_maps_cumulative_outputs_to_tokens(
     assert inputs == [1, 2, 3] and streaming and params.kwargs["logprobs"] == 1
 
 
-async def test_contract_closing_the_stream_aborts_the_request(
-    fake_tensorrt: types.ModuleType, tmp_path: Path
-) -> None:
+async def test_contract_closing_the_stream_aborts_the_request(fake_tensorrt: types.ModuleType, tmp_path: Path) -> None:
     engine = make_engine(tmp_path)
     stream = engine.generate([1], Sampling(max_new_tokens=4))
     await stream.__anext__()
@@ -289,9 +276,7 @@ async def test_contract_closing_the_stream_aborts_the_request(
     assert FakeLLM.instances[0].results[0].aborted
 
 
-async def test_contract_score_reads_context_logits(
-    fake_tensorrt: types.ModuleType, tmp_path: Path
-) -> None:
+async def test_contract_score_reads_context_logits(fake_tensorrt: types.ModuleType, tmp_path: Path) -> None:
     engine = make_engine(tmp_path)
     prompt = [3, 4]
     completion = [7, 50]  # row 1 predicts 7 (its top choice); row 2 predicts 14, not 50
@@ -304,9 +289,7 @@ async def test_contract_score_reads_context_logits(
     assert inputs == [3, 4, 7, 50] and params.kwargs["return_context_logits"] and not streaming
 
 
-def test_contract_missing_package_or_gpu_fails_clearly(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_contract_missing_package_or_gpu_fails_clearly(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from services.inference.tensorrt_engine import TensorRTEngine
 
     monkeypatch.setitem(sys.modules, "tensorrt_llm", None)  # import fails

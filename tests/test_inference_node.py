@@ -35,9 +35,7 @@ PROMPTS = [
 def chat(text: str, **sampling: object) -> inference_pb2.InferenceGenerateRequest:
     return inference_pb2.InferenceGenerateRequest(
         model=MODEL,
-        chat=common_pb2.ChatMessages(
-            messages=[common_pb2.ChatMessage(role=common_pb2.CHAT_ROLE_USER, content=text)]
-        ),
+        chat=common_pb2.ChatMessages(messages=[common_pb2.ChatMessage(role=common_pb2.CHAT_ROLE_USER, content=text)]),
         sampling=common_pb2.SamplingParams(**sampling),  # type: ignore[arg-type]
     )
 
@@ -68,9 +66,7 @@ async def test_stream_deltas_equal_detokenized_ids_and_receipt_verifies(
         assert [t.index for t in tokens] == list(range(len(tokens)))
         assert all(t.logprob <= 0 for t in tokens)
 
-        receipt = verify_receipt(
-            summary.receipt, ids, texts, node_key=node.keys.identity.public_key
-        )
+        receipt = verify_receipt(summary.receipt, ids, texts, node_key=node.keys.identity.public_key)
         assert receipt.model_digest == engine.identity.weights_digest
         assert receipt.token_count == len(ids)
         assert receipt.sampling.HasField("seed")
@@ -100,14 +96,7 @@ async def test_greedy_and_seeded_sampling_are_reproducible(inference_node: NodeF
         second, _ = await collect(stub, chat(PROMPTS[1], max_new_tokens=24))
         assert [t.token_id for t in first] == [t.token_id for t in second]
         seeded = [
-            [
-                t.token_id
-                for t in (
-                    await collect(
-                        stub, chat(PROMPTS[1], max_new_tokens=24, temperature=0.9, seed=7)
-                    )
-                )[0]
-            ]
+            [t.token_id for t in (await collect(stub, chat(PROMPTS[1], max_new_tokens=24, temperature=0.9, seed=7)))[0]]
             for _ in range(2)
         ]
         assert seeded[0] == seeded[1]
@@ -129,11 +118,7 @@ async def test_score_separates_the_claimed_model_from_a_requantized_copy(
             tokens, _ = await collect(stub, request)
             prompt_ids = engine.tokenize(
                 engine.apply_chat_template(
-                    [
-                        __import__("services.inference.engine", fromlist=["ChatTurn"]).ChatTurn(
-                            "user", prompt
-                        )
-                    ]
+                    [__import__("services.inference.engine", fromlist=["ChatTurn"]).ChatTurn("user", prompt)]
                 )
             )
             completion = [t.token_id for t in tokens]
@@ -153,9 +138,7 @@ async def test_score_separates_the_claimed_model_from_a_requantized_copy(
                     degraded += hits
             total += len(completion)
         assert honest / total >= 0.9, f"same model: {honest}/{total} top choices"
-        assert degraded / total <= honest / total - 0.1, (
-            f"Q2_K copy: {degraded}/{total} vs {honest}/{total}"
-        )
+        assert degraded / total <= honest / total - 0.1, f"Q2_K copy: {degraded}/{total} vs {honest}/{total}"
 
 
 async def test_stop_strings_cut_the_stream_and_the_receipt_covers_what_was_sent(
@@ -190,9 +173,7 @@ async def test_finish_reasons_and_status(inference_node: NodeFactory) -> None:
 async def test_requests_beyond_the_limit_are_queued_then_rejected(
     inference_node: NodeFactory,
 ) -> None:
-    policy = ProviderPolicy(
-        max_concurrent=1, max_queue=1, max_new_tokens=256, default_new_tokens=16
-    )
+    policy = ProviderPolicy(max_concurrent=1, max_queue=1, max_new_tokens=256, default_new_tokens=16)
     async with inference_node(policy=policy) as node, aio.insecure_channel(node.address) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         running = stub.Generate(chat(PROMPTS[0], max_new_tokens=60))
@@ -219,9 +200,7 @@ async def test_requests_beyond_the_limit_are_queued_then_rejected(
 
 
 async def test_cancelled_stream_frees_the_slot_promptly(inference_node: NodeFactory) -> None:
-    policy = ProviderPolicy(
-        max_concurrent=1, max_queue=0, max_new_tokens=512, default_new_tokens=16
-    )
+    policy = ProviderPolicy(max_concurrent=1, max_queue=0, max_new_tokens=512, default_new_tokens=16)
     async with inference_node(policy=policy) as node, aio.insecure_channel(node.address) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         call = stub.Generate(chat(PROMPTS[3], max_new_tokens=500))
@@ -229,14 +208,10 @@ async def test_cancelled_stream_frees_the_slot_promptly(inference_node: NodeFact
         await call.read()
         call.cancel()  # the client disconnects mid-stream
         deadline = time.monotonic() + 3
-        while (
-            await stub.Status(inference_pb2.StatusRequest())
-        ).load.running and time.monotonic() < deadline:
+        while (await stub.Status(inference_pb2.StatusRequest())).load.running and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         assert (await stub.Status(inference_pb2.StatusRequest())).load.running == 0
-        tokens, _ = await collect(
-            stub, chat(PROMPTS[0], max_new_tokens=3)
-        )  # max_queue 0: needs a free slot
+        tokens, _ = await collect(stub, chat(PROMPTS[0], max_new_tokens=3))  # max_queue 0: needs a free slot
         assert len(tokens) == 3
 
 
@@ -310,9 +285,7 @@ async def test_bad_generate_requests_get_precise_errors(
     code: str,
     message: str,
 ) -> None:
-    policy = ProviderPolicy(
-        max_concurrent=1, max_queue=1, max_prompt_tokens=600, max_new_tokens=256
-    )
+    policy = ProviderPolicy(max_concurrent=1, max_queue=1, max_prompt_tokens=600, max_new_tokens=256)
     async with inference_node(policy=policy) as node, aio.insecure_channel(node.address) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         with pytest.raises(aio.AioRpcError) as error:
@@ -386,17 +359,11 @@ def test_cli_serves_with_json_logs_and_drains_on_sigterm(tmp_path: Path) -> None
         assert asyncio.run(health()) == health_pb2.HealthCheckResponse.SERVING
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
-        lines += [
-            json.loads(line) for line in process.stderr.read().splitlines() if line.startswith("{")
-        ]
+        lines += [json.loads(line) for line in process.stderr.read().splitlines() if line.startswith("{")]
     finally:
         process.kill()
     events = [line["event"] for line in lines]
-    assert (
-        events.index("listening, not serving yet")
-        < events.index("model loaded")
-        < events.index("serving")
-    )
+    assert events.index("listening, not serving yet") < events.index("model loaded") < events.index("serving")
     assert "draining" in events and "stopped" in events
     assert (tmp_path / "data" / "identity.key").exists()
 
@@ -412,9 +379,7 @@ def test_cli_refuses_a_bad_config_clearly(tmp_path: Path) -> None:
         timeout=60,
     )
     assert result.returncode == 1
-    assert (
-        "policy.max_concurrent" in result.stderr and "greater than or equal to 1" in result.stderr
-    )
+    assert "policy.max_concurrent" in result.stderr and "greater than or equal to 1" in result.stderr
     result = subprocess.run(
         [sys.executable, "-m", "swarmserve.cli", "inference", "--listen", "nowhere"],
         capture_output=True,
@@ -442,9 +407,7 @@ async def test_grpcurl_lists_describes_and_calls_the_node(inference_node: NodeFa
             return process.returncode or 0, output.decode()
 
         code, listed = await call(node.address, "list")
-        assert (
-            code == 0 and "swarmserve.v1.Inference" in listed and "grpc.health.v1.Health" in listed
-        )
+        assert code == 0 and "swarmserve.v1.Inference" in listed and "grpc.health.v1.Health" in listed
         code, described = await call(node.address, "describe", "swarmserve.v1.Inference")
         assert code == 0 and "rpc Score" in described
         code, status = await call(node.address, "swarmserve.v1.Inference/Status")

@@ -36,9 +36,7 @@ from swarmserve.rpc import Unavailable
         ("models:\n  - engine: vllm\n", "models.0.engine"),
     ],
 )
-def test_invalid_policies_are_refused_with_the_reason(
-    tmp_path: Path, yaml_text: str, expected: str
-) -> None:
+def test_invalid_policies_are_refused_with_the_reason(tmp_path: Path, yaml_text: str, expected: str) -> None:
     path = tmp_path / "node.yaml"
     path.write_text(yaml_text)
     with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace(")", r"\)")):
@@ -47,11 +45,7 @@ def test_invalid_policies_are_refused_with_the_reason(
 
 def test_serving_windows_including_past_midnight() -> None:
     night = ServingWindow(start=dt.time(22), end=dt.time(6))
-    assert (
-        night.contains(dt.time(23, 30))
-        and night.contains(dt.time(1))
-        and not night.contains(dt.time(12))
-    )
+    assert night.contains(dt.time(23, 30)) and night.contains(dt.time(1)) and not night.contains(dt.time(12))
     day = ServingWindow(start=dt.time(9), end=dt.time(17))
     assert day.contains(dt.time(9)) and not day.contains(dt.time(17))
     assert ProviderPolicy().serving_at(dt.datetime.now(dt.UTC))
@@ -59,9 +53,7 @@ def test_serving_windows_including_past_midnight() -> None:
 
 def test_outside_serving_hours_is_unavailable() -> None:
     now = dt.datetime.now(dt.UTC)
-    closed = ServingWindow(
-        start=(now + dt.timedelta(hours=2)).time(), end=(now + dt.timedelta(hours=3)).time()
-    )
+    closed = ServingWindow(start=(now + dt.timedelta(hours=2)).time(), end=(now + dt.timedelta(hours=3)).time())
     service = InferenceService(
         native.Identity.generate(),
         {"emu": EmulatedEngine("emu")},

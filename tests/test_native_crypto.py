@@ -93,10 +93,7 @@ def test_onions_interoperate_with_the_reference(
 def test_replay_tags_agree_between_implementations() -> None:
     key = native.OnionKey.generate()
     cell, _ = native.Circuit.build([(key.public_key, b"")])
-    assert (
-        key.peel_setup(cell, fresh_cache()).replay_tag
-        == ref.peel_setup(key.secret_bytes(), cell).replay_tag
-    )
+    assert key.peel_setup(cell, fresh_cache()).replay_tag == ref.peel_setup(key.secret_bytes(), cell).replay_tag
 
 
 def establish(
@@ -134,9 +131,7 @@ def test_any_flipped_setup_byte_at_any_hop_is_rejected(position: int, flip: int,
         keys[hop].peel_setup(bytes(tampered), fresh_cache())
 
 
-@pytest.mark.parametrize(
-    "size", [0, 1, 47, 48, native.SETUP_CELL_SIZE - 1, native.SETUP_CELL_SIZE + 1]
-)
+@pytest.mark.parametrize("size", [0, 1, 47, 48, native.SETUP_CELL_SIZE - 1, native.SETUP_CELL_SIZE + 1])
 def test_wrong_size_setup_cell_is_malformed(size: int) -> None:
     """Tried: truncated and over-long set-up cells."""
     key = native.OnionKey.generate()
@@ -204,9 +199,7 @@ def test_build_rejects_bad_paths_and_sizes() -> None:
 
 @settings(max_examples=60, deadline=None)
 @given(message=st.binary(min_size=1, max_size=256), data=st.data())
-def test_any_flipped_forward_byte_is_caught_and_closes_the_hop(
-    message: bytes, data: st.DataObject
-) -> None:
+def test_any_flipped_forward_byte_is_caught_and_closes_the_hop(message: bytes, data: st.DataObject) -> None:
     """Tried: one byte of a forward cell changed before a random hop."""
     circuit, hops, _, _ = establish(3)
     cell = circuit.wrap_forward(message)
@@ -223,9 +216,7 @@ def test_any_flipped_forward_byte_is_caught_and_closes_the_hop(
 
 @settings(max_examples=60, deadline=None)
 @given(message=st.binary(max_size=256), data=st.data())
-def test_any_flipped_backward_byte_is_caught_at_the_router(
-    message: bytes, data: st.DataObject
-) -> None:
+def test_any_flipped_backward_byte_is_caught_at_the_router(message: bytes, data: st.DataObject) -> None:
     circuit, hops, _, _ = establish(3)
     cell = message
     for hop in reversed(hops):
@@ -329,9 +320,7 @@ def test_key_pems_interoperate_with_cryptography() -> None:
     with pytest.raises(native.InvalidKeyError):
         native.OnionKey.from_pem(identity.to_pem())
     with pytest.raises(native.InvalidKeyError):
-        native.Identity.from_pem(
-            "-----BEGIN PRIVATE KEY-----\nnot base64\n-----END PRIVATE KEY-----\n"
-        )
+        native.Identity.from_pem("-----BEGIN PRIVATE KEY-----\nnot base64\n-----END PRIVATE KEY-----\n")
 
 
 def test_key_files_are_owner_only_and_unsafe_ones_refused(tmp_path: Path) -> None:
@@ -349,9 +338,7 @@ def test_key_files_are_owner_only_and_unsafe_ones_refused(tmp_path: Path) -> Non
 
 def test_node_id_matches_the_reference() -> None:
     identity = native.Identity.generate()
-    assert (
-        identity.node_id == native.node_id(identity.public_key) == ref.node_id(identity.public_key)
-    )
+    assert identity.node_id == native.node_id(identity.public_key) == ref.node_id(identity.public_key)
 
 
 # --- token-stream commitments ---------------------------------------------------------------
@@ -377,9 +364,7 @@ def test_commitments_match_the_blake3_reference(
     assert hasher.count == len(tokens)
     assert hasher.commitment() == expected
     ids, texts = [t[0] for t in tokens], [t[1] for t in tokens]
-    assert (
-        native.token_stream_commitment(request_id, model, prompt, sampling, ids, texts) == expected
-    )
+    assert native.token_stream_commitment(request_id, model, prompt, sampling, ids, texts) == expected
 
 
 def test_commitment_changes_when_any_token_does() -> None:

@@ -87,9 +87,7 @@ async def test_reflection_lists_and_describes_services(server: RpcServer) -> Non
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         requests = [
             reflection_pb2.ServerReflectionRequest(list_services=""),
-            reflection_pb2.ServerReflectionRequest(
-                file_containing_symbol="swarmserve.v1.Inference"
-            ),
+            reflection_pb2.ServerReflectionRequest(file_containing_symbol="swarmserve.v1.Inference"),
         ]
         replies = [reply async for reply in stub.ServerReflectionInfo(iter(requests))]
     names = {s.name for s in replies[0].list_services_response.service}
@@ -127,9 +125,7 @@ async def test_stream_error_after_tokens_keeps_what_was_sent(server: RpcServer) 
     async with aio.insecure_channel(server.address) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         with pytest.raises(aio.AioRpcError) as error:
-            async for reply in stub.Generate(
-                inference_pb2.InferenceGenerateRequest(model="fails-midway")
-            ):
+            async for reply in stub.Generate(inference_pb2.InferenceGenerateRequest(model="fails-midway")):
                 received.append(reply.token.index)
     assert received == [0, 1]
     assert error.value.code() == grpc.StatusCode.INTERNAL
@@ -183,9 +179,7 @@ def test_sigterm_drains_and_exits_cleanly(tmp_path: Path) -> None:
 
         async def check() -> int:
             async with aio.insecure_channel(address) as channel:
-                reply = await health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest()
-                )
+                reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
                 return int(reply.status)
 
         assert asyncio.run(check()) == health_pb2.HealthCheckResponse.SERVING

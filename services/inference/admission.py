@@ -99,8 +99,6 @@ class Admission:
             queued_tokens=self._queued_tokens,
             mean_queue_wait_s=sum(waits) / len(waits) if waits else 0.0,
             p99_queue_wait_s=waits[min(len(waits) - 1, int(len(waits) * 0.99))] if waits else 0.0,
-            recent_latency_s=sum(self._latencies) / len(self._latencies)
-            if self._latencies
-            else 0.0,
+            recent_latency_s=sum(self._latencies) / len(self._latencies) if self._latencies else 0.0,
             tokens_per_second=sum(self._speeds) / len(self._speeds) if self._speeds else 0.0,
         )

@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from services.inference.models import DEFAULT_MODEL_NAME
+from services.relay.config import CircuitSettings
 from swarmserve.config import NodeConfig, ServerSettings, StrictModel
 
 __all__ = [
@@ -33,9 +34,7 @@ class EmulatedSettings(StrictModel):
 
     prefill_us_per_token: float = Field(200.0, ge=0)
     decode_us_per_token: float = Field(20_000.0, ge=0)
-    batch_slowdown: float = Field(
-        0.1, ge=0, description="extra per-token time per extra running request"
-    )
+    batch_slowdown: float = Field(0.1, ge=0, description="extra per-token time per extra running request")
     prefix_cache_chunks: int = Field(4096, ge=0)
     vocab_size: int = Field(32_000, ge=2)
 
@@ -47,13 +46,10 @@ class ModelSettings(StrictModel):
     engine: Literal["llama.cpp", "tensorrt-llm", "emulated"] = "llama.cpp"
     path: Path | None = Field(
         None,
-        description="GGUF file (llama.cpp) or model directory (tensorrt-llm); "
-        "default: the embedded SmolLM2",
+        description="GGUF file (llama.cpp) or model directory (tensorrt-llm); default: the embedded SmolLM2",
     )
     context_length: int = Field(2048, ge=64, le=1 << 20)
-    threads: int | None = Field(
-        None, ge=1, description="llama.cpp threads per slot (default: cores / slots)"
-    )
+    threads: int | None = Field(None, ge=1, description="llama.cpp threads per slot (default: cores / slots)")
     emulated: EmulatedSettings = EmulatedSettings()
 
     @model_validator(mode="after")
@@ -79,15 +75,11 @@ class ProviderPolicy(StrictModel):
     """The operator decides when and how the node serves."""
 
     max_concurrent: int = Field(2, ge=1, le=256, description="requests generating at once")
-    max_queue: int = Field(
-        16, ge=0, le=100_000, description="requests waiting; beyond: RESOURCE_EXHAUSTED"
-    )
+    max_queue: int = Field(16, ge=0, le=100_000, description="requests waiting; beyond: RESOURCE_EXHAUSTED")
     max_prompt_tokens: int = Field(1536, ge=1)
     max_new_tokens: int = Field(512, ge=1)
     default_new_tokens: int = Field(128, ge=1)
-    serving_hours: list[ServingWindow] = Field(
-        default_factory=list, description="UTC windows; empty means always"
-    )
+    serving_hours: list[ServingWindow] = Field(default_factory=list, description="UTC windows; empty means always")
     accept_callers: Literal["any", "min_balance"] = "any"
     min_caller_balance: int = Field(0, ge=0)
 
@@ -95,13 +87,11 @@ class ProviderPolicy(StrictModel):
     def _consistent(self) -> ProviderPolicy:
         if self.default_new_tokens > self.max_new_tokens:
             raise ValueError(
-                f"default_new_tokens ({self.default_new_tokens}) exceeds "
-                f"max_new_tokens ({self.max_new_tokens})"
+                f"default_new_tokens ({self.default_new_tokens}) exceeds max_new_tokens ({self.max_new_tokens})"
             )
         if self.accept_callers == "min_balance":
             raise ValueError(
-                "accept_callers: min_balance needs the credit ledger, which this version does not "
-                "run yet; use 'any'"
+                "accept_callers: min_balance needs the credit ledger, which this version does not run yet; use 'any'"
             )
         return self
 
@@ -114,6 +104,8 @@ class ProviderPolicy(StrictModel):
 
 class InferenceConfig(NodeConfig):
     server: ServerSettings = ServerSettings(listen=DEFAULT_LISTEN)
+    advertise: str | None = Field(None, description="address published to peers (default: the listen address)")
+    circuits: CircuitSettings = CircuitSettings()
     models: list[ModelSettings] = Field(default_factory=lambda: [ModelSettings()], min_length=1)
     policy: ProviderPolicy = ProviderPolicy()
 

@@ -61,10 +61,7 @@ class EmulatedEngine:
 
     def tokenize(self, text: str) -> list[int]:
         # Deterministic stand-in: one token per whitespace-separated word.
-        return [
-            int.from_bytes(blake3(w.encode()).digest()[:4], "little") % self.vocab_size
-            for w in text.split()
-        ]
+        return [int.from_bytes(blake3(w.encode()).digest()[:4], "little") % self.vocab_size for w in text.split()]
 
     def detokenize(self, token_ids: Sequence[int]) -> bytes:
         return b"".join(f" t{t}".encode() for t in token_ids)
@@ -80,9 +77,7 @@ class EmulatedEngine:
         """Prompt tokens not covered by cached chunks; caches the prompt's chunks."""
         covered, hasher = 0, blake3()
         for start in range(0, len(prompt) - len(prompt) % PREFIX_CHUNK, PREFIX_CHUNK):
-            hasher.update(
-                b"".join(t.to_bytes(4, "little") for t in prompt[start : start + PREFIX_CHUNK])
-            )
+            hasher.update(b"".join(t.to_bytes(4, "little") for t in prompt[start : start + PREFIX_CHUNK]))
             key = hasher.digest()
             if key in self._cache and covered == start:
                 covered = start + PREFIX_CHUNK
@@ -94,18 +89,14 @@ class EmulatedEngine:
         self.prefix_hits += covered
         return len(prompt) - covered
 
-    async def generate(
-        self, prompt_ids: Sequence[int], sampling: Sampling
-    ) -> AsyncGenerator[GeneratedToken, None]:
+    async def generate(self, prompt_ids: Sequence[int], sampling: Sampling) -> AsyncGenerator[GeneratedToken, None]:
         async with self._slots:
             self._running += 1
             try:
                 await asyncio.sleep(self._uncached_prefix_tokens(prompt_ids) * self._prefill_s)
                 context = list(prompt_ids)
                 for _ in range(sampling.max_new_tokens):
-                    await asyncio.sleep(
-                        self._decode_s * (1 + self._batch_slowdown * (self._running - 1))
-                    )
+                    await asyncio.sleep(self._decode_s * (1 + self._batch_slowdown * (self._running - 1)))
                     token = self._next_token(context)
                     context.append(token)
                     yield GeneratedToken(token, self.detokenize([token]), 0.0)
@@ -118,9 +109,7 @@ class EmulatedEngine:
         context, scores = list(prompt_ids), []
         for token in completion_ids:
             expected = self._next_token(context)
-            scores.append(
-                PositionScore(0.0 if token == expected else -20.0, token == expected, expected, 0.0)
-            )
+            scores.append(PositionScore(0.0 if token == expected else -20.0, token == expected, expected, 0.0))
             context.append(token)
         return scores
 

@@ -109,9 +109,7 @@ class Engine(Protocol):
         """The prompt text for a chat, ending where the assistant's answer starts."""
         ...
 
-    def generate(
-        self, prompt_ids: Sequence[int], sampling: Sampling
-    ) -> AsyncGenerator[GeneratedToken, None]:
+    def generate(self, prompt_ids: Sequence[int], sampling: Sampling) -> AsyncGenerator[GeneratedToken, None]:
         """Streams generated tokens until the end-of-sequence token (not yielded) or
         ``sampling.max_new_tokens``. Stop strings are applied by the caller. Closing the
         iterator early stops generation promptly and frees the engine's slot."""

@@ -96,12 +96,8 @@ class LlamaCppEngine:
         self._chat = (
             Jinja2ChatFormatter(
                 template=template,
-                eos_token=first.detokenize([first.token_eos()], special=True).decode(
-                    errors="replace"
-                ),
-                bos_token=first.detokenize([first.token_bos()], special=True).decode(
-                    errors="replace"
-                ),
+                eos_token=first.detokenize([first.token_eos()], special=True).decode(errors="replace"),
+                bos_token=first.detokenize([first.token_bos()], special=True).decode(errors="replace"),
             )
             if template
             else None
@@ -140,9 +136,7 @@ class LlamaCppEngine:
         future.add_done_callback(release)
         return future
 
-    async def generate(
-        self, prompt_ids: Sequence[int], sampling: Sampling
-    ) -> AsyncGenerator[GeneratedToken, None]:
+    async def generate(self, prompt_ids: Sequence[int], sampling: Sampling) -> AsyncGenerator[GeneratedToken, None]:
         loop = asyncio.get_running_loop()
         tokens: asyncio.Queue[GeneratedToken | None] = asyncio.Queue()
         stop = threading.Event()
@@ -187,9 +181,7 @@ class LlamaCppEngine:
         ):
             if stop.is_set() or self._is_end(token):
                 return
-            logits = np.ctypeslib.as_array(
-                context._ctx.get_logits_ith(-1), shape=(self.vocab_size,)
-            )
+            logits = np.ctypeslib.as_array(context._ctx.get_logits_ith(-1), shape=(self.vocab_size,))
             logprob = _log_softmax_at(logits, token)[0]
             yield GeneratedToken(token, bytes(context.detokenize([token])), logprob)
             if produced >= sampling.max_new_tokens:
@@ -199,9 +191,7 @@ class LlamaCppEngine:
         self, prompt_ids: Sequence[int], completion_ids: Sequence[int], top_alternatives: int
     ) -> list[PositionScore]:
         def work(context: llama_cpp.Llama) -> list[PositionScore]:
-            return self._score_blocking(
-                context, list(prompt_ids), list(completion_ids), top_alternatives
-            )
+            return self._score_blocking(context, list(prompt_ids), list(completion_ids), top_alternatives)
 
         return list(await (await self._run_in_slot(work)))
 
@@ -229,9 +219,7 @@ class LlamaCppEngine:
                 batch.batch.logits[i] = start + i >= first
             context._ctx.decode(batch)
             for i in wanted:
-                row = np.ctypeslib.as_array(
-                    context._ctx.get_logits_ith(i), shape=(self.vocab_size,)
-                )
+                row = np.ctypeslib.as_array(context._ctx.get_logits_ith(i), shape=(self.vocab_size,))
                 target = ids[start + i + 1]
                 logprob, top, top_logprob = _log_softmax_at(row, target)
                 alternatives: tuple[tuple[int, float], ...] = ()

@@ -13,13 +13,16 @@ import time
 from services.inference.config import InferenceConfig, ModelSettings
 from services.inference.emulated import EmulatedEngine
 from services.inference.engine import Engine
+from services.inference.exit import InferenceExit
 from services.inference.models import default_model_path
 from services.inference.service import InferenceService
-from services.inference.servicer import InferenceServicer
+from services.inference.servicer import InferenceServicer, model_info
+from services.relay.servicer import RelayServicer
 from swarmserve.keys import NodeKeys
-from swarmserve.rpc import RpcServer, ServiceBinding
+from swarmserve.overlay import DescriptorPublisher, OverlayServicer
+from swarmserve.rpc import ChannelPool, RpcServer, ServiceBinding
 from swarmserve.telemetry import get_logger
-from swarmserve.v1 import inference_pb2_grpc
+from swarmserve.v1 import common_pb2, inference_pb2_grpc, overlay_pb2_grpc, relay_pb2_grpc
 
 __all__ = ["InferenceNode", "load_engine"]
 
@@ -65,17 +68,60 @@ class InferenceNode:
         self.config = config
         self.keys = NodeKeys.load_or_create(config.data_dir)
         self.servicer = InferenceServicer()
+        self.channels = ChannelPool(config.server.max_message_bytes)
+        # The node terminates onion circuits (never forwards them): requests arrive through
+        # relays, and only this node sees their plaintext.
+        self.exit = RelayServicer(
+            self.keys.onion,
+            config.circuits,
+            self.channels,
+            terminus=InferenceExit(lambda: self.servicer.service),
+            forwards=False,
+        )
+        self.publisher = DescriptorPublisher(
+            self.keys.identity,
+            [common_pb2.NODE_ROLE_INFERENCE],
+            lambda: config.advertise or self.server.address,
+            onion_key=self.keys.onion,
+            fill=self._describe,
+        )
+        overlay = OverlayServicer(self.publisher.describe)
         self.server = RpcServer(
             config.server,
             [
                 ServiceBinding(
                     "swarmserve.v1.Inference",
-                    lambda server: inference_pb2_grpc.add_InferenceServicer_to_server(
-                        self.servicer, server
-                    ),
-                )
+                    lambda server: inference_pb2_grpc.add_InferenceServicer_to_server(self.servicer, server),
+                ),
+                ServiceBinding(
+                    "swarmserve.v1.Relay",
+                    lambda s: relay_pb2_grpc.add_RelayServicer_to_server(self.exit, s),
+                ),
+                ServiceBinding(
+                    "swarmserve.v1.Overlay",
+                    lambda s: overlay_pb2_grpc.add_OverlayServicer_to_server(overlay, s),
+                ),
             ],
         )
+
+    def _describe(self, descriptor: common_pb2.NodeDescriptor) -> None:
+        """Models, capacity, load and policy, once the models are loaded."""
+        service = self.servicer.service
+        if service is None:
+            return
+        policy = service.policy
+        load = service.load()
+        descriptor.models.extend(model_info(engine.identity) for engine in service.engines.values())
+        descriptor.capacity.max_concurrent = policy.max_concurrent
+        descriptor.capacity.max_queue = policy.max_queue
+        descriptor.load.running = load.running
+        descriptor.load.queued = load.queued
+        descriptor.load.queued_tokens = load.queued_tokens
+        descriptor.load.recent_latency_us = int(load.recent_latency_s * 1e6)
+        descriptor.load.tokens_per_second = load.tokens_per_second
+        descriptor.policy.max_prompt_tokens = policy.max_prompt_tokens
+        descriptor.policy.max_new_tokens = policy.max_new_tokens
+        descriptor.policy.serving_now = True
 
     @property
     def address(self) -> str:
@@ -114,6 +160,7 @@ class InferenceNode:
 
     async def stop(self, grace_s: float | None = None) -> None:
         await self.server.stop(grace_s)
+        await self.channels.close()
         await self._close_engines()
 
     async def _close_engines(self) -> None:

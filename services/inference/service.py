@@ -99,9 +99,7 @@ class _Prepared:
 
 
 class InferenceService:
-    def __init__(
-        self, identity: native.Identity, engines: Mapping[str, Engine], policy: ProviderPolicy
-    ) -> None:
+    def __init__(self, identity: native.Identity, engines: Mapping[str, Engine], policy: ProviderPolicy) -> None:
         self.identity = identity
         self.engines = dict(engines)
         self.policy = policy
@@ -127,8 +125,7 @@ class InferenceService:
         bad = [token for token in ids if not 0 <= token < engine.vocab_size]
         if bad:
             raise InvalidArgument(
-                f"{what} has token ids outside the vocabulary "
-                f"(0..{engine.vocab_size - 1}): {bad[:5]}"
+                f"{what} has token ids outside the vocabulary (0..{engine.vocab_size - 1}): {bad[:5]}"
             )
 
     def _prompt_ids(self, engine: Engine, request: GenerateRequest) -> list[int]:
@@ -154,13 +151,9 @@ class InferenceService:
                 raise InvalidArgument("chat has no messages")
             for turn in request.chat:
                 if turn.role not in _CHAT_ROLES:
-                    raise InvalidArgument(
-                        f"chat role {turn.role!r} must be one of system, user, assistant"
-                    )
+                    raise InvalidArgument(f"chat role {turn.role!r} must be one of system, user, assistant")
             if sum(len(t.content) for t in request.chat) > self.policy.max_prompt_tokens * 32:
-                raise InvalidArgument(
-                    f"chat is longer than this node's {self.policy.max_prompt_tokens} tokens"
-                )
+                raise InvalidArgument(f"chat is longer than this node's {self.policy.max_prompt_tokens} tokens")
             try:
                 return engine.tokenize(engine.apply_chat_template(request.chat))
             except ValueError as error:
@@ -175,8 +168,7 @@ class InferenceService:
         policy = self.policy
         if asked.max_new_tokens > policy.max_new_tokens:
             raise InvalidArgument(
-                f"max_new_tokens {asked.max_new_tokens} exceeds this node's limit of "
-                f"{policy.max_new_tokens}"
+                f"max_new_tokens {asked.max_new_tokens} exceeds this node's limit of {policy.max_new_tokens}"
             )
         max_new = asked.max_new_tokens or policy.default_new_tokens
         if prompt_len + max_new > engine.identity.context_length:
@@ -223,17 +215,14 @@ class InferenceService:
         prompt_ids = self._prompt_ids(engine, request)
         if len(prompt_ids) > self.policy.max_prompt_tokens:
             raise InvalidArgument(
-                f"prompt is {len(prompt_ids)} tokens; this node accepts at most "
-                f"{self.policy.max_prompt_tokens}"
+                f"prompt is {len(prompt_ids)} tokens; this node accepts at most {self.policy.max_prompt_tokens}"
             )
         sampling = self._sampling(request.sampling, engine, len(prompt_ids))
         return _Prepared(request.request_id or uuid.uuid4().hex, engine, prompt_ids, sampling)
 
     # --- generation -----------------------------------------------------------------------
 
-    async def generate(
-        self, request: GenerateRequest
-    ) -> AsyncIterator[TokenEvent | GenerationSummary]:
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent | GenerationSummary]:
         # Bound first, so that even a refusal is logged with the request's id.
         request = replace(request, request_id=request.request_id or uuid.uuid4().hex)
         structlog.contextvars.bind_contextvars(request_id=request.request_id)
@@ -241,9 +230,7 @@ class InferenceService:
         sampling = prepared.sampling
         accepted_unix_ms = int(time.time() * 1000)
         accepted = time.monotonic()
-        async with self.admission.slot(
-            len(prepared.prompt_ids) + sampling.max_new_tokens
-        ) as waited:
+        async with self.admission.slot(len(prepared.prompt_ids) + sampling.max_new_tokens) as waited:
             receipt = ReceiptWriter(
                 self.identity,
                 prepared.request_id,
@@ -272,11 +259,7 @@ class InferenceService:
                     first_token_at = first_token_at or time.monotonic()
                     yield TokenEvent(ready, sent)
                     sent += 1
-                finish = (
-                    FinishReason.LENGTH
-                    if generated >= sampling.max_new_tokens
-                    else FinishReason.END_OF_SEQUENCE
-                )
+                finish = FinishReason.LENGTH if generated >= sampling.max_new_tokens else FinishReason.END_OF_SEQUENCE
             finished = time.monotonic()
             timing = common_pb2.Timing(
                 accepted_unix_ms=accepted_unix_ms,
@@ -313,9 +296,7 @@ class InferenceService:
                 f"not the expected {expected_digest.hex()}"
             )
         if not prompt_ids:
-            raise InvalidArgument(
-                "prompt_token_ids is empty: scoring needs at least one prompt token"
-            )
+            raise InvalidArgument("prompt_token_ids is empty: scoring needs at least one prompt token")
         if not completion_ids:
             raise InvalidArgument("completion_token_ids is empty")
         if not 0 <= top_alternatives <= MAX_ALTERNATIVES:
@@ -324,9 +305,7 @@ class InferenceService:
         self._check_ids(engine, completion_ids, "completion_token_ids")
         total = len(prompt_ids) + len(completion_ids)
         if total > engine.identity.context_length:
-            raise InvalidArgument(
-                f"{total} tokens exceed the model's context of {engine.identity.context_length}"
-            )
+            raise InvalidArgument(f"{total} tokens exceed the model's context of {engine.identity.context_length}")
         async with self.admission.slot(total):
             return engine, await engine.score(prompt_ids, completion_ids, top_alternatives)
 

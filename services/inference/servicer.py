@@ -50,15 +50,10 @@ def to_generate_request(message: inference_pb2.InferenceGenerateRequest) -> Gene
     return GenerateRequest(
         model=message.model,
         prompt=message.prompt if input_kind == "prompt" else None,
-        chat=tuple(
-            ChatTurn(_ROLES.get(m.role, f"unspecified({m.role})"), m.content)
-            for m in message.chat.messages
-        )
+        chat=tuple(ChatTurn(_ROLES.get(m.role, f"unspecified({m.role})"), m.content) for m in message.chat.messages)
         if input_kind == "chat"
         else None,
-        prompt_ids=tuple(message.prompt_tokens.token_ids)
-        if input_kind == "prompt_tokens"
-        else None,
+        prompt_ids=tuple(message.prompt_tokens.token_ids) if input_kind == "prompt_tokens" else None,
         sampling=SamplingRequest(
             max_new_tokens=sampling.max_new_tokens,
             temperature=sampling.temperature,
@@ -82,9 +77,7 @@ def to_response(event: TokenEvent | GenerationSummary) -> inference_pb2.Inferenc
             )
         )
     return inference_pb2.InferenceGenerateResponse(
-        summary=inference_pb2.InferenceSummary(
-            finish_reason=_FINISH[event.finish_reason.value], receipt=event.receipt
-        )
+        summary=inference_pb2.InferenceSummary(finish_reason=_FINISH[event.finish_reason.value], receipt=event.receipt)
     )
 
 
@@ -122,10 +115,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                     logprob=p.logprob,
                     is_top_choice=p.is_top_choice,
                     top=inference_pb2.TokenLogprob(token_id=p.top_token_id, logprob=p.top_logprob),
-                    alternatives=[
-                        inference_pb2.TokenLogprob(token_id=t, logprob=lp)
-                        for t, lp in p.alternatives
-                    ],
+                    alternatives=[inference_pb2.TokenLogprob(token_id=t, logprob=lp) for t, lp in p.alternatives],
                 )
                 for p in positions
             ],
@@ -149,9 +139,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 mean_queue_wait_us=int(load.mean_queue_wait_s * 1e6),
                 p99_queue_wait_us=int(load.p99_queue_wait_s * 1e6),
             ),
-            capacity=common_pb2.Capacity(
-                max_concurrent=policy.max_concurrent, max_queue=policy.max_queue
-            ),
+            capacity=common_pb2.Capacity(max_concurrent=policy.max_concurrent, max_queue=policy.max_queue),
             policy=common_pb2.PolicySummary(
                 max_prompt_tokens=policy.max_prompt_tokens,
                 max_new_tokens=policy.max_new_tokens,

@@ -77,15 +77,11 @@ class TensorRTEngine:
         self.identity = ModelIdentity(
             name=name,
             weights_digest=weights_digest(digest_source),
-            quantization=str(getattr(self._llm.args, "dtype", "auto"))
-            if hasattr(self._llm, "args")
-            else "auto",
+            quantization=str(getattr(self._llm.args, "dtype", "auto")) if hasattr(self._llm, "args") else "auto",
             context_length=context_length,
             engine="tensorrt-llm",
         )
-        self.vocab_size = int(
-            getattr(self._tokenizer, "vocab_size", 0) or len(self._tokenizer.get_vocab())
-        )
+        self.vocab_size = int(getattr(self._tokenizer, "vocab_size", 0) or len(self._tokenizer.get_vocab()))
 
     def tokenize(self, text: str) -> list[int]:
         return list(self._tokenizer.encode(text))
@@ -95,11 +91,7 @@ class TensorRTEngine:
 
     def apply_chat_template(self, turns: Sequence[ChatTurn]) -> str:
         messages = [{"role": t.role, "content": t.content} for t in turns]
-        return str(
-            self._tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
-            )
-        )
+        return str(self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
 
     def sampling_params(self, sampling: Sampling, **extra: Any) -> Any:
         """Our sampling parameters as TensorRT-LLM's ``SamplingParams``."""
@@ -120,12 +112,8 @@ class TensorRTEngine:
             **extra,
         )
 
-    async def generate(
-        self, prompt_ids: Sequence[int], sampling: Sampling
-    ) -> AsyncGenerator[GeneratedToken, None]:
-        result = self._llm.generate_async(
-            list(prompt_ids), self.sampling_params(sampling), streaming=True
-        )
+    async def generate(self, prompt_ids: Sequence[int], sampling: Sampling) -> AsyncGenerator[GeneratedToken, None]:
+        result = self._llm.generate_async(list(prompt_ids), self.sampling_params(sampling), streaming=True)
         sent_tokens, sent_text = 0, ""
         finished = False
         try:
@@ -139,11 +127,7 @@ class TensorRTEngine:
                 logprobs = list(completion.logprobs or [])
                 for offset, token in enumerate(new_ids):
                     position = sent_tokens + offset
-                    logprob = (
-                        _logprob_of(logprobs[position], token)
-                        if position < len(logprobs)
-                        else float("nan")
-                    )
+                    logprob = _logprob_of(logprobs[position], token) if position < len(logprobs) else float("nan")
                     text = delta.encode() if offset == len(new_ids) - 1 else b""
                     yield GeneratedToken(token, text, logprob)
                 sent_tokens, sent_text = len(ids), completion.text

@@ -57,12 +57,8 @@ class ServerSettings(StrictModel):
     """The gRPC server of a service."""
 
     listen: str = Field("127.0.0.1:0", description="HOST:PORT to serve on; port 0 picks a free one")
-    grace_period_s: float = Field(
-        10.0, ge=0, le=600, description="how long running calls may finish after SIGTERM"
-    )
-    max_message_bytes: int = Field(
-        16 * 1024 * 1024, ge=1024, description="largest gRPC message accepted or sent"
-    )
+    grace_period_s: float = Field(10.0, ge=0, le=600, description="how long running calls may finish after SIGTERM")
+    max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest gRPC message accepted or sent")
 
     @field_validator("listen")
     @classmethod
@@ -129,9 +125,7 @@ def load_config(
         except yaml.YAMLError as error:
             raise ConfigError(f"config file {path} is not valid YAML: {error}") from error
         if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(
-                f"config file {path} must hold a mapping, not {type(loaded).__name__}"
-            )
+            raise ConfigError(f"config file {path} must hold a mapping, not {type(loaded).__name__}")
         data = loaded or {}
     for key_path, value in _env_overrides(os.environ if environ is None else environ):
         _set_path(data, key_path, value)
@@ -139,9 +133,5 @@ def load_config(
         return model.model_validate(data)
     except ValidationError as error:
         source = str(path) if path else "defaults"
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in error.errors()
-        )
-        raise ConfigError(
-            f"invalid configuration ({source} + {ENV_PREFIX}* overrides): {problems}"
-        ) from None
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in error.errors())
+        raise ConfigError(f"invalid configuration ({source} + {ENV_PREFIX}* overrides): {problems}") from None

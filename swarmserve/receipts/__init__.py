@@ -102,9 +102,7 @@ def verify_receipt(
     except native.CryptoError as error:
         raise ReceiptError(f"receipt signature is invalid: {error}") from None
     if receipt.token_count != len(token_ids):
-        raise ReceiptError(
-            f"receipt covers {receipt.token_count} tokens, the stream had {len(token_ids)}"
-        )
+        raise ReceiptError(f"receipt covers {receipt.token_count} tokens, the stream had {len(token_ids)}")
     try:
         expected = native.token_stream_commitment(
             receipt.request_id.encode(),

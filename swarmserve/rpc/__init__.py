@@ -1,6 +1,7 @@
 """gRPC plumbing shared by every service: the server bootstrap, the error interceptor and the
 domain errors servicers raise."""
 
+from swarmserve.rpc.channels import STREAM_EOF, ChannelPool, open_stream
 from swarmserve.rpc.errors import (
     DataLoss,
     FailedPrecondition,
@@ -10,12 +11,15 @@ from swarmserve.rpc.errors import (
     ResourceExhausted,
     ServiceError,
     Unavailable,
+    Unimplemented,
     status_for,
 )
 from swarmserve.rpc.interceptor import ErrorInterceptor
 from swarmserve.rpc.server import RpcServer, ServiceBinding
 
 __all__ = [
+    "STREAM_EOF",
+    "ChannelPool",
     "DataLoss",
     "ErrorInterceptor",
     "FailedPrecondition",
@@ -27,5 +31,7 @@ __all__ = [
     "ServiceBinding",
     "ServiceError",
     "Unavailable",
+    "Unimplemented",
+    "open_stream",
     "status_for",
 ]

@@ -19,14 +19,21 @@ __all__ = [
     "ResourceExhausted",
     "ServiceError",
     "Unavailable",
+    "Unimplemented",
     "status_for",
 ]
 
 
 class ServiceError(Exception):
-    """An error whose message is safe to send to the caller."""
+    """An error whose message is safe to send to the caller. Subclasses fix the status code;
+    ``code`` sets it for errors that carry another node's status (a circuit's, say)."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
 
 
 class InvalidArgument(ServiceError):
@@ -55,6 +62,10 @@ class Unavailable(ServiceError):
 
 class DataLoss(ServiceError):
     code = grpc.StatusCode.DATA_LOSS
+
+
+class Unimplemented(ServiceError):
+    code = grpc.StatusCode.UNIMPLEMENTED
 
 
 # Native errors reach servicers only from bytes a peer sent, so they are the peer's fault.

@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from swarmserve.config import ServerSettings
+from swarmserve.rpc.channels import KEEPALIVE_SERVER_OPTIONS
 from swarmserve.rpc.interceptor import ErrorInterceptor
 from swarmserve.telemetry import get_logger
 
@@ -59,15 +60,14 @@ class RpcServer:
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
+                *KEEPALIVE_SERVER_OPTIONS,
             ],
         )
         for service in self._services:
             service.add_to_server(server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         names = [s.name for s in self._services]
-        reflection.enable_server_reflection(
-            [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
-        )
+        reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
         port = server.add_insecure_port(self._settings.listen)
         if port == 0:
             raise OSError(f"cannot listen on {self._settings.listen}")
@@ -97,9 +97,7 @@ class RpcServer:
         await self._server.stop(grace)
         log.info("stopped", address=self.address)
 
-    def stop_on_signals(
-        self, signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT)
-    ) -> None:
+    def stop_on_signals(self, signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT)) -> None:
         """Starts a graceful stop when one of ``signals`` arrives (call from the event loop)."""
         loop = asyncio.get_running_loop()
 

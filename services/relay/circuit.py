@@ -1,0 +1,102 @@
+"""What the relay, the router and the terminating node share about circuits: cell builders,
+the set-up confirmation, padding of the inner messages, and what a teardown reason means."""
+
+from __future__ import annotations
+
+import grpc
+
+from swarmserve.v1 import relay_pb2
+
+__all__ = [
+    "CIRCUIT_READY",
+    "create_cell",
+    "created_cell",
+    "data_cell",
+    "destroy_cell",
+    "pad_message",
+    "status_for_destroy",
+]
+
+# What the terminating node seals (one backward layer per hop) in its CircuitCreated: the
+# router opening it proves every hop on the path holds the keys it was given.
+CIRCUIT_READY = b"swarmserve/v1 circuit ready"
+
+_MIN_BUCKET = 64
+_LARGE_STEP = 16 * 1024
+
+
+def create_cell(onion: bytes) -> relay_pb2.RelayCell:
+    return relay_pb2.RelayCell(create=relay_pb2.CreateCircuit(onion=onion))
+
+
+def created_cell(confirmation: bytes) -> relay_pb2.RelayCell:
+    return relay_pb2.RelayCell(created=relay_pb2.CircuitCreated(confirmation=confirmation))
+
+
+def data_cell(payload: bytes) -> relay_pb2.RelayCell:
+    return relay_pb2.RelayCell(data=relay_pb2.DataCell(payload=payload))
+
+
+def destroy_cell(reason: relay_pb2.DestroyReason.ValueType) -> relay_pb2.RelayCell:
+    return relay_pb2.RelayCell(destroy=relay_pb2.DestroyCircuit(reason=reason))
+
+
+def _bucket(size: int) -> int:
+    if size > _LARGE_STEP:
+        return -(-size // _LARGE_STEP) * _LARGE_STEP
+    bucket = _MIN_BUCKET
+    while bucket < size:
+        bucket *= 2
+    return bucket
+
+
+def pad_message(message: relay_pb2.CircuitMessage) -> bytes:
+    """Serializes ``message`` padded to a size bucket (64, 128, ... bytes), so cell lengths say
+    less about what they carry (a token's length, for instance)."""
+    body = message.SerializeToString()
+    target = _bucket(len(body) + 3)
+    for overhead in (2, 3, 4):  # field tag + length varint of the padding field
+        fill = target - len(body) - overhead
+        padded = relay_pb2.CircuitMessage()
+        padded.CopyFrom(message)
+        padded.padding = bytes(max(fill, 0))
+        data = padded.SerializeToString()
+        if len(data) == target:
+            return data
+    return data
+
+
+_DESTROY_STATUS = {
+    relay_pb2.DESTROY_REASON_FINISHED: (
+        grpc.StatusCode.UNAVAILABLE,
+        "the circuit closed before the answer ended",
+    ),
+    relay_pb2.DESTROY_REASON_PROTOCOL_ERROR: (
+        grpc.StatusCode.DATA_LOSS,
+        "a cell on the path failed authentication (tampered or corrupted); the circuit was closed",
+    ),
+    relay_pb2.DESTROY_REASON_HOP_UNREACHABLE: (
+        grpc.StatusCode.UNAVAILABLE,
+        "a hop on the path failed or went away",
+    ),
+    relay_pb2.DESTROY_REASON_TIMEOUT: (
+        grpc.StatusCode.UNAVAILABLE,
+        "the circuit timed out on the path",
+    ),
+    relay_pb2.DESTROY_REASON_RESOURCE_LIMIT: (
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "a relay on the path is at its circuit limit",
+    ),
+    relay_pb2.DESTROY_REASON_REPLAY: (
+        grpc.StatusCode.ALREADY_EXISTS,
+        "a relay refused the set-up as a replay",
+    ),
+    relay_pb2.DESTROY_REASON_SHUTDOWN: (
+        grpc.StatusCode.UNAVAILABLE,
+        "a hop on the path is shutting down",
+    ),
+}
+
+
+def status_for_destroy(reason: relay_pb2.DestroyReason.ValueType) -> tuple[grpc.StatusCode, str]:
+    return _DESTROY_STATUS.get(reason, (grpc.StatusCode.UNAVAILABLE, "the circuit was torn down"))

@@ -1,0 +1,221 @@
+"""The ``Relay`` gRPC service: one bidirectional stream per circuit.
+
+A forwarding relay peels exactly one set-up layer, learns only where to send the rest, opens the
+next hop, and then moves cells both ways (forward cells lose its layer, backward cells gain
+one). A node that terminates circuits (an inference node) installs a :class:`Terminus`, which
+receives the plaintext of forward cells and returns the plaintext of backward ones. Payloads
+are never logged or stored; teardown on either side ends both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+import grpc
+from grpc import aio
+
+from services.relay.circuit import CIRCUIT_READY, create_cell, created_cell, data_cell, destroy_cell
+from services.relay.config import CircuitSettings
+from swarmserve import native
+from swarmserve.config import parse_listen_address
+from swarmserve.rpc import STREAM_EOF, ChannelPool, InvalidArgument, ResourceExhausted, open_stream
+from swarmserve.telemetry import get_logger
+from swarmserve.v1 import relay_pb2, relay_pb2_grpc
+
+__all__ = ["RelayServicer", "Terminus", "destroy_reason_for"]
+
+log = get_logger("swarmserve.relay")
+
+_REASON_FOR_CODE = {
+    grpc.StatusCode.ALREADY_EXISTS: relay_pb2.DESTROY_REASON_REPLAY,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: relay_pb2.DESTROY_REASON_RESOURCE_LIMIT,
+    grpc.StatusCode.INVALID_ARGUMENT: relay_pb2.DESTROY_REASON_PROTOCOL_ERROR,
+    grpc.StatusCode.DEADLINE_EXCEEDED: relay_pb2.DESTROY_REASON_TIMEOUT,
+}
+
+
+def destroy_reason_for(code: grpc.StatusCode) -> relay_pb2.DestroyReason.ValueType:
+    """How a failed call to the next hop is reported back along the circuit."""
+    return _REASON_FOR_CODE.get(code, relay_pb2.DESTROY_REASON_HOP_UNREACHABLE)
+
+
+class Terminus(Protocol):
+    """The end of a circuit: turns the plaintext of forward cells into backward plaintexts."""
+
+    def handle(self, forward: AsyncIterator[bytes]) -> AsyncIterator[bytes]: ...
+
+
+class RelayServicer(relay_pb2_grpc.RelayServicer):
+    def __init__(
+        self,
+        onion_key: native.OnionKey,
+        settings: CircuitSettings,
+        channels: ChannelPool,
+        terminus: Terminus | None = None,
+        forwards: bool = True,
+    ) -> None:
+        self._onion_key = onion_key
+        self._settings = settings
+        self._channels = channels
+        self._terminus = terminus
+        self._forwards = forwards
+        self._replay = native.ReplayCache(settings.replay_cache_capacity, settings.replay_ttl_s)
+        self.active = 0
+
+    async def Circuit(
+        self,
+        request_iterator: AsyncIterator[relay_pb2.RelayCell],
+        context: aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[relay_pb2.RelayCell]:
+        upstream = aiter(request_iterator)
+        try:
+            first = await asyncio.wait_for(anext(upstream), self._settings.setup_timeout_s)
+        except (StopAsyncIteration, TimeoutError):
+            return
+        if first.WhichOneof("cell") != "create":
+            raise InvalidArgument("the first cell of a circuit must be create")
+        if self.active >= self._settings.max_circuits:
+            raise ResourceExhausted(f"this relay holds its maximum of {self._settings.max_circuits} circuits")
+        peeled = self._onion_key.peel_setup(first.create.onion, self._replay)
+        self.active += 1
+        started = time.monotonic()
+        try:
+            if peeled.is_final:
+                if self._terminus is None:
+                    raise InvalidArgument("this relay does not terminate circuits")
+                cells = self._terminate(peeled.hop, upstream)
+            else:
+                if not self._forwards:
+                    raise InvalidArgument("this node terminates circuits and does not forward them")
+                cells = self._forward(peeled, upstream)
+            async for cell in cells:
+                yield cell
+        finally:
+            self.active -= 1
+            log.info(
+                "circuit closed",
+                role="exit" if peeled.is_final else "relay",
+                seconds=round(time.monotonic() - started, 3),
+            )
+
+    async def _terminate(
+        self, hop: native.CircuitHop, upstream: AsyncIterator[relay_pb2.RelayCell]
+    ) -> AsyncIterator[relay_pb2.RelayCell]:
+        assert self._terminus is not None
+        yield created_cell(hop.wrap_backward(CIRCUIT_READY))
+
+        async def forward_plaintexts() -> AsyncIterator[bytes]:
+            async for cell in upstream:
+                kind = cell.WhichOneof("cell")
+                if kind == "destroy":
+                    return
+                if kind != "data":
+                    raise InvalidArgument(f"unexpected {kind} cell on an open circuit")
+                yield hop.peel_forward(cell.data.payload)
+
+        async for plaintext in self._terminus.handle(forward_plaintexts()):
+            yield data_cell(hop.wrap_backward(plaintext))
+
+    async def _forward(
+        self, peeled: native.PeeledSetup, upstream: AsyncIterator[relay_pb2.RelayCell]
+    ) -> AsyncIterator[relay_pb2.RelayCell]:
+        try:
+            address = peeled.routing_info.decode()
+            parse_listen_address(address)
+        except ValueError:
+            raise InvalidArgument("the set-up names no valid next hop") from None
+        hop = peeled.hop
+        assert peeled.next_cell is not None
+        call = open_stream(relay_pb2_grpc.RelayStub(self._channels.get(address)).Circuit)
+        try:
+            await call.write(create_cell(peeled.next_cell))
+            reply = await asyncio.wait_for(call.read(), self._settings.setup_timeout_s)
+        except aio.AioRpcError as error:
+            call.cancel()
+            yield destroy_cell(destroy_reason_for(error.code()))
+            return
+        except TimeoutError:
+            call.cancel()
+            yield destroy_cell(relay_pb2.DESTROY_REASON_TIMEOUT)
+            return
+        kind = None if reply is STREAM_EOF else reply.WhichOneof("cell")
+        if kind != "created":
+            call.cancel()
+            yield (reply if kind == "destroy" else destroy_cell(relay_pb2.DESTROY_REASON_HOP_UNREACHABLE))
+            return
+        yield created_cell(hop.wrap_backward(reply.created.confirmation))
+
+        outbound: asyncio.Queue[relay_pb2.RelayCell | None] = asyncio.Queue()
+        last_activity = time.monotonic()
+
+        async def pump_forward() -> None:
+            nonlocal last_activity
+            try:
+                async for cell in upstream:
+                    last_activity = time.monotonic()
+                    kind = cell.WhichOneof("cell")
+                    if kind == "data":
+                        try:
+                            payload = hop.peel_forward(cell.data.payload)
+                        except native.CryptoError:
+                            log.warning("tampered forward cell; closing the circuit")
+                            await call.write(destroy_cell(relay_pb2.DESTROY_REASON_PROTOCOL_ERROR))
+                            await outbound.put(destroy_cell(relay_pb2.DESTROY_REASON_PROTOCOL_ERROR))
+                            return
+                        await call.write(data_cell(payload))
+                    elif kind == "destroy":
+                        await call.write(cell)
+                        await outbound.put(None)
+                        return
+                    else:
+                        await outbound.put(destroy_cell(relay_pb2.DESTROY_REASON_PROTOCOL_ERROR))
+                        return
+                await call.done_writing()
+            except aio.AioRpcError as error:
+                await outbound.put(destroy_cell(destroy_reason_for(error.code())))
+
+        async def pump_backward() -> None:
+            nonlocal last_activity
+            try:
+                while (reply := await call.read()) is not STREAM_EOF:
+                    last_activity = time.monotonic()
+                    kind = reply.WhichOneof("cell")
+                    if kind == "data":
+                        await outbound.put(data_cell(hop.wrap_backward(reply.data.payload)))
+                    elif kind == "destroy":
+                        await outbound.put(reply)
+                        return
+                    else:
+                        await outbound.put(destroy_cell(relay_pb2.DESTROY_REASON_PROTOCOL_ERROR))
+                        return
+                await outbound.put(None)
+            except aio.AioRpcError as error:
+                await outbound.put(destroy_cell(destroy_reason_for(error.code())))
+
+        pumps = [asyncio.create_task(pump_forward()), asyncio.create_task(pump_backward())]
+        try:
+            while True:
+                idle_left = self._settings.idle_timeout_s - (time.monotonic() - last_activity)
+                try:
+                    cell = await asyncio.wait_for(outbound.get(), max(idle_left, 0.001))
+                except TimeoutError:
+                    if time.monotonic() - last_activity < self._settings.idle_timeout_s:
+                        continue
+                    yield destroy_cell(relay_pb2.DESTROY_REASON_TIMEOUT)
+                    return
+                if cell is None:
+                    return
+                yield cell
+                if cell.WhichOneof("cell") == "destroy":
+                    return
+        finally:
+            for pump in pumps:
+                pump.cancel()
+            for pump in pumps:
+                with contextlib.suppress(asyncio.CancelledError, aio.AioRpcError):
+                    await pump
+            call.cancel()

@@ -1,0 +1,36 @@
+"""A router's configuration."""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from swarmserve import native
+from swarmserve.config import NodeConfig, ServerSettings
+
+__all__ = ["DEFAULT_ROUTER", "RouterConfig"]
+
+DEFAULT_ROUTER = "127.0.0.1:7000"
+# The inference node terminating a circuit is its last layer; the rest can be relays.
+MAX_RELAYS = native.MAX_LAYERS - 1
+
+
+class RouterConfig(NodeConfig):
+    server: ServerSettings = ServerSettings(listen=DEFAULT_ROUTER)
+    peers: list[str] = Field(
+        default_factory=list,
+        description="addresses of relays and inference nodes (until gossip membership lands)",
+    )
+    refresh_interval_s: float = Field(2.0, gt=0, description="how often peers are asked for their descriptors")
+    default_hops: int = Field(3, ge=0, le=MAX_RELAYS, description="relays per circuit when a request does not say")
+    max_hops: int = Field(MAX_RELAYS, ge=0, le=MAX_RELAYS)
+    max_request_bytes: int = Field(
+        64 * 1024, ge=1024, description="larger requests are refused before any circuit is built"
+    )
+    setup_timeout_s: float = Field(10.0, gt=0, description="how long a circuit may take to open")
+    cell_timeout_s: float = Field(120.0, gt=0, description="longest wait for the next cell of an answer")
+
+    @model_validator(mode="after")
+    def _hops(self) -> RouterConfig:
+        if self.default_hops > self.max_hops:
+            raise ValueError(f"default_hops ({self.default_hops}) exceeds max_hops ({self.max_hops})")
+        return self

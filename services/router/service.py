@@ -1,0 +1,184 @@
+"""The router's behaviour: pick an inference node and relays from the directory, carry the
+request through an onion circuit, stream the tokens back as they arrive, and check (then
+co-sign) the serving node's receipt against exactly the tokens relayed."""
+
+from __future__ import annotations
+
+import codecs
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+import structlog
+
+from services.router.circuit import OpenCircuit
+from services.router.config import RouterConfig
+from swarmserve import native
+from swarmserve.overlay import Peer, PeerDirectory
+from swarmserve.receipts import ReceiptError, verify_receipt
+from swarmserve.rpc import (
+    ChannelPool,
+    DataLoss,
+    InvalidArgument,
+    NotFound,
+    ServiceError,
+    Unavailable,
+)
+from swarmserve.telemetry import get_logger
+from swarmserve.v1 import common_pb2, inference_pb2, relay_pb2, router_pb2
+
+__all__ = ["RouterService", "TokenDelta"]
+
+log = get_logger("swarmserve.router")
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    """Text that can be shown now (UTF-8 is never split) and the token behind it, if any."""
+
+    text: str
+    token_id: int | None
+    token_bytes: bytes
+    index: int
+    logprob: float
+
+
+class RouterService:
+    def __init__(
+        self,
+        identity: native.Identity,
+        directory: PeerDirectory,
+        channels: ChannelPool,
+        config: RouterConfig,
+    ) -> None:
+        self.identity = identity
+        self.directory = directory
+        self.channels = channels
+        self.config = config
+        self._random = random.SystemRandom()
+
+    def _check(self, request: router_pb2.GenerateRequest) -> int:
+        size = request.ByteSize()
+        if size > self.config.max_request_bytes:
+            raise InvalidArgument(
+                f"request is {size} bytes; this router accepts at most {self.config.max_request_bytes}"
+            )
+        if not request.model:
+            raise InvalidArgument("model is required")
+        if request.WhichOneof("input") is None:
+            raise InvalidArgument("one of prompt or chat is required")
+        if len(request.request_id) > 64:
+            raise InvalidArgument("request_id is longer than 64 characters")
+        hops = request.privacy.hops if request.privacy.HasField("hops") else self.config.default_hops
+        if hops > self.config.max_hops:
+            raise InvalidArgument(f"hops {hops} exceeds this router's maximum of {self.config.max_hops}")
+        return hops
+
+    def choose_exit(self, model: str) -> Peer:
+        candidates = [p for p in self.directory.alive(common_pb2.NODE_ROLE_INFERENCE) if p.serves(model)]
+        if not candidates:
+            raise NotFound(f"no live inference node serves model {model!r}")
+
+        def load(peer: Peer) -> float:
+            d = peer.descriptor
+            return (d.load.running + d.load.queued) / max(d.capacity.max_concurrent, 1)
+
+        least = min(load(p) for p in candidates)
+        return self._random.choice([p for p in candidates if load(p) == least])
+
+    def choose_relays(self, hops: int, exit_: Peer) -> list[Peer]:
+        relays = [p for p in self.directory.alive(common_pb2.NODE_ROLE_RELAY) if p.node_id != exit_.node_id]
+        if len(relays) < hops:
+            raise Unavailable(f"{hops} hops asked for, but only {len(relays)} live relays are known")
+        return self._random.sample(relays, hops)
+
+    async def generate(
+        self, request: router_pb2.GenerateRequest
+    ) -> AsyncIterator[TokenDelta | router_pb2.GenerateSummary]:
+        hops = self._check(request)  # every refusal happens before a circuit exists
+        request_id = request.request_id or uuid.uuid4().hex
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        exit_ = self.choose_exit(request.model)
+        relays = self.choose_relays(hops, exit_)
+        accepted = time.monotonic()
+        accepted_unix_ms = int(time.time() * 1000)
+        circuit = await OpenCircuit.open(
+            self.channels, relays, exit_, self.config.setup_timeout_s, self.config.cell_timeout_s
+        )
+        try:
+            forwarded = inference_pb2.InferenceGenerateRequest(
+                request_id=request_id, model=request.model, sampling=request.sampling
+            )
+            if request.WhichOneof("input") == "prompt":
+                forwarded.prompt = request.prompt
+            else:
+                forwarded.chat.CopyFrom(request.chat)
+            await circuit.send(relay_pb2.CircuitMessage(request=forwarded))
+
+            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            ids: list[int] = []
+            texts: list[bytes] = []
+            first_token_at: float | None = None
+            while True:
+                message = await circuit.receive()
+                body = message.WhichOneof("body")
+                if body == "error":
+                    raise ServiceError(message.error.message, _status(message.error.code))
+                if body != "response":
+                    raise DataLoss("the terminating node sent an unexpected message")
+                event = message.response
+                if event.HasField("token"):
+                    token = event.token
+                    ids.append(token.token_id)
+                    texts.append(token.text)
+                    first_token_at = first_token_at or time.monotonic()
+                    yield TokenDelta(
+                        decoder.decode(token.text),
+                        token.token_id,
+                        token.text,
+                        token.index,
+                        token.logprob,
+                    )
+                    continue
+                summary = event.summary
+                try:
+                    verify_receipt(summary.receipt, ids, texts, node_key=exit_.descriptor.identity_key)
+                except ReceiptError as error:
+                    raise DataLoss(f"the serving node's receipt does not match the tokens relayed: {error}") from None
+                receipt = common_pb2.SignedReceipt()
+                receipt.CopyFrom(summary.receipt)
+                receipt.cosignatures.add(
+                    signer_key=self.identity.public_key,
+                    signature=self.identity.sign(receipt.receipt),
+                )
+                tail = decoder.decode(b"", final=True)
+                if tail:
+                    yield TokenDelta(tail, None, b"", len(ids), 0.0)
+                finished = time.monotonic()
+                yield router_pb2.GenerateSummary(
+                    finish_reason=summary.finish_reason,
+                    receipt=receipt,
+                    timing=common_pb2.Timing(
+                        accepted_unix_ms=accepted_unix_ms,
+                        time_to_first_token_us=int(((first_token_at or finished) - accepted) * 1e6),
+                        total_us=int((finished - accepted) * 1e6),
+                        completion_tokens=len(ids),
+                    ),
+                    served_by=exit_.node_id,
+                    hops=hops,
+                    request_id=request_id,
+                )
+                log.info("served", hops=hops, tokens=len(ids), served_by=exit_.node_id[:16])
+                return
+        finally:
+            circuit.close()
+
+
+def _status(code: int) -> grpc.StatusCode:
+    for status in grpc.StatusCode:
+        if status.value[0] == code:
+            return status
+    return grpc.StatusCode.UNKNOWN

@@ -1,0 +1,91 @@
+"""A small client for ``Router.Generate``: streams the text as it arrives, then checks the
+receipt itself: signed by the node that served the request, co-signed by the router, and
+committing to exactly the tokens received."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from grpc import aio
+
+from swarmserve import native
+from swarmserve.receipts import ReceiptError, verify_receipt
+from swarmserve.v1 import common_pb2, router_pb2, router_pb2_grpc
+
+__all__ = ["GenerationResult", "generate"]
+
+
+@dataclass
+class GenerationResult:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    token_texts: list[bytes] = field(default_factory=list)
+    summary: router_pb2.GenerateSummary | None = None
+    receipt: common_pb2.Receipt | None = None
+    time_to_first_token_s: float = 0.0
+    total_s: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        decode = self.total_s - self.time_to_first_token_s
+        return (len(self.token_ids) - 1) / decode if len(self.token_ids) > 1 and decode > 0 else 0.0
+
+
+async def generate(
+    router: str,
+    prompt: str,
+    *,
+    model: str,
+    hops: int | None = None,
+    max_tokens: int = 128,
+    temperature: float = 0.0,
+    seed: int | None = None,
+    raw: bool = False,
+    on_text: Callable[[str], None] | None = None,
+) -> GenerationResult:
+    """Streams one generation (``prompt`` as a user's chat turn, or as raw text to complete
+    with ``raw``); raises ``grpc.aio.AioRpcError`` on refusal and ReceiptError if
+    the receipt does not check out."""
+    sampling = common_pb2.SamplingParams(max_new_tokens=max_tokens, temperature=temperature)
+    if seed is not None:
+        sampling.seed = seed
+    request = router_pb2.GenerateRequest(model=model, sampling=sampling)
+    if raw:  # complete the text as is
+        request.prompt = prompt
+    else:  # a user turn, in the model's chat template
+        request.chat.messages.add(role=common_pb2.CHAT_ROLE_USER, content=prompt)
+    if hops is not None:
+        request.privacy.hops = hops
+    result = GenerationResult()
+    started = time.monotonic()
+    async with aio.insecure_channel(router) as channel:
+        async for reply in router_pb2_grpc.RouterStub(channel).Generate(request):
+            if reply.HasField("token"):
+                chunk = reply.token
+                if chunk.token_ids and not result.token_ids:
+                    result.time_to_first_token_s = time.monotonic() - started
+                result.token_ids.extend(chunk.token_ids)
+                result.token_texts.extend(chunk.token_texts)
+                result.text += chunk.text
+                if on_text is not None and chunk.text:
+                    on_text(chunk.text)
+            else:
+                result.summary = reply.summary
+    result.total_s = time.monotonic() - started
+    if result.summary is None:
+        raise ReceiptError("the stream ended without a summary")
+    receipt = verify_receipt(result.summary.receipt, result.token_ids, result.token_texts)
+    if native.node_id(receipt.node_key) != result.summary.served_by:
+        raise ReceiptError("the receipt is signed by another node than the one the router named")
+    cosignatures = result.summary.receipt.cosignatures
+    if not cosignatures:
+        raise ReceiptError("the router did not co-sign the receipt")
+    for cosignature in cosignatures:
+        try:
+            native.verify_signature(cosignature.signer_key, result.summary.receipt.receipt, cosignature.signature)
+        except native.CryptoError as error:
+            raise ReceiptError(f"a co-signature does not verify: {error}") from None
+    result.receipt = receipt
+    return result

@@ -1,0 +1,55 @@
+"""Client channels to other nodes, one per address, with keepalive so that a peer that stops
+answering (not just one that closes its connection) is noticed within seconds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from grpc import aio
+
+__all__ = ["KEEPALIVE_SERVER_OPTIONS", "STREAM_EOF", "ChannelPool", "open_stream"]
+
+# grpc-stubs does not describe grpc.aio's read()/write() streaming API; these two names are the
+# one place the project steps around that.
+STREAM_EOF: Any = aio.EOF  # type: ignore[attr-defined]
+
+
+def open_stream(method: Any) -> Any:
+    """Starts a bidirectional call driven with ``write()``, ``read()`` and ``done_writing()``."""
+    return method()
+
+
+_CLIENT_OPTIONS = [
+    ("grpc.keepalive_time_ms", 5_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+# Servers must accept those pings, or they answer GOAWAY "too many pings".
+KEEPALIVE_SERVER_OPTIONS = [
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 4_000),
+    ("grpc.http2.max_ping_strikes", 0),
+]
+
+
+class ChannelPool:
+    def __init__(self, max_message_bytes: int = 16 * 1024 * 1024) -> None:
+        self._options = [
+            *_CLIENT_OPTIONS,
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ]
+        self._channels: dict[str, aio.Channel] = {}
+
+    def get(self, address: str) -> aio.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = aio.insecure_channel(address, options=self._options)
+            self._channels[address] = channel
+        return channel
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close(None)
+        self._channels.clear()
