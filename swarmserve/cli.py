@@ -107,8 +107,9 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _up(data_dir: Path, router: str) -> None:
-    swarm = LocalSwarm(data_dir, router)
+async def _up(data_dir: Path, ports_from: int) -> None:
+    swarm = LocalSwarm(data_dir, ports_from=ports_from)
+    router = swarm.router
     print(
         f"starting a local swarm (3 relays, 2 inference nodes, 1 router); logs in {data_dir / 'logs'}",
         flush=True,
@@ -125,12 +126,13 @@ async def _up(data_dir: Path, router: str) -> None:
 
 
 def _up_command(args: argparse.Namespace) -> int:
-    asyncio.run(_up(Path(args.data_dir), args.router))
+    asyncio.run(_up(Path(args.data_dir), args.ports_from))
     return 0
 
 
-async def _demo(data_dir: Path, router: str, prompt: str) -> None:
-    swarm = LocalSwarm(data_dir, router)
+async def _demo(data_dir: Path, ports_from: int, prompt: str) -> None:
+    swarm = LocalSwarm(data_dir, ports_from=ports_from)
+    router = swarm.router
     print(
         f"==> starting a local swarm on loopback: 3 relays, 2 inference nodes, 1 router ({router})",
         flush=True,
@@ -156,7 +158,7 @@ async def _demo(data_dir: Path, router: str, prompt: str) -> None:
 
 
 def _demo_command(args: argparse.Namespace) -> int:
-    asyncio.run(_demo(Path(args.data_dir), args.router, args.prompt))
+    asyncio.run(_demo(Path(args.data_dir), args.ports_from, args.prompt))
     return 0
 
 
@@ -197,12 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = commands.add_parser("up", help="run a local swarm on loopback until Ctrl-C")
     up.add_argument("--data-dir", default="data/swarm")
-    up.add_argument("--router", default=DEFAULT_ROUTER, help="router address")
+    up.add_argument(
+        "--ports-from", type=int, default=7000, help="router port; relays and inference nodes use the next five"
+    )
     up.set_defaults(run=_up_command)
 
     demo = commands.add_parser("demo", help="start a local swarm, stream one prompt through 3 relays, stop")
     demo.add_argument("--data-dir", default="data/swarm")
-    demo.add_argument("--router", default=DEFAULT_ROUTER)
+    demo.add_argument("--ports-from", type=int, default=7000, help="router port; the nodes use the next five")
     demo.add_argument("--prompt", default="Explain in two sentences why the sky is blue.")
     demo.set_defaults(run=_demo_command)
     keys = commands.add_parser("keys", help="create (if missing) and show this node's identity and onion keys")

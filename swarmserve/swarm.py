@@ -34,20 +34,14 @@ class _Node:
 
 class LocalSwarm:
     def __init__(
-        self,
-        data_dir: Path,
-        router: str = "127.0.0.1:7000",
-        relays: int = 3,
-        inference_nodes: int = 2,
-        relay_base_port: int = 7101,
-        inference_base_port: int = 7201,
+        self, data_dir: Path, host: str = "127.0.0.1", ports_from: int = 7000, relays: int = 3, inference_nodes: int = 2
     ) -> None:
+        """The router listens on ``ports_from``; relays and then inference nodes on the ports after it."""
         self.data_dir = data_dir
-        self.router = router
-        host = router.rpartition(":")[0]
-        self.relays = [_Node(f"relay-{i + 1}", "relay", f"{host}:{relay_base_port + i}") for i in range(relays)]
+        self.router = f"{host}:{ports_from}"
+        self.relays = [_Node(f"relay-{i + 1}", "relay", f"{host}:{ports_from + 1 + i}") for i in range(relays)]
         self.inference = [
-            _Node(f"inference-{i + 1}", "inference", f"{host}:{inference_base_port + i}")
+            _Node(f"inference-{i + 1}", "inference", f"{host}:{ports_from + 1 + relays + i}")
             for i in range(inference_nodes)
         ]
         self._processes: dict[str, subprocess.Popen[bytes]] = {}

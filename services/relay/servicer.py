@@ -102,6 +102,10 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
                 seconds=round(time.monotonic() - started, 3),
             )
 
+    async def _receive(self, call: Any) -> Any:
+        """The next cell from the next hop (or STREAM_EOF)."""
+        return await call.read()
+
     async def _terminate(
         self, hop: native.CircuitHop, upstream: AsyncIterator[relay_pb2.RelayCell]
     ) -> AsyncIterator[relay_pb2.RelayCell]:
@@ -133,7 +137,7 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
         call = open_stream(relay_pb2_grpc.RelayStub(self._channels.get(address)).Circuit)
         try:
             await call.write(create_cell(peeled.next_cell))
-            reply = await asyncio.wait_for(call.read(), self._settings.setup_timeout_s)
+            reply = await asyncio.wait_for(self._receive(call), self._settings.setup_timeout_s)
         except aio.AioRpcError as error:
             call.cancel()
             yield destroy_cell(destroy_reason_for(error.code()))
@@ -181,7 +185,7 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
         async def pump_backward() -> None:
             nonlocal last_activity
             try:
-                while (reply := await call.read()) is not STREAM_EOF:
+                while (reply := await self._receive(call)) is not STREAM_EOF:
                     last_activity = time.monotonic()
                     kind = reply.WhichOneof("cell")
                     if kind == "data":

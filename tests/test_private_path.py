@@ -1,0 +1,434 @@
+"""The private serving path end to end, over real sockets with the real SmolLM2 model: a router,
+relays that peel exactly one layer, and inference nodes that terminate the circuits.
+
+Covers: text through 3 hops equals text direct; relays never see plaintext (every cell they
+receive is captured); receipts check out at the client; a tampered cell (either direction), a
+replayed set-up, a relay dying mid-stream, an unknown model, an oversized request; signed
+descriptors; `swarmserve up` / `generate` as processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc import aio
+
+from services.inference.config import InferenceConfig, ModelSettings, ProviderPolicy
+from services.inference.node import InferenceNode
+from services.relay.config import RelayConfig
+from services.relay.node import RelayNode
+from services.relay.servicer import RelayServicer
+from services.router.config import RouterConfig
+from services.router.node import RouterNode
+from swarmserve import native
+from swarmserve.client import generate
+from swarmserve.config import ServerSettings
+from swarmserve.overlay import PeerDirectory, sign_descriptor
+from swarmserve.rpc import STREAM_EOF, open_stream
+from swarmserve.v1 import (
+    common_pb2,
+    inference_pb2,
+    inference_pb2_grpc,
+    relay_pb2,
+    relay_pb2_grpc,
+    router_pb2,
+    router_pb2_grpc,
+)
+from tests.conftest import MODEL
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "Tell me about the moon in two sentences."
+
+
+class CapturingRelay(RelayServicer):
+    """Records every cell this relay receives, from either neighbour (serialized)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.received: list[bytes] = []
+        self.first_creates: list[bytes] = []
+
+    def Circuit(self, request_iterator: Any, context: Any) -> Any:
+        async def recording() -> AsyncIterator[relay_pb2.RelayCell]:
+            async for cell in request_iterator:
+                self.received.append(cell.SerializeToString())
+                if cell.WhichOneof("cell") == "create":
+                    self.first_creates.append(cell.create.onion)
+                yield cell
+
+        return super().Circuit(recording(), context)
+
+    async def _receive(self, call: Any) -> Any:
+        cell = await super()._receive(call)
+        if cell is not STREAM_EOF:
+            self.received.append(cell.SerializeToString())
+        return cell
+
+
+class TamperingRelay(RelayServicer):
+    """Flips one byte of the first data cell it handles in the chosen direction."""
+
+    direction = "backward"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.tampered = False
+
+    def _flip(self, cell: relay_pb2.RelayCell) -> relay_pb2.RelayCell:
+        if self.tampered or cell.WhichOneof("cell") != "data":
+            return cell
+        self.tampered = True
+        payload = bytearray(cell.data.payload)
+        payload[len(payload) // 2] ^= 0x40
+        return relay_pb2.RelayCell(data=relay_pb2.DataCell(payload=bytes(payload)))
+
+    def Circuit(self, request_iterator: Any, context: Any) -> Any:
+        async def tampering() -> AsyncIterator[relay_pb2.RelayCell]:
+            async for cell in request_iterator:
+                yield self._flip(cell) if self.direction == "forward" else cell
+
+        return super().Circuit(tampering(), context)
+
+    async def _receive(self, call: Any) -> Any:
+        cell = await super()._receive(call)
+        if cell is STREAM_EOF or self.direction != "backward":
+            return cell
+        return self._flip(cell)
+
+
+@dataclass
+class Swarm:
+    router: RouterNode
+    relays: list[RelayNode]
+    inference: list[InferenceNode]
+
+
+SwarmFactory = Callable[..., AbstractAsyncContextManager[Swarm]]
+
+
+@pytest.fixture
+def swarm(tmp_path: Path) -> SwarmFactory:
+    @asynccontextmanager
+    async def start(
+        relays: int = 3, relay_class: type[RelayServicer] | None = None, inference_nodes: int = 1, **router: Any
+    ) -> AsyncIterator[Swarm]:
+        relay_nodes = []
+        for i in range(relays):
+            node = RelayNode(RelayConfig(data_dir=tmp_path / f"relay{i}", server=ServerSettings(listen="127.0.0.1:0")))
+            if relay_class is not None:
+                node.relay = relay_class(node.keys.onion, node.config.circuits, node.channels)
+            relay_nodes.append(node)
+        inference = [
+            InferenceNode(
+                InferenceConfig(
+                    data_dir=tmp_path / f"inference{i}",
+                    server=ServerSettings(listen="127.0.0.1:0"),
+                    models=[ModelSettings(name=MODEL, context_length=1024)],
+                    policy=ProviderPolicy(max_concurrent=1, max_queue=4),
+                )
+            )
+            for i in range(inference_nodes)
+        ]
+        started: list[Any] = []
+        try:
+            for node in [*relay_nodes, *inference]:
+                await node.start()
+                started.append(node)
+            peers = [n.address for n in [*relay_nodes, *inference]]
+            router_node = RouterNode(
+                RouterConfig(
+                    data_dir=tmp_path / "router", server=ServerSettings(listen="127.0.0.1:0"), peers=peers, **router
+                )
+            )
+            await router_node.start()
+            started.append(router_node)
+            yield Swarm(router_node, relay_nodes, inference)
+        finally:
+            for node in reversed(started):
+                await node.stop(0)
+
+    return start
+
+
+def chat_request(prompt: str = PROMPT, hops: int | None = None, **sampling: Any) -> router_pb2.GenerateRequest:
+    request = router_pb2.GenerateRequest(model=MODEL, sampling=common_pb2.SamplingParams(**sampling))
+    request.chat.messages.add(role=common_pb2.CHAT_ROLE_USER, content=prompt)
+    if hops is not None:
+        request.privacy.hops = hops
+    return request
+
+
+async def run(
+    address: str, request: router_pb2.GenerateRequest
+) -> tuple[list[router_pb2.TokenChunk], router_pb2.GenerateSummary]:
+    chunks, summary = [], None
+    async with aio.insecure_channel(address) as channel:
+        async for reply in router_pb2_grpc.RouterStub(channel).Generate(request):
+            if reply.HasField("token"):
+                chunks.append(reply.token)
+            else:
+                summary = reply.summary
+    assert summary is not None
+    return chunks, summary
+
+
+async def test_three_hops_equal_direct_and_the_receipt_checks_at_the_client(swarm: SwarmFactory) -> None:
+    async with swarm() as s:
+        direct = await generate(s.router.address, PROMPT, model=MODEL, hops=0, max_tokens=40)
+        private = await generate(s.router.address, PROMPT, model=MODEL, hops=3, max_tokens=40)
+        assert private.text == direct.text and private.token_ids == direct.token_ids and len(private.token_ids) > 5
+        assert private.summary is not None and private.summary.hops == 3
+        assert private.summary.served_by == s.inference[0].keys.identity.node_id
+        assert private.receipt is not None and private.receipt.token_count == len(private.token_ids)
+        cosigner = private.summary.receipt.cosignatures[0].signer_key
+        assert cosigner == s.router.keys.identity.public_key
+        # Streamed, not buffered: the first token arrived well before the last.
+        assert private.time_to_first_token_s < private.total_s * 0.6
+
+
+async def test_relays_never_see_plaintext(swarm: SwarmFactory) -> None:
+    async with swarm(relay_class=CapturingRelay) as s:
+        chunks, summary = await run(s.router.address, chat_request(hops=3, max_new_tokens=40))
+        answer = "".join(c.text for c in chunks).encode()
+        engine = s.inference[0].servicer.service.engines[MODEL]  # type: ignore[union-attr]
+        assert summary.hops == 3 and len(answer) > 20
+        # What the inference node produced in plaintext, exactly: each token message.
+        plaintexts = [
+            inference_pb2.InferenceToken(
+                token_id=c.token_ids[0], text=c.token_texts[0], index=c.index, logprob=c.logprobs[0]
+            ).SerializeToString()
+            for c in chunks
+            if c.token_ids
+        ]
+        secrets = [PROMPT.encode(), answer, engine.apply_chat_template([]).encode() or b"<|im_start|>", *plaintexts]
+        for relay in s.relays:
+            captured = relay.relay.received  # type: ignore[attr-defined]
+            assert captured, "every relay was on the path"
+            traffic = b"".join(captured)
+            for secret in secrets:
+                assert secret not in traffic
+            for token in c_texts(chunks):
+                assert token not in traffic
+            # A relay cannot tell its position: every set-up it saw had the same size.
+            assert {len(onion) for onion in relay.relay.first_creates} == {native.SETUP_CELL_SIZE}  # type: ignore[attr-defined]
+
+
+def c_texts(chunks: list[router_pb2.TokenChunk]) -> list[bytes]:
+    """Token texts long enough that finding one in ciphertext by chance is negligible."""
+    return [t for c in chunks for t in c.token_texts if len(t) >= 5]
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+async def test_a_tampered_cell_ends_the_circuit_with_a_clear_error(swarm: SwarmFactory, direction: str) -> None:
+    relay_class = type(f"Tamper{direction}", (TamperingRelay,), {"direction": direction})
+    async with swarm(relays=1, relay_class=relay_class) as s:
+        with pytest.raises(aio.AioRpcError) as error:
+            await run(s.router.address, chat_request(hops=1, max_new_tokens=30))
+        assert error.value.code() == grpc.StatusCode.DATA_LOSS
+        assert "failed authentication" in (error.value.details() or "")
+        # Nothing else is affected: the node frees its slot and the swarm keeps serving.
+        status = inference_pb2_grpc.InferenceStub(aio.insecure_channel(s.inference[0].address))
+        for _ in range(50):
+            if (await status.Status(inference_pb2.StatusRequest())).load.running == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert (await status.Status(inference_pb2.StatusRequest())).load.running == 0
+        chunks, _ = await run(s.router.address, chat_request(hops=0, max_new_tokens=5))
+        assert chunks
+
+
+async def test_a_replayed_setup_is_refused(swarm: SwarmFactory) -> None:
+    async with swarm(relay_class=CapturingRelay) as s:
+        await run(s.router.address, chat_request(hops=3, max_new_tokens=3))
+        relay = next(r for r in s.relays if r.relay.first_creates)  # type: ignore[attr-defined]
+        onion = relay.relay.first_creates[0]  # type: ignore[attr-defined]
+        async with aio.insecure_channel(relay.address) as channel:
+            call = open_stream(relay_pb2_grpc.RelayStub(channel).Circuit)
+            await call.write(relay_pb2.RelayCell(create=relay_pb2.CreateCircuit(onion=onion)))
+            with pytest.raises(aio.AioRpcError) as error:
+                await call.read()
+        assert error.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        assert "replayed" in (error.value.details() or "")
+
+
+async def test_a_relay_dying_mid_stream_ends_it_with_unavailable_promptly(swarm: SwarmFactory) -> None:
+    async with swarm(relays=3) as s, aio.insecure_channel(s.router.address) as channel:
+        call = router_pb2_grpc.RouterStub(channel).Generate(
+            chat_request("Write a long story about a dragon.", hops=3, max_new_tokens=400)
+        )
+        received = 0
+        started = None
+        with pytest.raises(aio.AioRpcError) as error:
+            async for _ in call:
+                received += 1
+                if received == 3:
+                    started = time.monotonic()
+                    await s.relays[1].stop(0)  # whatever its position, it is on the path
+        assert started is not None and time.monotonic() - started < 10
+        assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.parametrize(
+    ("request_", "code", "message"),
+    [
+        (
+            router_pb2.GenerateRequest(model="gpt-9", prompt="hi"),
+            "NOT_FOUND",
+            "no live inference node serves model 'gpt-9'",
+        ),
+        (router_pb2.GenerateRequest(model=MODEL, prompt="x" * 70_000), "INVALID_ARGUMENT", "accepts at most 65536"),
+        (router_pb2.GenerateRequest(model=MODEL), "INVALID_ARGUMENT", "one of prompt or chat"),
+        (router_pb2.GenerateRequest(prompt="hi"), "INVALID_ARGUMENT", "model is required"),
+        (
+            router_pb2.GenerateRequest(model=MODEL, prompt="hi", privacy=router_pb2.PrivacyOptions(hops=7)),
+            "UNAVAILABLE",
+            "only 3 live relays",
+        ),
+        (
+            router_pb2.GenerateRequest(model=MODEL, prompt="hi", privacy=router_pb2.PrivacyOptions(hops=9)),
+            "INVALID_ARGUMENT",
+            "exceeds this router's maximum of 7",
+        ),
+        (chat_request(hops=2, temperature=7.0), "INVALID_ARGUMENT", "temperature must be in [0, 5]"),
+    ],
+    ids=[
+        "unknown-model",
+        "oversized",
+        "no-input",
+        "no-model",
+        "too-few-relays",
+        "too-many-hops",
+        "bad-sampling-at-the-node",
+    ],
+)
+async def test_bad_requests_get_precise_errors(
+    swarm: SwarmFactory, request_: router_pb2.GenerateRequest, code: str, message: str
+) -> None:
+    async with swarm(relay_class=CapturingRelay) as s:
+        with pytest.raises(aio.AioRpcError) as error:
+            await run(s.router.address, request_)
+        assert error.value.code().name == code
+        assert message in (error.value.details() or "")
+        if code != "INVALID_ARGUMENT" or "temperature" not in message:
+            # Refused before any circuit was built: no relay saw a cell.
+            assert all(not r.relay.received for r in s.relays)  # type: ignore[attr-defined]
+
+
+async def test_router_views_and_descriptor_checks(swarm: SwarmFactory) -> None:
+    async with swarm(inference_nodes=2) as s, aio.insecure_channel(s.router.address) as channel:
+        stub = router_pb2_grpc.RouterStub(channel)
+        models = await stub.ListModels(router_pb2.ListModelsRequest())
+        assert [(m.model.name, m.node_count, m.model.quantization) for m in models.models] == [(MODEL, 2, "Q4_1")]
+        members = (await stub.GetSwarm(router_pb2.GetSwarmRequest())).members
+        assert len(members) == 5
+        relays = await stub.GetSwarm(router_pb2.GetSwarmRequest(role=common_pb2.NODE_ROLE_RELAY))
+        assert {m.node_id for m in relays.members} == {r.keys.identity.node_id for r in s.relays}
+
+    directory = PeerDirectory()
+    identity = native.Identity.generate()
+    descriptor = common_pb2.NodeDescriptor(
+        identity_key=identity.public_key, version=5, address="127.0.0.1:1", onion_key=bytes(32)
+    )
+    signed = sign_descriptor(identity, descriptor)
+    assert directory.offer(signed) is not None
+    forged = common_pb2.SignedDescriptor(
+        descriptor=signed.descriptor, signature=native.Identity.generate().sign(signed.descriptor)
+    )
+    assert directory.offer(forged) is None  # signed by a key other than the one inside
+    tampered = common_pb2.SignedDescriptor(
+        descriptor=signed.descriptor.replace(b"127.0.0.1:1", b"10.9.9.9:1"), signature=signed.signature
+    )
+    assert directory.offer(tampered) is None
+    older = common_pb2.NodeDescriptor()
+    older.CopyFrom(descriptor)
+    older.version = 4
+    older.address = "127.0.0.1:2"
+    assert directory.offer(sign_descriptor(identity, older)) is None  # no rollback
+    assert directory.peers()[0].descriptor.address == "127.0.0.1:1"
+
+
+def _free_port_block(size: int = 6) -> int:
+    for base in range(23000, 30000, 17):
+        sockets = []
+        try:
+            for port in range(base, base + size):
+                sock = socket.socket()
+                sock.bind(("127.0.0.1", port))
+                sockets.append(sock)
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise RuntimeError("no free port block")
+
+
+def test_swarmserve_up_and_generate_as_processes(tmp_path: Path) -> None:
+    base = _free_port_block()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    up = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "swarmserve.cli",
+            "up",
+            "--data-dir",
+            str(tmp_path / "swarm"),
+            "--ports-from",
+            str(base),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    try:
+        assert up.stdout is not None
+        deadline = time.monotonic() + 180
+        line = ""
+        while "router ready" not in line and time.monotonic() < deadline:
+            line = up.stdout.readline()
+            assert line or up.poll() is None, "swarmserve up exited early"
+        assert f"127.0.0.1:{base}" in line
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "swarmserve.cli",
+                "generate",
+                "Name a color.",
+                "--router",
+                f"127.0.0.1:{base}",
+                "--hops",
+                "3",
+                "--max-tokens",
+                "12",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() and "receipt     verified" in result.stderr and "through 3 relays" in result.stderr
+        up.send_signal(signal.SIGINT)  # Ctrl-C
+        assert up.wait(timeout=60) == 0
+    finally:
+        if up.poll() is None:
+            up.kill()
+    logs = tmp_path / "swarm" / "logs"
+    for name in ["router", "relay-1", "relay-2", "relay-3", "inference-1", "inference-2"]:
+        assert '"event": "stopped"' in (logs / f"{name}.log").read_text(), f"{name} did not stop cleanly"
