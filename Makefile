@@ -87,6 +87,7 @@ lint: install
 bench: install
 	$(PY) bench/crypto.py
 	$(PY) bench/inference.py
+	$(PY) bench/privacy.py
 
 clean:
 	rm -rf $(VENV) native/target swarmserve/_native*.so swarmserve/v1/*_pb2*.py swarmserve/v1/*_pb2*.pyi $(PROTO_STAMP)

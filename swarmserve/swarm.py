@@ -34,10 +34,18 @@ class _Node:
 
 class LocalSwarm:
     def __init__(
-        self, data_dir: Path, host: str = "127.0.0.1", ports_from: int = 7000, relays: int = 3, inference_nodes: int = 2
+        self,
+        data_dir: Path,
+        host: str = "127.0.0.1",
+        ports_from: int = 7000,
+        relays: int = 3,
+        inference_nodes: int = 2,
+        inference_env: dict[str, str] | None = None,
     ) -> None:
-        """The router listens on ``ports_from``; relays and then inference nodes on the ports after it."""
+        """The router listens on ``ports_from``; relays and then inference nodes on the ports
+        after it. ``inference_env`` adds SWARMSERVE_* settings for the inference nodes."""
         self.data_dir = data_dir
+        self.inference_env = inference_env or {}
         self.router = f"{host}:{ports_from}"
         self.relays = [_Node(f"relay-{i + 1}", "relay", f"{host}:{ports_from + 1 + i}") for i in range(relays)]
         self.inference = [
@@ -73,7 +81,7 @@ class LocalSwarm:
         for node in self.relays:
             self._spawn(node, {})
         for node in self.inference:
-            self._spawn(node, {"SWARMSERVE_POLICY__MAX_CONCURRENT": "1"})
+            self._spawn(node, {"SWARMSERVE_POLICY__MAX_CONCURRENT": "1", **self.inference_env})
         peers = ", ".join(n.listen for n in [*self.relays, *self.inference])
         self._spawn(_Node("router", "router", self.router), {"SWARMSERVE_PEERS": f"[{peers}]"})
         expected = len(self.relays) + len(self.inference)
