@@ -85,3 +85,12 @@ def test_the_documented_example_config_is_valid() -> None:
     example = Path(__file__).resolve().parent.parent / "examples" / "inference.yaml"
     config = load_config(InferenceConfig, example, environ={})
     assert config == InferenceConfig(), "the example documents the defaults"
+
+
+def test_the_router_and_relay_examples_document_the_defaults() -> None:
+    from services.relay.config import RelayConfig
+    from services.router.config import RouterConfig
+
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    assert load_config(RouterConfig, examples / "router.yaml", environ={}) == RouterConfig()
+    assert load_config(RelayConfig, examples / "relay.yaml", environ={}) == RelayConfig()
