@@ -27,7 +27,7 @@ from grpc import aio
 
 from services.inference.config import InferenceConfig, ModelSettings, ProviderPolicy
 from services.inference.node import InferenceNode
-from services.relay.config import RelayConfig
+from services.relay.config import CircuitSettings, RelayConfig
 from services.relay.node import RelayNode
 from services.relay.servicer import RelayServicer
 from services.router.config import RouterConfig
@@ -122,11 +122,21 @@ SwarmFactory = Callable[..., AbstractAsyncContextManager[Swarm]]
 def swarm(tmp_path: Path) -> SwarmFactory:
     @asynccontextmanager
     async def start(
-        relays: int = 3, relay_class: type[RelayServicer] | None = None, inference_nodes: int = 1, **router: Any
+        relays: int = 3,
+        relay_class: type[RelayServicer] | None = None,
+        inference_nodes: int = 1,
+        circuits: CircuitSettings | None = None,
+        **router: Any,
     ) -> AsyncIterator[Swarm]:
         relay_nodes = []
         for i in range(relays):
-            node = RelayNode(RelayConfig(data_dir=tmp_path / f"relay{i}", server=ServerSettings(listen="127.0.0.1:0")))
+            node = RelayNode(
+                RelayConfig(
+                    data_dir=tmp_path / f"relay{i}",
+                    server=ServerSettings(listen="127.0.0.1:0"),
+                    circuits=circuits or CircuitSettings(),
+                )
+            )
             if relay_class is not None:
                 node.relay = relay_class(node.keys.onion, node.config.circuits, node.channels)
             relay_nodes.append(node)
@@ -432,3 +442,33 @@ def test_swarmserve_up_and_generate_as_processes(tmp_path: Path) -> None:
     logs = tmp_path / "swarm" / "logs"
     for name in ["router", "relay-1", "relay-2", "relay-3", "inference-1", "inference-2"]:
         assert '"event": "stopped"' in (logs / f"{name}.log").read_text(), f"{name} did not stop cleanly"
+
+
+async def test_a_relay_bounds_its_circuits(swarm: SwarmFactory) -> None:
+    async with (
+        swarm(relays=1, circuits=CircuitSettings(max_circuits=1)) as s,
+        aio.insecure_channel(s.router.address) as channel,
+    ):
+        stub = router_pb2_grpc.RouterStub(channel)
+        long = stub.Generate(chat_request("Write a long story about a dragon.", hops=1, max_new_tokens=200))
+        await long.read()  # the relay's one circuit is in use
+        with pytest.raises(aio.AioRpcError) as error:
+            await run(s.router.address, chat_request(hops=1, max_new_tokens=2))
+        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        long.cancel()
+
+
+async def test_an_idle_circuit_is_closed_by_the_relay(swarm: SwarmFactory) -> None:
+    from services.router.circuit import OpenCircuit
+    from swarmserve.rpc import ServiceError
+
+    async with swarm(relays=1, circuits=CircuitSettings(idle_timeout_s=0.5)) as s:
+        relay = s.router.directory.alive(common_pb2.NODE_ROLE_RELAY)[0]
+        exit_ = s.router.directory.alive(common_pb2.NODE_ROLE_INFERENCE)[0]
+        circuit = await OpenCircuit.open(s.router.channels, [relay], exit_, setup_timeout_s=5, cell_timeout_s=10)
+        started = time.monotonic()
+        with pytest.raises(ServiceError, match="timed out") as error:
+            await circuit.receive()  # nothing is sent: the relay gives up on the circuit
+        assert error.value.code == grpc.StatusCode.UNAVAILABLE
+        assert time.monotonic() - started < 3
+        assert s.relays[0].relay.active == 0
