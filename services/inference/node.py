@@ -8,6 +8,7 @@ NOT_SERVING, lets running streams finish within the grace period, then ends the 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import time
 
 from services.inference.config import InferenceConfig, ModelSettings
@@ -21,8 +22,9 @@ from services.relay.servicer import RelayServicer
 from swarmserve.keys import NodeKeys
 from swarmserve.overlay import DescriptorPublisher, OverlayServicer
 from swarmserve.rpc import ChannelPool, RpcServer, ServiceBinding
+from swarmserve.rpc.node import ServiceNode, overlay_binding
 from swarmserve.telemetry import get_logger
-from swarmserve.v1 import common_pb2, inference_pb2_grpc, overlay_pb2_grpc, relay_pb2_grpc
+from swarmserve.v1 import common_pb2, inference_pb2_grpc, relay_pb2_grpc
 
 __all__ = ["InferenceNode", "load_engine"]
 
@@ -63,7 +65,7 @@ async def load_engine(settings: ModelSettings, slots: int) -> Engine:
     )
 
 
-class InferenceNode:
+class InferenceNode(ServiceNode):
     def __init__(self, config: InferenceConfig) -> None:
         self.config = config
         self.keys = NodeKeys.load_or_create(config.data_dir)
@@ -97,10 +99,7 @@ class InferenceNode:
                     "swarmserve.v1.Relay",
                     lambda s: relay_pb2_grpc.add_RelayServicer_to_server(self.exit, s),
                 ),
-                ServiceBinding(
-                    "swarmserve.v1.Overlay",
-                    lambda s: overlay_pb2_grpc.add_OverlayServicer_to_server(overlay, s),
-                ),
+                overlay_binding(overlay),
             ],
         )
 
@@ -121,11 +120,7 @@ class InferenceNode:
         descriptor.load.tokens_per_second = load.tokens_per_second
         descriptor.policy.max_prompt_tokens = policy.max_prompt_tokens
         descriptor.policy.max_new_tokens = policy.max_new_tokens
-        descriptor.policy.serving_now = True
-
-    @property
-    def address(self) -> str:
-        return self.server.address
+        descriptor.policy.serving_now = policy.serving_at(dt.datetime.now(dt.UTC))
 
     async def start(self) -> None:
         await self.server.start(serving=False)
@@ -158,20 +153,9 @@ class InferenceNode:
         await self.server.mark_serving()
         log.info("inference node ready", node_id=self.keys.identity.node_id, address=self.address)
 
-    async def stop(self, grace_s: float | None = None) -> None:
-        await self.server.stop(grace_s)
+    async def close(self) -> None:
         await self.channels.close()
-        await self._close_engines()
-
-    async def _close_engines(self) -> None:
         service = self.servicer.service
         if service is not None:
             for engine in service.engines.values():
                 await engine.close()
-
-    async def run(self) -> None:
-        """Serves until SIGTERM or SIGINT, then drains and exits."""
-        await self.start()
-        self.server.stop_on_signals()
-        await self.server.wait_for_termination()
-        await self._close_engines()

@@ -9,7 +9,7 @@ import math
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 
@@ -222,7 +222,7 @@ class InferenceService:
 
     # --- generation -----------------------------------------------------------------------
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenEvent | GenerationSummary]:
+    async def generate(self, request: GenerateRequest) -> AsyncGenerator[TokenEvent | GenerationSummary, None]:
         # Bound first, so that even a refusal is logged with the request's id.
         request = replace(request, request_id=request.request_id or uuid.uuid4().hex)
         structlog.contextvars.bind_contextvars(request_id=request.request_id)
@@ -277,7 +277,9 @@ class InferenceService:
                 finish=finish.value,
                 total_ms=timing.total_us // 1000,
             )
-            yield GenerationSummary(finish, receipt.sign(_FINISH[finish], timing))
+            summary = GenerationSummary(finish, receipt.sign(_FINISH[finish], timing))
+        # Sent once the slot is free: a client that sees the summary sees the node's load without it.
+        yield summary
 
     # --- scoring and status ---------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 from grpc import aio
@@ -95,8 +96,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         request: inference_pb2.InferenceGenerateRequest,
         context: aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[inference_pb2.InferenceGenerateResponse]:
-        async for event in self._ready().generate(to_generate_request(request)):
-            yield to_response(event)
+        async with aclosing(self._ready().generate(to_generate_request(request))) as events:
+            async for event in events:
+                yield to_response(event)
 
     async def Score(
         self, request: inference_pb2.ScoreRequest, context: aio.ServicerContext[Any, Any]

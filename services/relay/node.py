@@ -7,15 +7,16 @@ from services.relay.servicer import RelayServicer
 from swarmserve.keys import NodeKeys
 from swarmserve.overlay import DescriptorPublisher, OverlayServicer
 from swarmserve.rpc import ChannelPool, RpcServer, ServiceBinding
+from swarmserve.rpc.node import ServiceNode, overlay_binding
 from swarmserve.telemetry import get_logger
-from swarmserve.v1 import common_pb2, overlay_pb2_grpc, relay_pb2_grpc
+from swarmserve.v1 import common_pb2, relay_pb2_grpc
 
 __all__ = ["RelayNode"]
 
 log = get_logger("swarmserve.relay")
 
 
-class RelayNode:
+class RelayNode(ServiceNode):
     def __init__(self, config: RelayConfig) -> None:
         self.config = config
         self.keys = NodeKeys.load_or_create(config.data_dir)
@@ -35,27 +36,13 @@ class RelayNode:
                     "swarmserve.v1.Relay",
                     lambda s: relay_pb2_grpc.add_RelayServicer_to_server(self.relay, s),
                 ),
-                ServiceBinding(
-                    "swarmserve.v1.Overlay",
-                    lambda s: overlay_pb2_grpc.add_OverlayServicer_to_server(overlay, s),
-                ),
+                overlay_binding(overlay),
             ],
         )
-
-    @property
-    def address(self) -> str:
-        return self.server.address
 
     async def start(self) -> None:
         await self.server.start()
         log.info("relay ready", node_id=self.keys.identity.node_id, address=self.address)
 
-    async def stop(self, grace_s: float | None = None) -> None:
-        await self.server.stop(grace_s)
-        await self.channels.close()
-
-    async def run(self) -> None:
-        await self.start()
-        self.server.stop_on_signals()
-        await self.server.wait_for_termination()
+    async def close(self) -> None:
         await self.channels.close()

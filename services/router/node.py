@@ -9,15 +9,16 @@ from services.router.servicer import RouterServicer
 from swarmserve.keys import NodeKeys
 from swarmserve.overlay import DescriptorPublisher, OverlayServicer, PeerDirectory, StaticPeers
 from swarmserve.rpc import ChannelPool, RpcServer, ServiceBinding
+from swarmserve.rpc.node import ServiceNode, overlay_binding
 from swarmserve.telemetry import get_logger
-from swarmserve.v1 import common_pb2, overlay_pb2_grpc, router_pb2_grpc
+from swarmserve.v1 import common_pb2, router_pb2_grpc
 
 __all__ = ["RouterNode"]
 
 log = get_logger("swarmserve.router")
 
 
-class RouterNode:
+class RouterNode(ServiceNode):
     def __init__(self, config: RouterConfig) -> None:
         self.config = config
         self.keys = NodeKeys.load_or_create(config.data_dir)
@@ -35,16 +36,9 @@ class RouterNode:
                     "swarmserve.v1.Router",
                     lambda s: router_pb2_grpc.add_RouterServicer_to_server(router, s),
                 ),
-                ServiceBinding(
-                    "swarmserve.v1.Overlay",
-                    lambda s: overlay_pb2_grpc.add_OverlayServicer_to_server(overlay, s),
-                ),
+                overlay_binding(overlay),
             ],
         )
-
-    @property
-    def address(self) -> str:
-        return self.server.address
 
     async def start(self) -> None:
         await self.server.start(serving=False)
@@ -53,14 +47,6 @@ class RouterNode:
         await self.server.mark_serving()
         log.info("router ready", address=self.address, peers=len(self.config.peers), answered=answered)
 
-    async def stop(self, grace_s: float | None = None) -> None:
-        await self.server.stop(grace_s)
-        await self.peers.close()
-        await self.channels.close()
-
-    async def run(self) -> None:
-        await self.start()
-        self.server.stop_on_signals()
-        await self.server.wait_for_termination()
+    async def close(self) -> None:
         await self.peers.close()
         await self.channels.close()

@@ -8,7 +8,7 @@ import codecs
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 import grpc
@@ -97,7 +97,7 @@ class RouterService:
 
     async def generate(
         self, request: router_pb2.GenerateRequest
-    ) -> AsyncIterator[TokenDelta | router_pb2.GenerateSummary]:
+    ) -> AsyncGenerator[TokenDelta | router_pb2.GenerateSummary, None]:
         hops = self._check(request)  # every refusal happens before a circuit exists
         request_id = request.request_id or uuid.uuid4().hex
         structlog.contextvars.bind_contextvars(request_id=request_id)

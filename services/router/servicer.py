@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 from grpc import aio
@@ -20,8 +21,11 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     async def Generate(
         self, request: router_pb2.GenerateRequest, context: aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[router_pb2.GenerateResponse]:
-        async for event in self.service.generate(request):
-            if isinstance(event, TokenDelta):
+        async with aclosing(self.service.generate(request)) as events:
+            async for event in events:
+                if not isinstance(event, TokenDelta):
+                    yield router_pb2.GenerateResponse(summary=event)
+                    continue
                 has_token = event.token_id is not None
                 yield router_pb2.GenerateResponse(
                     token=router_pb2.TokenChunk(
@@ -32,8 +36,6 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                         token_texts=[event.token_bytes] if has_token else [],
                     )
                 )
-            else:
-                yield router_pb2.GenerateResponse(summary=event)
 
     async def ListModels(
         self, request: router_pb2.ListModelsRequest, context: aio.ServicerContext[Any, Any]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -94,9 +96,20 @@ def _wrap_stream(method: str, behaviour: Callable[..., Any] | None) -> Callable[
 
     async def wrapped(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         structlog.contextvars.bind_contextvars(rpc=method)
+        stream = behaviour(request, context)
+
+        def close_on_cancel(_: Any) -> None:
+            # A cancelled call leaves this stream suspended at a yield, and nothing else would
+            # close it until the garbage collector runs; closing it now runs the cleanup of
+            # every generator below (an engine slot, a circuit) at once.
+            if context.cancelled():
+                asyncio.get_running_loop().create_task(_close(stream))
+
+        context.add_done_callback(close_on_cancel)  # type: ignore[arg-type]  # grpc-stubs wants a class; any callable works
         try:
-            async for response in behaviour(request, context):
-                yield response
+            async with contextlib.aclosing(stream):
+                async for response in stream:
+                    yield response
         except aio.AbortError:
             raise
         except Exception as error:
@@ -105,3 +118,8 @@ def _wrap_stream(method: str, behaviour: Callable[..., Any] | None) -> Callable[
             structlog.contextvars.unbind_contextvars("rpc")
 
     return wrapped
+
+
+async def _close(stream: Any) -> None:
+    with contextlib.suppress(RuntimeError, StopAsyncIteration):  # already closing or closed
+        await stream.aclose()
