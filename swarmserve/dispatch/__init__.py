@@ -1,0 +1,34 @@
+"""Dispatch: which inference node should serve a request. One implementation of each policy,
+used by the router, by inference nodes offloading work, and by the overlay simulation
+(`bench/overlay_sim.py`), so that what is simulated is what runs.
+
+- :class:`PrefixTree`: PlanetServe's hash-radix tree of prompt-token chunks per node.
+- :class:`NodeState`: what the dispatcher knows of a node (from gossip, or the truth for the oracle).
+- Policies: :class:`OverlayPolicy` (prefix affinity + load factor, ours), :class:`RoundRobinPolicy`,
+  :class:`RandomPolicy`, :class:`LocalOnlyPolicy`, and :class:`CentralOraclePolicy`.
+"""
+
+from swarmserve.dispatch.policies import (
+    CentralOraclePolicy,
+    LocalOnlyPolicy,
+    NodeState,
+    OverlayPolicy,
+    Policy,
+    RandomPolicy,
+    RoundRobinPolicy,
+    load_factor,
+)
+from swarmserve.dispatch.prefix_tree import CHUNK_TOKENS, PrefixTree
+
+__all__ = [
+    "CHUNK_TOKENS",
+    "CentralOraclePolicy",
+    "LocalOnlyPolicy",
+    "NodeState",
+    "OverlayPolicy",
+    "Policy",
+    "PrefixTree",
+    "RandomPolicy",
+    "RoundRobinPolicy",
+    "load_factor",
+]

@@ -1,0 +1,142 @@
+"""Dispatch policies. Each picks one node for a request from the states it is given; what those
+states are (gossiped, possibly stale, or the truth) is the caller's business, which is what
+separates the decentralized policies from the central oracle."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from swarmserve.dispatch.prefix_tree import PrefixTree
+
+__all__ = [
+    "CentralOraclePolicy",
+    "LocalOnlyPolicy",
+    "NodeState",
+    "OverlayPolicy",
+    "Policy",
+    "RandomPolicy",
+    "RoundRobinPolicy",
+    "load_factor",
+]
+
+
+@dataclass(frozen=True)
+class NodeState:
+    """What a dispatcher knows of one inference node."""
+
+    node_id: str
+    recent_latency_s: float  # mean end-to-end latency of its recent requests
+    queued_tokens: int  # prompt + requested tokens waiting or running
+    batch_tokens: int  # tokens it processes per batch round
+    running: int = 0
+    queued: int = 0
+    reputation: float = 1.0  # from verification; below the trust threshold it gets nothing
+
+
+def load_factor(state: NodeState) -> float:
+    """PlanetServe's BF = recent mean latency x ceil(queued tokens / batch size): roughly how
+    long a new request waits. An idle node scores its latency alone (never zero), so a node
+    that claims to be idle but is slow still scores by what was observed of it."""
+    rounds = max(1, math.ceil(state.queued_tokens / max(state.batch_tokens, 1)))
+    return max(state.recent_latency_s, 1e-3) * rounds
+
+
+class Policy(Protocol):
+    name: str
+
+    def choose(self, prompt_ids: Sequence[int], nodes: Sequence[NodeState], entry: str) -> str:
+        """The node to serve a request that arrived at ``entry`` (a router or node id)."""
+        ...
+
+    def served(self, node_id: str, prompt_ids: Sequence[int], now: float) -> None:
+        """Told after dispatch, so policies that learn (prefix affinity) can."""
+        ...
+
+
+class _Stateless:
+    name = "stateless"
+
+    def served(self, node_id: str, prompt_ids: Sequence[int], now: float) -> None:
+        return None
+
+
+class RoundRobinPolicy(_Stateless):
+    name = "round-robin"
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def choose(self, prompt_ids: Sequence[int], nodes: Sequence[NodeState], entry: str) -> str:
+        self._next += 1
+        return nodes[self._next % len(nodes)].node_id
+
+
+class RandomPolicy(_Stateless):
+    name = "random"
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self._rng = rng or random.Random()
+
+    def choose(self, prompt_ids: Sequence[int], nodes: Sequence[NodeState], entry: str) -> str:
+        return self._rng.choice(nodes).node_id
+
+
+class LocalOnlyPolicy(_Stateless):
+    """No forwarding: every entry point serves on its own node (``home`` maps entry -> node)."""
+
+    name = "local-only"
+
+    def __init__(self, home: Callable[[str], str]) -> None:
+        self._home = home
+
+    def choose(self, prompt_ids: Sequence[int], nodes: Sequence[NodeState], entry: str) -> str:
+        return self._home(entry)
+
+
+class OverlayPolicy:
+    """Ours (PlanetServe's rule, with a trust floor): among nodes whose cache matches a prefix
+    of the prompt, keep those whose load factor is at most the ``percentile`` of all load
+    factors and take the longest match; otherwise the lowest load factor. Untrusted nodes
+    (reputation below ``trust_floor``) get nothing."""
+
+    name = "overlay"
+
+    def __init__(self, percentile: float = 0.8, trust_floor: float = 0.3, tree: PrefixTree | None = None) -> None:
+        self.percentile = percentile
+        self.trust_floor = trust_floor
+        self.tree = tree or PrefixTree()
+
+    def choose(self, prompt_ids: Sequence[int], nodes: Sequence[NodeState], entry: str) -> str:
+        trusted = [n for n in nodes if n.reputation >= self.trust_floor] or list(nodes)
+        factors = {n.node_id: load_factor(n) for n in trusted}
+        cutoff = _percentile(sorted(factors.values()), self.percentile)
+        matches = self.tree.match(prompt_ids)
+        eligible = [
+            (depth, -factors[node]) for node, depth in matches.items() if node in factors and factors[node] <= cutoff
+        ]
+        if eligible:
+            best = max(eligible)
+            return next(n for n, d in matches.items() if n in factors and (d, -factors[n]) == best)
+        return min(factors, key=lambda node: factors[node])
+
+    def served(self, node_id: str, prompt_ids: Sequence[int], now: float) -> None:
+        self.tree.insert(node_id, prompt_ids, now)
+
+
+def _percentile(ordered: Sequence[float], fraction: float) -> float:
+    """Linear interpolation between the closest ranks of a sorted, non-empty sequence."""
+    position = fraction * (len(ordered) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+class CentralOraclePolicy(OverlayPolicy):
+    """The centralized scheduler both papers compare against: the same rule, but given every
+    node's true state at every decision (the caller passes true states, not gossiped ones)."""
+
+    name = "central-oracle"
