@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import heapq
 import json
-import math
 import random
 import sys
 from collections import OrderedDict, deque
