@@ -17,6 +17,7 @@ import structlog
 from services.router.circuit import OpenCircuit
 from services.router.config import RouterConfig
 from swarmserve import native
+from swarmserve.dispatch import NodeState, OverlayPolicy
 from swarmserve.overlay import Peer, PeerDirectory
 from swarmserve.receipts import ReceiptError, verify_receipt
 from swarmserve.rpc import (
@@ -30,7 +31,9 @@ from swarmserve.rpc import (
 from swarmserve.telemetry import get_logger
 from swarmserve.v1 import common_pb2, inference_pb2, relay_pb2, router_pb2
 
-__all__ = ["RouterService", "TokenDelta"]
+__all__ = ["RouterService", "TokenDelta", "affinity_key"]
+
+DEFAULT_NEW_TOKENS = 128  # what a node generates when a request does not say
 
 log = get_logger("swarmserve.router")
 
@@ -59,6 +62,8 @@ class RouterService:
         self.channels = channels
         self.config = config
         self._random = random.SystemRandom()
+        self._policy = OverlayPolicy()
+        self._sent: dict[str, tuple[int, int]] = {}  # node -> (descriptor version, tokens sent since)
 
     def _check(self, request: router_pb2.GenerateRequest) -> int:
         size = request.ByteSize()
@@ -77,17 +82,37 @@ class RouterService:
             raise InvalidArgument(f"hops {hops} exceeds this router's maximum of {self.config.max_hops}")
         return hops
 
-    def choose_exit(self, model: str) -> Peer:
-        candidates = [p for p in self.directory.alive(common_pb2.NODE_ROLE_INFERENCE) if p.serves(model)]
+    def choose_exit(self, request: router_pb2.GenerateRequest) -> Peer:
+        """The shared overlay policy (swarmserve.dispatch): prefix affinity among nodes whose
+        load factor is acceptable, else the least loaded; load comes from each node's gossiped
+        descriptor plus what this router sent it since that descriptor was issued."""
+        candidates = {
+            p.node_id: p for p in self.directory.alive(common_pb2.NODE_ROLE_INFERENCE) if p.serves(request.model)
+        }
         if not candidates:
-            raise NotFound(f"no live inference node serves model {model!r}")
+            raise NotFound(f"no live inference node serves model {request.model!r}")
+        key = affinity_key(request)
+        chosen = self._policy.choose(key, [self._state(p) for p in candidates.values()], self.identity.node_id)
+        self._policy.served(chosen, key, time.monotonic())
+        peer = candidates[chosen]
+        version, sent = self._sent.get(chosen, (peer.descriptor.version, 0))
+        # In tokens, like the descriptor's queue: about one per 4 prompt bytes, plus the answer.
+        cost = len(key) + (request.sampling.max_new_tokens or DEFAULT_NEW_TOKENS)
+        self._sent[chosen] = (peer.descriptor.version, (sent if version == peer.descriptor.version else 0) + cost)
+        return peer
 
-        def load(peer: Peer) -> float:
-            d = peer.descriptor
-            return (d.load.running + d.load.queued) / max(d.capacity.max_concurrent, 1)
-
-        least = min(load(p) for p in candidates)
-        return self._random.choice([p for p in candidates if load(p) == least])
+    def _state(self, peer: Peer) -> NodeState:
+        descriptor = peer.descriptor
+        version, sent = self._sent.get(peer.node_id, (descriptor.version, 0))
+        pending = sent if version == descriptor.version else 0  # a newer descriptor already counts it
+        return NodeState(
+            peer.node_id,
+            recent_latency_s=descriptor.load.recent_latency_us / 1e6,
+            queued_tokens=descriptor.load.queued_tokens + pending,
+            batch_tokens=max(descriptor.capacity.max_concurrent, 1) * 512,
+            running=descriptor.load.running,
+            queued=descriptor.load.queued,
+        )
 
     def choose_relays(self, hops: int, exit_: Peer) -> list[Peer]:
         relays = [p for p in self.directory.alive(common_pb2.NODE_ROLE_RELAY) if p.node_id != exit_.node_id]
@@ -101,7 +126,7 @@ class RouterService:
         hops = self._check(request)  # every refusal happens before a circuit exists
         request_id = request.request_id or uuid.uuid4().hex
         structlog.contextvars.bind_contextvars(request_id=request_id)
-        exit_ = self.choose_exit(request.model)
+        exit_ = self.choose_exit(request)
         relays = self.choose_relays(hops, exit_)
         accepted = time.monotonic()
         accepted_unix_ms = int(time.time() * 1000)
@@ -175,6 +200,17 @@ class RouterService:
                 return
         finally:
             circuit.close()
+
+
+def affinity_key(request: router_pb2.GenerateRequest) -> list[int]:
+    """What prefix affinity is computed over. The router sees text, not token ids (the node
+    tokenizes), so the request's bytes, read as 4-byte words, stand in for tokens: a chunk of 10
+    is 40 bytes of prompt, and requests sharing a system prompt share leading chunks."""
+    if request.WhichOneof("input") == "prompt":
+        data = request.prompt.encode()
+    else:
+        data = b"".join(f"{m.role}:{m.content}\n".encode() for m in request.chat.messages)
+    return [int.from_bytes(data[i : i + 4], "little") for i in range(0, len(data) - len(data) % 4, 4)]
 
 
 def _status(code: int) -> grpc.StatusCode:

@@ -1,0 +1,72 @@
+"""How the router picks the inference node: the shared overlay policy over signed descriptors
+(prefix affinity among acceptable loads, else least loaded; observed latency counts, so a node
+cannot capture traffic by claiming to be idle)."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.router.config import RouterConfig
+from services.router.service import RouterService, affinity_key
+from swarmserve import native
+from swarmserve.overlay import PeerDirectory, sign_descriptor
+from swarmserve.rpc import ChannelPool, NotFound
+from swarmserve.v1 import common_pb2, router_pb2
+
+MODEL = "m"
+SYSTEM = "You are a careful assistant who answers in one short paragraph. " * 4
+
+
+def add_node(directory: PeerDirectory, name: str, latency_s: float = 0.1, queued_tokens: int = 0) -> str:
+    identity = native.Identity.generate()
+    descriptor = common_pb2.NodeDescriptor(
+        identity_key=identity.public_key,
+        version=1,
+        address=f"127.0.0.1:{abs(hash(name)) % 50000 + 1000}",
+        roles=[common_pb2.NODE_ROLE_INFERENCE],
+        onion_key=native.OnionKey.generate().public_key,
+        models=[common_pb2.ModelInfo(name=MODEL)],
+        capacity=common_pb2.Capacity(max_concurrent=1, max_queue=8),
+        load=common_pb2.LoadReport(recent_latency_us=int(latency_s * 1e6), queued_tokens=queued_tokens),
+    )
+    peer = directory.offer(sign_descriptor(identity, descriptor))
+    assert peer is not None
+    return peer.node_id
+
+
+def request(user: str, system: str = SYSTEM) -> router_pb2.GenerateRequest:
+    message = router_pb2.GenerateRequest(model=MODEL, sampling=common_pb2.SamplingParams(max_new_tokens=32))
+    message.chat.messages.add(role=common_pb2.CHAT_ROLE_SYSTEM, content=system)
+    message.chat.messages.add(role=common_pb2.CHAT_ROLE_USER, content=user)
+    return message
+
+
+def router(directory: PeerDirectory) -> RouterService:
+    return RouterService(native.Identity.generate(), directory, ChannelPool(), RouterConfig())
+
+
+def test_requests_sharing_a_prefix_go_where_it_is_cached() -> None:
+    directory = PeerDirectory()
+    nodes = [add_node(directory, f"n{i}") for i in range(4)]
+    service = router(directory)
+    first = service.choose_exit(request("What is a prime number?")).node_id
+    assert first in nodes
+    assert service.choose_exit(request("Name a river in Africa.")).node_id == first
+    assert affinity_key(request("a"))[:20] == affinity_key(request("b"))[:20]
+
+
+def test_busy_nodes_and_lying_slow_nodes_are_avoided() -> None:
+    directory = PeerDirectory()
+    busy = add_node(directory, "busy", latency_s=0.1, queued_tokens=20_000)
+    liar = add_node(directory, "liar", latency_s=8.0, queued_tokens=0)  # claims idle, observed slow
+    honest = add_node(directory, "honest", latency_s=0.1, queued_tokens=300)
+    service = router(directory)
+    chosen = {
+        service.choose_exit(request(f"question {i}", system=f"distinct system {i} " * 8)).node_id for i in range(5)
+    }
+    assert busy not in chosen and liar not in chosen and chosen == {honest}
+
+
+def test_no_node_for_the_model_is_not_found() -> None:
+    with pytest.raises(NotFound, match="no live inference node serves model 'm'"):
+        router(PeerDirectory()).choose_exit(request("hi"))
