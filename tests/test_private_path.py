@@ -126,6 +126,7 @@ def swarm(tmp_path: Path) -> SwarmFactory:
         relay_class: type[RelayServicer] | None = None,
         inference_nodes: int = 1,
         circuits: CircuitSettings | None = None,
+        extra_peers: tuple[str, ...] = (),
         **router: Any,
     ) -> AsyncIterator[Swarm]:
         relay_nodes = []
@@ -156,7 +157,7 @@ def swarm(tmp_path: Path) -> SwarmFactory:
             for node in [*relay_nodes, *inference]:
                 await node.start()
                 started.append(node)
-            peers = [n.address for n in [*relay_nodes, *inference]]
+            peers = [n.address for n in [*relay_nodes, *inference]] + list(extra_peers)
             router_node = RouterNode(
                 RouterConfig(
                     data_dir=tmp_path / "router", server=ServerSettings(listen="127.0.0.1:0"), peers=peers, **router
@@ -477,3 +478,50 @@ async def test_an_idle_circuit_is_closed_by_the_relay(swarm: SwarmFactory) -> No
                 break
             await asyncio.sleep(0.05)
         assert s.relays[0].relay.active == 0
+
+
+async def test_a_dead_inference_node_costs_clients_nothing_and_is_marked_within_bounds(swarm: SwarmFactory) -> None:
+    """Bound: a node that stops answering is marked not alive at its next descriptor poll, within
+    refresh_interval_s + the poll timeout (2 s + 2 s by default). Until then, a request that the
+    router sends to it fails before any token and is retried through another node."""
+    async with swarm(relays=3, inference_nodes=2, refresh_interval_s=1.0) as s:
+        dead, alive = s.inference
+        await dead.stop(0)
+        for i in range(4):  # some of these would go to the dead node: none fail
+            chunks, summary = await run(
+                s.router.address, chat_request(f"Say the number {i}.", hops=1, max_new_tokens=3)
+            )
+            assert chunks and summary.served_by == alive.keys.identity.node_id
+        deadline = time.monotonic() + 4.0
+        while time.monotonic() < deadline:
+            peer = s.router.directory.get(dead.keys.identity.node_id)
+            if peer is not None and not peer.alive:
+                break
+            await asyncio.sleep(0.1)
+        peer = s.router.directory.get(dead.keys.identity.node_id)
+        assert peer is not None and not peer.alive
+
+
+async def test_a_joining_inference_node_receives_work_within_a_few_rounds(swarm: SwarmFactory, tmp_path: Path) -> None:
+    port = _free_port_block(1)
+    async with swarm(relays=1, inference_nodes=1, refresh_interval_s=0.5, extra_peers=(f"127.0.0.1:{port}",)) as s:
+        assert len(s.router.directory.alive(common_pb2.NODE_ROLE_INFERENCE)) == 1
+        joining = InferenceNode(
+            InferenceConfig(
+                data_dir=tmp_path / "joining",
+                server=ServerSettings(listen=f"127.0.0.1:{port}"),
+                models=[ModelSettings(name=MODEL, context_length=1024)],
+                policy=ProviderPolicy(max_concurrent=1),
+            )
+        )
+        await joining.start()
+        try:
+            started = time.monotonic()
+            while len(s.router.directory.alive(common_pb2.NODE_ROLE_INFERENCE)) < 2:
+                assert time.monotonic() - started < 3.0, "the new node was not picked up within a few rounds"
+                await asyncio.sleep(0.05)
+            await s.inference[0].stop(0)  # the old node leaves: the new one now serves
+            _, summary = await run(s.router.address, chat_request("Say hi.", hops=1, max_new_tokens=3))
+            assert summary.served_by == joining.keys.identity.node_id
+        finally:
+            await joining.stop(0)

@@ -82,13 +82,14 @@ class RouterService:
             raise InvalidArgument(f"hops {hops} exceeds this router's maximum of {self.config.max_hops}")
         return hops
 
-    def choose_exit(self, request: router_pb2.GenerateRequest) -> Peer:
+    def _candidates(self, model: str) -> list[Peer]:
+        return [p for p in self.directory.alive(common_pb2.NODE_ROLE_INFERENCE) if p.serves(model)]
+
+    def choose_exit(self, request: router_pb2.GenerateRequest, excluded: set[str] | None = None) -> Peer:
         """The shared overlay policy (swarmserve.dispatch): prefix affinity among nodes whose
         load factor is acceptable, else the least loaded; load comes from each node's gossiped
         descriptor plus what this router sent it since that descriptor was issued."""
-        candidates = {
-            p.node_id: p for p in self.directory.alive(common_pb2.NODE_ROLE_INFERENCE) if p.serves(request.model)
-        }
+        candidates = {p.node_id: p for p in self._candidates(request.model) if p.node_id not in (excluded or set())}
         if not candidates:
             raise NotFound(f"no live inference node serves model {request.model!r}")
         key = affinity_key(request)
@@ -114,6 +115,33 @@ class RouterService:
             queued=descriptor.load.queued,
         )
 
+    async def _start(
+        self, request: router_pb2.GenerateRequest, forwarded: inference_pb2.InferenceGenerateRequest, hops: int
+    ) -> tuple[Peer, OpenCircuit, relay_pb2.CircuitMessage]:
+        """Opens a circuit, sends the request and reads the first answer. If that fails with
+        UNAVAILABLE (a node or relay gone) nothing has reached the client yet, so it is tried once
+        more through another inference node and other relays."""
+        excluded: set[str] = set()
+        for attempt in (1, 2):
+            exit_ = self.choose_exit(request, excluded)
+            circuit: OpenCircuit | None = None
+            try:
+                circuit = await OpenCircuit.open(
+                    self.channels, self.choose_relays(hops, exit_), exit_, self.config.setup_timeout_s,
+                    self.config.cell_timeout_s,
+                )  # fmt: skip
+                await circuit.send(relay_pb2.CircuitMessage(request=forwarded))
+                return exit_, circuit, await circuit.receive()
+            except ServiceError as error:
+                if circuit is not None:
+                    circuit.close()
+                others = [p for p in self._candidates(request.model) if p.node_id not in excluded | {exit_.node_id}]
+                if error.code != grpc.StatusCode.UNAVAILABLE or attempt == 2 or not others:
+                    raise
+                log.info("retrying through another node", failed=exit_.node_id[:16], reason=str(error))
+                excluded.add(exit_.node_id)
+        raise AssertionError("unreachable")
+
     def choose_relays(self, hops: int, exit_: Peer) -> list[Peer]:
         relays = [p for p in self.directory.alive(common_pb2.NODE_ROLE_RELAY) if p.node_id != exit_.node_id]
         if len(relays) < hops:
@@ -126,29 +154,22 @@ class RouterService:
         hops = self._check(request)  # every refusal happens before a circuit exists
         request_id = request.request_id or uuid.uuid4().hex
         structlog.contextvars.bind_contextvars(request_id=request_id)
-        exit_ = self.choose_exit(request)
-        relays = self.choose_relays(hops, exit_)
         accepted = time.monotonic()
         accepted_unix_ms = int(time.time() * 1000)
-        circuit = await OpenCircuit.open(
-            self.channels, relays, exit_, self.config.setup_timeout_s, self.config.cell_timeout_s
+        forwarded = inference_pb2.InferenceGenerateRequest(
+            request_id=request_id, model=request.model, sampling=request.sampling
         )
+        if request.WhichOneof("input") == "prompt":
+            forwarded.prompt = request.prompt
+        else:
+            forwarded.chat.CopyFrom(request.chat)
+        exit_, circuit, message = await self._start(request, forwarded, hops)
         try:
-            forwarded = inference_pb2.InferenceGenerateRequest(
-                request_id=request_id, model=request.model, sampling=request.sampling
-            )
-            if request.WhichOneof("input") == "prompt":
-                forwarded.prompt = request.prompt
-            else:
-                forwarded.chat.CopyFrom(request.chat)
-            await circuit.send(relay_pb2.CircuitMessage(request=forwarded))
-
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
             ids: list[int] = []
             texts: list[bytes] = []
             first_token_at: float | None = None
             while True:
-                message = await circuit.receive()
                 body = message.WhichOneof("body")
                 if body == "error":
                     raise ServiceError(message.error.message, _status(message.error.code))
@@ -167,6 +188,7 @@ class RouterService:
                         token.index,
                         token.logprob,
                     )
+                    message = await circuit.receive()
                     continue
                 summary = event.summary
                 try:
