@@ -16,7 +16,6 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from services.inference.models import DEFAULT_MODEL_NAME, default_model_path  # noqa: E402
 from swarmserve.client import generate  # noqa: E402
-from swarmserve.swarm import LocalSwarm  # noqa: E402
+from swarmserve.swarm import LocalSwarm, free_port_block  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 HOPS = [0, 1, 3, 5]
@@ -51,23 +50,6 @@ CORES = os.cpu_count() or 1
 # All cores to llama.cpp (relays, router and client then compete with its decode threads on
 # this one machine), and one core left for them.
 THREAD_CONFIGS = sorted({CORES, max(1, CORES - 1)}, reverse=True)
-
-
-def free_port_block(size: int) -> int:
-    for base in range(31000, 40000, 13):
-        try:
-            sockets = []
-            for port in range(base, base + size):
-                sock = socket.socket()
-                sock.bind(("127.0.0.1", port))
-                sockets.append(sock)
-            for sock in sockets:
-                sock.close()
-            return base
-        except OSError:
-            for sock in sockets:
-                sock.close()
-    raise RuntimeError("no free ports")
 
 
 def llama_server_run(port: int, prompt: str) -> tuple[float, float, int]:

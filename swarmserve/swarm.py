@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,7 +19,25 @@ from grpc import aio
 from swarmserve.overlay import open_descriptor
 from swarmserve.v1 import common_pb2, overlay_pb2, router_pb2, router_pb2_grpc
 
-__all__ = ["LocalSwarm", "SwarmError"]
+__all__ = ["LocalSwarm", "SwarmError", "free_port_block"]
+
+
+def free_port_block(size: int, start: int = 23000, stop: int = 40000) -> int:
+    """The first port of ``size`` consecutive free loopback ports (for tests and benchmarks)."""
+    for base in range(start, stop, size + 7):
+        sockets: list[socket.socket] = []
+        try:
+            for port in range(base, base + size):
+                sock = socket.socket()
+                sockets.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise RuntimeError(f"no {size} consecutive free ports")
 
 
 class SwarmError(RuntimeError):

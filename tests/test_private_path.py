@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -37,6 +36,7 @@ from swarmserve.client import generate
 from swarmserve.config import ServerSettings
 from swarmserve.overlay import PeerDirectory, sign_descriptor
 from swarmserve.rpc import STREAM_EOF, open_stream
+from swarmserve.swarm import free_port_block
 from swarmserve.v1 import (
     common_pb2,
     inference_pb2,
@@ -370,25 +370,8 @@ async def test_router_views_and_descriptor_checks(swarm: SwarmFactory) -> None:
     assert directory.peers()[0].descriptor.address == "127.0.0.1:1"
 
 
-def _free_port_block(size: int = 6) -> int:
-    for base in range(23000, 30000, 17):
-        sockets = []
-        try:
-            for port in range(base, base + size):
-                sock = socket.socket()
-                sock.bind(("127.0.0.1", port))
-                sockets.append(sock)
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in sockets:
-                sock.close()
-    raise RuntimeError("no free port block")
-
-
 def test_swarmserve_up_and_generate_as_processes(tmp_path: Path) -> None:
-    base = _free_port_block()
+    base = free_port_block(6)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     up = subprocess.Popen(
         [
@@ -503,7 +486,7 @@ async def test_a_dead_inference_node_costs_clients_nothing_and_is_marked_within_
 
 
 async def test_a_joining_inference_node_receives_work_within_a_few_rounds(swarm: SwarmFactory, tmp_path: Path) -> None:
-    port = _free_port_block(1)
+    port = free_port_block(1)
     async with swarm(relays=1, inference_nodes=1, refresh_interval_s=0.5, extra_peers=(f"127.0.0.1:{port}",)) as s:
         assert len(s.router.directory.alive(common_pb2.NODE_ROLE_INFERENCE)) == 1
         joining = InferenceNode(

@@ -8,7 +8,6 @@ NOT_SERVING, lets running streams finish within the grace period, then ends the 
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import time
 
 from services.inference.config import InferenceConfig, ModelSettings
@@ -17,12 +16,12 @@ from services.inference.engine import Engine
 from services.inference.exit import InferenceExit
 from services.inference.models import default_model_path
 from services.inference.service import InferenceService
-from services.inference.servicer import InferenceServicer, model_info
+from services.inference.servicer import InferenceServicer, capacity, load_report, model_info, policy_summary
 from services.relay.servicer import RelayServicer
 from swarmserve.keys import NodeKeys
-from swarmserve.overlay import DescriptorPublisher, OverlayServicer
+from swarmserve.overlay import DescriptorPublisher, OverlayServicer, overlay_binding
 from swarmserve.rpc import ChannelPool, RpcServer, ServiceBinding
-from swarmserve.rpc.node import ServiceNode, overlay_binding
+from swarmserve.rpc.node import ServiceNode
 from swarmserve.telemetry import get_logger
 from swarmserve.v1 import common_pb2, inference_pb2_grpc, relay_pb2_grpc
 
@@ -108,19 +107,10 @@ class InferenceNode(ServiceNode):
         service = self.servicer.service
         if service is None:
             return
-        policy = service.policy
-        load = service.load()
         descriptor.models.extend(model_info(engine.identity) for engine in service.engines.values())
-        descriptor.capacity.max_concurrent = policy.max_concurrent
-        descriptor.capacity.max_queue = policy.max_queue
-        descriptor.load.running = load.running
-        descriptor.load.queued = load.queued
-        descriptor.load.queued_tokens = load.queued_tokens
-        descriptor.load.recent_latency_us = int(load.recent_latency_s * 1e6)
-        descriptor.load.tokens_per_second = load.tokens_per_second
-        descriptor.policy.max_prompt_tokens = policy.max_prompt_tokens
-        descriptor.policy.max_new_tokens = policy.max_new_tokens
-        descriptor.policy.serving_now = policy.serving_at(dt.datetime.now(dt.UTC))
+        descriptor.capacity.CopyFrom(capacity(service.policy))
+        descriptor.load.CopyFrom(load_report(service.load()))
+        descriptor.policy.CopyFrom(policy_summary(service.policy))
 
     async def start(self) -> None:
         await self.server.start(serving=False)

@@ -10,6 +10,8 @@ from typing import Any
 
 from grpc import aio
 
+from services.inference.admission import LoadSnapshot
+from services.inference.config import ProviderPolicy
 from services.inference.engine import ChatTurn, ModelIdentity
 from services.inference.service import (
     GenerateRequest,
@@ -21,7 +23,7 @@ from services.inference.service import (
 from swarmserve.rpc import Unavailable
 from swarmserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
-__all__ = ["InferenceServicer", "model_info"]
+__all__ = ["InferenceServicer", "capacity", "load_report", "model_info", "policy_summary"]
 
 _ROLES = {
     common_pb2.CHAT_ROLE_SYSTEM: "system",
@@ -42,6 +44,31 @@ def model_info(identity: ModelIdentity) -> common_pb2.ModelInfo:
         quantization=identity.quantization,
         context_length=identity.context_length,
         engine=identity.engine,
+    )
+
+
+def load_report(load: LoadSnapshot) -> common_pb2.LoadReport:
+    return common_pb2.LoadReport(
+        running=load.running,
+        queued=load.queued,
+        queued_tokens=load.queued_tokens,
+        recent_latency_us=int(load.recent_latency_s * 1e6),
+        tokens_per_second=load.tokens_per_second,
+        mean_queue_wait_us=int(load.mean_queue_wait_s * 1e6),
+        p99_queue_wait_us=int(load.p99_queue_wait_s * 1e6),
+    )
+
+
+def capacity(policy: ProviderPolicy) -> common_pb2.Capacity:
+    return common_pb2.Capacity(max_concurrent=policy.max_concurrent, max_queue=policy.max_queue)
+
+
+def policy_summary(policy: ProviderPolicy) -> common_pb2.PolicySummary:
+    return common_pb2.PolicySummary(
+        max_prompt_tokens=policy.max_prompt_tokens,
+        max_new_tokens=policy.max_new_tokens,
+        serving_now=policy.serving_at(dt.datetime.now(dt.UTC)),
+        min_caller_balance=policy.min_caller_balance,
     )
 
 
@@ -127,25 +154,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self, request: inference_pb2.StatusRequest, context: aio.ServicerContext[Any, Any]
     ) -> inference_pb2.StatusResponse:
         service = self._ready()
-        load = service.load()
-        policy = service.policy
         return inference_pb2.StatusResponse(
             identity_key=service.identity.public_key,
             models=[model_info(engine.identity) for engine in service.engines.values()],
-            load=common_pb2.LoadReport(
-                running=load.running,
-                queued=load.queued,
-                queued_tokens=load.queued_tokens,
-                recent_latency_us=int(load.recent_latency_s * 1e6),
-                tokens_per_second=load.tokens_per_second,
-                mean_queue_wait_us=int(load.mean_queue_wait_s * 1e6),
-                p99_queue_wait_us=int(load.p99_queue_wait_s * 1e6),
-            ),
-            capacity=common_pb2.Capacity(max_concurrent=policy.max_concurrent, max_queue=policy.max_queue),
-            policy=common_pb2.PolicySummary(
-                max_prompt_tokens=policy.max_prompt_tokens,
-                max_new_tokens=policy.max_new_tokens,
-                serving_now=policy.serving_at(dt.datetime.now(dt.UTC)),
-                min_caller_balance=policy.min_caller_balance,
-            ),
+            load=load_report(service.load()),
+            capacity=capacity(service.policy),
+            policy=policy_summary(service.policy),
         )

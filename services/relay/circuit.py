@@ -52,18 +52,22 @@ def _bucket(size: int) -> int:
 
 def pad_message(message: relay_pb2.CircuitMessage) -> bytes:
     """Serializes ``message`` padded to a size bucket (64, 128, ... bytes), so cell lengths say
-    less about what they carry (a token's length, for instance)."""
-    body = message.SerializeToString()
-    target = _bucket(len(body) + 3)
-    for overhead in (2, 3, 4):  # field tag + length varint of the padding field
-        fill = target - len(body) - overhead
-        padded = relay_pb2.CircuitMessage()
-        padded.CopyFrom(message)
-        padded.padding = bytes(max(fill, 0))
-        data = padded.SerializeToString()
-        if len(data) == target:
-            return data
-    return data
+    less about what they carry (a token's length, for instance). Sets the padding field of
+    ``message`` (callers pass a message built for the cell). Runs once per token: the
+    padding size is computed, and the message is serialized once."""
+    size = message.ByteSize()
+    target = _bucket(size + 3)
+    # The padding field costs a one-byte tag and its length as a varint, then the fill. Where
+    # that varint grows by a byte no fill lands exactly, and the cell is one byte short.
+    fill = target - size - 1
+    while fill > 0 and 1 + _varint_size(fill) + fill > target - size:
+        fill -= 1
+    message.padding = bytes(fill)
+    return message.SerializeToString()
+
+
+def _varint_size(value: int) -> int:
+    return max(1, (value.bit_length() + 6) // 7)
 
 
 _DESTROY_STATUS = {

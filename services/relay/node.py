@@ -5,9 +5,9 @@ from __future__ import annotations
 from services.relay.config import RelayConfig
 from services.relay.servicer import RelayServicer
 from swarmserve.keys import NodeKeys
-from swarmserve.overlay import DescriptorPublisher, OverlayServicer
+from swarmserve.overlay import DescriptorPublisher, OverlayServicer, overlay_binding
 from swarmserve.rpc import ChannelPool, RpcServer, ServiceBinding
-from swarmserve.rpc.node import ServiceNode, overlay_binding
+from swarmserve.rpc.node import ServiceNode
 from swarmserve.telemetry import get_logger
 from swarmserve.v1 import common_pb2, relay_pb2_grpc
 

@@ -7,9 +7,9 @@ from services.router.config import RouterConfig
 from services.router.service import RouterService
 from services.router.servicer import RouterServicer
 from swarmserve.keys import NodeKeys
-from swarmserve.overlay import DescriptorPublisher, OverlayServicer, PeerDirectory, StaticPeers
+from swarmserve.overlay import DescriptorPublisher, OverlayServicer, PeerDirectory, StaticPeers, overlay_binding
 from swarmserve.rpc import ChannelPool, RpcServer, ServiceBinding
-from swarmserve.rpc.node import ServiceNode, overlay_binding
+from swarmserve.rpc.node import ServiceNode
 from swarmserve.telemetry import get_logger
 from swarmserve.v1 import common_pb2, router_pb2_grpc
 

@@ -96,16 +96,20 @@ class RouterService:
         chosen = self._policy.choose(key, [self._state(p) for p in candidates.values()], self.identity.node_id)
         self._policy.served(chosen, key, time.monotonic())
         peer = candidates[chosen]
-        version, sent = self._sent.get(chosen, (peer.descriptor.version, 0))
         # In tokens, like the descriptor's queue: about one per 4 prompt bytes, plus the answer.
         cost = len(key) + (request.sampling.max_new_tokens or DEFAULT_NEW_TOKENS)
-        self._sent[chosen] = (peer.descriptor.version, (sent if version == peer.descriptor.version else 0) + cost)
+        self._sent[chosen] = (peer.descriptor.version, self._pending(peer) + cost)
         return peer
+
+    def _pending(self, peer: Peer) -> int:
+        """Tokens this router sent the node since the descriptor it holds was issued (a newer
+        descriptor already counts them)."""
+        version, sent = self._sent.get(peer.node_id, (peer.descriptor.version, 0))
+        return sent if version == peer.descriptor.version else 0
 
     def _state(self, peer: Peer) -> NodeState:
         descriptor = peer.descriptor
-        version, sent = self._sent.get(peer.node_id, (descriptor.version, 0))
-        pending = sent if version == descriptor.version else 0  # a newer descriptor already counts it
+        pending = self._pending(peer)
         return NodeState(
             peer.node_id,
             recent_latency_s=descriptor.load.recent_latency_us / 1e6,

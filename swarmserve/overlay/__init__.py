@@ -10,7 +10,7 @@ from swarmserve.overlay.descriptors import (
 )
 from swarmserve.overlay.directory import Peer, PeerDirectory, StaticPeers
 from swarmserve.overlay.publisher import DescriptorPublisher
-from swarmserve.overlay.servicer import OverlayServicer
+from swarmserve.overlay.servicer import OverlayServicer, overlay_binding
 
 __all__ = [
     "DescriptorError",
@@ -21,5 +21,6 @@ __all__ = [
     "StaticPeers",
     "node_id_of",
     "open_descriptor",
+    "overlay_binding",
     "sign_descriptor",
 ]

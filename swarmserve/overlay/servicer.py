@@ -10,10 +10,10 @@ from typing import Any
 from grpc import aio
 
 from swarmserve.overlay.directory import PeerDirectory
-from swarmserve.rpc import Unimplemented
+from swarmserve.rpc import ServiceBinding, Unimplemented
 from swarmserve.v1 import common_pb2, inference_pb2, overlay_pb2, overlay_pb2_grpc
 
-__all__ = ["OverlayServicer"]
+__all__ = ["OverlayServicer", "overlay_binding"]
 
 
 class OverlayServicer(overlay_pb2_grpc.OverlayServicer):
@@ -54,3 +54,9 @@ class OverlayServicer(overlay_pb2_grpc.OverlayServicer):
     ) -> AsyncIterator[inference_pb2.InferenceGenerateResponse]:
         raise Unimplemented("overlay forwarding arrives with overlay dispatch")
         yield  # pragma: no cover - makes this an async generator, as the stream needs
+
+
+def overlay_binding(overlay: OverlayServicer) -> ServiceBinding:
+    return ServiceBinding(
+        "swarmserve.v1.Overlay", lambda server: overlay_pb2_grpc.add_OverlayServicer_to_server(overlay, server)
+    )

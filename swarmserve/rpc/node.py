@@ -2,17 +2,9 @@
 
 from __future__ import annotations
 
-from swarmserve.overlay import OverlayServicer
-from swarmserve.rpc.server import RpcServer, ServiceBinding
-from swarmserve.v1 import overlay_pb2_grpc
+from swarmserve.rpc.server import RpcServer
 
-__all__ = ["ServiceNode", "overlay_binding"]
-
-
-def overlay_binding(overlay: OverlayServicer) -> ServiceBinding:
-    return ServiceBinding(
-        "swarmserve.v1.Overlay", lambda server: overlay_pb2_grpc.add_OverlayServicer_to_server(overlay, server)
-    )
+__all__ = ["ServiceNode"]
 
 
 class ServiceNode:
