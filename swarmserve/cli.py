@@ -33,11 +33,13 @@ ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
 
 def _service_config(model: type[ConfigT], args: argparse.Namespace) -> ConfigT:
-    """Loads a service's config; ``--listen`` wins over the file and the environment, and is
-    validated like any other setting."""
+    """Loads a service's config; ``--listen`` and ``--seed`` win over the file and the
+    environment, and are validated like any other setting."""
     environ = dict(os.environ)
     if args.listen:
         environ[f"{ENV_PREFIX}SERVER__LISTEN"] = args.listen
+    if args.seed:
+        environ[f"{ENV_PREFIX}GOSSIP__SEEDS"] = "[" + ", ".join(args.seed) + "]"
     config = load_config(model, Path(args.config) if args.config else None, environ)
     if isinstance(config, NodeConfig):
         configure_logging(config.log.level, config.log.format)
@@ -111,7 +113,8 @@ async def _up(data_dir: Path, ports_from: int) -> None:
     swarm = LocalSwarm(data_dir, ports_from=ports_from)
     router = swarm.router
     print(
-        f"starting a local swarm (3 relays, 2 inference nodes, 1 router); logs in {data_dir / 'logs'}",
+        f"starting a local swarm (3 relays, 2 inference nodes, 1 router), gossiping through one seed"
+        f" ({swarm.seed}); logs in {data_dir / 'logs'}",
         flush=True,
     )
     await swarm.start()
@@ -175,6 +178,9 @@ def _add_service(commands: Any, name: str, help_text: str, run: Any) -> None:
     command = commands.add_parser(name, help=help_text)
     command.add_argument("--config", help="YAML config file (default: built-in defaults)")
     command.add_argument("--listen", help="HOST:PORT to serve on (overrides the config)")
+    command.add_argument(
+        "--seed", action="append", help="HOST:PORT of a swarm member to join through (repeatable; overrides the config)"
+    )
     command.set_defaults(run=run)
 
 

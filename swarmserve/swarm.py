@@ -19,7 +19,7 @@ from grpc import aio
 from swarmserve.overlay import open_descriptor
 from swarmserve.v1 import common_pb2, overlay_pb2, router_pb2, router_pb2_grpc
 
-__all__ = ["LocalSwarm", "SwarmError", "free_port_block"]
+__all__ = ["LocalSwarm", "SwarmError", "SwarmNode", "free_port_block"]
 
 
 def free_port_block(size: int, start: int = 23000, stop: int = 40000) -> int:
@@ -45,13 +45,16 @@ class SwarmError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class _Node:
+class SwarmNode:
     name: str
-    command: str
+    command: str  # the `swarmserve` sub-command that runs it
     listen: str
 
 
 class LocalSwarm:
+    """Every node joins through one seed (the first relay, or the first inference node when there
+    are no relays), as nodes on separate machines would: nobody is given the member list."""
+
     def __init__(
         self,
         data_dir: Path,
@@ -60,29 +63,38 @@ class LocalSwarm:
         relays: int = 3,
         inference_nodes: int = 2,
         inference_env: dict[str, str] | None = None,
+        routers: int = 1,
+        node_env: dict[str, dict[str, str]] | None = None,
     ) -> None:
-        """The router listens on ``ports_from``; relays and then inference nodes on the ports
-        after it. ``inference_env`` adds SWARMSERVE_* settings for the inference nodes."""
+        """Routers listen from ``ports_from``, then relays, then inference nodes on the ports after.
+        ``inference_env`` adds SWARMSERVE_* settings for every inference node, ``node_env`` for
+        single nodes by name (``router-1``, ``relay-2``, ``inference-3``...)."""
         self.data_dir = data_dir
+        self.host = host
         self.inference_env = inference_env or {}
-        self.router = f"{host}:{ports_from}"
-        self.relays = [_Node(f"relay-{i + 1}", "relay", f"{host}:{ports_from + 1 + i}") for i in range(relays)]
+        self.node_env = node_env or {}
+        port = iter(range(ports_from, 65536))
+        self.routers = [SwarmNode(f"router-{i + 1}", "router", f"{host}:{next(port)}") for i in range(routers)]
+        self.relays = [SwarmNode(f"relay-{i + 1}", "relay", f"{host}:{next(port)}") for i in range(relays)]
         self.inference = [
-            _Node(f"inference-{i + 1}", "inference", f"{host}:{ports_from + 1 + relays + i}")
-            for i in range(inference_nodes)
+            SwarmNode(f"inference-{i + 1}", "inference", f"{host}:{next(port)}") for i in range(inference_nodes)
         ]
+        self.router = self.routers[0].listen
+        self.seed = (self.relays or self.inference)[0].listen
         self._processes: dict[str, subprocess.Popen[bytes]] = {}
 
-    def _spawn(self, node: _Node, extra_env: dict[str, str]) -> None:
+    def _spawn(self, node: SwarmNode) -> None:
         logs = self.data_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         env = {
             **os.environ,
             "SWARMSERVE_DATA_DIR": str(self.data_dir / node.name),
             "SWARMSERVE_LOG__FORMAT": "json",
-            **extra_env,
+            **({"SWARMSERVE_GOSSIP__SEEDS": f"[{self.seed}]"} if node.listen != self.seed else {}),
+            **({"SWARMSERVE_POLICY__MAX_CONCURRENT": "1", **self.inference_env} if node.command == "inference" else {}),
+            **self.node_env.get(node.name, {}),
         }
-        with (logs / f"{node.name}.log").open("wb") as log:
+        with (logs / f"{node.name}.log").open("ab") as log:
             self._processes[node.name] = subprocess.Popen(
                 [sys.executable, "-m", "swarmserve.cli", node.command, "--listen", node.listen],
                 stdout=log,
@@ -97,45 +109,58 @@ class LocalSwarm:
         return SwarmError(f"{name} exited at start-up; its log ends:\n" + "\n".join(tail))
 
     async def start(self, timeout_s: float = 180.0) -> None:
-        for node in self.relays:
-            self._spawn(node, {})
-        for node in self.inference:
-            self._spawn(node, {"SWARMSERVE_POLICY__MAX_CONCURRENT": "1", **self.inference_env})
-        peers = ", ".join(n.listen for n in [*self.relays, *self.inference])
-        self._spawn(_Node("router", "router", self.router), {"SWARMSERVE_PEERS": f"[{peers}]"})
-        expected = len(self.relays) + len(self.inference)
+        for node in [*self.relays, *self.inference, *self.routers]:
+            self._spawn(node)
+        try:
+            for router in self.routers:
+                await self.wait_until_seen(router.listen, len(self.relays) + len(self.inference), timeout_s)
+        except SwarmError:
+            await self.stop()
+            raise
+
+    async def ready_members(self, router: str) -> list[common_pb2.NodeDescriptor]:
+        """Members ``router`` holds alive and ready: relays, and inference nodes with models loaded."""
+        async with aio.insecure_channel(router) as channel:
+            swarm = await router_pb2_grpc.RouterStub(channel).GetSwarm(router_pb2.GetSwarmRequest(), timeout=2)
+        descriptors = [
+            open_descriptor(m.descriptor) for m in swarm.members if m.state == overlay_pb2.MEMBER_STATE_ALIVE
+        ]
+        return [d for d in descriptors if common_pb2.NODE_ROLE_RELAY in d.roles or d.models]
+
+    async def wait_until_seen(self, router: str, expected: int, timeout_s: float = 180.0) -> None:
+        """Waits until ``router`` holds ``expected`` ready relays and inference nodes."""
         deadline = time.monotonic() + timeout_s
-        async with aio.insecure_channel(self.router) as channel:
-            stub = router_pb2_grpc.RouterStub(channel)
-            while True:
-                for name, process in self._processes.items():
-                    if process.poll() is not None:
-                        await self.stop()
-                        raise self._failure(name)
-                with contextlib.suppress(aio.AioRpcError):
-                    swarm = await stub.GetSwarm(router_pb2.GetSwarmRequest(), timeout=2)
-                    descriptors = [
-                        open_descriptor(m.descriptor)
-                        for m in swarm.members
-                        if m.state == overlay_pb2.MEMBER_STATE_ALIVE
-                    ]
-                    # Relays are ready when they answer; inference nodes once their models load.
-                    ready = [d for d in descriptors if common_pb2.NODE_ROLE_RELAY in d.roles or d.models]
-                    if len(ready) >= expected:
-                        return
-                if time.monotonic() > deadline:
-                    await self.stop()
-                    raise SwarmError(
-                        f"the swarm was not ready after {timeout_s:.0f} s (logs in {self.data_dir / 'logs'})"
-                    )
-                await asyncio.sleep(0.3)
+        while True:
+            for name, process in self._processes.items():
+                if process.poll() is not None:
+                    raise self._failure(name)
+            with contextlib.suppress(aio.AioRpcError):
+                if len(await self.ready_members(router)) >= expected:
+                    return
+            if time.monotonic() > deadline:
+                raise SwarmError(f"the swarm was not ready after {timeout_s:.0f} s (logs in {self.data_dir / 'logs'})")
+            await asyncio.sleep(0.3)
+
+    def add_inference(self, port: int, env: dict[str, str] | None = None) -> SwarmNode:
+        """Starts one more inference node (it joins through the seed like the others)."""
+        node = SwarmNode(f"inference-{len(self.inference) + 1}", "inference", f"{self.host}:{port}")
+        self.node_env[node.name] = env or {}
+        self.inference.append(node)
+        self._spawn(node)
+        return node
+
+    def signal(self, name: str, sig: signal.Signals) -> None:
+        """SIGKILL: the node dies without a word; SIGSTOP/SIGCONT: it hangs (cut off from
+        everyone, its connections open but silent) and comes back."""
+        self._processes[name].send_signal(sig)
 
     async def stop(self, grace_s: float = 20.0) -> None:
-        """SIGTERM to every node (router first), then wait; kill what is left after the grace."""
-        order = ["router", *[n.name for n in self.relays], *[n.name for n in self.inference]]
+        """SIGTERM to every node (routers first), then wait; kill what is left after the grace."""
+        order = [n.name for n in [*self.routers, *self.relays, *self.inference]]
         for name in order:
             process = self._processes.get(name)
             if process is not None and process.poll() is None:
+                process.send_signal(signal.SIGCONT)  # a paused node must run to stop
                 process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + grace_s
         for process in self._processes.values():

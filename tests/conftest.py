@@ -14,9 +14,11 @@ import pytest
 from services.inference.config import InferenceConfig, ModelSettings, ProviderPolicy
 from services.inference.models import default_model_path
 from services.inference.node import InferenceNode
-from swarmserve.config import ServerSettings
+from swarmserve.config import GossipSettings, ServerSettings
 
 MODEL = "smollm2-135m-instruct"
+# Gossip at test speed: a 0.2 s protocol period, so failures are noticed in about a second.
+FAST_GOSSIP = GossipSettings(probe_interval_s=0.2, probe_timeout_s=0.1, suspicion_mult=3, sync_interval_s=2)
 
 
 @pytest.fixture(scope="session")

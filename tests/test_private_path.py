@@ -33,8 +33,8 @@ from services.router.config import RouterConfig
 from services.router.node import RouterNode
 from swarmserve import native
 from swarmserve.client import generate
-from swarmserve.config import ServerSettings
-from swarmserve.overlay import PeerDirectory, sign_descriptor
+from swarmserve.config import GossipSettings, ServerSettings
+from swarmserve.overlay import DEAD, PeerDirectory, sign_descriptor
 from swarmserve.rpc import STREAM_EOF, open_stream
 from swarmserve.swarm import free_port_block
 from swarmserve.v1 import (
@@ -46,7 +46,7 @@ from swarmserve.v1 import (
     router_pb2,
     router_pb2_grpc,
 )
-from tests.conftest import MODEL
+from tests.conftest import FAST_GOSSIP, MODEL
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "Tell me about the moon in two sentences."
@@ -126,51 +126,72 @@ def swarm(tmp_path: Path) -> SwarmFactory:
         relay_class: type[RelayServicer] | None = None,
         inference_nodes: int = 1,
         circuits: CircuitSettings | None = None,
-        extra_peers: tuple[str, ...] = (),
+        gossip: GossipSettings = FAST_GOSSIP,
         **router: Any,
     ) -> AsyncIterator[Swarm]:
+        """Starts the nodes in turn; the first is the seed everyone else joins through."""
+        seeds: list[str] = []
+
+        def joining() -> GossipSettings:
+            return gossip.model_copy(update={"seeds": seeds})
+
         relay_nodes = []
-        for i in range(relays):
-            node = RelayNode(
-                RelayConfig(
-                    data_dir=tmp_path / f"relay{i}",
-                    server=ServerSettings(listen="127.0.0.1:0"),
-                    circuits=circuits or CircuitSettings(),
-                )
-            )
-            if relay_class is not None:
-                node.relay = relay_class(node.keys.onion, node.config.circuits, node.channels)
-            relay_nodes.append(node)
-        inference = [
-            InferenceNode(
-                InferenceConfig(
-                    data_dir=tmp_path / f"inference{i}",
-                    server=ServerSettings(listen="127.0.0.1:0"),
-                    models=[ModelSettings(name=MODEL, context_length=1024)],
-                    policy=ProviderPolicy(max_concurrent=1, max_queue=4),
-                )
-            )
-            for i in range(inference_nodes)
-        ]
+        inference = []
         started: list[Any] = []
         try:
-            for node in [*relay_nodes, *inference]:
+            for i in range(relays):
+                node = RelayNode(
+                    RelayConfig(
+                        data_dir=tmp_path / f"relay{i}",
+                        server=ServerSettings(listen="127.0.0.1:0"),
+                        circuits=circuits or CircuitSettings(),
+                        gossip=joining(),
+                    )
+                )
+                if relay_class is not None:
+                    node.relay = relay_class(node.keys.onion, node.config.circuits, node.channels)
                 await node.start()
                 started.append(node)
-            peers = [n.address for n in [*relay_nodes, *inference]] + list(extra_peers)
+                relay_nodes.append(node)
+                seeds = seeds or [node.address]
+            for i in range(inference_nodes):
+                inference_node = InferenceNode(
+                    InferenceConfig(
+                        data_dir=tmp_path / f"inference{i}",
+                        server=ServerSettings(listen="127.0.0.1:0"),
+                        models=[ModelSettings(name=MODEL, context_length=1024)],
+                        policy=ProviderPolicy(max_concurrent=1, max_queue=4),
+                        gossip=joining(),
+                    )
+                )
+                await inference_node.start()
+                started.append(inference_node)
+                inference.append(inference_node)
+                seeds = seeds or [inference_node.address]
             router_node = RouterNode(
                 RouterConfig(
-                    data_dir=tmp_path / "router", server=ServerSettings(listen="127.0.0.1:0"), peers=peers, **router
+                    data_dir=tmp_path / "router",
+                    server=ServerSettings(listen="127.0.0.1:0"),
+                    gossip=joining(),
+                    **router,
                 )
             )
             await router_node.start()
             started.append(router_node)
+            await wait_for_members(router_node, relays + inference_nodes)
             yield Swarm(router_node, relay_nodes, inference)
         finally:
             for node in reversed(started):
                 await node.stop(0)
 
     return start
+
+
+async def wait_for_members(router: RouterNode, count: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while len([p for p in router.directory.members() if p.alive]) < count:
+        assert time.monotonic() < deadline, "gossip did not bring every member to the router"
+        await asyncio.sleep(0.05)
 
 
 def chat_request(prompt: str = PROMPT, hops: int | None = None, **sampling: Any) -> router_pb2.GenerateRequest:
@@ -424,8 +445,11 @@ def test_swarmserve_up_and_generate_as_processes(tmp_path: Path) -> None:
         if up.poll() is None:
             up.kill()
     logs = tmp_path / "swarm" / "logs"
-    for name in ["router", "relay-1", "relay-2", "relay-3", "inference-1", "inference-2"]:
+    for name in ["router-1", "relay-1", "relay-2", "relay-3", "inference-1", "inference-2"]:
         assert '"event": "stopped"' in (logs / f"{name}.log").read_text(), f"{name} did not stop cleanly"
+    # The router was given one seed and learned the other five members by gossip.
+    router_log = (logs / "router-1.log").read_text()
+    assert '"seeds": 1' in router_log and router_log.count('"event": "member joined"') >= 5
 
 
 async def test_a_relay_bounds_its_circuits(swarm: SwarmFactory) -> None:
@@ -443,7 +467,7 @@ async def test_a_relay_bounds_its_circuits(swarm: SwarmFactory) -> None:
 
 
 async def test_an_idle_circuit_is_closed_by_the_relay(swarm: SwarmFactory) -> None:
-    from services.router.circuit import OpenCircuit
+    from services.relay.client import OpenCircuit
     from swarmserve.rpc import ServiceError
 
     async with swarm(relays=1, circuits=CircuitSettings(idle_timeout_s=0.5)) as s:
@@ -463,47 +487,49 @@ async def test_an_idle_circuit_is_closed_by_the_relay(swarm: SwarmFactory) -> No
         assert s.relays[0].relay.active == 0
 
 
-async def test_a_dead_inference_node_costs_clients_nothing_and_is_marked_within_bounds(swarm: SwarmFactory) -> None:
-    """Bound: a node that stops answering is marked not alive at its next descriptor poll, within
-    refresh_interval_s + the poll timeout (2 s + 2 s by default). Until then, a request that the
-    router sends to it fails before any token and is retried through another node."""
-    async with swarm(relays=3, inference_nodes=2, refresh_interval_s=1.0) as s:
+async def test_a_dead_inference_node_costs_clients_nothing_and_is_declared_dead_within_bounds(
+    swarm: SwarmFactory,
+) -> None:
+    """A node that dies without a word: requests that would have gone to it are retried through
+    the other node before any token (the failed circuit also starts gossip's suspicion of it),
+    and the router declares it dead within the bound of swarmserve/overlay/membership.py: probed
+    within n periods, suspected by the end of that period, dead after the suspicion timeout."""
+    async with swarm(relays=3, inference_nodes=2) as s:
         dead, alive = s.inference
-        await dead.stop(0)
+        await dead.membership.close(leave=False)  # dies: no goodbye to anyone
+        await dead.server.stop(0)
         for i in range(4):  # some of these would go to the dead node: none fail
             chunks, summary = await run(
                 s.router.address, chat_request(f"Say the number {i}.", hops=1, max_new_tokens=3)
             )
             assert chunks and summary.served_by == alive.keys.identity.node_id
-        deadline = time.monotonic() + 4.0
-        while time.monotonic() < deadline:
-            peer = s.router.directory.get(dead.keys.identity.node_id)
-            if peer is not None and not peer.alive:
-                break
-            await asyncio.sleep(0.1)
-        peer = s.router.directory.get(dead.keys.identity.node_id)
-        assert peer is not None and not peer.alive
+        members = len(s.router.directory.members())
+        bound = (members + 1) * FAST_GOSSIP.probe_interval_s + s.router.membership.suspicion_timeout_s() + 1.0
+        started = time.monotonic()
+        while (peer := s.router.directory.get(dead.keys.identity.node_id)) is not None and peer.state != DEAD:
+            assert time.monotonic() - started < bound, f"not declared dead within {bound:.1f} s"
+            await asyncio.sleep(0.05)
 
 
 async def test_a_joining_inference_node_receives_work_within_a_few_rounds(swarm: SwarmFactory, tmp_path: Path) -> None:
-    port = free_port_block(1)
-    async with swarm(relays=1, inference_nodes=1, refresh_interval_s=0.5, extra_peers=(f"127.0.0.1:{port}",)) as s:
+    async with swarm(relays=1, inference_nodes=1) as s:
         assert len(s.router.directory.alive(common_pb2.NODE_ROLE_INFERENCE)) == 1
         joining = InferenceNode(
             InferenceConfig(
                 data_dir=tmp_path / "joining",
-                server=ServerSettings(listen=f"127.0.0.1:{port}"),
+                server=ServerSettings(listen="127.0.0.1:0"),
                 models=[ModelSettings(name=MODEL, context_length=1024)],
                 policy=ProviderPolicy(max_concurrent=1),
+                gossip=FAST_GOSSIP.model_copy(update={"seeds": [s.relays[0].address]}),  # knows one relay only
             )
         )
         await joining.start()
         try:
             started = time.monotonic()
             while len(s.router.directory.alive(common_pb2.NODE_ROLE_INFERENCE)) < 2:
-                assert time.monotonic() - started < 3.0, "the new node was not picked up within a few rounds"
+                assert time.monotonic() - started < 10 * FAST_GOSSIP.probe_interval_s, "not picked up in a few rounds"
                 await asyncio.sleep(0.05)
-            await s.inference[0].stop(0)  # the old node leaves: the new one now serves
+            await s.inference[0].stop(0)  # the old node leaves (and says so): the new one now serves
             _, summary = await run(s.router.address, chat_request("Say hi.", hops=1, max_new_tokens=3))
             assert summary.served_by == joining.keys.identity.node_id
         finally:

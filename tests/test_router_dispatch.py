@@ -9,7 +9,8 @@ import pytest
 from services.router.config import RouterConfig
 from services.router.service import RouterService, affinity_key
 from swarmserve import native
-from swarmserve.overlay import PeerDirectory, sign_descriptor
+from swarmserve.config import GossipSettings
+from swarmserve.overlay import Membership, PeerDirectory, sign_descriptor
 from swarmserve.rpc import ChannelPool, NotFound
 from swarmserve.v1 import common_pb2, router_pb2
 
@@ -42,31 +43,37 @@ def request(user: str, system: str = SYSTEM) -> router_pb2.GenerateRequest:
 
 
 def router(directory: PeerDirectory) -> RouterService:
-    return RouterService(native.Identity.generate(), directory, ChannelPool(), RouterConfig())
+    identity = native.Identity.generate()
+    channels = ChannelPool()
+    membership = Membership(
+        lambda: common_pb2.SignedDescriptor(), identity.public_key, channels, GossipSettings(), directory
+    )
+    return RouterService(identity, membership, channels, RouterConfig())
 
 
-def test_requests_sharing_a_prefix_go_where_it_is_cached() -> None:
+async def test_requests_sharing_a_prefix_go_where_it_is_cached() -> None:
     directory = PeerDirectory()
     nodes = [add_node(directory, f"n{i}") for i in range(4)]
     service = router(directory)
-    first = service.choose_exit(request("What is a prime number?")).node_id
+    first = (await service.choose_exit(request("What is a prime number?"))).node_id
     assert first in nodes
-    assert service.choose_exit(request("Name a river in Africa.")).node_id == first
+    assert (await service.choose_exit(request("Name a river in Africa."))).node_id == first
     assert affinity_key(request("a"))[:20] == affinity_key(request("b"))[:20]
 
 
-def test_busy_nodes_and_lying_slow_nodes_are_avoided() -> None:
+async def test_busy_nodes_and_lying_slow_nodes_are_avoided() -> None:
     directory = PeerDirectory()
     busy = add_node(directory, "busy", latency_s=0.1, queued_tokens=20_000)
     liar = add_node(directory, "liar", latency_s=8.0, queued_tokens=0)  # claims idle, observed slow
     honest = add_node(directory, "honest", latency_s=0.1, queued_tokens=300)
     service = router(directory)
     chosen = {
-        service.choose_exit(request(f"question {i}", system=f"distinct system {i} " * 8)).node_id for i in range(5)
+        (await service.choose_exit(request(f"question {i}", system=f"distinct system {i} " * 8))).node_id
+        for i in range(5)
     }
     assert busy not in chosen and liar not in chosen and chosen == {honest}
 
 
-def test_no_node_for_the_model_is_not_found() -> None:
+async def test_no_node_for_the_model_is_not_found() -> None:
     with pytest.raises(NotFound, match="no live inference node serves model 'm'"):
-        router(PeerDirectory()).choose_exit(request("hi"))
+        await router(PeerDirectory()).choose_exit(request("hi"))

@@ -108,6 +108,9 @@ class InferenceConfig(NodeConfig):
     circuits: CircuitSettings = CircuitSettings()
     models: list[ModelSettings] = Field(default_factory=lambda: [ModelSettings()], min_length=1)
     policy: ProviderPolicy = ProviderPolicy()
+    offload: bool = Field(
+        True, description="pass requests on to a peer with a free slot instead of queueing them when every slot is busy"
+    )
 
     @model_validator(mode="after")
     def _unique_names(self) -> InferenceConfig:

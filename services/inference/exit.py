@@ -1,20 +1,23 @@
 """The inference node's end of an onion circuit: the first forward plaintext is the request
 (a ``CircuitMessage``), each generated token goes back as one (padded) ``CircuitMessage``, and
-any refusal goes back as a ``CircuitError`` with the status code the client should see."""
+any refusal goes back as a ``CircuitError`` with the status code the client should see. When
+every slot is busy, the request may be passed on to a peer instead (``offload.py``)."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 
+import grpc
 from google.protobuf.message import DecodeError
 
+from services.inference.offload import Offloader
 from services.inference.service import InferenceService
 from services.inference.servicer import to_generate_request, to_response
-from services.relay.circuit import pad_message
+from services.relay.circuit import error_message, pad_message
 from swarmserve import native
 from swarmserve.rpc import InvalidArgument, ServiceError, Unavailable
 from swarmserve.telemetry import get_logger
-from swarmserve.v1 import relay_pb2
+from swarmserve.v1 import inference_pb2, relay_pb2
 
 __all__ = ["InferenceExit"]
 
@@ -22,13 +25,18 @@ log = get_logger("swarmserve.inference")
 
 
 def _error(error: ServiceError) -> bytes:
-    code = int(error.code.value[0])
-    return pad_message(relay_pb2.CircuitMessage(error=relay_pb2.CircuitError(code=code, message=str(error))))
+    return error_message(error.code, str(error))
+
+
+# A peer that answers an offloaded request with one of these could not take it after all: the
+# request is served here instead. Anything else (a bad request, say) goes back to the client.
+_PEER_BUSY = {grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], grpc.StatusCode.UNAVAILABLE.value[0]}
 
 
 class InferenceExit:
-    def __init__(self, service: Callable[[], InferenceService | None]) -> None:
+    def __init__(self, service: Callable[[], InferenceService | None], offloader: Offloader | None = None) -> None:
         self._service = service
+        self._offloader = offloader
 
     async def handle(self, forward: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         try:
@@ -47,6 +55,16 @@ class InferenceExit:
         if service is None:
             yield _error(Unavailable("the node is still loading its models"))
             return
+        if self._offloader is not None:
+            try:
+                passed = await self._offload(service, message.request)
+            except ServiceError as error:
+                yield _error(error)
+                return
+            if passed is not None:
+                async for cell in passed:
+                    yield cell
+                return
         try:
             async for event in service.generate(to_generate_request(message.request)):
                 yield pad_message(relay_pb2.CircuitMessage(response=to_response(event)))
@@ -54,3 +72,28 @@ class InferenceExit:
             yield _error(error)
         except (ValueError, native.CryptoError) as error:
             yield _error(InvalidArgument(str(error)))
+
+    async def _offload(
+        self, service: InferenceService, request: inference_pb2.InferenceGenerateRequest
+    ) -> AsyncIterator[bytes] | None:
+        """The peer's answer cells if the request was passed on, None to serve it here."""
+        assert self._offloader is not None
+        peer = self._offloader.target(service, request)
+        if peer is None:
+            return None
+        try:
+            circuit = await self._offloader.open(peer, request)
+        except ServiceError as error:
+            log.info("offload failed; serving here", peer=peer.node_id[:16], reason=str(error))
+            return None
+        try:
+            first = await circuit.receive()
+        except ServiceError as error:
+            circuit.close()
+            log.info("offload failed; serving here", peer=peer.node_id[:16], reason=str(error))
+            return None
+        if first.WhichOneof("body") == "error" and first.error.code in _PEER_BUSY:
+            circuit.close()
+            log.info("peer refused the offload; serving here", peer=peer.node_id[:16], reason=first.error.message)
+            return None
+        return self._offloader.relay(circuit, first)

@@ -15,11 +15,12 @@ from services.inference.emulated import EmulatedEngine
 from services.inference.engine import Engine
 from services.inference.exit import InferenceExit
 from services.inference.models import default_model_path
+from services.inference.offload import Offloader
 from services.inference.service import InferenceService
 from services.inference.servicer import InferenceServicer, capacity, load_report, model_info, policy_summary
 from services.relay.servicer import RelayServicer
 from swarmserve.keys import NodeKeys
-from swarmserve.overlay import DescriptorPublisher, OverlayServicer, overlay_binding
+from swarmserve.overlay import DescriptorPublisher, Membership, overlay_binding
 from swarmserve.rpc import ChannelPool, RpcServer, ServiceBinding
 from swarmserve.rpc.node import ServiceNode
 from swarmserve.telemetry import get_logger
@@ -70,15 +71,6 @@ class InferenceNode(ServiceNode):
         self.keys = NodeKeys.load_or_create(config.data_dir)
         self.servicer = InferenceServicer()
         self.channels = ChannelPool(config.server.max_message_bytes)
-        # The node terminates onion circuits (never forwards them): requests arrive through
-        # relays, and only this node sees their plaintext.
-        self.exit = RelayServicer(
-            self.keys.onion,
-            config.circuits,
-            self.channels,
-            terminus=InferenceExit(lambda: self.servicer.service),
-            forwards=False,
-        )
         self.publisher = DescriptorPublisher(
             self.keys.identity,
             [common_pb2.NODE_ROLE_INFERENCE],
@@ -86,7 +78,29 @@ class InferenceNode(ServiceNode):
             onion_key=self.keys.onion,
             fill=self._describe,
         )
-        overlay = OverlayServicer(self.publisher.describe)
+        self.membership = Membership(
+            self.publisher.describe, self.keys.identity.public_key, self.channels, config.gossip
+        )
+        self.offloader = (
+            Offloader(
+                self.keys.identity.public_key,
+                self.membership,
+                self.channels,
+                config.circuits.setup_timeout_s,
+                config.circuits.idle_timeout_s,
+            )
+            if config.offload
+            else None
+        )
+        # The node terminates onion circuits (never forwards them): requests arrive through
+        # relays, and only this node sees their plaintext.
+        self.exit = RelayServicer(
+            self.keys.onion,
+            config.circuits,
+            self.channels,
+            terminus=InferenceExit(lambda: self.servicer.service, self.offloader),
+            forwards=False,
+        )
         self.server = RpcServer(
             config.server,
             [
@@ -98,7 +112,7 @@ class InferenceNode(ServiceNode):
                     "swarmserve.v1.Relay",
                     lambda s: relay_pb2_grpc.add_RelayServicer_to_server(self.exit, s),
                 ),
-                overlay_binding(overlay),
+                overlay_binding(self.membership),
             ],
         )
 
@@ -141,6 +155,7 @@ class InferenceNode(ServiceNode):
             raise
         self.servicer.service = InferenceService(self.keys.identity, engines, self.config.policy)
         await self.server.mark_serving()
+        await self.join_swarm()  # after loading: the first descriptor others see lists the models
         log.info("inference node ready", node_id=self.keys.identity.node_id, address=self.address)
 
     async def close(self) -> None:

@@ -13,6 +13,7 @@ __all__ = [
     "created_cell",
     "data_cell",
     "destroy_cell",
+    "error_message",
     "pad_message",
     "status_for_destroy",
 ]
@@ -64,6 +65,12 @@ def pad_message(message: relay_pb2.CircuitMessage) -> bytes:
         fill -= 1
     message.padding = bytes(fill)
     return message.SerializeToString()
+
+
+def error_message(code: grpc.StatusCode, message: str) -> bytes:
+    """A padded ``CircuitError``: how a terminating node tells the client it refused or failed,
+    with the status code the client should see."""
+    return pad_message(relay_pb2.CircuitMessage(error=relay_pb2.CircuitError(code=int(code.value[0]), message=message)))
 
 
 def _varint_size(value: int) -> int:

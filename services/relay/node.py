@@ -5,7 +5,7 @@ from __future__ import annotations
 from services.relay.config import RelayConfig
 from services.relay.servicer import RelayServicer
 from swarmserve.keys import NodeKeys
-from swarmserve.overlay import DescriptorPublisher, OverlayServicer, overlay_binding
+from swarmserve.overlay import DescriptorPublisher, Membership, overlay_binding
 from swarmserve.rpc import ChannelPool, RpcServer, ServiceBinding
 from swarmserve.rpc.node import ServiceNode
 from swarmserve.telemetry import get_logger
@@ -28,7 +28,9 @@ class RelayNode(ServiceNode):
             lambda: config.advertise or self.server.address,
             onion_key=self.keys.onion,
         )
-        overlay = OverlayServicer(self.publisher.describe)
+        self.membership = Membership(
+            self.publisher.describe, self.keys.identity.public_key, self.channels, config.gossip
+        )
         self.server = RpcServer(
             config.server,
             [
@@ -36,12 +38,13 @@ class RelayNode(ServiceNode):
                     "swarmserve.v1.Relay",
                     lambda s: relay_pb2_grpc.add_RelayServicer_to_server(self.relay, s),
                 ),
-                overlay_binding(overlay),
+                overlay_binding(self.membership),
             ],
         )
 
     async def start(self) -> None:
         await self.server.start()
+        await self.join_swarm()
         log.info("relay ready", node_id=self.keys.identity.node_id, address=self.address)
 
     async def close(self) -> None:

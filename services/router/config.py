@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from swarmserve import native
@@ -16,11 +18,15 @@ MAX_RELAYS = native.MAX_LAYERS - 1
 
 class RouterConfig(NodeConfig):
     server: ServerSettings = ServerSettings(listen=DEFAULT_ROUTER)
-    peers: list[str] = Field(
-        default_factory=list,
-        description="addresses of relays and inference nodes (until gossip membership lands)",
+    advertise: str | None = Field(None, description="address published to peers (default: the listen address)")
+    dispatch: Literal["overlay", "round-robin", "random", "local-only", "central-oracle"] = Field(
+        "overlay",
+        description="how the serving node is chosen; everything but overlay is a baseline for benchmarks",
     )
-    refresh_interval_s: float = Field(2.0, gt=0, description="how often peers are asked for their descriptors")
+    home: str | None = Field(None, description="local-only: address of this entry point's own inference node")
+    offload_hops: int = Field(
+        2, ge=0, le=8, description="overlay: how many times an overloaded node may pass a request on (0: never)"
+    )
     default_hops: int = Field(3, ge=0, le=MAX_RELAYS, description="relays per circuit when a request does not say")
     max_hops: int = Field(MAX_RELAYS, ge=0, le=MAX_RELAYS)
     max_request_bytes: int = Field(
@@ -30,7 +36,9 @@ class RouterConfig(NodeConfig):
     cell_timeout_s: float = Field(120.0, gt=0, description="longest wait for the next cell of an answer")
 
     @model_validator(mode="after")
-    def _hops(self) -> RouterConfig:
+    def _check(self) -> RouterConfig:
         if self.default_hops > self.max_hops:
             raise ValueError(f"default_hops ({self.default_hops}) exceeds max_hops ({self.max_hops})")
+        if self.dispatch == "local-only" and not self.home:
+            raise ValueError("dispatch local-only needs home (this entry point's own inference node)")
         return self

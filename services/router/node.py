@@ -1,5 +1,5 @@
-"""Runs a router: keys, its view of the swarm (static peers for now), the ``Router`` and
-``Overlay`` services, graceful shutdown."""
+"""Runs a router: keys, its view of the swarm (gossip membership through one seed), the
+``Router`` and ``Overlay`` services, graceful shutdown."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from services.router.config import RouterConfig
 from services.router.service import RouterService
 from services.router.servicer import RouterServicer
 from swarmserve.keys import NodeKeys
-from swarmserve.overlay import DescriptorPublisher, OverlayServicer, PeerDirectory, StaticPeers, overlay_binding
+from swarmserve.overlay import DescriptorPublisher, Membership, overlay_binding
 from swarmserve.rpc import ChannelPool, RpcServer, ServiceBinding
 from swarmserve.rpc.node import ServiceNode
 from swarmserve.telemetry import get_logger
@@ -22,12 +22,13 @@ class RouterNode(ServiceNode):
     def __init__(self, config: RouterConfig) -> None:
         self.config = config
         self.keys = NodeKeys.load_or_create(config.data_dir)
-        self.directory = PeerDirectory()
         self.channels = ChannelPool(config.server.max_message_bytes)
-        self.peers = StaticPeers(self.directory, config.peers, self.channels, config.refresh_interval_s)
-        self.service = RouterService(self.keys.identity, self.directory, self.channels, config)
-        publisher = DescriptorPublisher(self.keys.identity, [common_pb2.NODE_ROLE_ROUTER], lambda: self.server.address)
-        overlay = OverlayServicer(publisher.describe, self.directory)
+        publisher = DescriptorPublisher(
+            self.keys.identity, [common_pb2.NODE_ROLE_ROUTER], lambda: config.advertise or self.server.address
+        )
+        self.membership = Membership(publisher.describe, self.keys.identity.public_key, self.channels, config.gossip)
+        self.directory = self.membership.directory
+        self.service = RouterService(self.keys.identity, self.membership, self.channels, config)
         router = RouterServicer(self.service)
         self.server = RpcServer(
             config.server,
@@ -36,17 +37,21 @@ class RouterNode(ServiceNode):
                     "swarmserve.v1.Router",
                     lambda s: router_pb2_grpc.add_RouterServicer_to_server(router, s),
                 ),
-                overlay_binding(overlay),
+                overlay_binding(self.membership),
             ],
         )
 
     async def start(self) -> None:
         await self.server.start(serving=False)
-        answered = await self.peers.refresh()
-        self.peers.start()
+        answered = await self.join_swarm()
         await self.server.mark_serving()
-        log.info("router ready", address=self.address, peers=len(self.config.peers), answered=answered)
+        log.info(
+            "router ready",
+            address=self.address,
+            seeds=len(self.config.gossip.seeds),
+            answered=answered,
+            members=len(self.directory.members()),
+        )
 
     async def close(self) -> None:
-        await self.peers.close()
         await self.channels.close()

@@ -4,6 +4,7 @@ co-sign) the serving node's receipt against exactly the tokens relayed."""
 
 from __future__ import annotations
 
+import asyncio
 import codecs
 import random
 import time
@@ -14,11 +15,19 @@ from dataclasses import dataclass
 import grpc
 import structlog
 
-from services.router.circuit import OpenCircuit
+from services.relay.client import OpenCircuit
 from services.router.config import RouterConfig
 from swarmserve import native
-from swarmserve.dispatch import NodeState, OverlayPolicy
-from swarmserve.overlay import Peer, PeerDirectory
+from swarmserve.dispatch import (
+    CentralOraclePolicy,
+    LocalOnlyPolicy,
+    NodeState,
+    OverlayPolicy,
+    Policy,
+    RandomPolicy,
+    RoundRobinPolicy,
+)
+from swarmserve.overlay import Membership, Peer
 from swarmserve.receipts import ReceiptError, verify_receipt
 from swarmserve.rpc import (
     ChannelPool,
@@ -29,7 +38,7 @@ from swarmserve.rpc import (
     Unavailable,
 )
 from swarmserve.telemetry import get_logger
-from swarmserve.v1 import common_pb2, inference_pb2, relay_pb2, router_pb2
+from swarmserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc, relay_pb2, router_pb2
 
 __all__ = ["RouterService", "TokenDelta", "affinity_key"]
 
@@ -53,16 +62,17 @@ class RouterService:
     def __init__(
         self,
         identity: native.Identity,
-        directory: PeerDirectory,
+        membership: Membership,
         channels: ChannelPool,
         config: RouterConfig,
     ) -> None:
         self.identity = identity
-        self.directory = directory
+        self.membership = membership
+        self.directory = membership.directory
         self.channels = channels
         self.config = config
         self._random = random.SystemRandom()
-        self._policy = OverlayPolicy()
+        self._policy = self._make_policy()
         self._sent: dict[str, tuple[int, int]] = {}  # node -> (descriptor version, tokens sent since)
 
     def _check(self, request: router_pb2.GenerateRequest) -> int:
@@ -85,21 +95,52 @@ class RouterService:
     def _candidates(self, model: str) -> list[Peer]:
         return [p for p in self.directory.alive(common_pb2.NODE_ROLE_INFERENCE) if p.serves(model)]
 
-    def choose_exit(self, request: router_pb2.GenerateRequest, excluded: set[str] | None = None) -> Peer:
-        """The shared overlay policy (swarmserve.dispatch): prefix affinity among nodes whose
-        load factor is acceptable, else the least loaded; load comes from each node's gossiped
-        descriptor plus what this router sent it since that descriptor was issued."""
+    def _make_policy(self) -> Policy:
+        match self.config.dispatch:
+            case "round-robin":
+                return RoundRobinPolicy()
+            case "random":
+                return RandomPolicy()
+            case "local-only":
+                return LocalOnlyPolicy(lambda entry: self._home_id())
+            case "central-oracle":
+                return CentralOraclePolicy()
+            case _:
+                return OverlayPolicy()
+
+    def _home_id(self) -> str:
+        for peer in self.directory.alive(common_pb2.NODE_ROLE_INFERENCE):
+            if peer.descriptor.address == self.config.home:
+                return peer.node_id
+        raise Unavailable(f"this entry point's own node {self.config.home} is not alive")
+
+    async def choose_exit(self, request: router_pb2.GenerateRequest, excluded: set[str] | None = None) -> Peer:
+        """The configured policy (swarmserve.dispatch); ours is prefix affinity among nodes whose
+        load factor is acceptable, else the least loaded, with load from each node's gossiped
+        descriptor plus what this router sent it since that descriptor was issued. The central
+        oracle instead asks every candidate for its true state at every decision."""
         candidates = {p.node_id: p for p in self._candidates(request.model) if p.node_id not in (excluded or set())}
         if not candidates:
             raise NotFound(f"no live inference node serves model {request.model!r}")
         key = affinity_key(request)
-        chosen = self._policy.choose(key, [self._state(p) for p in candidates.values()], self.identity.node_id)
+        if self.config.dispatch == "central-oracle":
+            states = await asyncio.gather(*(self._true_state(p) for p in candidates.values()))
+        else:
+            states = [self._state(p) for p in candidates.values()]
+        chosen = self._policy.choose(key, states, self.identity.node_id)
+        if chosen not in candidates:
+            raise Unavailable(f"node {chosen[:16]} chosen by {self._policy.name} is not a live candidate")
         self._policy.served(chosen, key, time.monotonic())
         peer = candidates[chosen]
         # In tokens, like the descriptor's queue: about one per 4 prompt bytes, plus the answer.
         cost = len(key) + (request.sampling.max_new_tokens or DEFAULT_NEW_TOKENS)
         self._sent[chosen] = (peer.descriptor.version, self._pending(peer) + cost)
         return peer
+
+    async def _true_state(self, peer: Peer) -> NodeState:
+        stub = inference_pb2_grpc.InferenceStub(self.channels.get(peer.descriptor.address))
+        status = await stub.Status(inference_pb2.StatusRequest(), timeout=self.config.setup_timeout_s)
+        return _node_state(peer.node_id, status.load, status.capacity)
 
     def _pending(self, peer: Peer) -> int:
         """Tokens this router sent the node since the descriptor it holds was issued (a newer
@@ -108,16 +149,7 @@ class RouterService:
         return sent if version == peer.descriptor.version else 0
 
     def _state(self, peer: Peer) -> NodeState:
-        descriptor = peer.descriptor
-        pending = self._pending(peer)
-        return NodeState(
-            peer.node_id,
-            recent_latency_s=descriptor.load.recent_latency_us / 1e6,
-            queued_tokens=descriptor.load.queued_tokens + pending,
-            batch_tokens=max(descriptor.capacity.max_concurrent, 1) * 512,
-            running=descriptor.load.running,
-            queued=descriptor.load.queued,
-        )
+        return _node_state(peer.node_id, peer.descriptor.load, peer.descriptor.capacity, self._pending(peer))
 
     async def _start(
         self, request: router_pb2.GenerateRequest, forwarded: inference_pb2.InferenceGenerateRequest, hops: int
@@ -127,7 +159,7 @@ class RouterService:
         more through another inference node and other relays."""
         excluded: set[str] = set()
         for attempt in (1, 2):
-            exit_ = self.choose_exit(request, excluded)
+            exit_ = await self.choose_exit(request, excluded)
             circuit: OpenCircuit | None = None
             try:
                 circuit = await OpenCircuit.open(
@@ -140,6 +172,8 @@ class RouterService:
                 if circuit is not None:
                     circuit.close()
                 others = [p for p in self._candidates(request.model) if p.node_id not in excluded | {exit_.node_id}]
+                if error.code == grpc.StatusCode.UNAVAILABLE:
+                    self.membership.suspect(exit_.node_id)  # gossip confirms or it refutes
                 if error.code != grpc.StatusCode.UNAVAILABLE or attempt == 2 or not others:
                     raise
                 log.info("retrying through another node", failed=exit_.node_id[:16], reason=str(error))
@@ -161,7 +195,13 @@ class RouterService:
         accepted = time.monotonic()
         accepted_unix_ms = int(time.time() * 1000)
         forwarded = inference_pb2.InferenceGenerateRequest(
-            request_id=request_id, model=request.model, sampling=request.sampling
+            request_id=request_id,
+            model=request.model,
+            sampling=request.sampling,
+            # Only our overlay lets busy nodes pass work on; the baselines measure dispatch alone.
+            forwarding=inference_pb2.ForwardingState(
+                hop_budget=self.config.offload_hops if self.config.dispatch == "overlay" else 0
+            ),
         )
         if request.WhichOneof("input") == "prompt":
             forwarded.prompt = request.prompt
@@ -196,9 +236,10 @@ class RouterService:
                     continue
                 summary = event.summary
                 try:
-                    verify_receipt(summary.receipt, ids, texts, node_key=exit_.descriptor.identity_key)
+                    signed_body = verify_receipt(summary.receipt, ids, texts)
                 except ReceiptError as error:
                     raise DataLoss(f"the serving node's receipt does not match the tokens relayed: {error}") from None
+                server = self._server_of(signed_body, exit_, request.model)
                 receipt = common_pb2.SignedReceipt()
                 receipt.CopyFrom(summary.receipt)
                 receipt.cosignatures.add(
@@ -218,14 +259,27 @@ class RouterService:
                         total_us=int((finished - accepted) * 1e6),
                         completion_tokens=len(ids),
                     ),
-                    served_by=exit_.node_id,
+                    served_by=server,
                     hops=hops,
                     request_id=request_id,
+                    entered_at=exit_.node_id,
                 )
-                log.info("served", hops=hops, tokens=len(ids), served_by=exit_.node_id[:16])
+                log.info("served", hops=hops, tokens=len(ids), served_by=server[:16], entered_at=exit_.node_id[:16])
                 return
         finally:
             circuit.close()
+
+    def _server_of(self, receipt: common_pb2.Receipt, exit_: Peer, model: str) -> str:
+        """The node that signed the receipt: the circuit's exit, or a member the exit offloaded
+        to, which must be known to serve the model with the weights the receipt names."""
+        if receipt.node_key == exit_.descriptor.identity_key:
+            return exit_.node_id
+        server = self.directory.get(native.node_id(receipt.node_key)) if len(receipt.node_key) == 32 else None
+        if server is None or not any(
+            m.name == model and m.weights_digest == receipt.model_digest for m in server.descriptor.models
+        ):
+            raise DataLoss("the receipt is signed by a node that is not known to serve this model")
+        return server.node_id
 
 
 def affinity_key(request: router_pb2.GenerateRequest) -> list[int]:
@@ -237,6 +291,19 @@ def affinity_key(request: router_pb2.GenerateRequest) -> list[int]:
     else:
         data = b"".join(f"{m.role}:{m.content}\n".encode() for m in request.chat.messages)
     return [int.from_bytes(data[i : i + 4], "little") for i in range(0, len(data) - len(data) % 4, 4)]
+
+
+def _node_state(
+    node_id: str, load: common_pb2.LoadReport, capacity: common_pb2.Capacity, pending_tokens: int = 0
+) -> NodeState:
+    return NodeState(
+        node_id,
+        recent_latency_s=load.recent_latency_us / 1e6,
+        queued_tokens=load.queued_tokens + pending_tokens,
+        batch_tokens=max(capacity.max_concurrent, 1) * 512,
+        running=load.running,
+        queued=load.queued,
+    )
 
 
 def _status(code: int) -> grpc.StatusCode:

@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
     "ENV_PREFIX",
     "ConfigError",
+    "GossipSettings",
     "LogSettings",
     "NodeConfig",
     "ServerSettings",
@@ -76,12 +77,42 @@ class LogSettings(StrictModel):
     )
 
 
+class GossipSettings(StrictModel):
+    """Membership by gossip (SWIM). The defaults follow memberlist's LAN profile, with a shorter
+    protocol period because descriptors also carry load that dispatch reads."""
+
+    seeds: list[str] = Field(
+        default_factory=list, description="HOST:PORT of any members to join through (one answering is enough)"
+    )
+    probe_interval_s: float = Field(0.5, gt=0, description="the protocol period: one member probed per period")
+    probe_timeout_s: float = Field(0.2, gt=0, description="how long a direct probe waits for its acknowledgement")
+    indirect_probes: int = Field(3, ge=0, le=16, description="members asked to probe one that missed a direct probe")
+    suspicion_mult: float = Field(
+        4.0, gt=0, description="suspicion lasts suspicion_mult x max(1, log10 n) protocol periods before 'dead'"
+    )
+    retransmit_mult: int = Field(
+        4, ge=1, description="each piece of news is sent retransmit_mult x ceil(log10(n+1)) times"
+    )
+    max_piggyback: int = Field(8, ge=1, le=64, description="most pieces of news carried by one packet")
+    sync_interval_s: float = Field(10.0, gt=0, description="push-pull exchange of full state with one random member")
+    dead_retention_s: float = Field(
+        60.0, gt=0, description="dead members are remembered this long (stale news cannot revive them)"
+    )
+
+    @model_validator(mode="after")
+    def _timeouts(self) -> GossipSettings:
+        if self.probe_timeout_s >= self.probe_interval_s:
+            raise ValueError("probe_timeout_s must be shorter than probe_interval_s (indirect probes need the rest)")
+        return self
+
+
 class NodeConfig(StrictModel):
     """Settings every node has; services extend it with their own sections."""
 
     data_dir: Path = Field(Path("data"), description="keys and the ledger replica live here")
     server: ServerSettings = ServerSettings()
     log: LogSettings = LogSettings()
+    gossip: GossipSettings = GossipSettings()
 
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)

@@ -1,25 +1,23 @@
-"""A node's view of the swarm: verified descriptors, newest version per node, and whether each
-peer answered recently. The router reads its candidates from here; the static peer poller (and,
-later, gossip) writes into it."""
+"""A node's view of the swarm: verified descriptors (newest version per node) and each member's
+liveness as this node believes it. Gossip (``membership.py``) writes into it; the router and
+offloading inference nodes read their candidates from it."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 
-from grpc import aio
-
 from swarmserve.overlay.descriptors import DescriptorError, node_id_of, open_descriptor
-from swarmserve.rpc.channels import ChannelPool
 from swarmserve.telemetry import get_logger
-from swarmserve.v1 import common_pb2, overlay_pb2, overlay_pb2_grpc
+from swarmserve.v1 import common_pb2, overlay_pb2
 
-__all__ = ["Peer", "PeerDirectory", "StaticPeers"]
+__all__ = ["ALIVE", "DEAD", "SUSPECT", "Peer", "PeerDirectory"]
 
 log = get_logger("swarmserve.overlay")
+
+ALIVE = overlay_pb2.MEMBER_STATE_ALIVE
+SUSPECT = overlay_pb2.MEMBER_STATE_SUSPECT
+DEAD = overlay_pb2.MEMBER_STATE_DEAD
 
 
 @dataclass
@@ -27,8 +25,14 @@ class Peer:
     node_id: str
     descriptor: common_pb2.NodeDescriptor
     signed: common_pb2.SignedDescriptor
-    last_seen: float  # time.monotonic() of the last successful contact
-    alive: bool = True
+    last_seen: float  # time.monotonic() when its newest descriptor arrived
+    state: overlay_pb2.MemberState.ValueType = ALIVE
+    state_since: float = 0.0  # time.monotonic() of the last state change
+    claimed_version: int = 0  # the descriptor version a SUSPECT or DEAD claim was about
+
+    @property
+    def alive(self) -> bool:
+        return self.state == ALIVE
 
     def has_role(self, role: common_pb2.NodeRole.ValueType) -> bool:
         return role in self.descriptor.roles
@@ -38,94 +42,61 @@ class Peer:
 
 
 class PeerDirectory:
-    def __init__(self) -> None:
+    def __init__(self, own_key: bytes = b"") -> None:
+        self._own_key = own_key
         self._peers: dict[str, Peer] = {}
 
     def offer(self, signed: common_pb2.SignedDescriptor) -> Peer | None:
-        """Adds or refreshes a peer from a signed descriptor. Descriptors whose signature does
-        not verify, and versions older than the one held, are dropped (returns None)."""
+        """Takes a signed descriptor if it is newer than the one held: the member is then alive
+        (a newer version refutes any suspicion or death claimed about an older one). Descriptors
+        that do not verify, this node's own, and versions not newer than held are dropped
+        (returns None), so nobody can overwrite another node's descriptor or roll it back."""
         try:
             descriptor = open_descriptor(signed)
         except DescriptorError as error:
             log.warning("descriptor refused", reason=str(error))
             return None
+        if descriptor.identity_key == self._own_key:
+            return None
         node_id = node_id_of(descriptor)
         current = self._peers.get(node_id)
-        if current is not None and descriptor.version < current.descriptor.version:
+        if current is not None and descriptor.version <= max(current.descriptor.version, current.claimed_version):
             return None
-        peer = Peer(node_id, descriptor, signed, time.monotonic())
+        now = time.monotonic()
+        if current is not None and current.state != ALIVE:
+            log.info("member alive again", node_id=node_id[:16], was=overlay_pb2.MemberState.Name(current.state))
+        elif current is None:
+            log.info("member joined", node_id=node_id[:16], address=descriptor.address)
+        since = current.state_since if current is not None and current.state == ALIVE else now
+        peer = Peer(node_id, descriptor, signed, now, ALIVE, since)
         self._peers[node_id] = peer
         return peer
 
-    def mark(self, node_id: str, alive: bool) -> None:
+    def set_state(self, node_id: str, state: overlay_pb2.MemberState.ValueType, version: int) -> Peer | None:
+        """Applies a SUSPECT or DEAD claim about descriptor ``version`` of a member. Ignored (None)
+        for unknown members, for claims about an older version than held, and for claims that
+        change nothing (suspecting a member already suspect or dead)."""
         peer = self._peers.get(node_id)
-        if peer is not None:
-            peer.alive = alive
-            if alive:
-                peer.last_seen = time.monotonic()
+        if peer is None or version < peer.descriptor.version or state <= peer.state:
+            return None
+        peer.state = state
+        peer.state_since = time.monotonic()
+        peer.claimed_version = version
+        log.info("member " + ("suspected" if state == SUSPECT else "declared dead"), node_id=node_id[:16])
+        return peer
+
+    def forget(self, node_id: str) -> None:
+        self._peers.pop(node_id, None)
 
     def peers(self) -> list[Peer]:
         return list(self._peers.values())
+
+    def members(self) -> list[Peer]:
+        """Everyone not declared dead."""
+        return [p for p in self._peers.values() if p.state != DEAD]
 
     def alive(self, role: common_pb2.NodeRole.ValueType) -> list[Peer]:
         return [p for p in self._peers.values() if p.alive and p.has_role(role)]
 
     def get(self, node_id: str) -> Peer | None:
         return self._peers.get(node_id)
-
-
-class StaticPeers:
-    """Polls a fixed list of peer addresses with ``Overlay.Exchange`` and feeds what they
-    answer into the directory. A peer that does not answer is marked not alive."""
-
-    def __init__(
-        self,
-        directory: PeerDirectory,
-        addresses: Sequence[str],
-        channels: ChannelPool,
-        interval_s: float = 2.0,
-        timeout_s: float = 2.0,
-    ) -> None:
-        self.directory = directory
-        self.addresses = list(addresses)
-        self.interval_s = interval_s
-        self.timeout_s = timeout_s
-        self._by_address: dict[str, str] = {}
-        self._task: asyncio.Task[None] | None = None
-        self._channels = channels
-
-    async def refresh(self) -> int:
-        """One round over every address; returns how many answered with a valid descriptor."""
-        results = await asyncio.gather(*(self._ask(a) for a in self.addresses))
-        return sum(results)
-
-    async def _ask(self, address: str) -> bool:
-        stub = overlay_pb2_grpc.OverlayStub(self._channels.get(address))
-        try:
-            reply = await stub.Exchange(overlay_pb2.ExchangeRequest(), timeout=self.timeout_s)
-        except aio.AioRpcError:
-            if address in self._by_address:
-                self.directory.mark(self._by_address[address], alive=False)
-            return False
-        answered = False
-        for signed in reply.updates:
-            peer = self.directory.offer(signed)
-            if peer is not None and peer.descriptor.address == address:
-                self._by_address[address] = peer.node_id
-                self.directory.mark(peer.node_id, alive=True)
-                answered = True
-        return answered
-
-    def start(self) -> None:
-        async def loop() -> None:
-            while True:
-                await asyncio.sleep(self.interval_s)
-                await self.refresh()
-
-        self._task = asyncio.get_running_loop().create_task(loop())
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task

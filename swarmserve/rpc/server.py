@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from grpc import aio
@@ -97,14 +97,24 @@ class RpcServer:
         await self._server.stop(grace)
         log.info("stopped", address=self.address)
 
-    def stop_on_signals(self, signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT)) -> None:
-        """Starts a graceful stop when one of ``signals`` arrives (call from the event loop)."""
+    def stop_on_signals(
+        self,
+        signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT),
+        on_signal: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """Starts a graceful stop when one of ``signals`` arrives (call from the event loop),
+        after ``on_signal`` (a node leaving the swarm, say) has run."""
         loop = asyncio.get_running_loop()
+
+        async def stop() -> None:
+            if on_signal is not None:
+                await on_signal()
+            await self.stop()
 
         def request_stop(sig: signal.Signals) -> None:
             log.info("signal received", signal=sig.name)
             if self._stopping is None:
-                self._stopping = loop.create_task(self.stop())
+                self._stopping = loop.create_task(stop())
 
         for sig in signals:
             loop.add_signal_handler(sig, request_stop, sig)

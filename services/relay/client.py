@@ -1,5 +1,6 @@
-"""The router's end of an onion circuit: builds the set-up onion through the chosen hops,
-checks that the path opened, then sends and receives sealed ``CircuitMessage``s."""
+"""The client end of an onion circuit (routers, and inference nodes offloading work): builds the
+set-up onion through the chosen hops, checks that the path opened, then sends and receives
+sealed ``CircuitMessage``s."""
 
 from __future__ import annotations
 

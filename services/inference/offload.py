@@ -1,0 +1,121 @@
+"""WWW.Serve's self-organizing offload: an inference node whose slots are all busy passes a new
+request on to a peer that gossip says has a free slot, instead of queueing it.
+
+The request travels like any other: in a one-layer onion circuit to the peer (so it is encrypted
+on the wire and only the serving node reads it), carrying its ``ForwardingState``. Every pass
+spends one unit of the hop budget and adds the passing node to the visited set, and no node
+passes work to a node already visited, so a request is passed on at most ``hop_budget`` times
+and never in a loop. The peer's tokens and signed receipt come back unchanged: the receipt names
+the node that really served, which is whom the router checks it against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from services.inference.service import InferenceService
+from services.relay.circuit import error_message, pad_message
+from services.relay.client import OpenCircuit
+from swarmserve.dispatch import NodeState, load_factor
+from swarmserve.overlay import Membership, Peer
+from swarmserve.rpc import ChannelPool, InvalidArgument, ServiceError
+from swarmserve.telemetry import get_logger
+from swarmserve.v1 import common_pb2, inference_pb2, relay_pb2
+
+__all__ = ["MAX_VISITED", "Offloader"]
+
+log = get_logger("swarmserve.inference")
+
+MAX_VISITED = 16  # longer visited sets are refused as malformed
+
+
+class Offloader:
+    def __init__(
+        self,
+        identity_key: bytes,
+        membership: Membership,
+        channels: ChannelPool,
+        setup_timeout_s: float,
+        cell_timeout_s: float,
+    ) -> None:
+        self._identity_key = identity_key
+        self._membership = membership
+        self._channels = channels
+        self._setup_timeout_s = setup_timeout_s
+        self._cell_timeout_s = cell_timeout_s
+        self._sent: dict[str, tuple[int, int]] = {}  # peer -> (descriptor version, requests sent since)
+        self.offloaded = 0
+
+    def target(self, service: InferenceService, request: inference_pb2.InferenceGenerateRequest) -> Peer | None:
+        """The peer to pass this request to, or None to serve (or queue) it here: only when every
+        local slot is busy, the hop budget allows, and a peer not yet visited has a free slot by
+        its latest descriptor (counting what this node sent it since). Among those, the lowest
+        load factor wins."""
+        forwarding = request.forwarding
+        if len(forwarding.visited) > MAX_VISITED or any(len(key) != 32 for key in forwarding.visited):
+            raise InvalidArgument(f"forwarding.visited must hold at most {MAX_VISITED} 32-byte identity keys")
+        load = service.admission.snapshot()
+        if forwarding.hop_budget == 0 or load.running < service.admission.max_concurrent:
+            return None
+        visited = {*forwarding.visited, self._identity_key}
+        candidates = [
+            peer
+            for peer in self._membership.directory.alive(common_pb2.NODE_ROLE_INFERENCE)
+            if peer.serves(request.model)
+            and peer.descriptor.identity_key not in visited
+            and len(peer.descriptor.onion_key) == 32
+            and self._busy(peer) < peer.descriptor.capacity.max_concurrent
+        ]
+        if not candidates:
+            return None
+        return min(candidates, key=lambda p: load_factor(self._state(p)))
+
+    def _busy(self, peer: Peer) -> int:
+        load = peer.descriptor.load
+        return load.running + load.queued + self._pending(peer)
+
+    def _pending(self, peer: Peer) -> int:
+        version, sent = self._sent.get(peer.node_id, (peer.descriptor.version, 0))
+        return sent if version == peer.descriptor.version else 0
+
+    def _state(self, peer: Peer) -> NodeState:
+        return NodeState(
+            peer.node_id,
+            recent_latency_s=peer.descriptor.load.recent_latency_us / 1e6,
+            queued_tokens=peer.descriptor.load.queued_tokens,
+            batch_tokens=max(peer.descriptor.capacity.max_concurrent, 1) * 512,
+            running=self._busy(peer),
+        )
+
+    async def open(self, peer: Peer, request: inference_pb2.InferenceGenerateRequest) -> OpenCircuit:
+        """Opens the circuit to ``peer`` and sends the request one hop further on. Raises
+        ServiceError if the peer cannot be reached (nothing was sent to the client yet)."""
+        passed = inference_pb2.InferenceGenerateRequest()
+        passed.CopyFrom(request)
+        passed.forwarding.hop_budget -= 1
+        passed.forwarding.visited.append(self._identity_key)
+        self._sent[peer.node_id] = (peer.descriptor.version, self._pending(peer) + 1)
+        circuit = await OpenCircuit.open(self._channels, [], peer, self._setup_timeout_s, self._cell_timeout_s)
+        try:
+            await circuit.send(relay_pb2.CircuitMessage(request=passed))
+        except BaseException:
+            circuit.close()
+            raise
+        self.offloaded += 1
+        log.info("offloaded", to=peer.node_id[:16], hop_budget_left=passed.forwarding.hop_budget)
+        return circuit
+
+    @staticmethod
+    async def relay(circuit: OpenCircuit, first: relay_pb2.CircuitMessage) -> AsyncIterator[bytes]:
+        """The peer's messages, re-padded for this node's own circuit, until its summary or error."""
+        message = first
+        try:
+            while True:
+                yield pad_message(message)
+                if message.WhichOneof("body") != "response" or message.response.HasField("summary"):
+                    return
+                message = await circuit.receive()
+        except ServiceError as error:
+            yield error_message(error.code, str(error))
+        finally:
+            circuit.close()

@@ -1,0 +1,206 @@
+"""Gossip membership (SWIM) between real nodes over real gRPC sockets: joining through one seed,
+failure detection with suspicion, refutation of false claims, leaving, bounded traffic, and what
+is tried against it (forged, unsigned, replayed and stale descriptors, false death claims,
+malformed packets)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+
+import pytest
+from grpc import aio
+
+from services.relay.config import RelayConfig
+from services.relay.node import RelayNode
+from swarmserve import native
+from swarmserve.config import GossipSettings, ServerSettings
+from swarmserve.overlay import ALIVE, DEAD, SUSPECT, sign_descriptor
+from swarmserve.v1 import common_pb2, overlay_pb2, overlay_pb2_grpc
+from tests.conftest import FAST_GOSSIP
+
+Nodes = Callable[..., AbstractAsyncContextManager[list[RelayNode]]]
+
+
+@pytest.fixture
+def nodes(tmp_path: Path) -> Nodes:
+    @asynccontextmanager
+    async def start(count: int, gossip: GossipSettings = FAST_GOSSIP) -> AsyncIterator[list[RelayNode]]:
+        """``count`` relays; every one after the first knows only the first (its seed)."""
+        started: list[RelayNode] = []
+        try:
+            for i in range(count):
+                seeds = [started[0].address] if started else []
+                node = RelayNode(
+                    RelayConfig(
+                        data_dir=tmp_path / f"n{i}",
+                        server=ServerSettings(listen="127.0.0.1:0"),
+                        gossip=gossip.model_copy(update={"seeds": seeds}),
+                    )
+                )
+                await node.start()
+                started.append(node)
+            yield started
+        finally:
+            for node in started:
+                await node.stop(0)
+
+    return start
+
+
+def state_of(observer: RelayNode, node: RelayNode) -> int | None:
+    peer = observer.membership.directory.get(node.keys.identity.node_id)
+    return None if peer is None else peer.state
+
+
+async def until(condition: Callable[[], bool], timeout_s: float, what: str) -> float:
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout_s, f"{what} did not happen within {timeout_s:.1f} s"
+        await asyncio.sleep(0.02)
+    return time.monotonic() - started
+
+
+def everyone_knows_everyone(group: list[RelayNode]) -> bool:
+    return all(state_of(a, b) == ALIVE for a in group for b in group if a is not b)
+
+
+async def test_nodes_that_know_one_seed_learn_the_whole_swarm(nodes: Nodes) -> None:
+    async with nodes(6) as group:
+        await until(lambda: everyone_knows_everyone(group), 5.0, "full membership")
+        # Descriptors stay fresh: every node's view of another is at most a few periods old.
+        await asyncio.sleep(10 * FAST_GOSSIP.probe_interval_s)
+        now = time.monotonic()
+        ages = [now - p.last_seen for n in group for p in n.membership.directory.members()]
+        assert max(ages) < 10 * FAST_GOSSIP.probe_interval_s
+
+
+async def test_a_silent_failure_is_suspected_then_declared_dead_within_the_bound(nodes: Nodes) -> None:
+    async with nodes(5) as group:
+        await until(lambda: everyone_knows_everyone(group), 5.0, "full membership")
+        victim, observers = group[-1], group[:-1]
+        await victim.membership.close(leave=False)  # dies: no goodbye
+        await victim.server.stop(0)
+        suspected = await until(
+            lambda: any(state_of(o, victim) in (SUSPECT, DEAD) for o in observers), 5.0, "suspicion"
+        )
+        # Bound (swarmserve/overlay/membership.py): probed within n periods, suspected by the end
+        # of that period, dead after the suspicion timeout, then O(log n) periods of gossip.
+        n = len(group)
+        bound = (n + 1) * FAST_GOSSIP.probe_interval_s + observers[0].membership.suspicion_timeout_s() + 1.0
+        dead = await until(lambda: all(state_of(o, victim) == DEAD for o in observers), bound, "death everywhere")
+        assert suspected <= dead
+        # The survivors keep each other alive.
+        assert everyone_knows_everyone(observers)
+
+
+async def test_a_false_death_claim_is_refuted_by_the_living_node(nodes: Nodes) -> None:
+    async with nodes(4) as group:
+        await until(lambda: everyone_knows_everyone(group), 5.0, "full membership")
+        victim, liar_target = group[1], group[2]
+        claimed = liar_target.membership.directory.get(victim.keys.identity.node_id)
+        assert claimed is not None
+        # A malicious member tells node 2 that node 1 is dead (claims are unsigned in SWIM).
+        lie = overlay_pb2.SwimPacket(
+            updates=[
+                overlay_pb2.MemberUpdate(
+                    identity_key=victim.keys.identity.public_key,
+                    state=overlay_pb2.MEMBER_STATE_DEAD,
+                    version=claimed.descriptor.version,
+                )
+            ]
+        )
+        async with aio.insecure_channel(liar_target.address) as channel:
+            await overlay_pb2_grpc.OverlayStub(channel).Swim(lie)
+        assert state_of(liar_target, victim) == DEAD
+        # The news spreads, reaches the victim, and its newer signed descriptor wins everywhere.
+        await until(lambda: everyone_knows_everyone(group), 5.0, "refutation")
+
+
+async def test_forged_stale_and_malformed_gossip_is_dropped(nodes: Nodes) -> None:
+    async with nodes(3) as group:
+        await until(lambda: everyone_knows_everyone(group), 5.0, "full membership")
+        target, victim = group[0], group[1]
+        held = target.membership.directory.get(victim.keys.identity.node_id)
+        assert held is not None
+        attacker = native.Identity.generate()
+
+        def victims_descriptor(**changes: object) -> common_pb2.NodeDescriptor:
+            descriptor = common_pb2.NodeDescriptor()
+            descriptor.CopyFrom(held.descriptor)
+            for field, value in changes.items():
+                setattr(descriptor, field, value)
+            return descriptor
+
+        hijack = victims_descriptor(version=held.descriptor.version + 10**9, address="10.6.6.6:1")
+        body = hijack.SerializeToString()
+        attempts = {
+            # Another key signs a descriptor naming the victim's identity key: not its signature.
+            "forged": common_pb2.SignedDescriptor(descriptor=body, signature=attacker.sign(body)),
+            "unsigned": common_pb2.SignedDescriptor(descriptor=body),
+            "not a descriptor": common_pb2.SignedDescriptor(descriptor=b"\xff\x00junk", signature=bytes(64)),
+            # The victim's own, genuinely signed, but older descriptor (a replay): no rollback.
+            "replayed": common_pb2.SignedDescriptor(descriptor=held.signed.descriptor, signature=held.signed.signature),
+        }
+        async with aio.insecure_channel(target.address) as channel:
+            stub = overlay_pb2_grpc.OverlayStub(channel)
+            for signed in attempts.values():
+                await stub.Swim(overlay_pb2.SwimPacket(sender=signed))
+                await stub.Swim(
+                    overlay_pb2.SwimPacket(
+                        updates=[
+                            overlay_pb2.MemberUpdate(
+                                identity_key=victim.keys.identity.public_key, state=ALIVE, descriptor=signed
+                            )
+                        ]
+                    )
+                )
+                await stub.Exchange(overlay_pb2.ExchangeRequest(sender=signed, updates=[signed]))
+            # Claims about keys of the wrong length, about unknown members, and probe targets
+            # that are not keys: answered, ignored.
+            answer = await stub.Swim(
+                overlay_pb2.SwimPacket(
+                    probe_target=b"short",
+                    updates=[
+                        overlay_pb2.MemberUpdate(identity_key=b"x", state=DEAD, version=1),
+                        overlay_pb2.MemberUpdate(identity_key=attacker.public_key, state=DEAD, version=1),
+                    ],
+                )
+            )
+            assert not answer.probe_acked and answer.sender.descriptor
+        now = target.membership.directory.get(victim.keys.identity.node_id)
+        assert now is not None and now.descriptor.address == victim.address and now.state == ALIVE
+        assert target.membership.directory.get(attacker.node_id) is None
+        # A node may publish only its own descriptor.
+        with pytest.raises(ValueError, match="only its own"):
+            sign_descriptor(attacker, hijack)
+
+
+async def test_a_leaving_node_is_dead_at_once_and_a_returning_one_alive_again(nodes: Nodes, tmp_path: Path) -> None:
+    async with nodes(4) as group:
+        await until(lambda: everyone_knows_everyone(group), 5.0, "full membership")
+        leaving = group[-1]
+        await leaving.membership.close(leave=True)
+        # Told directly (no suspicion timeout): well under the silent-failure bound.
+        await until(lambda: all(state_of(o, leaving) == DEAD for o in group[:-1]), 2.0, "leave")
+        leaving.membership.start()  # comes back: its next packets carry a newer descriptor
+        await until(lambda: everyone_knows_everyone(group), 5.0, "return")
+
+
+async def test_traffic_per_node_per_round_is_bounded(nodes: Nodes) -> None:
+    gossip = FAST_GOSSIP.model_copy(update={"max_piggyback": 3, "sync_interval_s": 100.0})
+    async with nodes(7, gossip) as group:
+        await until(lambda: everyone_knows_everyone(group), 8.0, "full membership")
+        before = [n.membership.packets_sent for n in group]
+        started = time.monotonic()
+        await asyncio.sleep(20 * gossip.probe_interval_s)
+        rounds = (time.monotonic() - started) / gossip.probe_interval_s + 1
+        sent = [n.membership.packets_sent - b for n, b in zip(group, before, strict=True)]
+        # One probe per period when everyone answers (indirect probes only after a miss).
+        assert max(sent) <= rounds + 1, sent
+        # And no packet carries more than max_piggyback pieces of news.
+        packet = group[0].membership._packet()
+        assert len(packet.updates) <= gossip.max_piggyback
