@@ -38,6 +38,7 @@ from swarmserve.config import GossipSettings
 from swarmserve.overlay.descriptors import DescriptorError, open_descriptor
 from swarmserve.overlay.directory import ALIVE, DEAD, SUSPECT, Peer, PeerDirectory
 from swarmserve.rpc.channels import ChannelPool
+from swarmserve.rpc.errors import Unavailable
 from swarmserve.telemetry import get_logger
 from swarmserve.v1 import common_pb2, overlay_pb2, overlay_pb2_grpc
 
@@ -72,11 +73,14 @@ class Membership:
         self._order: list[str] = []  # probe order for this pass over the members
         self._task: asyncio.Task[None] | None = None
         self.packets_sent = 0  # probes, indirect probe requests and exchanges sent (for benchmarks)
+        self._left = False
 
     # --- what arrives ------------------------------------------------------------------------
 
     async def on_swim(self, packet: overlay_pb2.SwimPacket) -> overlay_pb2.SwimPacket:
         """Answers a probe (the answer is the acknowledgement) or an indirect probe request."""
+        if self._left:  # answering would carry a fresh descriptor and undo the goodbye
+            raise Unavailable("this node has left the swarm")
         self._absorb(packet)
         acked = False
         if packet.probe_target:
@@ -86,6 +90,8 @@ class Membership:
         return self._packet(probe_acked=acked)
 
     def on_exchange(self, request: overlay_pb2.ExchangeRequest) -> overlay_pb2.ExchangeResponse:
+        if self._left:
+            raise Unavailable("this node has left the swarm")
         for signed in [request.sender, *request.updates]:
             if signed.descriptor:
                 self._learn(signed)
@@ -253,7 +259,9 @@ class Membership:
             await self.join()  # knows nobody alive (yet, or any more): back to the seeds
 
     async def leave(self) -> None:
-        """Tells a few members this node is leaving, so they need not wait for the suspicion."""
+        """Tells a few members this node is leaving, so they need not wait for the suspicion;
+        from then on it answers no gossip (until :meth:`start` rejoins)."""
+        self._left = True
         signed = self.describe()
         version = open_descriptor(signed).version
         update = overlay_pb2.MemberUpdate(identity_key=self.own_key, state=DEAD, version=version)
@@ -263,6 +271,8 @@ class Membership:
         await asyncio.gather(*(self._send(p, packet, self.settings.probe_timeout_s) for p in targets))
 
     def start(self) -> None:
+        self._left = False
+
         async def run() -> None:
             next_sync = time.monotonic() + self.settings.sync_interval_s
             while True:
