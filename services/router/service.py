@@ -42,8 +42,6 @@ from swarmserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc, relay_p
 
 __all__ = ["RouterService", "TokenDelta", "affinity_key"]
 
-DEFAULT_NEW_TOKENS = 128  # what a node generates when a request does not say
-
 log = get_logger("swarmserve.router")
 
 
@@ -73,7 +71,7 @@ class RouterService:
         self.config = config
         self._random = random.SystemRandom()
         self._policy = self._make_policy()
-        self._sent: dict[str, tuple[int, int]] = {}  # node -> (descriptor version, tokens sent since)
+        self._sent: dict[str, tuple[int, int]] = {}  # node -> (descriptor version, requests sent since)
 
     def _check(self, request: router_pb2.GenerateRequest) -> int:
         size = request.ByteSize()
@@ -132,9 +130,7 @@ class RouterService:
             raise Unavailable(f"node {chosen[:16]} chosen by {self._policy.name} is not a live candidate")
         self._policy.served(chosen, key, time.monotonic())
         peer = candidates[chosen]
-        # In tokens, like the descriptor's queue: about one per 4 prompt bytes, plus the answer.
-        cost = len(key) + (request.sampling.max_new_tokens or DEFAULT_NEW_TOKENS)
-        self._sent[chosen] = (peer.descriptor.version, self._pending(peer) + cost)
+        self._sent[chosen] = (peer.descriptor.version, self._pending(peer) + 1)
         return peer
 
     async def _true_state(self, peer: Peer) -> NodeState:
@@ -143,7 +139,7 @@ class RouterService:
         return _node_state(peer.node_id, status.load, status.capacity)
 
     def _pending(self, peer: Peer) -> int:
-        """Tokens this router sent the node since the descriptor it holds was issued (a newer
+        """Requests this router sent the node since the descriptor it holds was issued (a newer
         descriptor already counts them)."""
         version, sent = self._sent.get(peer.node_id, (peer.descriptor.version, 0))
         return sent if version == peer.descriptor.version else 0
@@ -294,15 +290,14 @@ def affinity_key(request: router_pb2.GenerateRequest) -> list[int]:
 
 
 def _node_state(
-    node_id: str, load: common_pb2.LoadReport, capacity: common_pb2.Capacity, pending_tokens: int = 0
+    node_id: str, load: common_pb2.LoadReport, capacity: common_pb2.Capacity, pending: int = 0
 ) -> NodeState:
     return NodeState(
         node_id,
         recent_latency_s=load.recent_latency_us / 1e6,
-        queued_tokens=load.queued_tokens + pending_tokens,
-        batch_tokens=max(capacity.max_concurrent, 1) * 512,
+        slots=capacity.max_concurrent,
         running=load.running,
-        queued=load.queued,
+        queued=load.queued + pending,
     )
 
 

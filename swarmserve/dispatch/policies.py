@@ -30,19 +30,21 @@ class NodeState:
 
     node_id: str
     recent_latency_s: float  # mean end-to-end latency of its recent requests
-    queued_tokens: int  # prompt + requested tokens waiting or running
-    batch_tokens: int  # tokens it processes per batch round
+    slots: int  # requests it runs at once (its batch)
     running: int = 0
-    queued: int = 0
+    queued: int = 0  # waiting for a slot (plus what the caller sent it since it last heard)
     reputation: float = 1.0  # from verification; below the trust threshold it gets nothing
 
 
 def load_factor(state: NodeState) -> float:
-    """PlanetServe's BF = recent mean latency x ceil(queued tokens / batch size): roughly how
-    long a new request waits. An idle node scores its latency alone (never zero), so a node
-    that claims to be idle but is slow still scores by what was observed of it."""
-    rounds = max(1, math.ceil(state.queued_tokens / max(state.batch_tokens, 1)))
-    return max(state.recent_latency_s, 1e-3) * rounds
+    """Roughly how long a new request would take there: PlanetServe's BF = recent mean latency x
+    batch rounds of work ahead, with the rounds counted in requests and fractionally,
+    (running + queued) / slots, so that every request ahead counts (a ceil() over a token queue
+    rounds a busy node down to idle when requests are short). An idle node scores its latency
+    alone (never zero), so a node that claims to be idle but is slow still scores by what was
+    observed of it."""
+    rounds_ahead = (state.running + state.queued) / max(state.slots, 1)
+    return max(state.recent_latency_s, 1e-3) * (1 + rounds_ahead)
 
 
 class Policy(Protocol):
@@ -105,15 +107,25 @@ class OverlayPolicy:
 
     name = "overlay"
 
-    def __init__(self, percentile: float = 0.8, trust_floor: float = 0.3, tree: PrefixTree | None = None) -> None:
+    def __init__(
+        self,
+        percentile: float = 0.8,
+        trust_floor: float = 0.3,
+        tree: PrefixTree | None = None,
+        near_best: float = 1.25,
+    ) -> None:
         self.percentile = percentile
+        self.near_best = near_best
         self.trust_floor = trust_floor
         self.tree = tree or PrefixTree()
 
     def choose(self, prompt_ids: Sequence[int], nodes: Sequence[NodeState], entry: str) -> str:
         trusted = [n for n in nodes if n.reputation >= self.trust_floor] or list(nodes)
         factors = {n.node_id: load_factor(n) for n in trusted}
-        cutoff = _percentile(sorted(factors.values()), self.percentile)
+        ordered = sorted(factors.values())
+        # In a small swarm the percentile can exclude a warm node whose load factor is barely
+        # above the rest (one request in flight), so near-best (within `near_best`) also counts.
+        cutoff = max(_percentile(ordered, self.percentile), self.near_best * ordered[0])
         matches = self.tree.match(prompt_ids)
         eligible = [
             (depth, -factors[node]) for node, depth in matches.items() if node in factors and factors[node] <= cutoff
