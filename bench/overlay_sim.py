@@ -9,8 +9,9 @@ Decentralized policies decide from gossiped state (refreshed every GOSSIP_S, so 
 bounded candidate set (prefix-matching nodes plus random ones), as a router that knows the swarm
 only through gossip would; the central oracle reads every node's true state at every decision.
 
-Also: how many push-gossip rounds (fan-out 3) a membership change needs to reach every node, and
-the messages per node per round, for swarms of 10 to 10,000 nodes.
+Also: how many SWIM protocol periods a membership change needs to reach every node (news
+piggybacked on probes and their answers, as swarmserve/overlay/membership.py sends it), and the
+messages per node per period, for swarms of 10 to 10,000 nodes.
 
 Writes bench/results/overlay_sim.json and overlay_sim.png. Run: `make bench`.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import math
 import random
 import sys
 from collections import OrderedDict, deque
@@ -119,8 +121,8 @@ def simulate(policy_name: str, load: float, seed: int = 7, requests_count: int =
     requests = workload(load * capacity, rng, requests_count)
     home = {r: list(nodes)[r * NODES // ROUTERS] for r in range(ROUTERS)}  # each router's own node
     policies: dict[str, Policy] = {
-        "overlay": OverlayPolicy(),
-        "central-oracle": CentralOraclePolicy(),
+        "overlay": OverlayPolicy(rng=random.Random(seed)),
+        "central-oracle": CentralOraclePolicy(rng=random.Random(seed)),
         "round-robin": RoundRobinPolicy(),
         "random": RandomPolicy(random.Random(seed)),
         "local-only": LocalOnlyPolicy(lambda entry: home[int(entry)]),
@@ -188,15 +190,30 @@ def simulate(policy_name: str, load: float, seed: int = 7, requests_count: int =
     }
 
 
-def gossip_rounds(members: int, fanout: int = 3, seed: int = 3) -> int:
-    """Push gossip of one membership change: rounds until every member has heard it."""
+def gossip_rounds(members: int, retransmit_mult: int = 4, seed: int = 3) -> int:
+    """Protocol periods until one membership change reaches every member, disseminated as
+    swarmserve/overlay/membership.py does it: every period each member probes one other (a
+    shuffled round-robin, modelled as uniform) and is answered; a member that knows the news
+    carries it on its probes and answers until it has sent it retransmit_mult x ceil(log10(n+1))
+    times. Each member sends one probe and on average one answer per period, whatever n is."""
     rng = random.Random(seed)
-    informed = {0}
+    limit = retransmit_mult * math.ceil(math.log10(members + 1))
+    sent = {0: 0}
     rounds = 0
-    while len(informed) < members:
+    while len(sent) < members:
         rounds += 1
-        for _node in list(informed):
-            informed.update(rng.randrange(members) for _ in range(fanout))
+        heard = set()
+        for node in range(members):
+            target = rng.randrange(members - 1)
+            target += target >= node
+            for speaker, listener in ((node, target), (target, node)):  # the probe, then its answer
+                if speaker in sent and sent[speaker] < limit:
+                    sent[speaker] += 1
+                    heard.add(listener)
+        for node in heard:
+            sent.setdefault(node, 0)
+        if rounds > 10 * limit:
+            raise RuntimeError("the news died out before reaching everyone")
     return rounds
 
 
@@ -226,7 +243,13 @@ def main() -> int:
             for baseline in policies[1:]
         }
     scale = {
-        n: {"rounds_to_reach_all": gossip_rounds(n), "messages_per_node_per_round": 3} for n in (10, 100, 1000, 10_000)
+        n: {
+            "rounds_to_reach_all": gossip_rounds(n),
+            "seconds_at_default_period": gossip_rounds(n) * 0.5,
+            # One probe sent and one answered per period (plus indirect probes after a miss).
+            "messages_per_node_per_round": 2,
+        }
+        for n in (10, 100, 1000, 10_000)
     }
     report = {
         "benchmark": "overlay_sim",
@@ -271,7 +294,7 @@ def plot(sweep: dict[str, dict[str, dict[str, float]]], scale: dict[int, dict[st
     slo.set(xlabel="offered load / capacity", ylabel="SLO attainment")
     latency.legend()
     rounds.plot(list(scale), [v["rounds_to_reach_all"] for v in scale.values()], marker="o")
-    rounds.set(xscale="log", xlabel="swarm size (nodes)", ylabel="gossip rounds to reach all (fan-out 3)")
+    rounds.set(xscale="log", xlabel="swarm size (nodes)", ylabel="protocol periods to reach all (SWIM piggyback)")
     fig.suptitle("Overlay dispatch, SIMULATED (same policy code as the router; emulated node timing)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -18,7 +18,7 @@ from services.relay.config import RelayConfig
 from services.relay.node import RelayNode
 from swarmserve import native
 from swarmserve.config import GossipSettings, ServerSettings
-from swarmserve.overlay import ALIVE, DEAD, SUSPECT, sign_descriptor
+from swarmserve.overlay import ALIVE, DEAD, SUSPECT, DescriptorPublisher, PeerDirectory, sign_descriptor
 from swarmserve.v1 import common_pb2, overlay_pb2, overlay_pb2_grpc
 from tests.conftest import FAST_GOSSIP
 
@@ -109,7 +109,7 @@ async def test_a_false_death_claim_is_refuted_by_the_living_node(nodes: Nodes) -
                 overlay_pb2.MemberUpdate(
                     identity_key=victim.keys.identity.public_key,
                     state=overlay_pb2.MEMBER_STATE_DEAD,
-                    version=claimed.descriptor.version,
+                    incarnation=claimed.descriptor.incarnation,
                 )
             ]
         )
@@ -165,8 +165,8 @@ async def test_forged_stale_and_malformed_gossip_is_dropped(nodes: Nodes) -> Non
                 overlay_pb2.SwimPacket(
                     probe_target=b"short",
                     updates=[
-                        overlay_pb2.MemberUpdate(identity_key=b"x", state=DEAD, version=1),
-                        overlay_pb2.MemberUpdate(identity_key=attacker.public_key, state=DEAD, version=1),
+                        overlay_pb2.MemberUpdate(identity_key=b"x", state=DEAD, incarnation=1),
+                        overlay_pb2.MemberUpdate(identity_key=attacker.public_key, state=DEAD, incarnation=1),
                     ],
                 )
             )
@@ -204,3 +204,23 @@ async def test_traffic_per_node_per_round_is_bounded(nodes: Nodes) -> None:
         # And no packet carries more than max_piggyback pieces of news.
         packet = group[0].membership._packet()
         assert len(packet.updates) <= gossip.max_piggyback
+
+
+def test_only_the_member_itself_can_undo_a_death_claim() -> None:
+    """Descriptor versions change with every load update and travel second-hand; a newer version
+    relayed by others must not revive a member declared dead, only a higher incarnation, which
+    only the member signs (when it refutes, or restarts)."""
+    identity = native.Identity.generate()
+    publisher = DescriptorPublisher(identity, [common_pb2.NODE_ROLE_RELAY], lambda: "127.0.0.1:1")
+    directory = PeerDirectory()
+    peer = directory.offer(publisher.describe())
+    assert peer is not None
+    assert directory.set_state(peer.node_id, DEAD, publisher.incarnation) is not None
+    later_load = publisher.describe()  # newer version, same incarnation: e.g. gossiped by a third node
+    assert directory.offer(later_load) is not None  # its content is taken...
+    assert peer.state == DEAD  # ...but the member stays dead
+    # Claims about an incarnation it has moved past are ignored once it refutes.
+    publisher.refute(publisher.incarnation)
+    assert directory.offer(publisher.describe()) is not None and peer.state == ALIVE
+    assert directory.set_state(peer.node_id, SUSPECT, publisher.incarnation - 1) is None
+    assert peer.state == ALIVE

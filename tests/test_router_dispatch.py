@@ -10,7 +10,7 @@ from services.router.config import RouterConfig
 from services.router.service import RouterService, affinity_key
 from swarmserve import native
 from swarmserve.config import GossipSettings
-from swarmserve.overlay import Membership, PeerDirectory, sign_descriptor
+from swarmserve.overlay import DescriptorPublisher, Membership, PeerDirectory, sign_descriptor
 from swarmserve.rpc import ChannelPool, NotFound
 from swarmserve.v1 import common_pb2, router_pb2
 
@@ -45,9 +45,8 @@ def request(user: str, system: str = SYSTEM) -> router_pb2.GenerateRequest:
 def router(directory: PeerDirectory) -> RouterService:
     identity = native.Identity.generate()
     channels = ChannelPool()
-    membership = Membership(
-        lambda: common_pb2.SignedDescriptor(), identity.public_key, channels, GossipSettings(), directory
-    )
+    publisher = DescriptorPublisher(identity, [common_pb2.NODE_ROLE_ROUTER], lambda: "127.0.0.1:1")
+    membership = Membership(publisher, channels, GossipSettings(), directory)
     return RouterService(identity, membership, channels, RouterConfig())
 
 

@@ -78,9 +78,7 @@ class InferenceNode(ServiceNode):
             onion_key=self.keys.onion,
             fill=self._describe,
         )
-        self.membership = Membership(
-            self.publisher.describe, self.keys.identity.public_key, self.channels, config.gossip
-        )
+        self.membership = Membership(self.publisher, self.channels, config.gossip)
         self.offloader = (
             Offloader(
                 self.keys.identity.public_key,

@@ -28,9 +28,7 @@ class RelayNode(ServiceNode):
             lambda: config.advertise or self.server.address,
             onion_key=self.keys.onion,
         )
-        self.membership = Membership(
-            self.publisher.describe, self.keys.identity.public_key, self.channels, config.gossip
-        )
+        self.membership = Membership(self.publisher, self.channels, config.gossip)
         self.server = RpcServer(
             config.server,
             [

@@ -26,7 +26,7 @@ class RouterNode(ServiceNode):
         publisher = DescriptorPublisher(
             self.keys.identity, [common_pb2.NODE_ROLE_ROUTER], lambda: config.advertise or self.server.address
         )
-        self.membership = Membership(publisher.describe, self.keys.identity.public_key, self.channels, config.gossip)
+        self.membership = Membership(publisher, self.channels, config.gossip)
         self.directory = self.membership.directory
         self.service = RouterService(self.keys.identity, self.membership, self.channels, config)
         router = RouterServicer(self.service)

@@ -10,7 +10,7 @@ import random
 import time
 import uuid
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 import structlog
@@ -71,7 +71,10 @@ class RouterService:
         self.config = config
         self._random = random.SystemRandom()
         self._policy = self._make_policy()
-        self._sent: dict[str, tuple[int, int]] = {}  # node -> (descriptor version, requests sent since)
+        # What this router saw itself, fresher than gossip: when each of its requests still in
+        # flight at a node started, and an average of the latency it observed there.
+        self._in_flight: dict[str, list[float]] = {}
+        self._observed_latency: dict[str, float] = {}
 
     def _check(self, request: router_pb2.GenerateRequest) -> int:
         size = request.ByteSize()
@@ -130,7 +133,6 @@ class RouterService:
             raise Unavailable(f"node {chosen[:16]} chosen by {self._policy.name} is not a live candidate")
         self._policy.served(chosen, key, time.monotonic())
         peer = candidates[chosen]
-        self._sent[chosen] = (peer.descriptor.version, self._pending(peer) + 1)
         return peer
 
     async def _true_state(self, peer: Peer) -> NodeState:
@@ -139,23 +141,37 @@ class RouterService:
         return _node_state(peer.node_id, status.load, status.capacity)
 
     def _pending(self, peer: Peer) -> int:
-        """Requests this router sent the node since the descriptor it holds was issued (a newer
-        descriptor already counts them)."""
-        version, sent = self._sent.get(peer.node_id, (peer.descriptor.version, 0))
-        return sent if version == peer.descriptor.version else 0
+        """This router's requests still in flight at the node that started after its descriptor
+        arrived (the descriptor counts the earlier ones)."""
+        return sum(1 for started in self._in_flight.get(peer.node_id, ()) if started > peer.last_seen)
+
+    def _finished(self, node_id: str, started: float, latency_s: float | None) -> None:
+        """Ends a request's in-flight record; a completed one updates the observed latency
+        (an exponential average, so a node's recent behaviour counts, whatever it claims)."""
+        in_flight = self._in_flight.get(node_id, [])
+        if started in in_flight:
+            in_flight.remove(started)
+        if latency_s is not None:
+            previous = self._observed_latency.get(node_id)
+            self._observed_latency[node_id] = latency_s if previous is None else 0.7 * previous + 0.3 * latency_s
 
     def _state(self, peer: Peer) -> NodeState:
-        return _node_state(peer.node_id, peer.descriptor.load, peer.descriptor.capacity, self._pending(peer))
+        state = _node_state(peer.node_id, peer.descriptor.load, peer.descriptor.capacity, self._pending(peer))
+        observed = self._observed_latency.get(peer.node_id)
+        return state if observed is None else replace(state, recent_latency_s=observed)
 
     async def _start(
         self, request: router_pb2.GenerateRequest, forwarded: inference_pb2.InferenceGenerateRequest, hops: int
-    ) -> tuple[Peer, OpenCircuit, relay_pb2.CircuitMessage]:
-        """Opens a circuit, sends the request and reads the first answer. If that fails with
+    ) -> tuple[Peer, float, OpenCircuit, relay_pb2.CircuitMessage]:
+        """Opens a circuit, sends the request and reads the first answer; returns the exit, when
+        the request was dispatched to it, the circuit and the answer. If that fails with
         UNAVAILABLE (a node or relay gone) nothing has reached the client yet, so it is tried once
         more through another inference node and other relays."""
         excluded: set[str] = set()
         for attempt in (1, 2):
             exit_ = await self.choose_exit(request, excluded)
+            started = time.monotonic()
+            self._in_flight.setdefault(exit_.node_id, []).append(started)
             circuit: OpenCircuit | None = None
             try:
                 circuit = await OpenCircuit.open(
@@ -163,8 +179,9 @@ class RouterService:
                     self.config.cell_timeout_s,
                 )  # fmt: skip
                 await circuit.send(relay_pb2.CircuitMessage(request=forwarded))
-                return exit_, circuit, await circuit.receive()
+                return exit_, started, circuit, await circuit.receive()
             except ServiceError as error:
+                self._finished(exit_.node_id, started, None)
                 if circuit is not None:
                     circuit.close()
                 others = [p for p in self._candidates(request.model) if p.node_id not in excluded | {exit_.node_id}]
@@ -203,7 +220,8 @@ class RouterService:
             forwarded.prompt = request.prompt
         else:
             forwarded.chat.CopyFrom(request.chat)
-        exit_, circuit, message = await self._start(request, forwarded, hops)
+        exit_, started, circuit, message = await self._start(request, forwarded, hops)
+        completed = False
         try:
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
             ids: list[int] = []
@@ -261,9 +279,11 @@ class RouterService:
                     entered_at=exit_.node_id,
                 )
                 log.info("served", hops=hops, tokens=len(ids), served_by=server[:16], entered_at=exit_.node_id[:16])
+                completed = True
                 return
         finally:
             circuit.close()
+            self._finished(exit_.node_id, started, time.monotonic() - started if completed else None)
 
     def _server_of(self, receipt: common_pb2.Receipt, exit_: Peer, model: str) -> str:
         """The node that signed the receipt: the circuit's exit, or a member the exit offloaded

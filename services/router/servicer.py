@@ -55,7 +55,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             overlay_pb2.MemberView(
                 descriptor=peer.signed,
                 node_id=peer.node_id,
-                state=overlay_pb2.MEMBER_STATE_ALIVE if peer.alive else overlay_pb2.MEMBER_STATE_SUSPECT,
+                state=peer.state,
             )
             for peer in self.service.directory.peers()
             if not request.role or peer.has_role(request.role)

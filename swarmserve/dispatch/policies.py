@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from swarmserve.dispatch.prefix_tree import PrefixTree
@@ -113,7 +113,9 @@ class OverlayPolicy:
         trust_floor: float = 0.3,
         tree: PrefixTree | None = None,
         near_best: float = 1.25,
+        rng: random.Random | None = None,
     ) -> None:
+        self._rng = rng or random.Random()
         self.percentile = percentile
         self.near_best = near_best
         self.trust_floor = trust_floor
@@ -121,7 +123,14 @@ class OverlayPolicy:
 
     def choose(self, prompt_ids: Sequence[int], nodes: Sequence[NodeState], entry: str) -> str:
         trusted = [n for n in nodes if n.reputation >= self.trust_floor] or list(nodes)
-        factors = {n.node_id: load_factor(n) for n in trusted}
+        # A node with no latency history yet (or one claiming zero) is taken to be typical, not
+        # the fastest: otherwise every new node, and every liar, would draw all traffic first.
+        known = sorted(n.recent_latency_s for n in trusted if n.recent_latency_s > 0)
+        typical = known[len(known) // 2] if known else 0.0
+        factors = {
+            n.node_id: load_factor(n if n.recent_latency_s > 0 else replace(n, recent_latency_s=typical))
+            for n in trusted
+        }
         ordered = sorted(factors.values())
         # In a small swarm the percentile can exclude a warm node whose load factor is barely
         # above the rest (one request in flight), so near-best (within `near_best`) also counts.
@@ -133,7 +142,9 @@ class OverlayPolicy:
         if eligible:
             best = max(eligible)
             return next(n for n, d in matches.items() if n in factors and (d, -factors[n]) == best)
-        return min(factors, key=lambda node: factors[node])
+        best = min(factors.values())
+        # Ties (idle nodes alike) are broken at random, or the first listed would take them all.
+        return self._rng.choice([node for node, factor in factors.items() if factor <= best * (1 + 1e-9)])
 
     def served(self, node_id: str, prompt_ids: Sequence[int], now: float) -> None:
         self.tree.insert(node_id, prompt_ids, now)

@@ -28,7 +28,7 @@ class Peer:
     last_seen: float  # time.monotonic() when its newest descriptor arrived
     state: overlay_pb2.MemberState.ValueType = ALIVE
     state_since: float = 0.0  # time.monotonic() of the last state change
-    claimed_version: int = 0  # the descriptor version a SUSPECT or DEAD claim was about
+    claimed_incarnation: int = 0  # the incarnation a SUSPECT or DEAD claim was about
 
     @property
     def alive(self) -> bool:
@@ -47,10 +47,12 @@ class PeerDirectory:
         self._peers: dict[str, Peer] = {}
 
     def offer(self, signed: common_pb2.SignedDescriptor) -> Peer | None:
-        """Takes a signed descriptor if it is newer than the one held: the member is then alive
-        (a newer version refutes any suspicion or death claimed about an older one). Descriptors
-        that do not verify, this node's own, and versions not newer than held are dropped
-        (returns None), so nobody can overwrite another node's descriptor or roll it back."""
+        """Takes a signed descriptor if its version is newer than the one held (returns the
+        member, else None). A suspect or dead member becomes alive again only if the descriptor's
+        incarnation is above the one the claim was about: only the node itself signs those, so
+        only it can refute. Descriptors that do not verify, this node's own, and versions not
+        newer than held are dropped, so nobody can overwrite another node's descriptor or roll
+        it back."""
         try:
             descriptor = open_descriptor(signed)
         except DescriptorError as error:
@@ -60,28 +62,34 @@ class PeerDirectory:
             return None
         node_id = node_id_of(descriptor)
         current = self._peers.get(node_id)
-        if current is not None and descriptor.version <= max(current.descriptor.version, current.claimed_version):
-            return None
         now = time.monotonic()
-        if current is not None and current.state != ALIVE:
-            log.info("member alive again", node_id=node_id[:16], was=overlay_pb2.MemberState.Name(current.state))
-        elif current is None:
+        if current is None:
             log.info("member joined", node_id=node_id[:16], address=descriptor.address)
-        since = current.state_since if current is not None and current.state == ALIVE else now
-        peer = Peer(node_id, descriptor, signed, now, ALIVE, since)
-        self._peers[node_id] = peer
-        return peer
+            peer = Peer(node_id, descriptor, signed, now, ALIVE, now)
+            self._peers[node_id] = peer
+            return peer
+        if descriptor.version <= current.descriptor.version:
+            return None
+        current.descriptor, current.signed, current.last_seen = descriptor, signed, now
+        if current.state != ALIVE and descriptor.incarnation > current.claimed_incarnation:
+            log.info("member alive again", node_id=node_id[:16], was=overlay_pb2.MemberState.Name(current.state))
+            current.state, current.state_since = ALIVE, now
+        return current
 
-    def set_state(self, node_id: str, state: overlay_pb2.MemberState.ValueType, version: int) -> Peer | None:
-        """Applies a SUSPECT or DEAD claim about descriptor ``version`` of a member. Ignored (None)
-        for unknown members, for claims about an older version than held, and for claims that
-        change nothing (suspecting a member already suspect or dead)."""
+    def set_state(self, node_id: str, state: overlay_pb2.MemberState.ValueType, incarnation: int) -> Peer | None:
+        """Applies a SUSPECT or DEAD claim about ``incarnation`` of a member. Ignored (None) for
+        unknown members, for claims about an incarnation the member has already moved past, and
+        for claims that change nothing (suspecting a member already suspect or dead)."""
         peer = self._peers.get(node_id)
-        if peer is None or version < peer.descriptor.version or state <= peer.state:
+        if peer is None or incarnation < peer.descriptor.incarnation:
+            return None
+        if state <= peer.state and incarnation <= peer.claimed_incarnation:
+            return None
+        if state < peer.state:  # a suspicion of a newer incarnation than a death claim: keep dead
             return None
         peer.state = state
         peer.state_since = time.monotonic()
-        peer.claimed_version = version
+        peer.claimed_incarnation = incarnation
         log.info("member " + ("suspected" if state == SUSPECT else "declared dead"), node_id=node_id[:16])
         return peer
 

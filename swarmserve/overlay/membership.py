@@ -28,15 +28,15 @@ import contextlib
 import math
 import random
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from grpc import aio
 
 from swarmserve import native
 from swarmserve.config import GossipSettings
-from swarmserve.overlay.descriptors import DescriptorError, open_descriptor
+from swarmserve.overlay.descriptors import DescriptorError
 from swarmserve.overlay.directory import ALIVE, DEAD, SUSPECT, Peer, PeerDirectory
+from swarmserve.overlay.publisher import DescriptorPublisher
 from swarmserve.rpc.channels import ChannelPool
 from swarmserve.rpc.errors import Unavailable
 from swarmserve.telemetry import get_logger
@@ -56,16 +56,16 @@ class _News:
 class Membership:
     def __init__(
         self,
-        describe: Callable[[], common_pb2.SignedDescriptor],
-        own_key: bytes,
+        publisher: DescriptorPublisher,
         channels: ChannelPool,
         settings: GossipSettings,
         directory: PeerDirectory | None = None,
         rng: random.Random | None = None,
     ) -> None:
-        self.describe = describe
-        self.own_key = own_key
-        self.directory = directory or PeerDirectory(own_key)
+        self.publisher = publisher
+        self.describe = publisher.describe
+        self.own_key = publisher.identity_key
+        self.directory = directory or PeerDirectory(self.own_key)
         self.settings = settings
         self._channels = channels
         self._rng = rng or random.SystemRandom()
@@ -109,33 +109,48 @@ class Membership:
                 if update.descriptor.descriptor:
                     self._learn(update.descriptor)
             elif update.state in (SUSPECT, DEAD):
-                self._claim(update.identity_key, update.state, update.version)
+                self._claim(update.identity_key, update.state, update.incarnation)
 
     def _learn(self, signed: common_pb2.SignedDescriptor) -> Peer | None:
         peer = self.directory.offer(signed)
         if peer is not None:
-            key = peer.descriptor.identity_key
-            self._enqueue(
-                overlay_pb2.MemberUpdate(
-                    identity_key=key, state=ALIVE, version=peer.descriptor.version, descriptor=signed
+            if peer.alive:  # a newer descriptor of a member still suspect or dead is no news
+                update = overlay_pb2.MemberUpdate(
+                    identity_key=peer.descriptor.identity_key,
+                    state=ALIVE,
+                    incarnation=peer.descriptor.incarnation,
+                    descriptor=signed,
                 )
-            )
+                self._enqueue(update)
             if peer.node_id not in self._order:  # new members join the current pass at a random place
                 self._order.insert(self._rng.randint(0, len(self._order)), peer.node_id)
         return peer
 
-    def _claim(self, key: bytes, state: overlay_pb2.MemberState.ValueType, version: int) -> None:
+    def _claim(self, key: bytes, state: overlay_pb2.MemberState.ValueType, incarnation: int) -> None:
         if key == self.own_key:
-            # Refute: a fresh descriptor of ours is newer than whatever was claimed about us.
+            if self._left:
+                return
+            # Refute: only this node can sign a descriptor with a higher incarnation.
+            self.publisher.refute(incarnation)
             signed = self.describe()
-            version = open_descriptor(signed).version
-            self._enqueue(overlay_pb2.MemberUpdate(identity_key=key, state=ALIVE, version=version, descriptor=signed))
+            self._enqueue(
+                overlay_pb2.MemberUpdate(
+                    identity_key=key, state=ALIVE, incarnation=self.publisher.incarnation, descriptor=signed
+                )
+            )
             log.info("refuting a claim about this node", claimed=overlay_pb2.MemberState.Name(state))
             return
         if len(key) != 32:
             return
-        if self.directory.set_state(native.node_id(key), state, version) is not None:
-            self._enqueue(overlay_pb2.MemberUpdate(identity_key=key, state=state, version=version))
+        peer = self.directory.set_state(native.node_id(key), state, incarnation)
+        if peer is not None:
+            self._enqueue(self._claim_news(peer))
+
+    @staticmethod
+    def _claim_news(peer: Peer) -> overlay_pb2.MemberUpdate:
+        return overlay_pb2.MemberUpdate(
+            identity_key=peer.descriptor.identity_key, state=peer.state, incarnation=peer.claimed_incarnation
+        )
 
     def _enqueue(self, update: overlay_pb2.MemberUpdate) -> None:
         self._news[update.identity_key] = _News(update)
@@ -208,8 +223,8 @@ class Membership:
         """Starts the suspicion of a member (also used by callers whose requests to it failed);
         it is declared dead unless it refutes within the suspicion timeout."""
         peer = self.directory.get(node_id)
-        if peer is not None:
-            self._claim(peer.descriptor.identity_key, SUSPECT, peer.descriptor.version)
+        if peer is not None and peer.alive:
+            self._claim(peer.descriptor.identity_key, SUSPECT, peer.descriptor.incarnation)
 
     def suspicion_timeout_s(self) -> float:
         members = max(len(self.directory.members()), 1)
@@ -221,7 +236,7 @@ class Membership:
         timeout = self.suspicion_timeout_s()
         for peer in self.directory.peers():
             if peer.state == SUSPECT and now - peer.state_since >= timeout:
-                self._claim(peer.descriptor.identity_key, DEAD, peer.descriptor.version)
+                self._claim(peer.descriptor.identity_key, DEAD, peer.claimed_incarnation)
             elif peer.state == DEAD and now - peer.state_since >= self.settings.dead_retention_s:
                 self.directory.forget(peer.node_id)
 
@@ -262,16 +277,16 @@ class Membership:
         """Tells a few members this node is leaving, so they need not wait for the suspicion;
         from then on it answers no gossip (until :meth:`start` rejoins)."""
         self._left = True
-        signed = self.describe()
-        version = open_descriptor(signed).version
-        update = overlay_pb2.MemberUpdate(identity_key=self.own_key, state=DEAD, version=version)
+        update = overlay_pb2.MemberUpdate(identity_key=self.own_key, state=DEAD, incarnation=self.publisher.incarnation)
         packet = overlay_pb2.SwimPacket(updates=[update])
         members = [p for p in self.directory.members() if p.alive]
         targets = self._rng.sample(members, min(self.settings.indirect_probes + 1, len(members)))
         await asyncio.gather(*(self._send(p, packet, self.settings.probe_timeout_s) for p in targets))
 
     def start(self) -> None:
-        self._left = False
+        if self._left:  # rejoining: a new incarnation outranks the goodbye
+            self._left = False
+            self.publisher.refute(self.publisher.incarnation)
 
         async def run() -> None:
             next_sync = time.monotonic() + self.settings.sync_interval_s

@@ -1,5 +1,6 @@
 """Builds and signs this node's own descriptor, fresh each time (load figures change), with a
-version that only ever grows."""
+version that only ever grows, and the membership incarnation that grows only to refute a claim
+that the node is suspect or dead (both start at the clock, so a restarted node outranks its past)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,15 @@ class DescriptorPublisher:
         self._onion_key = onion_key
         self._fill = fill
         self._version = 0
+        self.incarnation = int(time.time() * 1000)
+
+    @property
+    def identity_key(self) -> bytes:
+        return self._identity.public_key
+
+    def refute(self, claimed_incarnation: int) -> None:
+        """Moves past a suspicion or death claimed about ``claimed_incarnation``."""
+        self.incarnation = max(self.incarnation, claimed_incarnation) + 1
 
     def describe(self) -> common_pb2.SignedDescriptor:
         now_ms = int(time.time() * 1000)
@@ -39,6 +49,7 @@ class DescriptorPublisher:
             roles=self._roles,
             onion_key=self._onion_key.public_key if self._onion_key else b"",
             issued_unix_ms=now_ms,
+            incarnation=self.incarnation,
         )
         if self._fill is not None:
             self._fill(descriptor)
