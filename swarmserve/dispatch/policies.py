@@ -142,9 +142,9 @@ class OverlayPolicy:
         if eligible:
             best = max(eligible)
             return next(n for n, d in matches.items() if n in factors and (d, -factors[n]) == best)
-        best = min(factors.values())
+        lowest = min(factors.values())
         # Ties (idle nodes alike) are broken at random, or the first listed would take them all.
-        return self._rng.choice([node for node, factor in factors.items() if factor <= best * (1 + 1e-9)])
+        return self._rng.choice([node for node, factor in factors.items() if factor <= lowest * (1 + 1e-9)])
 
     def served(self, node_id: str, prompt_ids: Sequence[int], now: float) -> None:
         self.tree.insert(node_id, prompt_ids, now)
