@@ -76,3 +76,21 @@ async def test_busy_nodes_and_lying_slow_nodes_are_avoided() -> None:
 async def test_no_node_for_the_model_is_not_found() -> None:
     with pytest.raises(NotFound, match="no live inference node serves model 'm'"):
         await router(PeerDirectory()).choose_exit(request("hi"))
+
+
+async def test_what_the_router_observed_outweighs_what_a_node_claims() -> None:
+    """A node that claims to be fast and idle, but took 5 s for this router's last request, is
+    scored by the 5 s; a node with no history at all counts as typical, not as the fastest."""
+    directory = PeerDirectory()
+    liar = add_node(directory, "liar", latency_s=0.01)
+    honest = add_node(directory, "honest", latency_s=0.5)
+    service = router(directory)
+    service._finished(liar, started=0.0, latency_s=5.0)
+    chosen = {
+        (await service.choose_exit(request(f"q {i}", system=f"distinct system {i} " * 8))).node_id for i in range(5)
+    }
+    assert chosen == {honest}
+    # Claiming no latency at all (as a node without history does) counts as typical, not fastest.
+    newcomer = add_node(directory, "newcomer", latency_s=0.0)
+    picks = {(await service.choose_exit(request(f"n {i}", system=f"other system {i} " * 8))).node_id for i in range(10)}
+    assert picks == {honest} and newcomer not in picks
