@@ -137,7 +137,8 @@ async def _demo(data_dir: Path, ports_from: int, prompt: str) -> None:
     swarm = LocalSwarm(data_dir, ports_from=ports_from)
     router = swarm.router
     print(
-        f"==> starting a local swarm on loopback: 3 relays, 2 inference nodes, 1 router ({router})",
+        f"==> starting a local swarm on loopback: 3 relays, 2 inference nodes, 1 router ({router}),"
+        f" each joining by gossip through one seed ({swarm.seed})",
         flush=True,
     )
     started = time.monotonic()
