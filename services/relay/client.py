@@ -62,8 +62,11 @@ class OpenCircuit:
         call = open_stream(relay_pb2_grpc.RelayStub(channels.get(path[0].descriptor.address)).Circuit)
         opened = cls(call, circuit, cell_timeout_s)
         try:
-            await call.write(create_cell(onion))
-            reply = await asyncio.wait_for(call.read(), setup_timeout_s)
+            # One deadline for the whole set-up: writing to a peer that hangs (its connection
+            # open, nothing read) blocks as long as reading from it would.
+            async with asyncio.timeout(setup_timeout_s):
+                await call.write(create_cell(onion))
+                reply = await call.read()
             kind = None if reply is STREAM_EOF else reply.WhichOneof("cell")
             if kind == "destroy":
                 _raise_for_destroy(reply.destroy.reason)
@@ -88,9 +91,13 @@ class OpenCircuit:
 
     async def send(self, message: relay_pb2.CircuitMessage) -> None:
         try:
-            await self._call.write(data_cell(self._circuit.wrap_forward(pad_message(message))))
+            await asyncio.wait_for(
+                self._call.write(data_cell(self._circuit.wrap_forward(pad_message(message)))), self._cell_timeout_s
+            )
         except aio.AioRpcError as error:
             _raise_for_destroy(destroy_reason_for(error.code()))
+        except TimeoutError:
+            _raise_for_destroy(relay_pb2.DESTROY_REASON_TIMEOUT)
 
     async def receive(self) -> relay_pb2.CircuitMessage:
         """The next message from the terminating node; raises a ServiceError carrying the

@@ -30,6 +30,7 @@ import random
 import time
 from dataclasses import dataclass
 
+from google.protobuf.message import DecodeError
 from grpc import aio
 
 from swarmserve import native
@@ -87,7 +88,22 @@ class Membership:
             target = self.directory.get(native.node_id(packet.probe_target)) if len(packet.probe_target) == 32 else None
             if target is not None:
                 acked = await self._ping(target, self.settings.probe_timeout_s)
-        return self._packet(probe_acked=acked)
+        answer = self._packet(probe_acked=acked)
+        # A member we hold suspect or dead that talks to us (back from a partition, say) is told
+        # so directly: the news may have stopped circulating long ago, and it must refute.
+        sender = self._member_of(packet.sender)
+        if sender is not None and not sender.alive:
+            answer.updates.append(self._claim_news(sender))
+        return answer
+
+    def _member_of(self, signed: common_pb2.SignedDescriptor) -> Peer | None:
+        """The member a descriptor names, if known (no signature check: only used to tell the
+        sender what is said about it, which is public gossip anyway)."""
+        try:
+            key = common_pb2.NodeDescriptor.FromString(signed.descriptor).identity_key
+        except DecodeError:
+            return None
+        return self.directory.get(native.node_id(key)) if len(key) == 32 else None
 
     def on_exchange(self, request: overlay_pb2.ExchangeRequest) -> overlay_pb2.ExchangeResponse:
         if self._left:
