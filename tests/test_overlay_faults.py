@@ -97,7 +97,8 @@ async def test_a_killed_node_is_declared_dead_in_bounded_time_and_its_requests_g
     requests = [asyncio.ensure_future(ask(swarm.router, f"request {i}", tokens=30)) for i in range(12)]
     await asyncio.sleep(0.3)
     swarm.signal(victim.name, signal.SIGKILL)
-    killed_at = time.monotonic()
+    # Bound measured from the kill, while the requests are still being answered.
+    death = asyncio.ensure_future(wait_for_state(swarm.router, victim_id, overlay_pb2.MEMBER_STATE_DEAD, DEATH_BOUND_S))
     results = await asyncio.gather(*requests)
     for summary, received, error in results:
         # Requests queued at the victim, or sent to it before the router knew, were retried
@@ -106,8 +107,7 @@ async def test_a_killed_node_is_declared_dead_in_bounded_time_and_its_requests_g
         if summary is not None:
             assert summary.timing.completion_tokens == 30
     assert sum(1 for s, _, _ in results if s is not None) >= 6
-    took = await wait_for_state(swarm.router, victim_id, overlay_pb2.MEMBER_STATE_DEAD, DEATH_BOUND_S)
-    assert time.monotonic() - killed_at <= DEATH_BOUND_S + took
+    await death
     # Afterwards nothing is lost: every request is served by the survivors.
     for i in range(6):
         summary, _, error = await ask(swarm.router, f"after {i}")
@@ -144,9 +144,12 @@ async def test_a_partitioned_node_is_declared_dead_then_rejoins_when_healed(swar
         swarm.signal(victim.name, signal.SIGCONT)
     # Healed: its next packets carry a newer signed descriptor, which refutes the death claim.
     await wait_for_state(swarm.router, victim_id, overlay_pb2.MEMBER_STATE_ALIVE, 10.0)
-    served = set()
-    for i in range(15):
-        summary, _, error = await ask(swarm.router, f"after heal {i} " * 3)
-        assert error is None and summary is not None
-        served.add(summary.served_by)
+    served: set[str] = set()
+    for burst in range(3):  # bursts: the others fill up, so the healed node gets work again
+        results = await asyncio.gather(*(ask(swarm.router, f"after heal {burst} {i}", tokens=20) for i in range(8)))
+        for summary, _, error in results:
+            assert error is None and summary is not None
+            served.add(summary.served_by)
+        if victim_id in served:
+            break
     assert victim_id in served
