@@ -199,8 +199,10 @@ async def test_traffic_per_node_per_round_is_bounded(nodes: Nodes) -> None:
         await asyncio.sleep(20 * gossip.probe_interval_s)
         rounds = (time.monotonic() - started) / gossip.probe_interval_s + 1
         sent = [n.membership.packets_sent - b for n, b in zip(group, before, strict=True)]
-        # One probe per period when everyone answers (indirect probes only after a miss).
-        assert max(sent) <= rounds + 1, sent
+        # One probe per period, plus indirect probes only after a missed answer (which a loaded
+        # machine causes now and then): bounded by the settings, not by the swarm's size.
+        assert max(sent) <= rounds * (1 + gossip.indirect_probes) + 1, sent
+        assert min(sent) >= rounds / 2, sent  # and everyone keeps probing
         # And no packet carries more than max_piggyback pieces of news.
         packet = group[0].membership._packet()
         assert len(packet.updates) <= gossip.max_piggyback
