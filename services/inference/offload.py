@@ -50,7 +50,7 @@ class Offloader:
         """The peer to pass this request to, or None to serve (or queue) it here: only when every
         local slot is busy, the hop budget allows, and a peer not yet visited has a free slot by
         its latest descriptor (counting what this node sent it since). Among those, the lowest
-        load factor wins."""
+        load factor wins; if nothing is queued here yet, only if it beats this node's own."""
         forwarding = request.forwarding
         if len(forwarding.visited) > MAX_VISITED or any(len(key) != 32 for key in forwarding.visited):
             raise InvalidArgument(f"forwarding.visited must hold at most {MAX_VISITED} 32-byte identity keys")
@@ -68,10 +68,13 @@ class Offloader:
         ]
         if not candidates:
             return None
-        # Any free slot beats queueing here: measured (bench/overlay.py), also passing only to
-        # peers with a lower load factor than this node's own left capacity unused at saturation
-        # (10 req/s: 2.5 s mean and 52-57% SLO against 1.7 s and 77-82% without that test).
-        return min(candidates, key=lambda p: load_factor(self._state(p)))
+        best = min(candidates, key=lambda p: load_factor(self._state(p)))
+        if load.queued > 0:
+            return best  # it would queue behind others here: any free slot is better
+        # It would only wait for a running request here: pass it on only if the peer would
+        # finish it sooner (a free slot on a much slower node can be worse than a short wait).
+        here = NodeState("self", load.recent_latency_s, service.admission.max_concurrent, load.running, load.queued)
+        return best if load_factor(self._state(best)) < load_factor(here) else None
 
     def _busy(self, peer: Peer) -> int:
         load = peer.descriptor.load
