@@ -534,3 +534,30 @@ async def test_a_joining_inference_node_receives_work_within_a_few_rounds(swarm:
             assert summary.served_by == joining.keys.identity.node_id
         finally:
             await joining.stop(0)
+
+
+async def test_a_next_hop_that_hangs_fails_the_set_up_within_the_relays_timeout(swarm: SwarmFactory) -> None:
+    """The next hop accepts TCP but never answers (a hung process): the relay's set-up deadline
+    covers sending the set-up cell too, so the client hears within it, not after TCP gives up."""
+    import socket
+
+    from services.relay.client import OpenCircuit
+    from swarmserve.overlay import Peer
+    from swarmserve.rpc import ServiceError
+
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(8)  # connections are queued by the kernel and never served
+    try:
+        async with swarm(relays=1, circuits=CircuitSettings(setup_timeout_s=1.0)) as s:
+            relay = s.router.directory.alive(common_pb2.NODE_ROLE_RELAY)[0]
+            address = f"127.0.0.1:{hung.getsockname()[1]}"
+            descriptor = common_pb2.NodeDescriptor(address=address, onion_key=native.OnionKey.generate().public_key)
+            silent = Peer("hung", descriptor, common_pb2.SignedDescriptor(), time.monotonic())
+            started = time.monotonic()
+            with pytest.raises(ServiceError) as error:
+                await OpenCircuit.open(s.router.channels, [relay], silent, setup_timeout_s=10, cell_timeout_s=10)
+            assert error.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+            assert time.monotonic() - started < 4.0
+    finally:
+        hung.close()

@@ -136,8 +136,10 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
         assert peeled.next_cell is not None
         call = open_stream(relay_pb2_grpc.RelayStub(self._channels.get(address)).Circuit)
         try:
-            await call.write(create_cell(peeled.next_cell))
-            reply = await asyncio.wait_for(self._receive(call), self._settings.setup_timeout_s)
+            # One deadline for write and read: a next hop that hangs blocks the write too.
+            async with asyncio.timeout(self._settings.setup_timeout_s):
+                await call.write(create_cell(peeled.next_cell))
+                reply = await self._receive(call)
         except aio.AioRpcError as error:
             call.cancel()
             yield destroy_cell(destroy_reason_for(error.code()))
