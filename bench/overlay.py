@@ -19,7 +19,7 @@ Per policy and rate: mean, P50 and P99 end-to-end latency, mean time to first to
 attainment (deadline 0.5 s + 60 ms per requested token: three times a 1x node's decode time),
 errors, and the share of requests offloaded. Ratios against each baseline are computed from the
 same run. Writes bench/results/overlay.json and overlay.png. Run: `make bench` (about 11 min), or
-`python bench/overlay.py --quick` for a 2-rate smoke run.
+`python bench/overlay.py --quick` for a 2-rate smoke run (prints, writes nothing).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from grpc import aio  # noqa: E402
 
+from bench.overlay_sim import versus_baselines  # noqa: E402
 from swarmserve.swarm import LocalSwarm, free_port_block  # noqa: E402
 from swarmserve.v1 import common_pb2, router_pb2, router_pb2_grpc  # noqa: E402
 
@@ -194,22 +195,6 @@ async def run_policy(policy: str, rates: list[float], seconds: float) -> dict[st
             await swarm.stop()
 
 
-def ratios(sweep: dict[str, dict[str, dict[str, Any]]], rates: list[float]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for rate in map(str, rates):
-        ours = sweep["overlay"][rate]
-        out[rate] = {
-            baseline: {
-                "mean_latency_reduction_pct": round(
-                    (1 - ours["mean_latency_s"] / sweep[baseline][rate]["mean_latency_s"]) * 100, 1
-                ),
-                "slo_ratio": round(ours["slo_attainment"] / max(sweep[baseline][rate]["slo_attainment"], 1e-9), 2),
-            }
-            for baseline in POLICIES[1:]
-        }
-    return out
-
-
 def plot(sweep: dict[str, dict[str, dict[str, Any]]], rates: list[float], path: Path) -> None:
     import matplotlib
 
@@ -246,9 +231,9 @@ async def main() -> int:
         started = time.monotonic()
         sweep[policy] = await run_policy(policy, rates, seconds)
         print(f"  {policy} done in {time.monotonic() - started:.0f} s", flush=True)
-    if args.policies != POLICIES:
+    if args.quick or args.policies != POLICIES:
         print(json.dumps(sweep, indent=2))
-        return 0  # a partial run has no ratios to report and writes nothing
+        return 0  # smoke and partial runs are for tuning: they write no results
     result = {
         "setup": {
             "nodes": NODES,
@@ -265,12 +250,13 @@ async def main() -> int:
             "timing": "REAL processes and sockets; EMULATED engines (sleep-based, 1x-4x)",
         },
         "sweep": sweep,
-        "overlay_vs_baselines": ratios(sweep, rates),
+        "overlay_vs_baselines": {
+            str(rate): versus_baselines({p: sweep[p][str(rate)] for p in POLICIES}, POLICIES[1:]) for rate in rates
+        },
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    suffix = "_quick" if args.quick else ""
-    (RESULTS / f"overlay{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(sweep, rates, RESULTS / f"overlay{suffix}.png")
+    (RESULTS / "overlay.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(sweep, rates, RESULTS / "overlay.png")
     print(json.dumps(result["overlay_vs_baselines"], indent=2))
     return 0
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ctypes
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -15,10 +15,17 @@ from services.inference.config import InferenceConfig, ModelSettings, ProviderPo
 from services.inference.models import default_model_path
 from services.inference.node import InferenceNode
 from swarmserve.config import GossipSettings, ServerSettings
+from swarmserve.rpc.node import ServiceNode
 
 MODEL = "smollm2-135m-instruct"
 # Gossip at test speed: a 0.2 s protocol period, so failures are noticed in about a second.
 FAST_GOSSIP = GossipSettings(probe_interval_s=0.2, probe_timeout_s=0.1, suspicion_mult=3, sync_interval_s=2)
+
+
+def joining(started: Sequence[ServiceNode], gossip: GossipSettings = FAST_GOSSIP) -> GossipSettings:
+    """Gossip settings for a node that joins through the first node started (the first itself
+    has no seed), as nodes on separate machines would: nobody is given the member list."""
+    return gossip.model_copy(update={"seeds": [started[0].address] if started else []})
 
 
 @pytest.fixture(scope="session")

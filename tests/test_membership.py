@@ -20,7 +20,7 @@ from swarmserve import native
 from swarmserve.config import GossipSettings, ServerSettings
 from swarmserve.overlay import ALIVE, DEAD, SUSPECT, DescriptorPublisher, PeerDirectory, sign_descriptor
 from swarmserve.v1 import common_pb2, overlay_pb2, overlay_pb2_grpc
-from tests.conftest import FAST_GOSSIP
+from tests.conftest import FAST_GOSSIP, joining
 
 Nodes = Callable[..., AbstractAsyncContextManager[list[RelayNode]]]
 
@@ -33,12 +33,11 @@ def nodes(tmp_path: Path) -> Nodes:
         started: list[RelayNode] = []
         try:
             for i in range(count):
-                seeds = [started[0].address] if started else []
                 node = RelayNode(
                     RelayConfig(
                         data_dir=tmp_path / f"n{i}",
                         server=ServerSettings(listen="127.0.0.1:0"),
-                        gossip=gossip.model_copy(update={"seeds": seeds}),
+                        gossip=joining(started, gossip),
                     )
                 )
                 await node.start()

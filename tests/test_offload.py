@@ -18,12 +18,13 @@ from services.inference.node import InferenceNode
 from services.relay.client import OpenCircuit
 from services.router.config import RouterConfig
 from services.router.node import RouterNode
+from swarmserve import native
 from swarmserve.config import ServerSettings
 from swarmserve.overlay import Peer
 from swarmserve.receipts import verify_receipt
 from swarmserve.rpc import ChannelPool
 from swarmserve.v1 import common_pb2, inference_pb2, relay_pb2, router_pb2
-from tests.conftest import FAST_GOSSIP
+from tests.conftest import joining
 from tests.test_private_path import chat_request, run, wait_for_members
 
 MODEL = "emulated-1b"
@@ -38,14 +39,13 @@ async def emulated_swarm(
     started: list[InferenceNode | RouterNode] = []
     try:
         for i in range(count):
-            seeds = [nodes[0].address] if nodes else []
             node = InferenceNode(
                 InferenceConfig(
                     data_dir=tmp_path / f"n{i}",
                     server=ServerSettings(listen="127.0.0.1:0"),
                     models=[ModelSettings(name=MODEL, engine="emulated", emulated=SLOW)],
                     policy=ProviderPolicy(max_concurrent=1, max_queue=4),
-                    gossip=FAST_GOSSIP.model_copy(update={"seeds": seeds}),
+                    gossip=joining(nodes),
                 )
             )
             await node.start()
@@ -55,7 +55,7 @@ async def emulated_swarm(
             RouterConfig(
                 data_dir=tmp_path / "router",
                 server=ServerSettings(listen="127.0.0.1:0"),
-                gossip=FAST_GOSSIP.model_copy(update={"seeds": [nodes[0].address]}),
+                gossip=joining(nodes),
                 **router,  # type: ignore[arg-type]
             )
         )
@@ -154,19 +154,32 @@ async def test_no_offload_without_budget_or_back_to_a_visited_node(tmp_path: Pat
 
 
 async def test_the_router_accepts_and_cosigns_an_offloaded_receipt(tmp_path: Path) -> None:
-    # Local-only pins every request to node 0's circuit (no offload: a baseline), so the
-    # overlay router is used with node 0 made busy directly, and requests go where it says.
     async with emulated_swarm(tmp_path, 3, default_hops=0) as (nodes, router):
+        # 6 requests at 3 one-slot nodes: the router spreads them, all three serve.
         results = await asyncio.gather(*(run(router.address, router_request(f"Question {i}?", 20)) for i in range(6)))
-        servers = {summary.served_by for _, summary in results}
-        offloaded = [s for _, s in results if s.served_by != s.entered_at]
-        for _, summary in results:
-            assert len(summary.receipt.cosignatures) == 1
-        # 6 requests at 3 one-slot nodes: all three serve, and whatever the router's stale view
-        # sent to a busy node was passed on rather than queued.
-        assert len(servers) == 3
-        total_offloads = sum(n.offloader.offloaded for n in nodes if n.offloader is not None)
-        assert len(offloaded) <= total_offloads  # a request may have been passed on twice
+        assert {summary.served_by for _, summary in results} == {n.keys.identity.node_id for n in nodes}
+        assert all(len(summary.receipt.cosignatures) == 1 for _, summary in results)
+        # Every request now enters at node 0: with its slot busy, the next one is passed on, and
+        # the router checks and co-signs a receipt signed by a node it did not send it to.
+        entry = router.directory.get(nodes[0].keys.identity.node_id)
+        assert entry is not None
+
+        async def pinned(request: router_pb2.GenerateRequest, excluded: set[str] | None = None) -> Peer:
+            return entry
+
+        router.service.choose_exit = pinned  # type: ignore[method-assign]
+        long = asyncio.ensure_future(run(router.address, router_request("A long one?", 40)))
+        await asyncio.sleep(0.3)
+        _, summary = await run(router.address, router_request("A short one?", 5))
+        assert summary.entered_at == nodes[0].keys.identity.node_id
+        assert summary.served_by != summary.entered_at
+        receipt = common_pb2.Receipt.FromString(summary.receipt.receipt)
+        assert native.node_id(receipt.node_key) == summary.served_by
+        (cosignature,) = summary.receipt.cosignatures
+        assert cosignature.signer_key == router.keys.identity.public_key
+        native.verify_signature(cosignature.signer_key, summary.receipt.receipt, cosignature.signature)
+        _, first = await long
+        assert first.served_by == first.entered_at == nodes[0].keys.identity.node_id
 
 
 @pytest.mark.parametrize("dispatch", ["round-robin", "random", "central-oracle"])
@@ -184,7 +197,7 @@ async def test_local_only_serves_every_request_on_the_entry_points_own_node(tmp_
             RouterConfig(
                 data_dir=tmp_path / "local",
                 server=ServerSettings(listen="127.0.0.1:0"),
-                gossip=FAST_GOSSIP.model_copy(update={"seeds": [nodes[0].address]}),
+                gossip=joining(nodes),
                 default_hops=0,
                 dispatch="local-only",
                 home=home.address,

@@ -46,7 +46,7 @@ from swarmserve.v1 import (
     router_pb2,
     router_pb2_grpc,
 )
-from tests.conftest import FAST_GOSSIP, MODEL
+from tests.conftest import FAST_GOSSIP, MODEL, joining
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "Tell me about the moon in two sentences."
@@ -130,11 +130,6 @@ def swarm(tmp_path: Path) -> SwarmFactory:
         **router: Any,
     ) -> AsyncIterator[Swarm]:
         """Starts the nodes in turn; the first is the seed everyone else joins through."""
-        seeds: list[str] = []
-
-        def joining() -> GossipSettings:
-            return gossip.model_copy(update={"seeds": seeds})
-
         relay_nodes = []
         inference = []
         started: list[Any] = []
@@ -145,7 +140,7 @@ def swarm(tmp_path: Path) -> SwarmFactory:
                         data_dir=tmp_path / f"relay{i}",
                         server=ServerSettings(listen="127.0.0.1:0"),
                         circuits=circuits or CircuitSettings(),
-                        gossip=joining(),
+                        gossip=joining(started, gossip),
                     )
                 )
                 if relay_class is not None:
@@ -153,7 +148,6 @@ def swarm(tmp_path: Path) -> SwarmFactory:
                 await node.start()
                 started.append(node)
                 relay_nodes.append(node)
-                seeds = seeds or [node.address]
             for i in range(inference_nodes):
                 inference_node = InferenceNode(
                     InferenceConfig(
@@ -161,18 +155,17 @@ def swarm(tmp_path: Path) -> SwarmFactory:
                         server=ServerSettings(listen="127.0.0.1:0"),
                         models=[ModelSettings(name=MODEL, context_length=1024)],
                         policy=ProviderPolicy(max_concurrent=1, max_queue=4),
-                        gossip=joining(),
+                        gossip=joining(started, gossip),
                     )
                 )
                 await inference_node.start()
                 started.append(inference_node)
                 inference.append(inference_node)
-                seeds = seeds or [inference_node.address]
             router_node = RouterNode(
                 RouterConfig(
                     data_dir=tmp_path / "router",
                     server=ServerSettings(listen="127.0.0.1:0"),
-                    gossip=joining(),
+                    gossip=joining(started, gossip),
                     **router,
                 )
             )

@@ -14,6 +14,7 @@ from services.inference.offload import Offloader
 from services.inference.service import InferenceService
 from services.inference.servicer import to_generate_request, to_response
 from services.relay.circuit import error_message, pad_message
+from services.relay.client import OpenCircuit, decode_message
 from swarmserve import native
 from swarmserve.rpc import InvalidArgument, ServiceError, Unavailable
 from swarmserve.telemetry import get_logger
@@ -81,19 +82,18 @@ class InferenceExit:
         peer = self._offloader.target(service, request)
         if peer is None:
             return None
+        circuit: OpenCircuit | None = None
         try:
             circuit = await self._offloader.open(peer, request)
+            first = await circuit.receive_plaintext()
+            reply = decode_message(first)
         except ServiceError as error:
-            log.info("offload failed; serving here", peer=peer.node_id[:16], reason=str(error))
-            return None
-        try:
-            first = await circuit.receive()
-        except ServiceError as error:
+            reason = str(error)
+        else:
+            if reply.WhichOneof("body") != "error" or reply.error.code not in _PEER_BUSY:
+                return self._offloader.relay(circuit, first)
+            reason = reply.error.message  # the peer could not take it after all
+        if circuit is not None:
             circuit.close()
-            log.info("offload failed; serving here", peer=peer.node_id[:16], reason=str(error))
-            return None
-        if first.WhichOneof("body") == "error" and first.error.code in _PEER_BUSY:
-            circuit.close()
-            log.info("peer refused the offload; serving here", peer=peer.node_id[:16], reason=first.error.message)
-            return None
-        return self._offloader.relay(circuit, first)
+        log.info("offload failed; serving here", peer=peer.node_id[:16], reason=reason)
+        return None

@@ -14,9 +14,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from services.inference.service import InferenceService
-from services.relay.circuit import error_message, pad_message
-from services.relay.client import OpenCircuit
-from swarmserve.dispatch import NodeState, load_factor
+from services.relay.circuit import error_message
+from services.relay.client import OpenCircuit, decode_message
+from swarmserve.dispatch import NodeState, load_factor, reported_state
 from swarmserve.overlay import Membership, Peer
 from swarmserve.rpc import ChannelPool, InvalidArgument, ServiceError
 from swarmserve.telemetry import get_logger
@@ -58,41 +58,30 @@ class Offloader:
         if forwarding.hop_budget == 0 or load.running < service.admission.max_concurrent:
             return None
         visited = {*forwarding.visited, self._identity_key}
-        candidates = [
-            peer
+        free = [
+            (peer, state)
             for peer in self._membership.directory.alive(common_pb2.NODE_ROLE_INFERENCE)
             if peer.serves(request.model)
             and peer.descriptor.identity_key not in visited
             and len(peer.descriptor.onion_key) == 32
-            and self._busy(peer) < peer.descriptor.capacity.max_concurrent
+            and (state := self._state(peer)).running + state.queued < state.slots
         ]
-        if not candidates:
+        if not free:
             return None
-        best = min(candidates, key=lambda p: load_factor(self._state(p)))
+        best, best_state = min(free, key=lambda offer: load_factor(offer[1]))
         if load.queued > 0:
             return best  # it would queue behind others here: any free slot is better
         # It would only wait for a running request here: pass it on only if the peer would
         # finish it sooner (a free slot on a much slower node can be worse than a short wait).
         here = NodeState("self", load.recent_latency_s, service.admission.max_concurrent, load.running, load.queued)
-        return best if load_factor(self._state(best)) < load_factor(here) else None
-
-    def _busy(self, peer: Peer) -> int:
-        load = peer.descriptor.load
-        return load.running + load.queued + self._pending(peer)
+        return best if load_factor(best_state) < load_factor(here) else None
 
     def _pending(self, peer: Peer) -> int:
         version, sent = self._sent.get(peer.node_id, (peer.descriptor.version, 0))
         return sent if version == peer.descriptor.version else 0
 
     def _state(self, peer: Peer) -> NodeState:
-        load = peer.descriptor.load
-        return NodeState(
-            peer.node_id,
-            recent_latency_s=load.recent_latency_us / 1e6,
-            slots=peer.descriptor.capacity.max_concurrent,
-            running=load.running,
-            queued=load.queued + self._pending(peer),
-        )
+        return reported_state(peer.node_id, peer.descriptor.load, peer.descriptor.capacity, self._pending(peer))
 
     async def open(self, peer: Peer, request: inference_pb2.InferenceGenerateRequest) -> OpenCircuit:
         """Opens the circuit to ``peer`` and sends the request one hop further on. Raises
@@ -111,17 +100,18 @@ class Offloader:
         log.info("offloading", to=peer.node_id[:16], hop_budget_left=passed.forwarding.hop_budget)
         return circuit
 
-    async def relay(self, circuit: OpenCircuit, first: relay_pb2.CircuitMessage) -> AsyncIterator[bytes]:
-        """The peer's messages (it took the request), re-padded for this node's own circuit,
-        until its summary or error."""
+    async def relay(self, circuit: OpenCircuit, first: bytes) -> AsyncIterator[bytes]:
+        """The peer's messages (it took the request), passed on as it serialized and padded them,
+        until its summary or error; each is decoded only to see where the stream ends."""
         self.offloaded += 1
-        message = first
+        plaintext = first
         try:
             while True:
-                yield pad_message(message)
+                yield plaintext
+                message = decode_message(plaintext)
                 if message.WhichOneof("body") != "response" or message.response.HasField("summary"):
                     return
-                message = await circuit.receive()
+                plaintext = await circuit.receive_plaintext()
         except ServiceError as error:
             yield error_message(error.code, str(error))
         finally:

@@ -24,7 +24,14 @@ from swarmserve.overlay import Peer
 from swarmserve.rpc import STREAM_EOF, ChannelPool, DataLoss, ServiceError, open_stream
 from swarmserve.v1 import relay_pb2, relay_pb2_grpc
 
-__all__ = ["OpenCircuit"]
+__all__ = ["OpenCircuit", "decode_message"]
+
+
+def decode_message(plaintext: bytes) -> relay_pb2.CircuitMessage:
+    try:
+        return relay_pb2.CircuitMessage.FromString(plaintext)
+    except DecodeError:
+        raise DataLoss("the terminating node sent a malformed message") from None
 
 
 def _raise_for_destroy(reason: relay_pb2.DestroyReason.ValueType) -> None:
@@ -102,6 +109,11 @@ class OpenCircuit:
     async def receive(self) -> relay_pb2.CircuitMessage:
         """The next message from the terminating node; raises a ServiceError carrying the
         status the client should see when the circuit fails."""
+        return decode_message(await self.receive_plaintext())
+
+    async def receive_plaintext(self) -> bytes:
+        """The next message as the terminating node serialized (and padded) it, for a node that
+        passes it on unchanged; :meth:`receive` decodes it."""
         try:
             reply = await asyncio.wait_for(self._call.read(), self._cell_timeout_s)
         except aio.AioRpcError as error:
@@ -116,13 +128,12 @@ class OpenCircuit:
         if kind != "data":
             _raise_for_destroy(relay_pb2.DESTROY_REASON_PROTOCOL_ERROR)
         try:
-            return relay_pb2.CircuitMessage.FromString(self._circuit.unwrap_backward(reply.data.payload))
+            plaintext: bytes = self._circuit.unwrap_backward(reply.data.payload)
         except native.CryptoError:
             raise DataLoss(
                 "a cell on the path failed authentication (tampered or corrupted); the circuit was closed"
             ) from None
-        except DecodeError:
-            raise DataLoss("the terminating node sent a malformed message") from None
+        return plaintext
 
     def close(self) -> None:
         self._call.cancel()

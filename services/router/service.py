@@ -26,6 +26,7 @@ from swarmserve.dispatch import (
     Policy,
     RandomPolicy,
     RoundRobinPolicy,
+    reported_state,
 )
 from swarmserve.overlay import Membership, Peer
 from swarmserve.receipts import ReceiptError, verify_receipt
@@ -138,7 +139,7 @@ class RouterService:
     async def _true_state(self, peer: Peer) -> NodeState:
         stub = inference_pb2_grpc.InferenceStub(self.channels.get(peer.descriptor.address))
         status = await stub.Status(inference_pb2.StatusRequest(), timeout=self.config.setup_timeout_s)
-        return _node_state(peer.node_id, status.load, status.capacity)
+        return reported_state(peer.node_id, status.load, status.capacity)
 
     def _pending(self, peer: Peer) -> int:
         """This router's requests still in flight at the node that started after its descriptor
@@ -156,7 +157,7 @@ class RouterService:
             self._observed_latency[node_id] = latency_s if previous is None else 0.7 * previous + 0.3 * latency_s
 
     def _state(self, peer: Peer) -> NodeState:
-        state = _node_state(peer.node_id, peer.descriptor.load, peer.descriptor.capacity, self._pending(peer))
+        state = reported_state(peer.node_id, peer.descriptor.load, peer.descriptor.capacity, self._pending(peer))
         observed = self._observed_latency.get(peer.node_id)
         return state if observed is None else replace(state, recent_latency_s=observed)
 
@@ -307,18 +308,6 @@ def affinity_key(request: router_pb2.GenerateRequest) -> list[int]:
     else:
         data = b"".join(f"{m.role}:{m.content}\n".encode() for m in request.chat.messages)
     return [int.from_bytes(data[i : i + 4], "little") for i in range(0, len(data) - len(data) % 4, 4)]
-
-
-def _node_state(
-    node_id: str, load: common_pb2.LoadReport, capacity: common_pb2.Capacity, pending: int = 0
-) -> NodeState:
-    return NodeState(
-        node_id,
-        recent_latency_s=load.recent_latency_us / 1e6,
-        slots=capacity.max_concurrent,
-        running=load.running,
-        queued=load.queued + pending,
-    )
 
 
 def _status(code: int) -> grpc.StatusCode:

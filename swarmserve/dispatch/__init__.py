@@ -3,7 +3,8 @@ used by the router, by inference nodes offloading work, and by the overlay simul
 (`bench/overlay_sim.py`), so that what is simulated is what runs.
 
 - :class:`PrefixTree`: PlanetServe's hash-radix tree of prompt-token chunks per node.
-- :class:`NodeState`: what the dispatcher knows of a node (from gossip, or the truth for the oracle).
+- :class:`NodeState`: what the dispatcher knows of a node (from gossip, or the truth for the oracle);
+  :func:`reported_state` reads one from a node's load report.
 - Policies: :class:`OverlayPolicy` (prefix affinity + load factor, ours), :class:`RoundRobinPolicy`,
   :class:`RandomPolicy`, :class:`LocalOnlyPolicy`, and :class:`CentralOraclePolicy`.
 """
@@ -17,6 +18,7 @@ from swarmserve.dispatch.policies import (
     RandomPolicy,
     RoundRobinPolicy,
     load_factor,
+    reported_state,
 )
 from swarmserve.dispatch.prefix_tree import CHUNK_TOKENS, PrefixTree
 
@@ -31,4 +33,5 @@ __all__ = [
     "RandomPolicy",
     "RoundRobinPolicy",
     "load_factor",
+    "reported_state",
 ]

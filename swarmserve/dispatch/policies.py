@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 from swarmserve.dispatch.prefix_tree import PrefixTree
+from swarmserve.v1 import common_pb2
 
 __all__ = [
     "CentralOraclePolicy",
@@ -21,6 +22,7 @@ __all__ = [
     "RandomPolicy",
     "RoundRobinPolicy",
     "load_factor",
+    "reported_state",
 ]
 
 
@@ -34,6 +36,20 @@ class NodeState:
     running: int = 0
     queued: int = 0  # waiting for a slot (plus what the caller sent it since it last heard)
     reputation: float = 1.0  # from verification; below the trust threshold it gets nothing
+
+
+def reported_state(
+    node_id: str, load: common_pb2.LoadReport, capacity: common_pb2.Capacity, pending: int = 0
+) -> NodeState:
+    """A node's state as its descriptor or ``Inference.Status`` reports it, plus ``pending``
+    requests the caller sent it that the report cannot count yet."""
+    return NodeState(
+        node_id,
+        recent_latency_s=load.recent_latency_us / 1e6,
+        slots=capacity.max_concurrent,
+        running=load.running,
+        queued=load.queued + pending,
+    )
 
 
 def load_factor(state: NodeState) -> float:

@@ -83,9 +83,8 @@ class PeerDirectory:
         peer = self._peers.get(node_id)
         if peer is None or incarnation < peer.descriptor.incarnation:
             return None
-        if state <= peer.state and incarnation <= peer.claimed_incarnation:
-            return None
-        if state < peer.state:  # a suspicion of a newer incarnation than a death claim: keep dead
+        # Dead stays dead (until the member refutes), and a claim already applied is no news.
+        if state < peer.state or (state == peer.state and incarnation <= peer.claimed_incarnation):
             return None
         peer.state = state
         peer.state_since = time.monotonic()

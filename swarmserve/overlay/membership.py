@@ -30,7 +30,6 @@ import random
 import time
 from dataclasses import dataclass
 
-from google.protobuf.message import DecodeError
 from grpc import aio
 
 from swarmserve import native
@@ -82,7 +81,7 @@ class Membership:
         """Answers a probe (the answer is the acknowledgement) or an indirect probe request."""
         if self._left:  # answering would carry a fresh descriptor and undo the goodbye
             raise Unavailable("this node has left the swarm")
-        self._absorb(packet)
+        sender = self._absorb(packet)
         acked = False
         if packet.probe_target:
             target = self.directory.get(native.node_id(packet.probe_target)) if len(packet.probe_target) == 32 else None
@@ -91,19 +90,9 @@ class Membership:
         answer = self._packet(probe_acked=acked)
         # A member we hold suspect or dead that talks to us (back from a partition, say) is told
         # so directly: the news may have stopped circulating long ago, and it must refute.
-        sender = self._member_of(packet.sender)
         if sender is not None and not sender.alive:
             answer.updates.append(self._claim_news(sender))
         return answer
-
-    def _member_of(self, signed: common_pb2.SignedDescriptor) -> Peer | None:
-        """The member a descriptor names, if known (no signature check: only used to tell the
-        sender what is said about it, which is public gossip anyway)."""
-        try:
-            key = common_pb2.NodeDescriptor.FromString(signed.descriptor).identity_key
-        except DecodeError:
-            return None
-        return self.directory.get(native.node_id(key)) if len(key) == 32 else None
 
     def on_exchange(self, request: overlay_pb2.ExchangeRequest) -> overlay_pb2.ExchangeResponse:
         if self._left:
@@ -117,15 +106,16 @@ class Membership:
         ]
         return overlay_pb2.ExchangeResponse(updates=updates)
 
-    def _absorb(self, packet: overlay_pb2.SwimPacket) -> None:
-        if packet.sender.descriptor:
-            self._learn(packet.sender)
+    def _absorb(self, packet: overlay_pb2.SwimPacket) -> Peer | None:
+        """Takes in a packet's news; returns its sender, if its descriptor was new to us."""
+        sender = self._learn(packet.sender) if packet.sender.descriptor else None
         for update in packet.updates:
             if update.state == ALIVE:
                 if update.descriptor.descriptor:
                     self._learn(update.descriptor)
             elif update.state in (SUSPECT, DEAD):
                 self._claim(update.identity_key, update.state, update.incarnation)
+        return sender
 
     def _learn(self, signed: common_pb2.SignedDescriptor) -> Peer | None:
         peer = self.directory.offer(signed)
