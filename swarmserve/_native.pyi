@@ -4,9 +4,14 @@ import os
 from collections.abc import Sequence
 from typing import final
 
+from typing_extensions import Buffer
+
 __all__ = [
     "MAX_LAYERS",
     "ROUTING_INFO_MAX",
+    "SAMPLING_CDF_TOLERANCE",
+    "SAMPLING_LOGIT_TOLERANCE",
+    "SAMPLING_PENALTY_WINDOW",
     "SETUP_CELL_SIZE",
     "SETUP_PAYLOAD_MAX",
     "TAG_SIZE",
@@ -24,9 +29,12 @@ __all__ = [
     "ReplayCache",
     "ReplayCacheFullError",
     "ReplayError",
+    "Sampler",
     "SignatureError",
     "TokenStreamHasher",
+    "ledger_entry_hash",
     "node_id",
+    "sampling_uniform",
     "token_stream_commitment",
     "verify_signature",
 ]
@@ -36,6 +44,9 @@ MAX_LAYERS: int
 ROUTING_INFO_MAX: int
 SETUP_PAYLOAD_MAX: int
 TAG_SIZE: int
+SAMPLING_CDF_TOLERANCE: float
+SAMPLING_LOGIT_TOLERANCE: float
+SAMPLING_PENALTY_WINDOW: int
 
 class CryptoError(Exception): ...
 class MalformedCellError(CryptoError): ...
@@ -132,6 +143,25 @@ class TokenStreamHasher:
     def head(self) -> bytes: ...
     def commitment(self) -> bytes: ...
 
+@final
+class Sampler:
+    def __new__(
+        cls,
+        temperature: float,
+        top_k: int,
+        top_p: float,
+        repetition_penalty: float,
+        seed: int,
+        prompt_ids: Sequence[int],
+    ) -> Sampler: ...
+    def choose(self, logits: Buffer) -> int: ...
+    def plausible(self, logits: Buffer, cdf_tolerance: float = ..., logit_tolerance: float = ...) -> list[int]: ...
+    def advance(self, token_id: int) -> None: ...
+    @property
+    def position(self) -> int: ...
+
+def ledger_entry_hash(body: bytes, signature: bytes) -> bytes: ...
+def sampling_uniform(seed: int, position: int) -> float: ...
 def token_stream_commitment(
     request_id: bytes,
     model_digest: bytes,

@@ -10,6 +10,11 @@ Everything that runs per token or per cell is here. Import from this module, nev
   :data:`SETUP_CELL_SIZE` bytes at every hop, so a relay cannot tell its position on the path.
 - :class:`TokenStreamHasher`, :func:`token_stream_commitment`: the BLAKE3 hash chain an
   inference node signs over the tokens it serves.
+- :func:`ledger_entry_hash`: the BLAKE3 hash that links each ledger entry to the next.
+- :class:`Sampler`, :func:`sampling_uniform`: verifiable sampling. The choice at every position
+  follows from the logits and a uniform number derived from the receipt's seed, so verifiers can
+  replay it; :meth:`Sampler.plausible` tolerates :data:`SAMPLING_CDF_TOLERANCE` (sampled) or
+  :data:`SAMPLING_LOGIT_TOLERANCE` (greedy) of numerical jitter.
 
 Errors are subclasses of :class:`CryptoError`; bad argument values raise :class:`ValueError`.
 """
@@ -17,6 +22,9 @@ Errors are subclasses of :class:`CryptoError`; bad argument values raise :class:
 from swarmserve._native import (
     MAX_LAYERS,
     ROUTING_INFO_MAX,
+    SAMPLING_CDF_TOLERANCE,
+    SAMPLING_LOGIT_TOLERANCE,
+    SAMPLING_PENALTY_WINDOW,
     SETUP_CELL_SIZE,
     SETUP_PAYLOAD_MAX,
     TAG_SIZE,
@@ -34,9 +42,12 @@ from swarmserve._native import (
     ReplayCache,
     ReplayCacheFullError,
     ReplayError,
+    Sampler,
     SignatureError,
     TokenStreamHasher,
+    ledger_entry_hash,
     node_id,
+    sampling_uniform,
     token_stream_commitment,
     verify_signature,
 )
@@ -44,6 +55,9 @@ from swarmserve._native import (
 __all__ = [
     "MAX_LAYERS",
     "ROUTING_INFO_MAX",
+    "SAMPLING_CDF_TOLERANCE",
+    "SAMPLING_LOGIT_TOLERANCE",
+    "SAMPLING_PENALTY_WINDOW",
     "SETUP_CELL_SIZE",
     "SETUP_PAYLOAD_MAX",
     "TAG_SIZE",
@@ -61,9 +75,12 @@ __all__ = [
     "ReplayCache",
     "ReplayCacheFullError",
     "ReplayError",
+    "Sampler",
     "SignatureError",
     "TokenStreamHasher",
+    "ledger_entry_hash",
     "node_id",
+    "sampling_uniform",
     "token_stream_commitment",
     "verify_signature",
 ]

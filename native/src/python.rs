@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use pyo3::buffer::PyBuffer;
 use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyValueError};
 use pyo3::prelude::*;
@@ -13,7 +14,9 @@ use pyo3::types::PyBytes;
 use crate::chain;
 use crate::error::Error;
 use crate::identity;
+use crate::ledger;
 use crate::onion;
+use crate::sampling;
 
 create_exception!(swarmserve._native, CryptoError, PyException, "Base class of every error the native core raises.");
 create_exception!(swarmserve._native, MalformedCellError, CryptoError, "A cell or onion whose shape is wrong (truncated, wrong size, unknown field).");
@@ -380,6 +383,64 @@ impl TokenStreamHasher {
     }
 }
 
+/// The verifiable sampler of one stream (see `sampling.rs`). Logits are any buffer of float32
+/// (a numpy row); they are copied once and processed without the GIL.
+#[pyclass(module = "swarmserve._native")]
+struct Sampler(sampling::Sampler);
+
+fn logits_of(py: Python<'_>, logits: &Bound<'_, PyAny>) -> PyResult<Vec<f32>> {
+    PyBuffer::<f32>::get(logits)?.to_vec(py)
+}
+
+#[pymethods]
+impl Sampler {
+    #[new]
+    #[pyo3(signature = (temperature, top_k, top_p, repetition_penalty, seed, prompt_ids))]
+    fn new(temperature: f32, top_k: u32, top_p: f32, repetition_penalty: f32, seed: u64, prompt_ids: Vec<u32>) -> PyResult<Self> {
+        let params = sampling::SamplingParams { temperature, top_k, top_p, repetition_penalty };
+        Ok(Self(sampling::Sampler::new(params, seed, &prompt_ids)?))
+    }
+
+    /// Chooses the token at the current position and moves past it.
+    fn choose(&mut self, py: Python<'_>, logits: &Bound<'_, PyAny>) -> PyResult<u32> {
+        let logits = logits_of(py, logits)?;
+        let inner = &mut self.0;
+        Ok(py.allow_threads(|| inner.choose(&logits))?)
+    }
+
+    /// Every token an honest node could have chosen here, in id order; does not move.
+    #[pyo3(signature = (logits, cdf_tolerance = sampling::CDF_TOLERANCE, logit_tolerance = sampling::LOGIT_TOLERANCE))]
+    fn plausible(&self, py: Python<'_>, logits: &Bound<'_, PyAny>, cdf_tolerance: f64, logit_tolerance: f32) -> PyResult<Vec<u32>> {
+        let logits = logits_of(py, logits)?;
+        let inner = &self.0;
+        let tolerance = sampling::Tolerance { cdf: cdf_tolerance, logit: logit_tolerance };
+        Ok(py.allow_threads(|| inner.plausible_within(&logits, tolerance))?)
+    }
+
+    /// Moves past the token served at the current position.
+    fn advance(&mut self, token_id: u32) {
+        self.0.advance(token_id);
+    }
+
+    /// Completion positions passed so far.
+    #[getter]
+    fn position(&self) -> u64 {
+        self.0.position()
+    }
+}
+
+/// The BLAKE3 hash of a ledger entry (what the author's next entry names as previous).
+#[pyfunction]
+fn ledger_entry_hash<'py>(py: Python<'py>, body: &[u8], signature: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
+    Ok(PyBytes::new(py, &ledger::entry_hash(body, signature)?))
+}
+
+/// The uniform number in [0, 1) that drives the choice at a completion position.
+#[pyfunction]
+fn sampling_uniform(seed: u64, position: u64) -> f64 {
+    sampling::uniform(seed, position)
+}
+
 /// The commitment over a whole token stream in one call (for verifiers).
 #[pyfunction]
 fn token_stream_commitment<'py>(
@@ -425,6 +486,12 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<CircuitHop>()?;
     m.add_class::<Circuit>()?;
     m.add_class::<TokenStreamHasher>()?;
+    m.add_class::<Sampler>()?;
+    m.add_function(wrap_pyfunction!(sampling_uniform, m)?)?;
+    m.add_function(wrap_pyfunction!(ledger_entry_hash, m)?)?;
+    m.add("SAMPLING_CDF_TOLERANCE", sampling::CDF_TOLERANCE)?;
+    m.add("SAMPLING_LOGIT_TOLERANCE", sampling::LOGIT_TOLERANCE)?;
+    m.add("SAMPLING_PENALTY_WINDOW", sampling::PENALTY_WINDOW)?;
     m.add_function(wrap_pyfunction!(verify_signature, m)?)?;
     m.add_function(wrap_pyfunction!(node_id, m)?)?;
     m.add_function(wrap_pyfunction!(token_stream_commitment, m)?)?;

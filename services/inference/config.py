@@ -108,6 +108,9 @@ class InferenceConfig(NodeConfig):
     circuits: CircuitSettings = CircuitSettings()
     models: list[ModelSettings] = Field(default_factory=lambda: [ModelSettings()], min_length=1)
     policy: ProviderPolicy = ProviderPolicy()
+    verifier: bool = Field(
+        True, description="also run the Verifier service: re-execute other providers' streams on this node's models"
+    )
     offload: bool = Field(
         True, description="pass requests on to a peer with a free slot instead of queueing them when every slot is busy"
     )

@@ -18,9 +18,11 @@ from blake3 import blake3
 
 from services.inference.engine import (
     ChatTurn,
+    EngineUnavailable,
     GeneratedToken,
     ModelIdentity,
     PositionScore,
+    Replay,
     Sampling,
 )
 
@@ -112,6 +114,9 @@ class EmulatedEngine:
             scores.append(PositionScore(0.0 if token == expected else -20.0, token == expected, expected, 0.0))
             context.append(token)
         return scores
+
+    async def replay(self, prompt_ids: Sequence[int], completion_ids: Sequence[int], sampling: Sampling) -> Replay:
+        raise EngineUnavailable("the emulated engine has no model logits to replay")
 
     async def close(self) -> None:
         return None

@@ -19,6 +19,7 @@ __all__ = [
     "GeneratedToken",
     "ModelIdentity",
     "PositionScore",
+    "Replay",
     "Sampling",
 ]
 
@@ -84,6 +85,16 @@ class PositionScore:
 
 
 @dataclass(frozen=True)
+class Replay:
+    """A served stream re-run under the verifiable sampler (``native.Sampler``) with teacher
+    forcing: which served tokens an honest node with this model could have chosen."""
+
+    implausible_positions: tuple[int, ...]  # completion positions no honest node would have served
+    end_plausible: bool  # whether the position after the last token could choose an end token
+    logprobs: tuple[float, ...]  # each served token's log-probability under the model
+
+
+@dataclass(frozen=True)
 class ChatTurn:
     role: str  # "system", "user" or "assistant"
     content: str
@@ -119,6 +130,11 @@ class Engine(Protocol):
         self, prompt_ids: Sequence[int], completion_ids: Sequence[int], top_alternatives: int
     ) -> list[PositionScore]:
         """Teacher-forced log-probabilities of ``completion_ids`` after ``prompt_ids``."""
+        ...
+
+    async def replay(self, prompt_ids: Sequence[int], completion_ids: Sequence[int], sampling: Sampling) -> Replay:
+        """Replays the verifiable sampler over a served completion (see :class:`Replay`).
+        Raises :class:`EngineUnavailable` for engines that do not sample verifiably."""
         ...
 
     async def close(self) -> None: ...

@@ -2,9 +2,11 @@
 
 One ``Llama`` context per slot (the weights are memory-mapped once and shared by the OS), so
 ``slots`` generations run at once, each on its own worker thread: llama.cpp calls block and
-release the GIL, and the event loop never waits on them. Uses two internals of the pinned
-llama-cpp-python (the context's per-position logits and its batch) to read the sampled token's
-log-probability and to score a completion in one forward pass without ``logits_all``.
+release the GIL, and the event loop never waits on them. Tokens are chosen by the native
+verifiable sampler (``native.Sampler``) from llama.cpp's logits, not by llama.cpp's own sampler,
+so a verifier can replay every choice from the receipt's seed. Uses two internals of the pinned
+llama-cpp-python (the context's per-position logits and its batch) to read logits and to score a
+completion in one forward pass without ``logits_all``.
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ from services.inference.engine import (
     GeneratedToken,
     ModelIdentity,
     PositionScore,
+    Replay,
     Sampling,
 )
 from services.inference.models import weights_digest
+from swarmserve import native
 
 __all__ = ["LlamaCppEngine"]
 
@@ -165,27 +169,40 @@ class LlamaCppEngine:
         sampling: Sampling,
         stop: threading.Event,
     ) -> Iterator[GeneratedToken]:
-        context.set_seed(sampling.seed)
-        for produced, token in enumerate(
-            context.generate(
-                list(prompt_ids),
-                temp=sampling.temperature,
-                top_k=sampling.top_k,
-                top_p=sampling.top_p,
-                min_p=0.0,
-                typical_p=1.0,
-                repeat_penalty=sampling.repetition_penalty,
-                reset=True,  # llama-cpp-python still reuses the longest cached prompt prefix
-            ),
-            start=1,
-        ):
+        sampler = _sampler(sampling, prompt_ids)
+        self._load_prompt(context, list(prompt_ids))
+        for produced in range(1, sampling.max_new_tokens + 1):
+            logits = self._logits(context, -1)
+            token = sampler.choose(logits.data)
             if stop.is_set() or self._is_end(token):
                 return
-            logits = np.ctypeslib.as_array(context._ctx.get_logits_ith(-1), shape=(self.vocab_size,))
             logprob = _log_softmax_at(logits, token)[0]
             yield GeneratedToken(token, bytes(context.detokenize([token])), logprob)
-            if produced >= sampling.max_new_tokens:
-                return
+            if produced < sampling.max_new_tokens:
+                context.eval([token])
+
+    def _logits(self, context: Any, row: int) -> np.ndarray[Any, Any]:
+        """One row of llama.cpp's logits, in place. The view drops ctypes' explicit byte-order
+        mark ("<f"), which the native sampler's buffer check does not take as float32."""
+        return np.ctypeslib.as_array(context._ctx.get_logits_ith(row), shape=(self.vocab_size,)).view(np.float32)
+
+    @staticmethod
+    def _load_prompt(context: Any, prompt: list[int]) -> None:
+        """Evaluates the prompt, reusing the longest prefix still in this context's KV cache (at
+        least the last prompt token is evaluated, for fresh logits)."""
+        cached = context.input_ids[: context.n_tokens]
+        common = 0
+        for held, wanted in zip(cached, prompt, strict=False):
+            if held != wanted:
+                break
+            common += 1
+        common = min(common, len(prompt) - 1)
+        if not context._ctx.kv_cache_seq_rm(-1, common, -1):
+            context.reset()
+            context._ctx.kv_cache_seq_rm(-1, 0, -1)
+            common = 0
+        context.n_tokens = common
+        context.eval(prompt[common:])
 
     async def score(
         self, prompt_ids: Sequence[int], completion_ids: Sequence[int], top_alternatives: int
@@ -202,37 +219,84 @@ class LlamaCppEngine:
         completion: list[int],
         top_alternatives: int,
     ) -> list[PositionScore]:
-        # One forward pass over prompt + completion[:-1], asking llama.cpp for logits only at
-        # the positions that predict a completion token.
+        scores: list[PositionScore] = []
+
+        def visit(position: int, row: np.ndarray[Any, Any]) -> None:
+            target = completion[position]
+            logprob, top, top_logprob = _log_softmax_at(row, target)
+            alternatives: tuple[tuple[int, float], ...] = ()
+            if top_alternatives:
+                log_norm = row[top] - top_logprob
+                best = np.argpartition(row, -top_alternatives)[-top_alternatives:]
+                best = best[np.argsort(row[best])[::-1]]
+                alternatives = tuple((int(t), float(row[t] - log_norm)) for t in best)
+            scores.append(PositionScore(logprob, top == target, top, top_logprob, alternatives))
+
+        self._forward(context, prompt, completion, len(completion), visit)
+        return scores
+
+    def _forward(
+        self,
+        context: Any,  # llama_cpp.Llama
+        prompt: list[int],
+        completion: list[int],
+        positions: int,
+        visit: Callable[[int, np.ndarray[Any, Any]], None],
+    ) -> None:
+        """Teacher forcing in one forward pass: calls ``visit(p, logits)`` for completion
+        positions p = 0 .. positions-1 in order, asking llama.cpp for logits only there."""
         ids = prompt + completion
-        first = len(prompt) - 1
+        first = len(prompt) - 1  # the row that predicts completion position 0
         context.reset()
         context._ctx.kv_cache_seq_rm(-1, 0, -1)
         batch = context._batch
-        scores: list[PositionScore] = []
-        evaluated = ids[:-1]
+        evaluated = ids[: first + positions]
         for start in range(0, len(evaluated), context.n_batch):
             chunk = evaluated[start : start + context.n_batch]
             batch.set_batch(chunk, n_past=start, logits_all=False)
-            wanted = [i for i in range(len(chunk)) if start + i >= first]
             for i in range(len(chunk)):
                 batch.batch.logits[i] = start + i >= first
             context._ctx.decode(batch)
-            for i in wanted:
-                row = np.ctypeslib.as_array(context._ctx.get_logits_ith(i), shape=(self.vocab_size,))
-                target = ids[start + i + 1]
-                logprob, top, top_logprob = _log_softmax_at(row, target)
-                alternatives: tuple[tuple[int, float], ...] = ()
-                if top_alternatives:
-                    log_norm = row[top] - top_logprob
-                    best = np.argpartition(row, -top_alternatives)[-top_alternatives:]
-                    best = best[np.argsort(row[best])[::-1]]
-                    alternatives = tuple((int(t), float(row[t] - log_norm)) for t in best)
-                scores.append(PositionScore(logprob, top == target, top, top_logprob, alternatives))
+            for i in range(max(0, first - start), len(chunk)):
+                row = self._logits(context, i)
+                visit(start + i - first, row)
         context.reset()  # the KV cache no longer matches what generate() would expect
-        return scores
+
+    async def replay(self, prompt_ids: Sequence[int], completion_ids: Sequence[int], sampling: Sampling) -> Replay:
+        def work(context: llama_cpp.Llama) -> Replay:
+            return self._replay_blocking(context, list(prompt_ids), list(completion_ids), sampling)
+
+        return await (await self._run_in_slot(work))  # type: ignore[no-any-return]
+
+    def _replay_blocking(self, context: Any, prompt: list[int], completion: list[int], sampling: Sampling) -> Replay:
+        # Token by token, as generate() ran: llama.cpp's one-token decode uses other kernels than
+        # a batched pass, and a batched replay moved logits by up to 1.0 (measured), against 0 here.
+        sampler = _sampler(sampling, prompt)
+        implausible: list[int] = []
+        logprobs: list[float] = []
+        self._load_prompt(context, prompt)
+        for position, served in enumerate(completion):
+            row = self._logits(context, -1)
+            if served not in sampler.plausible(row.data):
+                implausible.append(position)
+            logprobs.append(_log_softmax_at(row, served)[0])
+            sampler.advance(served)
+            context.eval([served])
+        end_plausible = any(self._is_end(token) for token in sampler.plausible(self._logits(context, -1).data))
+        return Replay(tuple(implausible), end_plausible, tuple(logprobs))
 
     async def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
         for context in self._contexts:
             context.close()
+
+
+def _sampler(sampling: Sampling, prompt_ids: Sequence[int]) -> native.Sampler:
+    return native.Sampler(
+        sampling.temperature,
+        sampling.top_k,
+        sampling.top_p,
+        sampling.repetition_penalty,
+        sampling.seed,
+        list(prompt_ids),
+    )

@@ -19,12 +19,15 @@ from services.inference.offload import Offloader
 from services.inference.service import InferenceService
 from services.inference.servicer import InferenceServicer, capacity, load_report, model_info, policy_summary
 from services.relay.servicer import RelayServicer
+from services.verifier.reputation import ReputationBook
+from services.verifier.service import VerifierService
+from services.verifier.servicer import VerifierServicer
 from swarmserve.keys import NodeKeys
 from swarmserve.overlay import DescriptorPublisher, Membership, overlay_binding
 from swarmserve.rpc import ChannelPool, RpcServer, ServiceBinding
 from swarmserve.rpc.node import ServiceNode
 from swarmserve.telemetry import get_logger
-from swarmserve.v1 import common_pb2, inference_pb2_grpc, relay_pb2_grpc
+from swarmserve.v1 import common_pb2, inference_pb2_grpc, relay_pb2_grpc, verifier_pb2_grpc
 
 __all__ = ["InferenceNode", "load_engine"]
 
@@ -70,10 +73,12 @@ class InferenceNode(ServiceNode):
         self.config = config
         self.keys = NodeKeys.load_or_create(config.data_dir)
         self.servicer = InferenceServicer()
+        self.verifier = VerifierServicer()
+        self.reputation = ReputationBook()
         self.channels = ChannelPool(config.server.max_message_bytes)
         self.publisher = DescriptorPublisher(
             self.keys.identity,
-            [common_pb2.NODE_ROLE_INFERENCE],
+            [common_pb2.NODE_ROLE_INFERENCE, *([common_pb2.NODE_ROLE_VERIFIER] if config.verifier else [])],
             lambda: config.advertise or self.server.address,
             onion_key=self.keys.onion,
             fill=self._describe,
@@ -111,6 +116,16 @@ class InferenceNode(ServiceNode):
                     lambda s: relay_pb2_grpc.add_RelayServicer_to_server(self.exit, s),
                 ),
                 overlay_binding(self.membership),
+                *(
+                    [
+                        ServiceBinding(
+                            "swarmserve.v1.Verifier",
+                            lambda s: verifier_pb2_grpc.add_VerifierServicer_to_server(self.verifier, s),
+                        )
+                    ]
+                    if config.verifier
+                    else []
+                ),
             ],
         )
 
@@ -151,7 +166,9 @@ class InferenceNode(ServiceNode):
                 await engine.close()
             await self.server.stop(0)
             raise
-        self.servicer.service = InferenceService(self.keys.identity, engines, self.config.policy)
+        service = InferenceService(self.keys.identity, engines, self.config.policy)
+        self.servicer.service = service
+        self.verifier.service = VerifierService(self.keys.identity, lambda: service.engines, self.reputation)
         await self.server.mark_serving()
         await self.join_swarm()  # after loading: the first descriptor others see lists the models
         log.info("inference node ready", node_id=self.keys.identity.node_id, address=self.address)

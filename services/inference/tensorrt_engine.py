@@ -24,6 +24,7 @@ from services.inference.engine import (
     GeneratedToken,
     ModelIdentity,
     PositionScore,
+    Replay,
     Sampling,
 )
 from services.inference.models import weights_digest
@@ -165,6 +166,11 @@ class TensorRTEngine:
                 )
             )
         return scores
+
+    async def replay(self, prompt_ids: Sequence[int], completion_ids: Sequence[int], sampling: Sampling) -> Replay:
+        # Sampling stays on the GPU (its own sampler); pulling every logits row back to run the
+        # native sampler would cost more than the generation it verifies.
+        raise EngineUnavailable("TensorRT-LLM streams are not sampled verifiably; use a llama.cpp engine to verify")
 
     async def close(self) -> None:
         shutdown = getattr(self._llm, "shutdown", None)

@@ -1,0 +1,88 @@
+"""Cheating providers, for the tests and the verification benchmark: engines that claim to be
+the honest model (its name and weights digest, so they sign receipts naming it) but serve
+something else. Each wraps a real loaded engine; nothing here is used by a serving node.
+
+- :class:`ClaimingEngine`: another model (say a Q2_K re-quantization) passed off as the claimed one.
+- :class:`RandomTokensEngine`: random token ids from the vocabulary.
+- :class:`ReplayingEngine`: the answer it generated for its first prompt, sent for every prompt.
+- :class:`EarlyStopEngine`: the honest answer, cut after a few tokens as if the model had ended it.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncGenerator, Sequence
+from contextlib import aclosing
+
+from services.inference.engine import ChatTurn, Engine, GeneratedToken, ModelIdentity, PositionScore, Replay, Sampling
+
+__all__ = ["ClaimingEngine", "EarlyStopEngine", "RandomTokensEngine", "ReplayingEngine"]
+
+
+class ClaimingEngine:
+    """Serves with ``inner`` while claiming to be ``claimed``."""
+
+    def __init__(self, inner: Engine, claimed: ModelIdentity) -> None:
+        self.inner = inner
+        self.identity = claimed
+        self.vocab_size = inner.vocab_size
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.inner.tokenize(text)
+
+    def detokenize(self, token_ids: Sequence[int]) -> bytes:
+        return self.inner.detokenize(token_ids)
+
+    def apply_chat_template(self, turns: Sequence[ChatTurn]) -> str:
+        return self.inner.apply_chat_template(turns)
+
+    async def generate(self, prompt_ids: Sequence[int], sampling: Sampling) -> AsyncGenerator[GeneratedToken, None]:
+        async with aclosing(self.inner.generate(prompt_ids, sampling)) as stream:
+            async for token in stream:
+                yield token
+
+    async def score(
+        self, prompt_ids: Sequence[int], completion_ids: Sequence[int], top_alternatives: int
+    ) -> list[PositionScore]:
+        return await self.inner.score(prompt_ids, completion_ids, top_alternatives)
+
+    async def replay(self, prompt_ids: Sequence[int], completion_ids: Sequence[int], sampling: Sampling) -> Replay:
+        return await self.inner.replay(prompt_ids, completion_ids, sampling)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+class RandomTokensEngine(ClaimingEngine):
+    async def generate(self, prompt_ids: Sequence[int], sampling: Sampling) -> AsyncGenerator[GeneratedToken, None]:
+        chooser = random.Random(sampling.seed)
+        for _ in range(sampling.max_new_tokens):
+            token = chooser.randrange(self.vocab_size)
+            yield GeneratedToken(token, self.detokenize([token]), -10.0)
+
+
+class ReplayingEngine(ClaimingEngine):
+    def __init__(self, inner: Engine, claimed: ModelIdentity) -> None:
+        super().__init__(inner, claimed)
+        self._answer: list[GeneratedToken] | None = None
+
+    async def generate(self, prompt_ids: Sequence[int], sampling: Sampling) -> AsyncGenerator[GeneratedToken, None]:
+        if self._answer is None:
+            self._answer = [token async for token in self.inner.generate(prompt_ids, sampling)]
+        for token in self._answer[: sampling.max_new_tokens]:
+            yield token
+
+
+class EarlyStopEngine(ClaimingEngine):
+    def __init__(self, inner: Engine, claimed: ModelIdentity, keep: int = 3) -> None:
+        super().__init__(inner, claimed)
+        self.keep = keep
+
+    async def generate(self, prompt_ids: Sequence[int], sampling: Sampling) -> AsyncGenerator[GeneratedToken, None]:
+        produced = 0
+        async with aclosing(self.inner.generate(prompt_ids, sampling)) as stream:
+            async for token in stream:
+                if produced == self.keep:
+                    return
+                produced += 1
+                yield token
