@@ -23,6 +23,7 @@ from swarmserve import __version__
 from swarmserve.client import GenerationResult, generate
 from swarmserve.config import ENV_PREFIX, NodeConfig, load_config
 from swarmserve.keys import NodeKeys
+from swarmserve.ledger import LedgerReplica
 from swarmserve.swarm import LocalSwarm
 from swarmserve.telemetry import configure_logging
 
@@ -175,6 +176,48 @@ def _keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ledger_replica(args: argparse.Namespace) -> LedgerReplica:
+    path = Path(args.data_dir) / "ledger.sqlite3"
+    if not path.is_file():
+        raise FileNotFoundError(f"no ledger replica at {path}")
+    return LedgerReplica(path)
+
+
+def _ledger_balance(args: argparse.Namespace) -> int:
+    replica = _ledger_replica(args)
+    try:
+        account = (
+            bytes.fromhex(args.account)
+            if args.account
+            else NodeKeys.load_or_create(Path(args.data_dir)).identity.public_key
+        )
+        if len(account) != 32:
+            raise ValueError("--account must be a 32-byte identity key in hex")
+        balance = replica.balance(account)
+    finally:
+        replica.close()
+    print(f"account:    {account.hex()}")
+    print(f"available:  {balance.available}")
+    print(f"staked:     {balance.staked}")
+    print(f"entries:    {balance.entries}")
+    if balance.frozen:
+        print("frozen:     yes (the account signed two different entries at one sequence)")
+    return 0
+
+
+def _ledger_verify(args: argparse.Namespace) -> int:
+    replica = _ledger_replica(args)
+    try:
+        report = replica.verify()
+    finally:
+        replica.close()
+    for problem in report.problems:
+        print(f"problem: {problem}")
+    verdict = "OK" if not report.problems else f"{len(report.problems)} problems"
+    print(f"{report.entries} entries by {report.authors} authors: every signature and link checked: {verdict}")
+    return 0 if not report.problems else 2
+
+
 def _add_service(commands: Any, name: str, help_text: str, run: Any) -> None:
     command = commands.add_parser(name, help=help_text)
     command.add_argument("--config", help="YAML config file (default: built-in defaults)")
@@ -219,6 +262,16 @@ def build_parser() -> argparse.ArgumentParser:
     keys = commands.add_parser("keys", help="create (if missing) and show this node's identity and onion keys")
     keys.add_argument("--data-dir", default="data", help="node data directory (default: ./data)")
     keys.set_defaults(run=_keys)
+
+    ledger = commands.add_parser("ledger", help="inspect this node's credit-ledger replica")
+    ledger_commands = ledger.add_subparsers(dest="ledger_command", required=True)
+    balance = ledger_commands.add_parser("balance", help="an account's balance, derived from the log")
+    balance.add_argument("--data-dir", default="data", help="node data directory (default: ./data)")
+    balance.add_argument("--account", help="identity key in hex (default: this node's)")
+    balance.set_defaults(run=_ledger_balance)
+    verify = ledger_commands.add_parser("verify", help="replay the whole log, checking every signature and link")
+    verify.add_argument("--data-dir", default="data", help="node data directory (default: ./data)")
+    verify.set_defaults(run=_ledger_verify)
     return parser
 
 

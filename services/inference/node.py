@@ -116,6 +116,7 @@ class InferenceNode(ServiceNode):
                     lambda s: relay_pb2_grpc.add_RelayServicer_to_server(self.exit, s),
                 ),
                 overlay_binding(self.membership),
+                self.open_ledger(config, self.channels),
                 *(
                     [
                         ServiceBinding(

@@ -38,6 +38,7 @@ class RouterNode(ServiceNode):
                     lambda s: router_pb2_grpc.add_RouterServicer_to_server(router, s),
                 ),
                 overlay_binding(self.membership),
+                self.open_ledger(config, self.channels),
             ],
         )
 

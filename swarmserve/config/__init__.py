@@ -106,6 +106,12 @@ class GossipSettings(StrictModel):
         return self
 
 
+class LedgerSettings(StrictModel):
+    """The node's credit-ledger replica (``data_dir/ledger.sqlite3``)."""
+
+    sync_interval_s: float = Field(2.0, gt=0, description="anti-entropy with one random member, about this often")
+
+
 class NodeConfig(StrictModel):
     """Settings every node has; services extend it with their own sections."""
 
@@ -113,6 +119,7 @@ class NodeConfig(StrictModel):
     server: ServerSettings = ServerSettings()
     log: LogSettings = LogSettings()
     gossip: GossipSettings = GossipSettings()
+    ledger: LedgerSettings = LedgerSettings()
 
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)

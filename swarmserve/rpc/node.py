@@ -5,21 +5,35 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from swarmserve.rpc.server import RpcServer
+from swarmserve.ledger import LedgerReplica
+from swarmserve.ledger.servicer import ledger_binding
+from swarmserve.ledger.sync import LedgerSync
+from swarmserve.rpc.channels import ChannelPool
+from swarmserve.rpc.server import RpcServer, ServiceBinding
 
 if TYPE_CHECKING:
+    from swarmserve.config import NodeConfig
     from swarmserve.overlay import Membership
 
 __all__ = ["ServiceNode"]
 
 
 class ServiceNode:
-    """A node with one gRPC server and its membership in the swarm. Subclasses set ``server``
-    and ``membership`` and may extend :meth:`start` (load models) and :meth:`close` (release
-    what the server used)."""
+    """A node with one gRPC server, its membership in the swarm and its ledger replica.
+    Subclasses set ``membership``, call :meth:`open_ledger` and set ``server`` (with the binding
+    it returns), and may extend :meth:`start` (load models) and :meth:`close` (release what the
+    server used)."""
 
     server: RpcServer
     membership: Membership
+    ledger: LedgerReplica
+    ledger_sync: LedgerSync
+
+    def open_ledger(self, config: NodeConfig, channels: ChannelPool) -> ServiceBinding:
+        """Opens ``data_dir/ledger.sqlite3``; returns the Ledger service binding for the server."""
+        self.ledger = LedgerReplica(config.data_dir / "ledger.sqlite3")
+        self.ledger_sync = LedgerSync(self.ledger, self.membership.directory, channels, config.ledger.sync_interval_s)
+        return ledger_binding(self.ledger)
 
     @property
     def address(self) -> str:
@@ -33,6 +47,7 @@ class ServiceNode:
         """Joins through the configured seeds and starts gossiping; returns how many answered."""
         answered = await self.membership.join()
         self.membership.start()
+        self.ledger_sync.start()
         return answered
 
     async def close(self) -> None:
@@ -41,6 +56,7 @@ class ServiceNode:
     async def stop(self, grace_s: float | None = None) -> None:
         await self.membership.close()
         await self.server.stop(grace_s)
+        await self.ledger_sync.close()
         await self.close()
 
     async def run(self) -> None:
@@ -48,4 +64,5 @@ class ServiceNode:
         await self.start()
         self.server.stop_on_signals(on_signal=self.membership.close)
         await self.server.wait_for_termination()
+        await self.ledger_sync.close()
         await self.close()
