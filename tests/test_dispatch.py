@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from swarmserve.dispatch import (
     CHUNK_TOKENS,
     CentralOraclePolicy,
@@ -67,6 +69,8 @@ def test_overlay_gives_untrusted_nodes_nothing() -> None:
     policy = OverlayPolicy()
     nodes = [state("cheap-liar", latency=0.01, reputation=0.1), state("honest", latency=1.0)]
     assert policy.choose([1] * 20, nodes, "r") == "honest"
+    with pytest.raises(ValueError, match="no trusted node"):
+        policy.choose([1] * 20, nodes[:1], "r")
 
 
 def test_baselines() -> None:

@@ -20,6 +20,7 @@ from services.inference.config import ModelSettings
 from services.inference.engine import ChatTurn, Engine, ModelIdentity
 from services.inference.node import InferenceNode
 from services.verifier.adversaries import ClaimingEngine, EarlyStopEngine, RandomTokensEngine, ReplayingEngine
+from services.verifier.reputation import LedgerReputation
 from services.verifier.verdicts import open_verdict
 from swarmserve import native
 from swarmserve.receipts import ReceiptWriter
@@ -139,8 +140,14 @@ async def test_requantized_model_claiming_the_real_one_is_caught(swarmlet: Swarm
             for prompt in PROMPTS
         ]
         assert FAIL in sampled[:4], sampled
-        standing = s.verifier.reputation.standing(s.provider.keys.identity.public_key)
+        provider_key = s.provider.keys.identity.public_key
+        standing = s.verifier.reputation.standing(provider_key)
         assert not standing.trusted, standing
+        # Every conclusive verdict is in the verifier's ledger, and anyone replaying it (a
+        # router, say) computes the same reputation and sends the provider nothing.
+        assert len(s.verifier.ledger.verdicts()) == standing.verdicts
+        assert LedgerReputation(s.verifier.ledger).score(provider_key) == pytest.approx(standing.score)
+        assert s.verifier.ledger.verify().problems == []
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ __all__ = [
     "EmulatedSettings",
     "InferenceConfig",
     "ModelSettings",
+    "PriceSettings",
     "ProviderPolicy",
     "ServingWindow",
 ]
@@ -71,6 +72,13 @@ class ServingWindow(StrictModel):
         return moment >= self.start or moment < self.end
 
 
+class PriceSettings(StrictModel):
+    """What the node charges, in ledger credits (published in its descriptor)."""
+
+    credits_per_1k_prompt_tokens: int = Field(1, ge=0)
+    credits_per_1k_completion_tokens: int = Field(10, ge=0)
+
+
 class ProviderPolicy(StrictModel):
     """The operator decides when and how the node serves."""
 
@@ -108,6 +116,7 @@ class InferenceConfig(NodeConfig):
     circuits: CircuitSettings = CircuitSettings()
     models: list[ModelSettings] = Field(default_factory=lambda: [ModelSettings()], min_length=1)
     policy: ProviderPolicy = ProviderPolicy()
+    price: PriceSettings = PriceSettings()
     verifier: bool = Field(
         True, description="also run the Verifier service: re-execute other providers' streams on this node's models"
     )

@@ -23,11 +23,12 @@ from services.verifier.reputation import ReputationBook
 from services.verifier.service import VerifierService
 from services.verifier.servicer import VerifierServicer
 from swarmserve.keys import NodeKeys
+from swarmserve.ledger import LedgerRejection
 from swarmserve.overlay import DescriptorPublisher, Membership, overlay_binding
 from swarmserve.rpc import ChannelPool, RpcServer, ServiceBinding
 from swarmserve.rpc.node import ServiceNode
 from swarmserve.telemetry import get_logger
-from swarmserve.v1 import common_pb2, inference_pb2_grpc, relay_pb2_grpc, verifier_pb2_grpc
+from swarmserve.v1 import common_pb2, inference_pb2_grpc, ledger_pb2, relay_pb2_grpc, verifier_pb2, verifier_pb2_grpc
 
 __all__ = ["InferenceNode", "load_engine"]
 
@@ -139,6 +140,7 @@ class InferenceNode(ServiceNode):
         descriptor.capacity.CopyFrom(capacity(service.policy))
         descriptor.load.CopyFrom(load_report(service.load()))
         descriptor.policy.CopyFrom(policy_summary(service.policy))
+        descriptor.price.CopyFrom(common_pb2.Price(**self.config.price.model_dump()))
 
     async def start(self) -> None:
         await self.server.start(serving=False)
@@ -169,10 +171,21 @@ class InferenceNode(ServiceNode):
             raise
         service = InferenceService(self.keys.identity, engines, self.config.policy)
         self.servicer.service = service
-        self.verifier.service = VerifierService(self.keys.identity, lambda: service.engines, self.reputation)
+        self.verifier.service = VerifierService(
+            self.keys.identity, lambda: service.engines, self.reputation, on_verdict=self._record_verdict
+        )
         await self.server.mark_serving()
         await self.join_swarm()  # after loading: the first descriptor others see lists the models
         log.info("inference node ready", node_id=self.keys.identity.node_id, address=self.address)
+
+    async def _record_verdict(self, signed: verifier_pb2.SignedVerdict, failed: bool, provider_key: bytes) -> None:
+        """Writes the verdict to the ledger; a failed check costs the provider half its stake."""
+        staked = self.ledger.balance(provider_key).staked
+        record = ledger_pb2.VerdictRecord(verdict=signed, stake_slashed=(staked + 1) // 2 if failed else 0)
+        try:
+            await asyncio.to_thread(self.ledger.append, self.keys.identity, verdict=record)
+        except LedgerRejection as error:
+            log.warning("verdict not recorded", reason=str(error))
 
     async def close(self) -> None:
         await self.channels.close()

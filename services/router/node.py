@@ -28,7 +28,8 @@ class RouterNode(ServiceNode):
         )
         self.membership = Membership(publisher, self.channels, config.gossip)
         self.directory = self.membership.directory
-        self.service = RouterService(self.keys.identity, self.membership, self.channels, config)
+        ledger = self.open_ledger(config, self.channels)
+        self.service = RouterService(self.keys.identity, self.membership, self.channels, config, self.ledger)
         router = RouterServicer(self.service)
         self.server = RpcServer(
             config.server,
@@ -38,7 +39,7 @@ class RouterNode(ServiceNode):
                     lambda s: router_pb2_grpc.add_RouterServicer_to_server(router, s),
                 ),
                 overlay_binding(self.membership),
-                self.open_ledger(config, self.channels),
+                ledger,
             ],
         )
 

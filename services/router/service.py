@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import math
 import random
 import time
 import uuid
@@ -17,6 +18,7 @@ import structlog
 
 from services.relay.client import OpenCircuit
 from services.router.config import RouterConfig
+from services.verifier.reputation import TRUST_THRESHOLD, LedgerReputation
 from swarmserve import native
 from swarmserve.dispatch import (
     CentralOraclePolicy,
@@ -28,6 +30,7 @@ from swarmserve.dispatch import (
     RoundRobinPolicy,
     reported_state,
 )
+from swarmserve.ledger import LedgerRejection, LedgerReplica
 from swarmserve.overlay import Membership, Peer
 from swarmserve.receipts import ReceiptError, verify_receipt
 from swarmserve.rpc import (
@@ -39,7 +42,7 @@ from swarmserve.rpc import (
     Unavailable,
 )
 from swarmserve.telemetry import get_logger
-from swarmserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc, relay_pb2, router_pb2
+from swarmserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc, ledger_pb2, relay_pb2, router_pb2
 
 __all__ = ["RouterService", "TokenDelta", "affinity_key"]
 
@@ -64,8 +67,11 @@ class RouterService:
         membership: Membership,
         channels: ChannelPool,
         config: RouterConfig,
+        ledger: LedgerReplica,
     ) -> None:
         self.identity = identity
+        self.ledger = ledger
+        self.reputation = LedgerReputation(ledger)
         self.membership = membership
         self.directory = membership.directory
         self.channels = channels
@@ -95,7 +101,13 @@ class RouterService:
         return hops
 
     def _candidates(self, model: str) -> list[Peer]:
-        return [p for p in self.directory.alive(common_pb2.NODE_ROLE_INFERENCE) if p.serves(model)]
+        """Live nodes serving the model; providers whose reputation (from the verdicts in this
+        router's ledger replica) is below the trust threshold get no traffic, whatever the policy."""
+        serving = [p for p in self.directory.alive(common_pb2.NODE_ROLE_INFERENCE) if p.serves(model)]
+        trusted = [p for p in serving if self.reputation.score(p.descriptor.identity_key) >= TRUST_THRESHOLD]
+        if serving and not trusted:
+            raise Unavailable(f"every node serving model {model!r} is below the trust threshold")
+        return trusted
 
     def _make_policy(self) -> Policy:
         match self.config.dispatch:
@@ -158,8 +170,30 @@ class RouterService:
 
     def _state(self, peer: Peer) -> NodeState:
         state = reported_state(peer.node_id, peer.descriptor.load, peer.descriptor.capacity, self._pending(peer))
+        state = replace(state, reputation=self.reputation.score(peer.descriptor.identity_key))
         observed = self._observed_latency.get(peer.node_id)
         return state if observed is None else replace(state, recent_latency_s=observed)
+
+    async def _pay(self, receipt: common_pb2.SignedReceipt, body: common_pb2.Receipt, server: str) -> None:
+        """Pays the provider for the tokens this router checked, at its published price: a
+        ServedWork entry in this router's chain (the receipt carries the co-signature)."""
+        peer = self.directory.get(server)
+        price = peer.descriptor.price if peer is not None else common_pb2.Price()
+        credits = max(
+            1,
+            math.ceil(
+                (
+                    body.timing.prompt_tokens * price.credits_per_1k_prompt_tokens
+                    + body.token_count * price.credits_per_1k_completion_tokens
+                )
+                / 1000
+            ),
+        )
+        work = ledger_pb2.ServedWork(receipt=receipt, payer_key=self.identity.public_key, credits=credits)
+        try:
+            await asyncio.to_thread(self.ledger.append, self.identity, served=work)
+        except LedgerRejection as error:  # the user got the answer; the provider is owed
+            log.warning("could not pay for served work", provider=server[:16], credits=credits, reason=str(error))
 
     async def _start(
         self, request: router_pb2.GenerateRequest, forwarded: inference_pb2.InferenceGenerateRequest, hops: int
@@ -261,6 +295,7 @@ class RouterService:
                     signer_key=self.identity.public_key,
                     signature=self.identity.sign(receipt.receipt),
                 )
+                await self._pay(receipt, signed_body, server)
                 tail = decoder.decode(b"", final=True)
                 if tail:
                     yield TokenDelta(tail, None, b"", len(ids), 0.0)

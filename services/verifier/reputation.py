@@ -15,7 +15,10 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-__all__ = ["INITIAL", "TRUST_THRESHOLD", "ProviderStanding", "ReputationBook"]
+from swarmserve.ledger import LedgerReplica
+from swarmserve.v1 import verifier_pb2
+
+__all__ = ["INITIAL", "TRUST_THRESHOLD", "LedgerReputation", "ProviderStanding", "ReputationBook", "verdict_score"]
 
 INITIAL = 0.6
 TRUST_THRESHOLD = 0.3
@@ -64,3 +67,38 @@ class ReputationBook:
 
     def all(self) -> dict[bytes, ProviderStanding]:
         return dict(self._standings)
+
+
+def verdict_score(verdict: verifier_pb2.Verdict) -> float | None:
+    """C for one verdict (see the module docstring); None for an inconclusive one."""
+    if verdict.outcome == verifier_pb2.VERDICT_OUTCOME_INCONCLUSIVE:
+        return None
+    if verdict.kind == verifier_pb2.VERDICT_KIND_DUEL:
+        return 1.0 if verdict.outcome == verifier_pb2.VERDICT_OUTCOME_PASS else 0.5
+    return verdict.score if verdict.outcome == verifier_pb2.VERDICT_OUTCOME_PASS else 0.0
+
+
+class LedgerReputation:
+    """Reputation as any node computes it: the verdicts in its own ledger replica, replayed in the
+    ledger's agreed order (so every replica holding the same entries agrees)."""
+
+    def __init__(self, replica: LedgerReplica) -> None:
+        self._replica = replica
+        self._counted = -1
+        self._book = ReputationBook()
+
+    def book(self) -> ReputationBook:
+        count = self._replica.entry_count()
+        if count != self._counted:
+            book = ReputationBook()
+            for verdict in self._replica.verdicts():
+                score = verdict_score(verdict)
+                if score is not None:
+                    book.record(
+                        verdict.provider_key, score, failed=verdict.outcome == verifier_pb2.VERDICT_OUTCOME_FAIL
+                    )
+            self._book, self._counted = book, count
+        return self._book
+
+    def score(self, provider_key: bytes) -> float:
+        return self.book().score(provider_key)

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from services.inference.engine import Engine
 from services.verifier.checks import METHOD, CheckResult, Outcome, check_stream
-from services.verifier.reputation import ProviderStanding, ReputationBook
+from services.verifier.reputation import ProviderStanding, ReputationBook, verdict_score
 from services.verifier.verdicts import sign_verdict
 from swarmserve import native
 from swarmserve.receipts import ReceiptError, verify_receipt
@@ -26,7 +26,8 @@ _OUTCOMES = {
     Outcome.INCONCLUSIVE: verifier_pb2.VERDICT_OUTCOME_INCONCLUSIVE,
 }
 
-VerdictSink = Callable[[verifier_pb2.SignedVerdict], Awaitable[None]]
+VerdictSink = Callable[[verifier_pb2.SignedVerdict, bool, bytes], Awaitable[None]]
+"""Called with each conclusive verdict, whether it failed, and the provider's key."""
 
 
 class VerifierService:
@@ -70,9 +71,9 @@ class VerifierService:
             method=METHOD,
             reference_model_digest=receipt.model_digest,
         )
-        if result.outcome is not Outcome.INCONCLUSIVE:
-            failed = result.outcome is Outcome.FAIL
-            self.reputation.record(receipt.node_key, 0.0 if failed else result.score, failed=failed)
+        score = verdict_score(verdict)
+        if score is not None:
+            self.reputation.record(receipt.node_key, score, failed=result.outcome is Outcome.FAIL)
         log.info(
             "checked stream",
             provider=native.node_id(receipt.node_key),
@@ -83,8 +84,8 @@ class VerifierService:
             reason=result.reason,
         )
         signed_verdict = sign_verdict(self._identity, verdict)
-        if self._on_verdict is not None:
-            await self._on_verdict(signed_verdict)
+        if self._on_verdict is not None and result.outcome is not Outcome.INCONCLUSIVE:
+            await self._on_verdict(signed_verdict, result.outcome is Outcome.FAIL, receipt.node_key)
         return result, signed_verdict
 
     def standings(self, provider_keys: Sequence[bytes]) -> dict[bytes, ProviderStanding]:

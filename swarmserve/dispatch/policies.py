@@ -138,7 +138,9 @@ class OverlayPolicy:
         self.tree = tree or PrefixTree()
 
     def choose(self, prompt_ids: Sequence[int], nodes: Sequence[NodeState], entry: str) -> str:
-        trusted = [n for n in nodes if n.reputation >= self.trust_floor] or list(nodes)
+        trusted = [n for n in nodes if n.reputation >= self.trust_floor]
+        if not trusted:
+            raise ValueError("no trusted node to choose from")
         # A node with no latency history yet (or one claiming zero) is taken to be typical, not
         # the fastest: otherwise every new node, and every liar, would draw all traffic first.
         known = sorted(n.recent_latency_s for n in trusted if n.recent_latency_s > 0)

@@ -12,7 +12,7 @@ Acceptance (every replica, for every entry, however it arrived):
 - sequence 1 is the joining grant of exactly ``GRANT_CREDITS``, and only sequence 1 is;
 - served work carries a receipt signed by its provider and co-signed by the author (the router
   that checked the tokens and pays), is paid at most once, by a payer that can afford it;
-- a verdict is signed by the author (the verifier), recorded at most once, about a known account;
+- a verdict is signed by the author (the verifier) and recorded at most once;
 - transfers and stake changes stay within the author's balance.
 
 Balances replay all entries in one order every replica agrees on (time issued, then author, then
@@ -135,6 +135,21 @@ class LedgerReplica:
                 (author, from_sequence, limit),
             ).fetchall()
         return [ledger_pb2.LedgerEntry(body=b, signature=s) for b, s in rows]
+
+    def entry_count(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM entries").fetchone()[0])
+
+    def verdicts(self) -> list[verifier_pb2.Verdict]:
+        """Every recorded verdict (signatures checked on acceptance), in the agreed order."""
+        with self._lock:
+            rows = self._rows()
+        verdicts = []
+        for body_bytes, _ in rows:
+            body = ledger_pb2.EntryBody.FromString(body_bytes)
+            if body.WhichOneof("kind") == "verdict":
+                verdicts.append(verifier_pb2.Verdict.FromString(body.verdict.verdict.verdict))
+        return verdicts
 
     def forked(self, author: bytes) -> bool:
         return self._db.execute("SELECT 1 FROM forks WHERE author = ?", (author,)).fetchone() is not None
@@ -298,8 +313,6 @@ class LedgerReplica:
         )
         if not cosigned:
             raise LedgerRejection(f"{where}: the receipt is not co-signed by the paying router (unknown signer)")
-        if self.head(receipt.node_key)[0] == 0:
-            raise LedgerRejection(f"{where}: the provider has no account on this ledger (unknown signer)")
         if served.credits == 0:
             raise LedgerRejection(f"{where}: served work pays at least one credit")
         _afford(balance, served.credits, where)
@@ -318,8 +331,8 @@ class LedgerReplica:
             verdict = verifier_pb2.Verdict.FromString(record.verdict.verdict)
         except DecodeError as error:
             raise LedgerRejection(f"{where}: the verdict body is malformed ({error})") from None
-        if self.head(verdict.provider_key)[0] == 0:
-            raise LedgerRejection(f"{where}: the verdict is about an account this ledger does not know")
+        if len(verdict.provider_key) != 32:
+            raise LedgerRejection(f"{where}: the verdict names no provider")
         token = b"verdict:" + native.ledger_entry_hash(record.verdict.verdict, record.verdict.signature)
         if self._db.execute("SELECT 1 FROM spent WHERE token = ?", (token,)).fetchone():
             raise LedgerRejection(f"{where}: replayed, this verdict is already recorded")
