@@ -39,12 +39,6 @@ PASS, FAIL = verifier_pb2.VERDICT_OUTCOME_PASS, verifier_pb2.VERDICT_OUTCOME_FAI
 
 
 @dataclass
-class Served:
-    check: verifier_pb2.CheckReceiptRequest
-    finish: int
-
-
-@dataclass
 class Swarmlet:
     provider: InferenceNode
     verifier: InferenceNode
@@ -55,7 +49,7 @@ class Swarmlet:
         engine = self.verifier.servicer.service.engines[MODEL]  # type: ignore[union-attr]
         return engine.tokenize(engine.apply_chat_template([ChatTurn("user", text)]))
 
-    async def serve(self, text: str, **sampling: object) -> Served:
+    async def serve(self, text: str, **sampling: object) -> verifier_pb2.CheckReceiptRequest:
         """One request as a challenger sends it: pre-tokenized, so it knows the prompt ids."""
         prompt_ids = self.prompt_ids(text)
         request = inference_pb2.InferenceGenerateRequest(
@@ -64,18 +58,16 @@ class Swarmlet:
             sampling=common_pb2.SamplingParams(**sampling),  # type: ignore[arg-type]
         )
         check = verifier_pb2.CheckReceiptRequest(prompt_token_ids=prompt_ids)
-        finish = 0
         async for reply in self.provider_stub.Generate(request):
             if reply.HasField("token"):
                 check.token_ids.append(reply.token.token_id)
                 check.token_texts.append(reply.token.text)
             else:
                 check.receipt.CopyFrom(reply.summary.receipt)
-                finish = reply.summary.finish_reason
-        return Served(check, finish)
+        return check
 
-    async def verdict(self, served: Served) -> verifier_pb2.Verdict:
-        signed = await self.verifier_stub.CheckReceipt(served.check)
+    async def verdict(self, check: verifier_pb2.CheckReceiptRequest) -> verifier_pb2.Verdict:
+        signed = await self.verifier_stub.CheckReceipt(check)
         assert signed.verifier_key == self.verifier.keys.identity.public_key
         return open_verdict(signed)  # checks the verifier's signature
 
@@ -180,17 +172,17 @@ async def test_broken_evidence_gets_a_clear_error(swarmlet: SwarmletFactory) -> 
             assert caught.value.code() == code and words in (caught.value.details() or ""), caught.value
 
         tampered = verifier_pb2.CheckReceiptRequest()
-        tampered.CopyFrom(served.check)
+        tampered.CopyFrom(served)
         tampered.token_ids[1] ^= 1
         await refused(tampered, grpc.StatusCode.INVALID_ARGUMENT, "commitment does not match")
 
         wrong_prompt = verifier_pb2.CheckReceiptRequest()
-        wrong_prompt.CopyFrom(served.check)
+        wrong_prompt.CopyFrom(served)
         wrong_prompt.prompt_token_ids.append(42)
         await refused(wrong_prompt, grpc.StatusCode.INVALID_ARGUMENT, "not the prompt")
 
         forged = verifier_pb2.CheckReceiptRequest()
-        forged.CopyFrom(served.check)
+        forged.CopyFrom(served)
         forged.receipt.signature = native.Identity.generate().sign(forged.receipt.receipt)
         await refused(forged, grpc.StatusCode.INVALID_ARGUMENT, "signature is invalid")
 
@@ -207,12 +199,12 @@ async def test_broken_evidence_gets_a_clear_error(swarmlet: SwarmletFactory) -> 
             ),  # type: ignore[union-attr]
         ):
             writer = ReceiptWriter(
-                stranger, "r", digest, served.check.prompt_token_ids, common_pb2.SamplingParams(max_new_tokens=1)
+                stranger, "r", digest, served.prompt_token_ids, common_pb2.SamplingParams(max_new_tokens=1)
             )
             writer.add(token, b"x")
             check = verifier_pb2.CheckReceiptRequest(
                 receipt=writer.sign(common_pb2.FINISH_REASON_LENGTH, common_pb2.Timing()),
-                prompt_token_ids=served.check.prompt_token_ids,
+                prompt_token_ids=served.prompt_token_ids,
                 token_ids=[token],
                 token_texts=[b"x"],
             )

@@ -409,12 +409,10 @@ impl Sampler {
     }
 
     /// Every token an honest node could have chosen here, in id order; does not move.
-    #[pyo3(signature = (logits, cdf_tolerance = sampling::CDF_TOLERANCE, logit_tolerance = sampling::LOGIT_TOLERANCE))]
-    fn plausible(&self, py: Python<'_>, logits: &Bound<'_, PyAny>, cdf_tolerance: f64, logit_tolerance: f32) -> PyResult<Vec<u32>> {
+    fn plausible(&self, py: Python<'_>, logits: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
         let logits = logits_of(py, logits)?;
         let inner = &self.0;
-        let tolerance = sampling::Tolerance { cdf: cdf_tolerance, logit: logit_tolerance };
-        Ok(py.allow_threads(|| inner.plausible_within(&logits, tolerance))?)
+        Ok(py.allow_threads(|| inner.plausible(&logits))?)
     }
 
     /// Moves past the token served at the current position.

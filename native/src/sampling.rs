@@ -46,21 +46,6 @@ pub fn uniform(seed: u64, position: u64) -> f64 {
     (word >> 11) as f64 / (1u64 << 53) as f64
 }
 
-/// How far from an exact replay a served token may be and still count as plausible.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Tolerance {
-    /// Sampled: distance of `u` from the token's interval of the cumulative distribution.
-    pub cdf: f64,
-    /// Greedy: how far the token's (penalized) logit may be below the best one.
-    pub logit: f32,
-}
-
-impl Default for Tolerance {
-    fn default() -> Self {
-        Self { cdf: CDF_TOLERANCE, logit: LOGIT_TOLERANCE }
-    }
-}
-
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SamplingParams {
     /// 0: greedy.
@@ -139,19 +124,14 @@ impl Sampler {
     /// Every token an honest node with these logits (up to numerical jitter) could have chosen
     /// at the current position, in id order. Does not move.
     pub fn plausible(&self, logits: &[f32]) -> Result<Vec<u32>> {
-        self.plausible_within(logits, Tolerance::default())
-    }
-
-    /// [`Sampler::plausible`] with other tolerances (for measuring them).
-    pub fn plausible_within(&self, logits: &[f32], tolerance: Tolerance) -> Result<Vec<u32>> {
         if self.params.temperature == 0.0 {
             let z = self.penalized(logits)?;
             let best = z[argmax(&z) as usize];
-            return Ok((0..z.len() as u32).filter(|&t| z[t as usize] >= best - tolerance.logit).collect());
+            return Ok((0..z.len() as u32).filter(|&t| z[t as usize] >= best - LOGIT_TOLERANCE).collect());
         }
         let dist = self.distribution(logits)?;
         let u = self.current_uniform();
-        let (low, high) = (u - tolerance.cdf, u + tolerance.cdf);
+        let (low, high) = (u - CDF_TOLERANCE, u + CDF_TOLERANCE);
         let mut lower = 0.0;
         let mut out = Vec::new();
         for (&token, &upper) in dist.tokens.iter().zip(&dist.upper) {

@@ -91,7 +91,6 @@ class Replay:
 
     implausible_positions: tuple[int, ...]  # completion positions no honest node would have served
     end_plausible: bool  # whether the position after the last token could choose an end token
-    logprobs: tuple[float, ...]  # each served token's log-probability under the model
 
 
 @dataclass(frozen=True)

@@ -219,38 +219,15 @@ class LlamaCppEngine:
         completion: list[int],
         top_alternatives: int,
     ) -> list[PositionScore]:
-        scores: list[PositionScore] = []
-
-        def visit(position: int, row: np.ndarray[Any, Any]) -> None:
-            target = completion[position]
-            logprob, top, top_logprob = _log_softmax_at(row, target)
-            alternatives: tuple[tuple[int, float], ...] = ()
-            if top_alternatives:
-                log_norm = row[top] - top_logprob
-                best = np.argpartition(row, -top_alternatives)[-top_alternatives:]
-                best = best[np.argsort(row[best])[::-1]]
-                alternatives = tuple((int(t), float(row[t] - log_norm)) for t in best)
-            scores.append(PositionScore(logprob, top == target, top, top_logprob, alternatives))
-
-        self._forward(context, prompt, completion, len(completion), visit)
-        return scores
-
-    def _forward(
-        self,
-        context: Any,  # llama_cpp.Llama
-        prompt: list[int],
-        completion: list[int],
-        positions: int,
-        visit: Callable[[int, np.ndarray[Any, Any]], None],
-    ) -> None:
-        """Teacher forcing in one forward pass: calls ``visit(p, logits)`` for completion
-        positions p = 0 .. positions-1 in order, asking llama.cpp for logits only there."""
+        # One forward pass over prompt + completion[:-1], asking llama.cpp for logits only at
+        # the positions that predict a completion token.
         ids = prompt + completion
-        first = len(prompt) - 1  # the row that predicts completion position 0
+        first = len(prompt) - 1
         context.reset()
         context._ctx.kv_cache_seq_rm(-1, 0, -1)
         batch = context._batch
-        evaluated = ids[: first + positions]
+        scores: list[PositionScore] = []
+        evaluated = ids[:-1]
         for start in range(0, len(evaluated), context.n_batch):
             chunk = evaluated[start : start + context.n_batch]
             batch.set_batch(chunk, n_past=start, logits_all=False)
@@ -259,8 +236,17 @@ class LlamaCppEngine:
             context._ctx.decode(batch)
             for i in range(max(0, first - start), len(chunk)):
                 row = self._logits(context, i)
-                visit(start + i - first, row)
+                target = ids[start + i + 1]
+                logprob, top, top_logprob = _log_softmax_at(row, target)
+                alternatives: tuple[tuple[int, float], ...] = ()
+                if top_alternatives:
+                    log_norm = row[top] - top_logprob
+                    best = np.argpartition(row, -top_alternatives)[-top_alternatives:]
+                    best = best[np.argsort(row[best])[::-1]]
+                    alternatives = tuple((int(t), float(row[t] - log_norm)) for t in best)
+                scores.append(PositionScore(logprob, top == target, top, top_logprob, alternatives))
         context.reset()  # the KV cache no longer matches what generate() would expect
+        return scores
 
     async def replay(self, prompt_ids: Sequence[int], completion_ids: Sequence[int], sampling: Sampling) -> Replay:
         def work(context: llama_cpp.Llama) -> Replay:
@@ -273,17 +259,15 @@ class LlamaCppEngine:
         # a batched pass, and a batched replay moved logits by up to 1.0 (measured), against 0 here.
         sampler = _sampler(sampling, prompt)
         implausible: list[int] = []
-        logprobs: list[float] = []
         self._load_prompt(context, prompt)
         for position, served in enumerate(completion):
             row = self._logits(context, -1)
             if served not in sampler.plausible(row.data):
                 implausible.append(position)
-            logprobs.append(_log_softmax_at(row, served)[0])
             sampler.advance(served)
             context.eval([served])
         end_plausible = any(self._is_end(token) for token in sampler.plausible(self._logits(context, -1).data))
-        return Replay(tuple(implausible), end_plausible, tuple(logprobs))
+        return Replay(tuple(implausible), end_plausible)
 
     async def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)

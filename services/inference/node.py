@@ -178,9 +178,10 @@ class InferenceNode(ServiceNode):
         await self.join_swarm()  # after loading: the first descriptor others see lists the models
         log.info("inference node ready", node_id=self.keys.identity.node_id, address=self.address)
 
-    async def _record_verdict(self, signed: verifier_pb2.SignedVerdict, failed: bool, provider_key: bytes) -> None:
+    async def _record_verdict(self, signed: verifier_pb2.SignedVerdict, verdict: verifier_pb2.Verdict) -> None:
         """Writes the verdict to the ledger; a failed check costs the provider half its stake."""
-        staked = self.ledger.balance(provider_key).staked
+        failed = verdict.outcome == verifier_pb2.VERDICT_OUTCOME_FAIL
+        staked = self.ledger.balance(verdict.provider_key).staked
         record = ledger_pb2.VerdictRecord(verdict=signed, stake_slashed=(staked + 1) // 2 if failed else 0)
         try:
             await asyncio.to_thread(self.ledger.append, self.keys.identity, verdict=record)

@@ -18,7 +18,7 @@ import structlog
 
 from services.relay.client import OpenCircuit
 from services.router.config import RouterConfig
-from services.verifier.reputation import TRUST_THRESHOLD, LedgerReputation
+from services.verifier.reputation import LedgerReputation
 from swarmserve import native
 from swarmserve.dispatch import (
     CentralOraclePolicy,
@@ -104,7 +104,8 @@ class RouterService:
         """Live nodes serving the model; providers whose reputation (from the verdicts in this
         router's ledger replica) is below the trust threshold get no traffic, whatever the policy."""
         serving = [p for p in self.directory.alive(common_pb2.NODE_ROLE_INFERENCE) if p.serves(model)]
-        trusted = [p for p in serving if self.reputation.score(p.descriptor.identity_key) >= TRUST_THRESHOLD]
+        book = self.reputation.book()
+        trusted = [p for p in serving if book.standing(p.descriptor.identity_key).trusted]
         if serving and not trusted:
             raise Unavailable(f"every node serving model {model!r} is below the trust threshold")
         return trusted
@@ -170,7 +171,6 @@ class RouterService:
 
     def _state(self, peer: Peer) -> NodeState:
         state = reported_state(peer.node_id, peer.descriptor.load, peer.descriptor.capacity, self._pending(peer))
-        state = replace(state, reputation=self.reputation.score(peer.descriptor.identity_key))
         observed = self._observed_latency.get(peer.node_id)
         return state if observed is None else replace(state, recent_latency_s=observed)
 
@@ -179,16 +179,11 @@ class RouterService:
         ServedWork entry in this router's chain (the receipt carries the co-signature)."""
         peer = self.directory.get(server)
         price = peer.descriptor.price if peer is not None else common_pb2.Price()
-        credits = max(
-            1,
-            math.ceil(
-                (
-                    body.timing.prompt_tokens * price.credits_per_1k_prompt_tokens
-                    + body.token_count * price.credits_per_1k_completion_tokens
-                )
-                / 1000
-            ),
+        owed = (
+            body.timing.prompt_tokens * price.credits_per_1k_prompt_tokens
+            + body.token_count * price.credits_per_1k_completion_tokens
         )
+        credits = max(1, math.ceil(owed / 1000))
         work = ledger_pb2.ServedWork(receipt=receipt, payer_key=self.identity.public_key, credits=credits)
         try:
             await asyncio.to_thread(self.ledger.append, self.identity, served=work)

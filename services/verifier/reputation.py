@@ -15,13 +15,13 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from swarmserve.dispatch import TRUST_THRESHOLD
 from swarmserve.ledger import LedgerReplica
 from swarmserve.v1 import verifier_pb2
 
-__all__ = ["INITIAL", "TRUST_THRESHOLD", "LedgerReputation", "ProviderStanding", "ReputationBook", "verdict_score"]
+__all__ = ["INITIAL", "LedgerReputation", "ProviderStanding", "ReputationBook", "verdict_score"]
 
 INITIAL = 0.6
-TRUST_THRESHOLD = 0.3
 KEEP = 0.4  # weight of the old reputation
 WINDOW = 5
 LOW_SCORE = 0.4

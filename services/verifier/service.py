@@ -26,8 +26,8 @@ _OUTCOMES = {
     Outcome.INCONCLUSIVE: verifier_pb2.VERDICT_OUTCOME_INCONCLUSIVE,
 }
 
-VerdictSink = Callable[[verifier_pb2.SignedVerdict, bool, bytes], Awaitable[None]]
-"""Called with each conclusive verdict, whether it failed, and the provider's key."""
+VerdictSink = Callable[[verifier_pb2.SignedVerdict, verifier_pb2.Verdict], Awaitable[None]]
+"""Called with each conclusive verdict, signed and as its body."""
 
 
 class VerifierService:
@@ -85,7 +85,7 @@ class VerifierService:
         )
         signed_verdict = sign_verdict(self._identity, verdict)
         if self._on_verdict is not None and result.outcome is not Outcome.INCONCLUSIVE:
-            await self._on_verdict(signed_verdict, result.outcome is Outcome.FAIL, receipt.node_key)
+            await self._on_verdict(signed_verdict, verdict)
         return result, signed_verdict
 
     def standings(self, provider_keys: Sequence[bytes]) -> dict[bytes, ProviderStanding]:

@@ -10,6 +10,7 @@ used by the router, by inference nodes offloading work, and by the overlay simul
 """
 
 from swarmserve.dispatch.policies import (
+    TRUST_THRESHOLD,
     CentralOraclePolicy,
     LocalOnlyPolicy,
     NodeState,
@@ -24,6 +25,7 @@ from swarmserve.dispatch.prefix_tree import CHUNK_TOKENS, PrefixTree
 
 __all__ = [
     "CHUNK_TOKENS",
+    "TRUST_THRESHOLD",
     "CentralOraclePolicy",
     "LocalOnlyPolicy",
     "NodeState",

@@ -14,6 +14,7 @@ from swarmserve.dispatch.prefix_tree import PrefixTree
 from swarmserve.v1 import common_pb2
 
 __all__ = [
+    "TRUST_THRESHOLD",
     "CentralOraclePolicy",
     "LocalOnlyPolicy",
     "NodeState",
@@ -24,6 +25,9 @@ __all__ = [
     "load_factor",
     "reported_state",
 ]
+
+
+TRUST_THRESHOLD = 0.3  # reputation below which a provider gets no traffic (PlanetServe's)
 
 
 @dataclass(frozen=True)
@@ -126,7 +130,7 @@ class OverlayPolicy:
     def __init__(
         self,
         percentile: float = 0.8,
-        trust_floor: float = 0.3,
+        trust_floor: float = TRUST_THRESHOLD,
         tree: PrefixTree | None = None,
         near_best: float = 1.25,
         rng: random.Random | None = None,

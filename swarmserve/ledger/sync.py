@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import random
 import time
+from dataclasses import dataclass, field
 
 import grpc
 from grpc import aio
@@ -28,11 +29,11 @@ PENALTY_S = 300.0
 _TIMEOUT_S = 5.0
 
 
+@dataclass
 class SyncResult:
-    def __init__(self) -> None:
-        self.fetched = 0
-        self.pushed = 0
-        self.refused: list[str] = []
+    fetched: int = 0
+    pushed: int = 0
+    refused: list[str] = field(default_factory=list)
 
 
 class LedgerSync:
@@ -132,4 +133,3 @@ class LedgerSync:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        await asyncio.to_thread(self.replica.close)

@@ -53,16 +53,19 @@ class ServiceNode:
     async def close(self) -> None:
         """Releases resources once the server has stopped."""
 
+    async def _release(self) -> None:
+        await self.ledger_sync.close()
+        self.ledger.close()
+        await self.close()
+
     async def stop(self, grace_s: float | None = None) -> None:
         await self.membership.close()
         await self.server.stop(grace_s)
-        await self.ledger_sync.close()
-        await self.close()
+        await self._release()
 
     async def run(self) -> None:
         """Serves until SIGTERM or SIGINT, then leaves the swarm, drains and exits."""
         await self.start()
         self.server.stop_on_signals(on_signal=self.membership.close)
         await self.server.wait_for_termination()
-        await self.ledger_sync.close()
-        await self.close()
+        await self._release()
