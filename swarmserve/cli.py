@@ -17,15 +17,17 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from grpc import aio
 from pydantic import BaseModel
 
-from swarmserve import __version__
+from swarmserve import __version__, native
 from swarmserve.client import GenerationResult, generate
 from swarmserve.config import ENV_PREFIX, NodeConfig, load_config
 from swarmserve.keys import NodeKeys
 from swarmserve.ledger import LedgerReplica
 from swarmserve.swarm import LocalSwarm
 from swarmserve.telemetry import configure_logging
+from swarmserve.v1 import common_pb2, ledger_pb2, ledger_pb2_grpc, verifier_pb2, verifier_pb2_grpc
 
 DEFAULT_ROUTER = "127.0.0.1:7000"
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -157,9 +159,48 @@ async def _demo(data_dir: Path, ports_from: int, prompt: str) -> None:
         )
         print()
         _print_summary(result, sys.stdout)
+        await _demo_verification(swarm, prompt, result)
     finally:
         print("==> stopping the swarm", flush=True)
         await swarm.stop()
+
+
+async def _demo_verification(swarm: LocalSwarm, prompt: str, result: GenerationResult) -> None:
+    """Has another inference node (a verifier) re-execute the demo's stream, then shows the
+    credits in the router's ledger replica: the router paid the provider for the checked tokens."""
+    assert result.summary is not None and result.receipt is not None
+    check = verifier_pb2.CheckReceiptRequest(
+        receipt=result.summary.receipt, token_ids=result.token_ids, token_texts=result.token_texts
+    )
+    check.chat.messages.add(role=common_pb2.CHAT_ROLE_USER, content=prompt)
+    provider = result.receipt.node_key
+    router_key = result.summary.receipt.cosignatures[0].signer_key
+    verifier_key = b""
+    for node in swarm.inference:
+        async with aio.insecure_channel(node.listen) as channel:
+            try:
+                signed = await verifier_pb2_grpc.VerifierStub(channel).CheckReceipt(check, timeout=120)
+            except aio.AioRpcError as error:
+                if error.code() == grpc.StatusCode.PERMISSION_DENIED:
+                    continue  # the node that served it: verifiers never check their own streams
+                raise
+        verdict = verifier_pb2.Verdict.FromString(signed.verdict)
+        verifier_key = signed.verifier_key
+        print(
+            f"==> verified by {node.name} (re-executed on its own copy of the model, token by token): "
+            f"{verifier_pb2.VerdictOutcome.Name(verdict.outcome).removeprefix('VERDICT_OUTCOME_')}, "
+            f"{verdict.score:.0%} of tokens plausible; signed verdict recorded in its ledger",
+            flush=True,
+        )
+        break
+    async with aio.insecure_channel(swarm.router) as channel:
+        ledger = ledger_pb2_grpc.LedgerStub(channel)
+        print("==> credits in the router's ledger replica (available + staked):", flush=True)
+        for role, key in (("provider", provider), ("router (paid)", router_key), ("verifier", verifier_key)):
+            if not key:
+                continue
+            balance = await ledger.GetBalance(ledger_pb2.GetBalanceRequest(account_key=key), timeout=10)
+            print(f"    {role:14} {native.node_id(key)[:16]}  {balance.available} + {balance.staked}", flush=True)
 
 
 def _demo_command(args: argparse.Namespace) -> int:

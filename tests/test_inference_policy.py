@@ -25,7 +25,7 @@ from swarmserve.rpc import Unavailable
             "policy:\n  default_new_tokens: 600\n  max_new_tokens: 500\n",
             "default_new_tokens (600) exceeds max_new_tokens (500)",
         ),
-        ("policy:\n  accept_callers: min_balance\n", "needs the credit ledger"),
+        ("policy:\n  accept_callers: sometimes\n", "policy.accept_callers"),
         ("models:\n  - name: a\n  - name: a\n", "repeated: a"),
         ("models:\n  - engine: tensorrt-llm\n", "tensorrt-llm needs path"),
         ("models: []\n", "models"),

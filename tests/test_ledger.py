@@ -27,6 +27,7 @@ from swarmserve.config import ServerSettings
 from swarmserve.ledger import GRANT_CREDITS, LedgerRejection, LedgerReplica, sign_entry
 from swarmserve.receipts import ReceiptWriter
 from swarmserve.v1 import common_pb2, ledger_pb2, ledger_pb2_grpc, verifier_pb2
+from swarmserve.verdicts import sign_verdict
 from tests.conftest import FAST_GOSSIP, joining
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,11 +73,11 @@ def test_balances_follow_grants_payments_stake_and_transfers(replica: LedgerRepl
     signed = verifier_pb2.SignedVerdict(
         verdict=verdict, verifier_key=verifier.public_key, signature=verifier.sign(verdict)
     )
-    replica.append(verifier, verdict=ledger_pb2.VerdictRecord(verdict=signed, stake_slashed=25))
+    replica.append(verifier, verdict=ledger_pb2.VerdictRecord(verdict=signed, slash_permille=500))
 
     assert (replica.balance(router.public_key).available, replica.balance(router.public_key).entries) == (50, 3)
     provider_balance = replica.balance(provider.public_key)
-    assert (provider_balance.available, provider_balance.staked) == (GRANT_CREDITS - 40 + 30, 15)
+    assert (provider_balance.available, provider_balance.staked) == (GRANT_CREDITS - 40 + 30, 20)
     assert replica.balance(verifier.public_key).available == GRANT_CREDITS + 20
     assert replica.verify().problems == []
 
@@ -98,7 +99,7 @@ def test_balances_follow_grants_payments_stake_and_transfers(replica: LedgerRepl
             ),
         ),
         "grant, and only there": next_entry(replica, router, grant=ledger_pb2.Grant(credits=GRANT_CREDITS)),
-        "releases": next_entry(replica, provider, stake=ledger_pb2.StakeChange(delta=-16)),
+        "releases": next_entry(replica, provider, stake=ledger_pb2.StakeChange(delta=-21)),
     }
     for words, entry in attempts.items():
         result = replica.accept([entry])
@@ -137,6 +138,67 @@ def test_forged_altered_broken_and_forked_entries_are_refused(replica: LedgerRep
     assert frozen.frozen and frozen.available == 0 and frozen.staked == 0
     with pytest.raises(LedgerRejection, match="frozen"):
         replica.append(alice, transfer=ledger_pb2.Transfer(recipient_key=mallory.public_key, credits=1))
+
+
+def vote(judge: native.Identity, duel: str, voted_for: bytes, other: bytes) -> verifier_pb2.SignedVerdict:
+    return sign_verdict(
+        judge,
+        verifier_pb2.Verdict(
+            kind=verifier_pb2.VERDICT_KIND_DUEL,
+            subject_id=duel,
+            provider_key=voted_for,
+            opponent_key=other,
+            outcome=verifier_pb2.VERDICT_OUTCOME_PASS,
+            score=0.3,
+        ),
+    )
+
+
+def duel_result(
+    organiser: native.Identity, duel: str, winner: bytes, loser: bytes, votes: list[verifier_pb2.SignedVerdict]
+) -> ledger_pb2.VerdictRecord:
+    result = verifier_pb2.Verdict(
+        kind=verifier_pb2.VERDICT_KIND_DUEL_RESULT,
+        subject_id=duel,
+        provider_key=winner,
+        opponent_key=loser,
+        outcome=verifier_pb2.VERDICT_OUTCOME_PASS,
+        score=1.0,
+        votes=votes,
+    )
+    return ledger_pb2.VerdictRecord(verdict=sign_verdict(organiser, result), slash_permille=100)
+
+
+def test_a_duel_result_is_recorded_only_if_its_votes_make_the_winner(replica: LedgerReplica) -> None:
+    """Tried: a result backed by its votes (accepted, the loser's stake slashed); a minority
+    winner; a forged vote; a party voting in its own duel; a judge voting twice; a vote about
+    another duel; a lone vote recorded as a verdict."""
+    router, good, bad, *judges = (native.Identity.generate() for _ in range(6))
+    replica.append(bad, stake=ledger_pb2.StakeChange(delta=40))
+    g, b = good.public_key, bad.public_key
+    votes = [vote(judges[0], "d1", g, b), vote(judges[1], "d1", g, b), vote(judges[2], "d1", b, g)]
+    replica.append(router, verdict=duel_result(router, "d1", g, b, votes))
+    assert replica.balance(b).staked == 36 and replica.balance(g).staked == 0
+
+    forged = verifier_pb2.SignedVerdict()
+    forged.CopyFrom(votes[1])
+    forged.signature = judges[0].sign(forged.verdict)
+    refused = [
+        (duel_result(router, "d2", b, g, [vote(judges[0], "d2", g, b), vote(judges[1], "d2", b, g)]), "do not make"),
+        (duel_result(router, "d1x", g, b, [votes[0], forged]), "not about duel"),
+        (duel_result(router, "d3", g, b, [vote(judges[0], "d3", g, b), vote(good, "d3", g, b)]), "party"),
+        (duel_result(router, "d4", g, b, [vote(judges[0], "d4", g, b), vote(judges[0], "d4", g, b)]), "twice"),
+        (duel_result(router, "d5", g, b, [vote(judges[0], "d1", g, b)]), "not about duel"),
+        (ledger_pb2.VerdictRecord(verdict=votes[0]), "recorded by the verifier"),
+        (ledger_pb2.VerdictRecord(verdict=vote(router, "d6", g, b)), "only inside"),
+    ]
+    for record, words in refused:
+        with pytest.raises(LedgerRejection, match=words):
+            replica.append(router, verdict=record)
+    forged_result = duel_result(router, "d7", g, b, [vote(judges[0], "d7", g, b), forged])
+    with pytest.raises(LedgerRejection, match="signature is invalid"):
+        replica.append(router, verdict=forged_result)
+    assert replica.verify().problems == []
 
 
 async def start_relay(tmp_path: Path, name: str, seeds: list[str]) -> RelayNode:

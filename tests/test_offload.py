@@ -24,8 +24,8 @@ from swarmserve.overlay import Peer
 from swarmserve.receipts import verify_receipt
 from swarmserve.rpc import ChannelPool
 from swarmserve.v1 import common_pb2, inference_pb2, relay_pb2, router_pb2
-from tests.conftest import joining
-from tests.test_private_path import chat_request, run, wait_for_members
+from tests.conftest import NO_CHALLENGES, joining, wait_for_members
+from tests.test_private_path import chat_request, run
 
 MODEL = "emulated-1b"
 SLOW = EmulatedSettings(prefill_us_per_token=100, decode_us_per_token=40_000)  # 25 tokens/s
@@ -46,6 +46,7 @@ async def emulated_swarm(
                     models=[ModelSettings(name=MODEL, engine="emulated", emulated=SLOW)],
                     policy=ProviderPolicy(max_concurrent=1, max_queue=4),
                     gossip=joining(nodes),
+                    challenges=NO_CHALLENGES,
                 )
             )
             await node.start()

@@ -15,9 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +25,11 @@ from grpc import aio
 
 from services.inference.config import InferenceConfig, ModelSettings, ProviderPolicy
 from services.inference.node import InferenceNode
-from services.relay.config import CircuitSettings, RelayConfig
-from services.relay.node import RelayNode
+from services.relay.config import CircuitSettings
 from services.relay.servicer import RelayServicer
-from services.router.config import RouterConfig
-from services.router.node import RouterNode
 from swarmserve import native
 from swarmserve.client import generate
-from swarmserve.config import GossipSettings, ServerSettings
+from swarmserve.config import ServerSettings
 from swarmserve.ledger import GRANT_CREDITS
 from swarmserve.overlay import DEAD, PeerDirectory, sign_descriptor
 from swarmserve.rpc import STREAM_EOF, open_stream
@@ -48,7 +43,7 @@ from swarmserve.v1 import (
     router_pb2,
     router_pb2_grpc,
 )
-from tests.conftest import FAST_GOSSIP, MODEL, joining
+from tests.conftest import FAST_GOSSIP, MODEL, SwarmFactory
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "Tell me about the moon in two sentences."
@@ -108,85 +103,6 @@ class TamperingRelay(RelayServicer):
         if cell is STREAM_EOF or self.direction != "backward":
             return cell
         return self._flip(cell)
-
-
-@dataclass
-class Swarm:
-    router: RouterNode
-    relays: list[RelayNode]
-    inference: list[InferenceNode]
-
-
-SwarmFactory = Callable[..., AbstractAsyncContextManager[Swarm]]
-
-
-@pytest.fixture
-def swarm(tmp_path: Path) -> SwarmFactory:
-    @asynccontextmanager
-    async def start(
-        relays: int = 3,
-        relay_class: type[RelayServicer] | None = None,
-        inference_nodes: int = 1,
-        circuits: CircuitSettings | None = None,
-        gossip: GossipSettings = FAST_GOSSIP,
-        **router: Any,
-    ) -> AsyncIterator[Swarm]:
-        """Starts the nodes in turn; the first is the seed everyone else joins through."""
-        relay_nodes = []
-        inference = []
-        started: list[Any] = []
-        try:
-            for i in range(relays):
-                node = RelayNode(
-                    RelayConfig(
-                        data_dir=tmp_path / f"relay{i}",
-                        server=ServerSettings(listen="127.0.0.1:0"),
-                        circuits=circuits or CircuitSettings(),
-                        gossip=joining(started, gossip),
-                    )
-                )
-                if relay_class is not None:
-                    node.relay = relay_class(node.keys.onion, node.config.circuits, node.channels)
-                await node.start()
-                started.append(node)
-                relay_nodes.append(node)
-            for i in range(inference_nodes):
-                inference_node = InferenceNode(
-                    InferenceConfig(
-                        data_dir=tmp_path / f"inference{i}",
-                        server=ServerSettings(listen="127.0.0.1:0"),
-                        models=[ModelSettings(name=MODEL, context_length=1024)],
-                        policy=ProviderPolicy(max_concurrent=1, max_queue=4),
-                        gossip=joining(started, gossip),
-                    )
-                )
-                await inference_node.start()
-                started.append(inference_node)
-                inference.append(inference_node)
-            router_node = RouterNode(
-                RouterConfig(
-                    data_dir=tmp_path / "router",
-                    server=ServerSettings(listen="127.0.0.1:0"),
-                    gossip=joining(started, gossip),
-                    **router,
-                )
-            )
-            await router_node.start()
-            started.append(router_node)
-            await wait_for_members(router_node, relays + inference_nodes)
-            yield Swarm(router_node, relay_nodes, inference)
-        finally:
-            for node in reversed(started):
-                await node.stop(0)
-
-    return start
-
-
-async def wait_for_members(router: RouterNode, count: int, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while len([p for p in router.directory.members() if p.alive]) < count:
-        assert time.monotonic() < deadline, "gossip did not bring every member to the router"
-        await asyncio.sleep(0.05)
 
 
 def chat_request(prompt: str = PROMPT, hops: int | None = None, **sampling: Any) -> router_pb2.GenerateRequest:
@@ -560,19 +476,24 @@ async def test_a_next_hop_that_hangs_fails_the_set_up_within_the_relays_timeout(
 
 async def test_the_router_pays_the_provider_per_checked_token(swarm: SwarmFactory) -> None:
     async with swarm() as s:
-        results = [await generate(s.router.address, prompt, model=MODEL, max_tokens=24) for prompt in (PROMPT, "Hi")]
         provider = s.inference[0].keys.identity.public_key
         router = s.router.keys.identity.public_key
+        staked = s.inference[0].config.stake  # of the provider's grant, locked when it started
+        deadline = time.monotonic() + 15
+        while s.router.ledger.balance(provider).staked != staked:
+            assert time.monotonic() < deadline, "the provider's stake did not reach the router's replica"
+            await asyncio.sleep(0.1)
+        results = [await generate(s.router.address, prompt, model=MODEL, max_tokens=24) for prompt in (PROMPT, "Hi")]
         # At the published default price: 1 credit per 1k prompt tokens, 10 per 1k generated.
         owed = [
             max(1, math.ceil((r.receipt.timing.prompt_tokens + 10 * r.receipt.token_count) / 1000))  # type: ignore[union-attr]
             for r in results
         ]
-        assert s.router.ledger.balance(provider).available == sum(owed)
+        assert s.router.ledger.balance(provider).available == GRANT_CREDITS - staked + sum(owed)
         assert s.router.ledger.balance(router).available == GRANT_CREDITS - sum(owed)
         assert s.router.ledger.verify().problems == []
         # Anti-entropy brings the payments to the provider's own replica.
         deadline = time.monotonic() + 15
-        while s.inference[0].ledger.balance(provider).available != sum(owed):
+        while s.inference[0].ledger.balance(provider).available != GRANT_CREDITS - staked + sum(owed):
             assert time.monotonic() < deadline, "the payments did not reach the provider's replica"
             await asyncio.sleep(0.1)

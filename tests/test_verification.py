@@ -21,10 +21,10 @@ from services.inference.engine import ChatTurn, Engine, ModelIdentity
 from services.inference.node import InferenceNode
 from services.verifier.adversaries import ClaimingEngine, EarlyStopEngine, RandomTokensEngine, ReplayingEngine
 from services.verifier.reputation import LedgerReputation
-from services.verifier.verdicts import open_verdict
 from swarmserve import native
 from swarmserve.receipts import ReceiptWriter
 from swarmserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc, verifier_pb2, verifier_pb2_grpc
+from swarmserve.verdicts import open_verdict
 from tests.conftest import MODEL, NodeFactory
 
 PROMPTS = [

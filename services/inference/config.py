@@ -19,6 +19,7 @@ from swarmserve.config import NodeConfig, ServerSettings, StrictModel
 
 __all__ = [
     "DEFAULT_LISTEN",
+    "ChallengeSettings",
     "EmulatedSettings",
     "InferenceConfig",
     "ModelSettings",
@@ -60,6 +61,16 @@ class ModelSettings(StrictModel):
         return self
 
 
+class ChallengeSettings(StrictModel):
+    """The verifier's own prompts, sent through routers like a user's (``services/verifier/challenges.py``)."""
+
+    interval_s: float = Field(
+        60.0, ge=0, description="about how often this verifier sends a challenge (jittered); 0: never"
+    )
+    max_new_tokens: int = Field(32, ge=1, le=512, description="length of a challenge's answer")
+    timeout_s: float = Field(120.0, gt=0, description="how long a challenge's answer may take")
+
+
 class ServingWindow(StrictModel):
     """A daily window (UTC) in which the node serves; end before start wraps past midnight."""
 
@@ -88,7 +99,11 @@ class ProviderPolicy(StrictModel):
     max_new_tokens: int = Field(512, ge=1)
     default_new_tokens: int = Field(128, ge=1)
     serving_hours: list[ServingWindow] = Field(default_factory=list, description="UTC windows; empty means always")
-    accept_callers: Literal["any", "min_balance"] = "any"
+    accept_callers: Literal["any", "min_balance"] = Field(
+        "any",
+        description="min_balance: serve only callers that sign their requests with a key whose ledger balance "
+        "(available credits) is at least min_caller_balance",
+    )
     min_caller_balance: int = Field(0, ge=0)
 
     @model_validator(mode="after")
@@ -96,10 +111,6 @@ class ProviderPolicy(StrictModel):
         if self.default_new_tokens > self.max_new_tokens:
             raise ValueError(
                 f"default_new_tokens ({self.default_new_tokens}) exceeds max_new_tokens ({self.max_new_tokens})"
-            )
-        if self.accept_callers == "min_balance":
-            raise ValueError(
-                "accept_callers: min_balance needs the credit ledger, which this version does not run yet; use 'any'"
             )
         return self
 
@@ -118,7 +129,21 @@ class InferenceConfig(NodeConfig):
     policy: ProviderPolicy = ProviderPolicy()
     price: PriceSettings = PriceSettings()
     verifier: bool = Field(
-        True, description="also run the Verifier service: re-execute other providers' streams on this node's models"
+        True,
+        description="also run the Verifier service: re-execute other providers' streams on this node's models, "
+        "send challenges, vote in duels",
+    )
+    stake: int = Field(
+        50,
+        ge=0,
+        description="credits locked as stake at start (at most what the account holds): busy peers offload to "
+        "providers in proportion to stake, and a failed check or a lost duel burns part of it",
+    )
+    challenges: ChallengeSettings = ChallengeSettings()
+    judge_method: Literal["likelihood", "llm"] = Field(
+        "likelihood",
+        description="how this node votes in duels: the reference model's likelihood of each answer, or the "
+        "model asked which answer is better (services/verifier/judging.py)",
     )
     offload: bool = Field(
         True, description="pass requests on to a peer with a free slot instead of queueing them when every slot is busy"

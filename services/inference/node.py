@@ -19,6 +19,7 @@ from services.inference.offload import Offloader
 from services.inference.service import InferenceService
 from services.inference.servicer import InferenceServicer, capacity, load_report, model_info, policy_summary
 from services.relay.servicer import RelayServicer
+from services.verifier.challenges import Challenger
 from services.verifier.reputation import ReputationBook
 from services.verifier.service import VerifierService
 from services.verifier.servicer import VerifierServicer
@@ -76,6 +77,7 @@ class InferenceNode(ServiceNode):
         self.servicer = InferenceServicer()
         self.verifier = VerifierServicer()
         self.reputation = ReputationBook()
+        self.challenger: Challenger | None = None  # verifier nodes, once the models are loaded
         self.channels = ChannelPool(config.server.max_message_bytes)
         self.publisher = DescriptorPublisher(
             self.keys.identity,
@@ -88,6 +90,7 @@ class InferenceNode(ServiceNode):
         self.offloader = (
             Offloader(
                 self.keys.identity.public_key,
+                lambda key: self.ledger.balance(key).staked,
                 self.membership,
                 self.channels,
                 config.circuits.setup_timeout_s,
@@ -117,7 +120,7 @@ class InferenceNode(ServiceNode):
                     lambda s: relay_pb2_grpc.add_RelayServicer_to_server(self.exit, s),
                 ),
                 overlay_binding(self.membership),
-                self.open_ledger(config, self.channels),
+                self.open_ledger(config, self.channels, self.keys.identity),
                 *(
                     [
                         ServiceBinding(
@@ -169,26 +172,53 @@ class InferenceNode(ServiceNode):
                 await engine.close()
             await self.server.stop(0)
             raise
-        service = InferenceService(self.keys.identity, engines, self.config.policy)
+        service = InferenceService(
+            self.keys.identity, engines, self.config.policy, lambda key: self.ledger.balance(key).available
+        )
         self.servicer.service = service
         self.verifier.service = VerifierService(
-            self.keys.identity, lambda: service.engines, self.reputation, on_verdict=self._record_verdict
+            self.keys.identity,
+            lambda: service.engines,
+            self.reputation,
+            on_verdict=self._record_verdict,
+            judge_method=self.config.judge_method,
         )
+        if self.config.verifier:
+            self.challenger = Challenger(
+                self.verifier.service,
+                lambda: service.engines,
+                self.membership.directory,
+                self.channels,
+                self.config.challenges,
+                self.keys.identity.public_key,
+            )
+        await self._stake()
         await self.server.mark_serving()
         await self.join_swarm()  # after loading: the first descriptor others see lists the models
+        if self.challenger is not None:
+            self.challenger.start()
         log.info("inference node ready", node_id=self.keys.identity.node_id, address=self.address)
 
+    async def _stake(self) -> None:
+        """Locks up to ``stake`` credits as stake (what the account holds, if less)."""
+        balance = self.ledger.balance(self.keys.identity.public_key)
+        wanted = min(self.config.stake - balance.staked, balance.available)
+        if wanted > 0:
+            await asyncio.to_thread(self.ledger.append, self.keys.identity, stake=ledger_pb2.StakeChange(delta=wanted))
+            log.info("staked", credits=wanted, staked=balance.staked + wanted)
+
     async def _record_verdict(self, signed: verifier_pb2.SignedVerdict, verdict: verifier_pb2.Verdict) -> None:
-        """Writes the verdict to the ledger; a failed check costs the provider half its stake."""
+        """Writes the verdict to the ledger; a failed check burns half the provider's stake."""
         failed = verdict.outcome == verifier_pb2.VERDICT_OUTCOME_FAIL
-        staked = self.ledger.balance(verdict.provider_key).staked
-        record = ledger_pb2.VerdictRecord(verdict=signed, stake_slashed=(staked + 1) // 2 if failed else 0)
+        record = ledger_pb2.VerdictRecord(verdict=signed, slash_permille=500 if failed else 0)
         try:
             await asyncio.to_thread(self.ledger.append, self.keys.identity, verdict=record)
         except LedgerRejection as error:
             log.warning("verdict not recorded", reason=str(error))
 
     async def close(self) -> None:
+        if self.challenger is not None:
+            await self.challenger.close()
         await self.channels.close()
         service = self.servicer.service
         if service is not None:

@@ -11,7 +11,8 @@ the node that really served, which is whom the router checks it against.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import random
+from collections.abc import AsyncIterator, Callable
 
 from services.inference.service import InferenceService
 from services.relay.circuit import error_message
@@ -33,12 +34,15 @@ class Offloader:
     def __init__(
         self,
         identity_key: bytes,
+        stake_of: Callable[[bytes], int],
         membership: Membership,
         channels: ChannelPool,
         setup_timeout_s: float,
         cell_timeout_s: float,
     ) -> None:
         self._identity_key = identity_key
+        self._stake_of = stake_of
+        self._random = random.SystemRandom()
         self._membership = membership
         self._channels = channels
         self._setup_timeout_s = setup_timeout_s
@@ -49,8 +53,10 @@ class Offloader:
     def target(self, service: InferenceService, request: inference_pb2.InferenceGenerateRequest) -> Peer | None:
         """The peer to pass this request to, or None to serve (or queue) it here: only when every
         local slot is busy, the hop budget allows, and a peer not yet visited has a free slot by
-        its latest descriptor (counting what this node sent it since). Among those, the lowest
-        load factor wins; if nothing is queued here yet, only if it beats this node's own."""
+        its latest descriptor (counting what this node sent it since). Among those, one is drawn
+        with probability proportional to its stake plus one (WWW.Serve: stake signals spare
+        capacity, and a provider caught cheating loses it); if nothing is queued here yet, it is
+        taken only if its load factor beats this node's own."""
         forwarding = request.forwarding
         if len(forwarding.visited) > MAX_VISITED or any(len(key) != 32 for key in forwarding.visited):
             raise InvalidArgument(f"forwarding.visited must hold at most {MAX_VISITED} 32-byte identity keys")
@@ -68,7 +74,8 @@ class Offloader:
         ]
         if not free:
             return None
-        best, best_state = min(free, key=lambda offer: load_factor(offer[1]))
+        weights = [self._stake_of(peer.descriptor.identity_key) + 1 for peer, _ in free]
+        best, best_state = self._random.choices(free, weights)[0]
         if load.queued > 0:
             return best  # it would queue behind others here: any free slot is better
         # It would only wait for a running request here: pass it on only if the peer would

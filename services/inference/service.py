@@ -9,7 +9,7 @@ import math
 import secrets
 import time
 import uuid
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 
@@ -28,7 +28,7 @@ from services.inference.engine import (
 from services.inference.stops import StopMatcher
 from swarmserve import native
 from swarmserve.receipts import ReceiptWriter
-from swarmserve.rpc import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from swarmserve.rpc import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unavailable
 from swarmserve.telemetry import get_logger
 from swarmserve.v1 import common_pb2
 
@@ -75,7 +75,7 @@ class GenerateRequest:
     prompt_ids: tuple[int, ...] | None = None
     sampling: SamplingRequest = field(default_factory=SamplingRequest)
     request_id: str = ""
-    caller_key: bytes = b""
+    caller_key: bytes = b""  # only when its signature over the request checked out
 
 
 @dataclass(frozen=True)
@@ -99,8 +99,15 @@ class _Prepared:
 
 
 class InferenceService:
-    def __init__(self, identity: native.Identity, engines: Mapping[str, Engine], policy: ProviderPolicy) -> None:
+    def __init__(
+        self,
+        identity: native.Identity,
+        engines: Mapping[str, Engine],
+        policy: ProviderPolicy,
+        balance_of: Callable[[bytes], int] | None = None,
+    ) -> None:
         self.identity = identity
+        self._balance_of = balance_of  # available credits by the ledger; needed by accept_callers: min_balance
         self.engines = dict(engines)
         self.policy = policy
         self.admission = Admission(policy.max_concurrent, policy.max_queue)
@@ -120,6 +127,18 @@ class InferenceService:
         if not self.policy.serving_at(dt.datetime.now(dt.UTC)):
             windows = ", ".join(f"{w.start}-{w.end}" for w in self.policy.serving_hours)
             raise Unavailable(f"outside this node's serving hours ({windows} UTC)")
+
+    def _check_caller(self, caller_key: bytes) -> None:
+        if self.policy.accept_callers != "min_balance":
+            return
+        minimum = self.policy.min_caller_balance
+        if not caller_key:
+            raise PermissionDenied(
+                f"this node serves only callers that sign their requests with a key holding {minimum} credits"
+            )
+        balance = self._balance_of(caller_key) if self._balance_of is not None else 0
+        if balance < minimum:
+            raise PermissionDenied(f"the caller holds {balance} credits; this node's minimum is {minimum}")
 
     def _check_ids(self, engine: Engine, ids: Sequence[int], what: str) -> None:
         bad = [token for token in ids if not 0 <= token < engine.vocab_size]
@@ -212,6 +231,7 @@ class InferenceService:
             raise InvalidArgument(f"request_id is longer than {MAX_REQUEST_ID} characters")
         engine = self._engine(request.model)
         self._check_open()
+        self._check_caller(request.caller_key)
         prompt_ids = self._prompt_ids(engine, request)
         if len(prompt_ids) > self.policy.max_prompt_tokens:
             raise InvalidArgument(

@@ -20,10 +20,11 @@ from services.inference.service import (
     SamplingRequest,
     TokenEvent,
 )
+from swarmserve.ledger.callers import authenticated_caller
 from swarmserve.rpc import Unavailable
 from swarmserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
-__all__ = ["InferenceServicer", "capacity", "load_report", "model_info", "policy_summary"]
+__all__ = ["InferenceServicer", "capacity", "load_report", "model_info", "policy_summary", "to_chat_turns"]
 
 _ROLES = {
     common_pb2.CHAT_ROLE_SYSTEM: "system",
@@ -72,15 +73,17 @@ def policy_summary(policy: ProviderPolicy) -> common_pb2.PolicySummary:
     )
 
 
+def to_chat_turns(chat: common_pb2.ChatMessages) -> tuple[ChatTurn, ...]:
+    return tuple(ChatTurn(_ROLES.get(m.role, f"unspecified({m.role})"), m.content) for m in chat.messages)
+
+
 def to_generate_request(message: inference_pb2.InferenceGenerateRequest) -> GenerateRequest:
     sampling = message.sampling
     input_kind = message.WhichOneof("input")
     return GenerateRequest(
         model=message.model,
         prompt=message.prompt if input_kind == "prompt" else None,
-        chat=tuple(ChatTurn(_ROLES.get(m.role, f"unspecified({m.role})"), m.content) for m in message.chat.messages)
-        if input_kind == "chat"
-        else None,
+        chat=to_chat_turns(message.chat) if input_kind == "chat" else None,
         prompt_ids=tuple(message.prompt_tokens.token_ids) if input_kind == "prompt_tokens" else None,
         sampling=SamplingRequest(
             max_new_tokens=sampling.max_new_tokens,
@@ -92,7 +95,7 @@ def to_generate_request(message: inference_pb2.InferenceGenerateRequest) -> Gene
             stop=tuple(sampling.stop),
         ),
         request_id=message.request_id,
-        caller_key=message.caller_key,
+        caller_key=authenticated_caller(message),
     )
 
 

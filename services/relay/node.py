@@ -37,7 +37,7 @@ class RelayNode(ServiceNode):
                     lambda s: relay_pb2_grpc.add_RelayServicer_to_server(self.relay, s),
                 ),
                 overlay_binding(self.membership),
-                self.open_ledger(config, self.channels),
+                self.open_ledger(config, self.channels, self.keys.identity),
             ],
         )
 

@@ -7,13 +7,28 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from swarmserve import native
-from swarmserve.config import NodeConfig, ServerSettings
+from swarmserve.config import NodeConfig, ServerSettings, StrictModel
 
-__all__ = ["DEFAULT_ROUTER", "RouterConfig"]
+__all__ = ["DEFAULT_ROUTER", "DuelSettings", "RouterConfig"]
 
 DEFAULT_ROUTER = "127.0.0.1:7000"
 # The inference node terminating a circuit is its last layer; the rest can be relays.
 MAX_RELAYS = native.MAX_LAYERS - 1
+
+
+class DuelSettings(StrictModel):
+    """Duel-and-judge (``services/router/duels.py``)."""
+
+    rate: float = Field(
+        0.02,
+        ge=0,
+        le=1,
+        description="share of served requests also sent to a second provider and judged; the judges "
+        "see that prompt and both answers (0: never)",
+    )
+    judges: int = Field(3, ge=1, le=9, description="judges per duel, drawn with probability proportional to stake")
+    slash_share: float = Field(0.1, ge=0, le=1, description="share of the loser's stake a lost duel burns")
+    timeout_s: float = Field(120.0, gt=0, description="how long the second answer and the votes may take")
 
 
 class RouterConfig(NodeConfig):
@@ -34,6 +49,7 @@ class RouterConfig(NodeConfig):
     )
     setup_timeout_s: float = Field(10.0, gt=0, description="how long a circuit may take to open")
     cell_timeout_s: float = Field(120.0, gt=0, description="longest wait for the next cell of an answer")
+    duels: DuelSettings = DuelSettings()
 
     @model_validator(mode="after")
     def _check(self) -> RouterConfig:

@@ -28,7 +28,7 @@ class RouterNode(ServiceNode):
         )
         self.membership = Membership(publisher, self.channels, config.gossip)
         self.directory = self.membership.directory
-        ledger = self.open_ledger(config, self.channels)
+        ledger = self.open_ledger(config, self.channels, self.keys.identity)
         self.service = RouterService(self.keys.identity, self.membership, self.channels, config, self.ledger)
         router = RouterServicer(self.service)
         self.server = RpcServer(
@@ -56,4 +56,5 @@ class RouterNode(ServiceNode):
         )
 
     async def close(self) -> None:
+        await self.service.duels.close()
         await self.channels.close()

@@ -10,7 +10,7 @@ import math
 import random
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Collection
 from dataclasses import dataclass, replace
 
 import grpc
@@ -18,6 +18,7 @@ import structlog
 
 from services.relay.client import OpenCircuit
 from services.router.config import RouterConfig
+from services.router.duels import DuelOrganiser, ServedAnswer
 from services.verifier.reputation import LedgerReputation
 from swarmserve import native
 from swarmserve.dispatch import (
@@ -31,6 +32,7 @@ from swarmserve.dispatch import (
     reported_state,
 )
 from swarmserve.ledger import LedgerRejection, LedgerReplica
+from swarmserve.ledger.callers import sign_as_caller
 from swarmserve.overlay import Membership, Peer
 from swarmserve.receipts import ReceiptError, verify_receipt
 from swarmserve.rpc import (
@@ -78,6 +80,7 @@ class RouterService:
         self.config = config
         self._random = random.SystemRandom()
         self._policy = self._make_policy()
+        self.duels = DuelOrganiser(self, config.duels)
         # What this router saw itself, fresher than gossip: when each of its requests still in
         # flight at a node started, and an average of the latency it observed there.
         self._in_flight: dict[str, list[float]] = {}
@@ -191,13 +194,17 @@ class RouterService:
             log.warning("could not pay for served work", provider=server[:16], credits=credits, reason=str(error))
 
     async def _start(
-        self, request: router_pb2.GenerateRequest, forwarded: inference_pb2.InferenceGenerateRequest, hops: int
+        self,
+        request: router_pb2.GenerateRequest,
+        forwarded: inference_pb2.InferenceGenerateRequest,
+        hops: int,
+        excluded: set[str],
     ) -> tuple[Peer, float, OpenCircuit, relay_pb2.CircuitMessage]:
         """Opens a circuit, sends the request and reads the first answer; returns the exit, when
         the request was dispatched to it, the circuit and the answer. If that fails with
         UNAVAILABLE (a node or relay gone) nothing has reached the client yet, so it is tried once
-        more through another inference node and other relays."""
-        excluded: set[str] = set()
+        more through another inference node and other relays. ``excluded`` nodes are not used."""
+        excluded = set(excluded)
         for attempt in (1, 2):
             exit_ = await self.choose_exit(request, excluded)
             started = time.monotonic()
@@ -230,8 +237,10 @@ class RouterService:
         return self._random.sample(relays, hops)
 
     async def generate(
-        self, request: router_pb2.GenerateRequest
+        self, request: router_pb2.GenerateRequest, *, excluded: Collection[str] = (), duel: bool = True
     ) -> AsyncGenerator[TokenDelta | router_pb2.GenerateSummary, None]:
+        """Serves one request. ``excluded``: nodes not to send it to; ``duel``: whether it may be
+        sampled for a duel (not the duel's own second request)."""
         hops = self._check(request)  # every refusal happens before a circuit exists
         request_id = request.request_id or uuid.uuid4().hex
         structlog.contextvars.bind_contextvars(request_id=request_id)
@@ -250,7 +259,8 @@ class RouterService:
             forwarded.prompt = request.prompt
         else:
             forwarded.chat.CopyFrom(request.chat)
-        exit_, started, circuit, message = await self._start(request, forwarded, hops)
+        sign_as_caller(self.identity, forwarded)  # this router pays: providers may check its balance
+        exit_, started, circuit, message = await self._start(request, forwarded, hops, set(excluded))
         completed = False
         try:
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -291,6 +301,8 @@ class RouterService:
                     signature=self.identity.sign(receipt.receipt),
                 )
                 await self._pay(receipt, signed_body, server)
+                if duel:
+                    self.duels.maybe_start(request, ServedAnswer(receipt, ids, texts))
                 tail = decoder.decode(b"", final=True)
                 if tail:
                     yield TokenDelta(tail, None, b"", len(ids), 0.0)

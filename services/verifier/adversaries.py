@@ -6,17 +6,22 @@ something else. Each wraps a real loaded engine; nothing here is used by a servi
 - :class:`RandomTokensEngine`: random token ids from the vocabulary.
 - :class:`ReplayingEngine`: the answer it generated for its first prompt, sent for every prompt.
 - :class:`EarlyStopEngine`: the honest answer, cut after a few tokens as if the model had ended it.
+- :class:`BiasedJudge`: a judge that votes by a rule of its own (always for one provider, or
+  always for the answer shown first) instead of by its judgement.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
 
 from services.inference.engine import ChatTurn, Engine, GeneratedToken, ModelIdentity, PositionScore, Replay, Sampling
+from services.verifier.service import DuelSide, VerifierService
+from swarmserve.v1 import common_pb2, verifier_pb2
+from swarmserve.verdicts import open_verdict, sign_verdict
 
-__all__ = ["ClaimingEngine", "EarlyStopEngine", "RandomTokensEngine", "ReplayingEngine"]
+__all__ = ["BiasedJudge", "ClaimingEngine", "EarlyStopEngine", "RandomTokensEngine", "ReplayingEngine"]
 
 
 class ClaimingEngine:
@@ -86,3 +91,30 @@ class EarlyStopEngine(ClaimingEngine):
                     return
                 produced += 1
                 yield token
+
+
+class BiasedJudge(VerifierService):
+    """Makes every check an honest judge makes, then votes for ``favour(first_key, second_key)``
+    (the providers in the order shown), signed with its real key."""
+
+    def __init__(self, *args: object, favour: Callable[[bytes, bytes], bytes], **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._favour = favour
+
+    @classmethod
+    def always_for(cls, provider_key: bytes) -> Callable[[bytes, bytes], bytes]:
+        return lambda first, second: provider_key if provider_key in (first, second) else first
+
+    @staticmethod
+    def always_first(first: bytes, second: bytes) -> bytes:
+        return first
+
+    async def judge(
+        self, duel_id: str, prompt: str | Sequence[ChatTurn], first: DuelSide, second: DuelSide
+    ) -> verifier_pb2.SignedVerdict:
+        vote = open_verdict(await super().judge(duel_id, prompt, first, second))
+        shown = [common_pb2.Receipt.FromString(side.receipt.receipt).node_key for side in (first, second)]
+        voted = self._favour(shown[0], shown[1])
+        vote.provider_key, vote.opponent_key = voted, shown[1] if voted == shown[0] else shown[0]
+        vote.outcome = verifier_pb2.VERDICT_OUTCOME_PASS
+        return sign_verdict(self._identity, vote)

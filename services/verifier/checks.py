@@ -110,7 +110,7 @@ async def check_stream(
     if m and (sampling.greedy or binomial_tail(n, m, P0) < ALPHA):
         first = replay.implausible_positions[0]
         return CheckResult(Outcome.FAIL, score, n, m, f"{m} of {n} tokens implausible (first at {first})")
-    if n == 0 and receipt.finish_reason != common_pb2.FINISH_REASON_END_OF_SEQUENCE:
+    if n == 0:  # an end the model could choose, and nothing else: too little to vouch for
         return CheckResult(Outcome.INCONCLUSIVE, score, n, m, "no tokens to check")
     return CheckResult(Outcome.PASS, score, n, m, f"{m} of {n} tokens implausible, end plausible")
 

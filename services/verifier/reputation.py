@@ -1,13 +1,22 @@
 """Reputation of providers, from verdicts (PlanetServe's rule, with our verdict scores).
 
-Each conclusive verdict about a provider gives a score C in [0, 1]: 0 for a failed check, the
-share of plausible positions for a passed one (1.0 for a perfect replay), 1.0 for a won duel and
-0.5 for a lost one (losing a close duel to an honest peer is not cheating). Then
+Each conclusive verdict gives the nodes it is about a score C in [0, 1]:
+
+- a re-execution check: 0 for a failed check, the share of plausible positions for a passed one
+  (1.0 for a perfect replay);
+- a duel result: 1.0 for the winner and 0.5 for the loser (losing a close duel to an honest peer
+  is not cheating; the lost stake is the penalty), and for each judge 1.0 if it voted with the
+  majority, 0 if it voted against it (a judge that lies, or always votes for one side or one
+  position, is in the minority whenever the honest majority disagrees with it). Undecided votes
+  score nothing.
+
+Then
 
     R <- 0.4 R + 0.6 C, and R <- R / 2 when more than 20% of the last 5 scores are below 0.4
 
-starting from 0.6 for a provider without verdicts. Below 0.3 a provider is untrusted: routers
-send it no traffic (it keeps receiving challenges, so it can earn its way back).
+starting from 0.6 for a node without verdicts. Below 0.3 a node is untrusted: routers send it no
+traffic and pick it as no judge. There is no way back: an operator caught cheating starts over
+with a new identity, which holds only the joining grant and no stake.
 """
 
 from __future__ import annotations
@@ -18,8 +27,9 @@ from dataclasses import dataclass, field
 from swarmserve.dispatch import TRUST_THRESHOLD
 from swarmserve.ledger import LedgerReplica
 from swarmserve.v1 import verifier_pb2
+from swarmserve.verdicts import tally_duel
 
-__all__ = ["INITIAL", "LedgerReputation", "ProviderStanding", "ReputationBook", "verdict_score"]
+__all__ = ["INITIAL", "LedgerReputation", "ProviderStanding", "ReputationBook", "verdict_scores"]
 
 INITIAL = 0.6
 KEEP = 0.4  # weight of the old reputation
@@ -69,13 +79,24 @@ class ReputationBook:
         return dict(self._standings)
 
 
-def verdict_score(verdict: verifier_pb2.Verdict) -> float | None:
-    """C for one verdict (see the module docstring); None for an inconclusive one."""
-    if verdict.outcome == verifier_pb2.VERDICT_OUTCOME_INCONCLUSIVE:
-        return None
-    if verdict.kind == verifier_pb2.VERDICT_KIND_DUEL:
-        return 1.0 if verdict.outcome == verifier_pb2.VERDICT_OUTCOME_PASS else 0.5
-    return verdict.score if verdict.outcome == verifier_pb2.VERDICT_OUTCOME_PASS else 0.0
+def verdict_scores(verdict: verifier_pb2.Verdict) -> list[tuple[bytes, float, bool]]:
+    """(node key, C, failed) for each node a verdict is about (see the module docstring);
+    nothing for an inconclusive check or a lone judge's vote."""
+    if verdict.kind == verifier_pb2.VERDICT_KIND_CHECK:
+        if verdict.outcome == verifier_pb2.VERDICT_OUTCOME_PASS:
+            return [(verdict.provider_key, verdict.score, False)]
+        if verdict.outcome == verifier_pb2.VERDICT_OUTCOME_FAIL:
+            return [(verdict.provider_key, 0.0, True)]
+        return []
+    if verdict.kind == verifier_pb2.VERDICT_KIND_DUEL_RESULT:
+        tally = tally_duel(verdict)
+        return [
+            (tally.winner, 1.0, False),
+            (tally.loser, 0.5, False),
+            *((judge, 1.0, False) for judge in tally.judges_agreeing),
+            *((judge, 0.0, True) for judge in tally.judges_dissenting),
+        ]
+    return []
 
 
 class LedgerReputation:
@@ -92,11 +113,8 @@ class LedgerReputation:
         if count != self._counted:
             book = ReputationBook()
             for verdict in self._replica.verdicts():
-                score = verdict_score(verdict)
-                if score is not None:
-                    book.record(
-                        verdict.provider_key, score, failed=verdict.outcome == verifier_pb2.VERDICT_OUTCOME_FAIL
-                    )
+                for key, score, failed in verdict_scores(verdict):
+                    book.record(key, score, failed=failed)
             self._book, self._counted = book, count
         return self._book
 

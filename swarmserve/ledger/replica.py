@@ -12,7 +12,9 @@ Acceptance (every replica, for every entry, however it arrived):
 - sequence 1 is the joining grant of exactly ``GRANT_CREDITS``, and only sequence 1 is;
 - served work carries a receipt signed by its provider and co-signed by the author (the router
   that checked the tokens and pays), is paid at most once, by a payer that can afford it;
-- a verdict is signed by the author (the verifier) and recorded at most once;
+- a verdict is signed by the author (the verifier, or for a duel result the node that ran the
+  duel, whose judges' votes must make the winner: ``swarmserve.verdicts.tally_duel``) and
+  recorded at most once; a judge's vote alone is not recorded;
 - transfers and stake changes stay within the author's balance.
 
 Balances replay all entries in one order every replica agrees on (time issued, then author, then
@@ -21,6 +23,7 @@ sequence), so replicas holding the same entries report the same balances.
 
 from __future__ import annotations
 
+import math
 import sqlite3
 import threading
 import time
@@ -42,6 +45,7 @@ from swarmserve.ledger.entries import (
     sign_entry,
 )
 from swarmserve.v1 import common_pb2, ledger_pb2, verifier_pb2
+from swarmserve.verdicts import VerdictError, open_verdict, slashed_account, tally_duel
 
 __all__ = ["AcceptResult", "Balance", "LedgerReplica", "VerifyReport"]
 
@@ -323,16 +327,18 @@ class LedgerReplica:
 
     def _check_verdict(self, entry: Entry, where: str) -> bytes:
         record = entry.body.verdict
+        if record.slash_permille > 1000:
+            raise LedgerRejection(f"{where}: slashes {record.slash_permille} thousandths of a stake")
         if record.verdict.verifier_key != entry.author:
             raise LedgerRejection(f"{where}: a verdict is recorded by the verifier that signed it")
-        if not _valid(record.verdict.verifier_key, record.verdict.verdict, record.verdict.signature):
-            raise LedgerRejection(f"{where}: the verdict's signature is invalid")
         try:
-            verdict = verifier_pb2.Verdict.FromString(record.verdict.verdict)
-        except DecodeError as error:
-            raise LedgerRejection(f"{where}: the verdict body is malformed ({error})") from None
-        if len(verdict.provider_key) != 32:
-            raise LedgerRejection(f"{where}: the verdict names no provider")
+            verdict = open_verdict(record.verdict)
+            if verdict.kind == verifier_pb2.VERDICT_KIND_DUEL:
+                raise VerdictError("a judge's vote is recorded only inside the duel's result")
+            if verdict.kind == verifier_pb2.VERDICT_KIND_DUEL_RESULT:
+                tally_duel(verdict)
+        except VerdictError as error:
+            raise LedgerRejection(f"{where}: {error}") from None
         token = b"verdict:" + native.ledger_entry_hash(record.verdict.verdict, record.verdict.signature)
         if self._db.execute("SELECT 1 FROM spent WHERE token = ?", (token,)).fetchone():
             raise LedgerRejection(f"{where}: replayed, this verdict is already recorded")
@@ -398,5 +404,5 @@ def _apply(balances: dict[bytes, Balance], body: ledger_pb2.EntryBody) -> None:
         balances[receipt.node_key].available += body.served.credits
     elif kind == "verdict":
         verdict = verifier_pb2.Verdict.FromString(body.verdict.verdict.verdict)
-        provider = balances[verdict.provider_key]
-        provider.staked -= min(provider.staked, body.verdict.stake_slashed)  # burned
+        slashed = balances[slashed_account(verdict)]
+        slashed.staked -= math.ceil(slashed.staked * body.verdict.slash_permille / 1000)  # burned
