@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
 import json
 import platform
 import random
@@ -37,7 +36,6 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
-import llama_cpp
 from grpc import aio
 from rich.console import Console
 from rich.progress import Progress
@@ -58,6 +56,7 @@ from services.verifier.adversaries import (  # noqa: E402
     EarlyStopEngine,
     RandomTokensEngine,
     ReplayingEngine,
+    requantize_q2k,
 )
 from services.verifier.challenges import challenge_prompt  # noqa: E402
 from services.verifier.reputation import ReputationBook, verdict_scores  # noqa: E402
@@ -76,20 +75,6 @@ MAX_REQUESTS = 20
 GOSSIP = GossipSettings(probe_interval_s=0.2, probe_timeout_s=0.1, suspicion_mult=3, sync_interval_s=2)
 console = Console(stderr=True)
 PASS, FAIL = verifier_pb2.VERDICT_OUTCOME_PASS, verifier_pb2.VERDICT_OUTCOME_FAIL
-
-
-def requantize(directory: Path) -> Path:
-    """The embedded model re-quantized to Q2_K with llama.cpp (the cheaper model a cheat serves)."""
-    path = directory / "q2k.gguf"
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q2_K
-    params.allow_requantize = True
-    status = llama_cpp.llama_model_quantize(
-        str(default_model_path()).encode(), str(path).encode(), ctypes.byref(params)
-    )
-    if status != 0:
-        raise RuntimeError("llama_model_quantize failed")
-    return path
 
 
 def q2k_model(path: Path) -> ModelSettings:
@@ -351,14 +336,17 @@ async def credits_over_time(directory: Path, q2k: Path, requests: int, progress:
         series: dict[str, list[int]] = {name: [] for name in providers}
         rng = random.Random(11)
         task = progress.add_task("credits over time", total=requests)
-        for _ in range(requests):
-            await generate(
-                router.address, challenge_prompt(rng), model=DEFAULT_MODEL_NAME, max_tokens=NEW_TOKENS, temperature=0.7
+        for _ in range(0, requests, 2):  # two users at a time, so a busy provider is passed over
+            await asyncio.gather(
+                *(
+                    generate(router.address, prompt, model=DEFAULT_MODEL_NAME, max_tokens=NEW_TOKENS, temperature=0.7)
+                    for prompt in (challenge_prompt(rng), challenge_prompt(rng))
+                )
             )
             for name, node in providers.items():
                 balance = router.ledger.balance(node.keys.identity.public_key)
                 series[name].append(balance.available + balance.staked)
-            progress.advance(task)
+            progress.advance(task, 2)
         book = router.service.reputation.book()
         return {
             "requests": requests,
@@ -372,7 +360,7 @@ async def credits_over_time(directory: Path, q2k: Path, requests: int, progress:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as scratch, Progress(console=console) as progress:
         directory = Path(scratch)
-        q2k = requantize(directory)
+        q2k = requantize_q2k(default_model_path(), directory / "q2k.gguf")
         async with AsyncExitStack() as stack:
             verifier = await start_node(stack, directory / "verifier", [])
             seeds = [verifier.address]
@@ -434,7 +422,7 @@ def plot(figures: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, series in figures["credits"]["series"].items():
         ax.plot(range(1, len(series) + 1), series, label=name)
-    ax.set_xlabel("requests served by the swarm")
+    ax.set_xlabel("pairs of concurrent requests served by the swarm")
     ax.set_ylabel("credits (available + staked)")
     ax.set_title("Provider credits over time (router's ledger replica)")
     ax.legend()
@@ -462,7 +450,12 @@ def report(figures: dict[str, Any]) -> None:
             f"duels ({biased} judge): cheater lost {duel['cheater_lost_share']}, biased judge untrusted after "
             f"{duel['biased_judge_untrusted_after_duels']} duels"
         )
-    console.print(f"verification share of serving: {figures['cost']['verification_share_of_serving']:.1%}")
+    cost = figures["cost"]
+    console.print(
+        f"per request: serve {cost['serve_s_per_request']:.3f} s, check {cost['check_s_per_request']:.3f} s, "
+        f"judge vote {cost['judge_s_per_vote']:.3f} s; verification share of serving at the default rates: "
+        f"{cost['verification_share_of_serving']:.1%}"
+    )
     console.print(f"credits at the end: { {k: v[-1] for k, v in figures['credits']['series'].items()} }")
 
 

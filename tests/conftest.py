@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -11,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import llama_cpp
 import pytest
 
 from services.inference.config import ChallengeSettings, InferenceConfig, ModelSettings, ProviderPolicy
@@ -22,6 +20,7 @@ from services.relay.node import RelayNode
 from services.relay.servicer import RelayServicer
 from services.router.config import DuelSettings, RouterConfig
 from services.router.node import RouterNode
+from services.verifier.adversaries import requantize_q2k
 from swarmserve.config import GossipSettings, ServerSettings
 from swarmserve.rpc.node import ServiceNode
 
@@ -42,15 +41,7 @@ def joining(started: Sequence[ServiceNode], gossip: GossipSettings = FAST_GOSSIP
 @pytest.fixture(scope="session")
 def q2k_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A degraded copy of the default model, re-quantized to Q2_K with llama.cpp."""
-    path = tmp_path_factory.mktemp("models") / "smollm2-q2k.gguf"
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q2_K
-    params.allow_requantize = True
-    status = llama_cpp.llama_model_quantize(
-        str(default_model_path()).encode(), str(path).encode(), ctypes.byref(params)
-    )
-    assert status == 0, "llama_model_quantize failed"
-    return path
+    return requantize_q2k(default_model_path(), tmp_path_factory.mktemp("models") / "smollm2-q2k.gguf")
 
 
 NodeFactory = Callable[..., AbstractAsyncContextManager[InferenceNode]]

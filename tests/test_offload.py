@@ -6,6 +6,8 @@ the router checks it against that node."""
 from __future__ import annotations
 
 import asyncio
+import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -23,7 +25,7 @@ from swarmserve.config import ServerSettings
 from swarmserve.overlay import Peer
 from swarmserve.receipts import verify_receipt
 from swarmserve.rpc import ChannelPool
-from swarmserve.v1 import common_pb2, inference_pb2, relay_pb2, router_pb2
+from swarmserve.v1 import common_pb2, inference_pb2, ledger_pb2, relay_pb2, router_pb2
 from tests.conftest import NO_CHALLENGES, joining, wait_for_members
 from tests.test_private_path import chat_request, run
 
@@ -151,6 +153,28 @@ async def test_no_offload_without_budget_or_back_to_a_visited_node(tmp_path: Pat
         _, last = await serve(channels, a, request(3, budget=1, visited=[b"short"]))
         assert last.WhichOneof("body") == "error"
         assert last.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "visited" in last.error.message
+        await busy
+
+
+async def test_offload_targets_are_drawn_in_proportion_to_stake(tmp_path: Path) -> None:
+    async with emulated_swarm(tmp_path, 3) as (nodes, router):
+        staked, unstaked = (n.keys.identity.public_key for n in nodes[1:])
+        nodes[2].ledger.append(nodes[2].keys.identity, stake=ledger_pb2.StakeChange(delta=-50))  # releases it all
+        deadline = time.monotonic() + 15
+        while (nodes[0].ledger.balance(staked).staked, nodes[0].ledger.balance(unstaked).staked) != (50, 0):
+            assert time.monotonic() < deadline, "the stakes did not reach the offloading node's replica"
+            await asyncio.sleep(0.1)
+        a = router.directory.get(nodes[0].keys.identity.node_id)
+        assert a is not None and nodes[0].offloader is not None and nodes[0].servicer.service is not None
+        busy = asyncio.ensure_future(serve(router.channels, a, request(60, budget=0)))  # holds a's only slot
+        await asyncio.sleep(0.3)
+        picks = Counter(
+            target.descriptor.identity_key
+            for _ in range(400)
+            if (target := nodes[0].offloader.target(nodes[0].servicer.service, request(5, budget=2))) is not None
+        )
+        # Weights stake + 1: 51 to 1, so about 392 of 400 go to the staked peer.
+        assert sum(picks.values()) == 400 and picks[staked] >= 370, picks
         await busy
 
 

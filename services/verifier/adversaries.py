@@ -12,16 +12,38 @@ something else. Each wraps a real loaded engine; nothing here is used by a servi
 
 from __future__ import annotations
 
+import ctypes
 import random
 from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
+from pathlib import Path
+
+import llama_cpp
 
 from services.inference.engine import ChatTurn, Engine, GeneratedToken, ModelIdentity, PositionScore, Replay, Sampling
 from services.verifier.service import DuelSide, VerifierService
 from swarmserve.v1 import common_pb2, verifier_pb2
 from swarmserve.verdicts import open_verdict, sign_verdict
 
-__all__ = ["BiasedJudge", "ClaimingEngine", "EarlyStopEngine", "RandomTokensEngine", "ReplayingEngine"]
+__all__ = [
+    "BiasedJudge",
+    "ClaimingEngine",
+    "EarlyStopEngine",
+    "RandomTokensEngine",
+    "ReplayingEngine",
+    "requantize_q2k",
+]
+
+
+def requantize_q2k(source: Path, destination: Path) -> Path:
+    """Writes ``source`` re-quantized to Q2_K with llama.cpp: the cheaper model a
+    :class:`ClaimingEngine` passes off as the real one."""
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q2_K
+    params.allow_requantize = True
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(destination).encode(), ctypes.byref(params)) != 0:
+        raise RuntimeError(f"llama.cpp could not re-quantize {source}")
+    return destination
 
 
 class ClaimingEngine:

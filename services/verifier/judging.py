@@ -6,10 +6,9 @@ Methods (the verdict's ``method`` names the one used):
 - ``likelihood`` (the default, :data:`LIKELIHOOD_METHOD`): each answer's mean teacher-forced
   log-probability per token after the prompt, under the reference model. The margin ``d`` is the
   first answer's mean minus the second's (nats per token). Each answer is scored on its own,
-  conditioned only on the prompt, in both orders (first then second, and second then first, on
-  the same engine), and the two margins are averaged, so neither the order of presentation nor
-  the engine's cache state can favour a side. A cheaper model's sampled text, random tokens, or
-  an answer to another prompt is less likely under the reference model than an honest answer.
+  conditioned only on the prompt, so the order in which the two are presented cannot matter: the
+  method has no position bias to cancel. A cheaper model's sampled text, random tokens, or an
+  answer to another prompt is less likely under the reference model than an honest answer.
 - ``llm`` (optional, :data:`LLM_METHOD`): the reference model asked, through its chat template,
   which of two answers is better; the preference is the log-probability of replying "1" minus
   that of "2". Asked in both orders (A as answer 1, then B as answer 1) and averaged, so a
@@ -31,7 +30,7 @@ from services.inference.engine import ChatTurn, Engine
 __all__ = ["LIKELIHOOD_METHOD", "LLM_METHOD", "TIE_MARGIN", "JudgeMethod", "Judgement", "judge"]
 
 TIE_MARGIN = 0.02
-LIKELIHOOD_METHOD = f"duel-likelihood-v1: mean log-prob per answer token under the reference model, both orders averaged; tie below {TIE_MARGIN} nats/token"  # noqa: E501
+LIKELIHOOD_METHOD = f"duel-likelihood-v1: mean log-prob per answer token under the reference model, each answer scored alone; tie below {TIE_MARGIN} nats/token"  # noqa: E501
 LLM_METHOD = f"duel-llm-judge-v1: log P('1') - log P('2') for 'which answer is better', both orders averaged; tie below {TIE_MARGIN}"  # noqa: E501
 JudgeMethod = Literal["likelihood", "llm"]
 
@@ -68,9 +67,8 @@ async def judge(
     if method == "llm":
         return Judgement(await _llm_preference(engine, prompt_text, answers), LLM_METHOD)
     first, second = answers
-    forward = await _mean_logprob(engine, prompt_ids, first) - await _mean_logprob(engine, prompt_ids, second)
-    backward = await _mean_logprob(engine, prompt_ids, second) - await _mean_logprob(engine, prompt_ids, first)
-    return Judgement((forward - backward) / 2, LIKELIHOOD_METHOD)
+    margin = await _mean_logprob(engine, prompt_ids, first) - await _mean_logprob(engine, prompt_ids, second)
+    return Judgement(margin, LIKELIHOOD_METHOD)
 
 
 async def _mean_logprob(engine: Engine, prompt_ids: Sequence[int], answer: Sequence[int]) -> float:
