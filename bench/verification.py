@@ -65,7 +65,7 @@ from swarmserve import native  # noqa: E402
 from swarmserve.client import generate  # noqa: E402
 from swarmserve.config import GossipSettings, ServerSettings  # noqa: E402
 from swarmserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc, verifier_pb2, verifier_pb2_grpc  # noqa: E402
-from swarmserve.verdicts import open_verdict, sign_verdict, tally_duel  # noqa: E402
+from swarmserve.verdicts import decide_duel, open_verdict  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 NEW_TOKENS = 16
@@ -74,7 +74,7 @@ TRIALS = 10
 MAX_REQUESTS = 20
 GOSSIP = GossipSettings(probe_interval_s=0.2, probe_timeout_s=0.1, suspicion_mult=3, sync_interval_s=2)
 console = Console(stderr=True)
-PASS, FAIL = verifier_pb2.VERDICT_OUTCOME_PASS, verifier_pb2.VERDICT_OUTCOME_FAIL
+FAIL = verifier_pb2.VERDICT_OUTCOME_FAIL
 
 
 def q2k_model(path: Path) -> ModelSettings:
@@ -239,9 +239,9 @@ async def duels(
         VerifierService(native.Identity.generate(), get_engines, ReputationBook()) for _ in range(2)
     ]
     favour = BiasedJudge.always_first if biased == "always-first" else BiasedJudge.always_for(cheater_key)
-    judges.append(BiasedJudge(native.Identity.generate(), get_engines, ReputationBook(), favour=favour))
-    biased_key = judges[2]._identity.public_key
-    organiser = native.Identity.generate()
+    biased_identity = native.Identity.generate()
+    judges.append(BiasedJudge(biased_identity, get_engines, ReputationBook(), favour=favour))
+    biased_key = biased_identity.public_key
     book = ReputationBook()
     lost = decided = 0
     untrusted_after: int | None = None
@@ -260,30 +260,14 @@ async def duels(
             votes.append(await judge.judge(f"duel-{biased}-{index}", [ChatTurn("user", text)], *shown))
             if judge is not judges[2]:
                 judge_s.append(time.perf_counter() - started)
-        tally: dict[bytes, int] = {}
-        for signed in votes:
-            vote = open_verdict(signed)
-            if vote.outcome == PASS:
-                tally[vote.provider_key] = tally.get(vote.provider_key, 0) + 1
-        ranked = sorted(tally.items(), key=lambda kv: -kv[1])
         progress.advance(task)
-        if not ranked or (len(ranked) > 1 and ranked[0][1] == ranked[1][1]):
+        result = decide_duel(f"duel-{biased}-{index}", votes)  # as the router decides and replicas recheck
+        if result is None:
             continue
-        winner = ranked[0][0]
-        loser = next(v.opponent_key for v in map(open_verdict, votes) if v.provider_key == winner)
-        result = verifier_pb2.Verdict(
-            kind=verifier_pb2.VERDICT_KIND_DUEL_RESULT,
-            subject_id=f"duel-{biased}-{index}",
-            provider_key=winner,
-            opponent_key=loser,
-            outcome=PASS,
-            votes=votes,
-        )
-        tally_duel(open_verdict(sign_verdict(organiser, result)))
         for key, score, failed in verdict_scores(result):
             book.record(key, score, failed=failed)
         decided += 1
-        lost += loser == cheater_key
+        lost += result.opponent_key == cheater_key
         if untrusted_after is None and not book.standing(biased_key).trusted:
             untrusted_after = index + 1
     return {

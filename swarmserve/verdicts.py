@@ -9,6 +9,8 @@ that records it.
 from __future__ import annotations
 
 import time
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
@@ -16,7 +18,15 @@ from google.protobuf.message import DecodeError
 from swarmserve import native
 from swarmserve.v1 import verifier_pb2
 
-__all__ = ["DuelTally", "VerdictError", "open_verdict", "sign_verdict", "slashed_account", "tally_duel"]
+__all__ = [
+    "DuelTally",
+    "VerdictError",
+    "decide_duel",
+    "open_verdict",
+    "sign_verdict",
+    "slashed_account",
+    "tally_duel",
+]
 
 _PASS = verifier_pb2.VERDICT_OUTCOME_PASS
 _INCONCLUSIVE = verifier_pb2.VERDICT_OUTCOME_INCONCLUSIVE
@@ -101,6 +111,28 @@ def tally_duel(result: verifier_pb2.Verdict) -> DuelTally:
             f"({len(agreeing)} for, {len(dissenting)} against)"
         )
     return DuelTally(result.provider_key, result.opponent_key, tuple(agreeing), tuple(dissenting), tuple(undecided))
+
+
+def decide_duel(duel_id: str, votes: Sequence[verifier_pb2.SignedVerdict]) -> verifier_pb2.Verdict | None:
+    """The duel result these votes make (unsigned; the organiser adds its method and signs it):
+    the side more decided votes prefer, with the share of decided votes it got as the score; None
+    on a tie or without a decided vote. Checked with :func:`tally_duel`, the rule replicas apply."""
+    decided = [vote for vote in map(open_verdict, votes) if vote.outcome == _PASS]
+    ranked = Counter(vote.provider_key for vote in decided).most_common(2)
+    if not ranked or (len(ranked) == 2 and ranked[0][1] == ranked[1][1]):
+        return None
+    winner, won = ranked[0]
+    result = verifier_pb2.Verdict(
+        kind=verifier_pb2.VERDICT_KIND_DUEL_RESULT,
+        subject_id=duel_id,
+        provider_key=winner,
+        opponent_key=next(vote.opponent_key for vote in decided if vote.provider_key == winner),
+        outcome=_PASS,
+        score=won / len(decided),
+        votes=votes,
+    )
+    tally_duel(result)
+    return result
 
 
 def slashed_account(verdict: verifier_pb2.Verdict) -> bytes:

@@ -24,39 +24,23 @@ from typing import TYPE_CHECKING
 from grpc import aio
 
 from services.router.config import DuelSettings
+from services.verifier.service import DuelSide
 from swarmserve import native
 from swarmserve.ledger import LedgerRejection
 from swarmserve.overlay import Peer
-from swarmserve.receipts import verify_receipt
 from swarmserve.rpc import ServiceError
 from swarmserve.telemetry import get_logger
 from swarmserve.v1 import common_pb2, ledger_pb2, router_pb2, verifier_pb2, verifier_pb2_grpc
-from swarmserve.verdicts import VerdictError, open_verdict, sign_verdict, tally_duel
+from swarmserve.verdicts import VerdictError, decide_duel, open_verdict, sign_verdict
 
 if TYPE_CHECKING:
     from services.router.service import RouterService, TokenDelta
 
-__all__ = ["DUEL_METHOD", "DuelOrganiser", "DuelOutcome", "ServedAnswer"]
+__all__ = ["DUEL_METHOD", "DuelOrganiser", "DuelOutcome"]
 
 log = get_logger("swarmserve.router")
 
 DUEL_METHOD = "duel-majority-v1: judges drawn without replacement with weight stake+1; winner by more votes"
-
-
-@dataclass(frozen=True)
-class ServedAnswer:
-    """A served stream as the router relayed it."""
-
-    receipt: common_pb2.SignedReceipt
-    token_ids: list[int]
-    token_texts: list[bytes]
-
-    @property
-    def provider_key(self) -> bytes:
-        return common_pb2.Receipt.FromString(self.receipt.receipt).node_key
-
-    def message(self) -> verifier_pb2.DuelAnswer:
-        return verifier_pb2.DuelAnswer(receipt=self.receipt, token_ids=self.token_ids, token_texts=self.token_texts)
 
 
 @dataclass(frozen=True)
@@ -73,14 +57,14 @@ class DuelOrganiser:
         self._random = random.SystemRandom()
         self._running: set[asyncio.Task[DuelOutcome | None]] = set()
 
-    def maybe_start(self, request: router_pb2.GenerateRequest, first: ServedAnswer) -> None:
+    def maybe_start(self, request: router_pb2.GenerateRequest, first: DuelSide) -> None:
         """Starts a duel over this served request with probability ``duels.rate``."""
         if self._random.random() < self._settings.rate:
             task = asyncio.create_task(self._guarded(request, first))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
-    async def _guarded(self, request: router_pb2.GenerateRequest, first: ServedAnswer) -> DuelOutcome | None:
+    async def _guarded(self, request: router_pb2.GenerateRequest, first: DuelSide) -> DuelOutcome | None:
         try:
             return await asyncio.wait_for(self.run(request, first), self._settings.timeout_s)
         except (ServiceError, TimeoutError, LedgerRejection, VerdictError) as error:
@@ -92,35 +76,36 @@ class DuelOrganiser:
             task.cancel()
         await asyncio.gather(*self._running, return_exceptions=True)
 
-    async def run(self, request: router_pb2.GenerateRequest, first: ServedAnswer) -> DuelOutcome:
+    async def run(self, request: router_pb2.GenerateRequest, first: DuelSide) -> DuelOutcome:
         """Gets a second provider's answer, collects the votes, records a decided result."""
         duel_id = uuid.uuid4().hex
         again = router_pb2.GenerateRequest()
         again.CopyFrom(request)
         again.request_id = f"{duel_id}-b"
-        first_key = first.provider_key
+        first_key = _body(first).node_key
         second = await self._collect(self._router.generate(again, excluded={native.node_id(first_key)}, duel=False))
-        if second.provider_key == first_key:  # an offload can land on the first provider again
+        second_key = _body(second).node_key
+        if second_key == first_key:  # an offload can land on the first provider again
             return DuelOutcome(duel_id, None, [])
-        judges = self._judges(first, {first_key, second.provider_key})
+        judges = self._judges(first, {first_key, second_key})
         signed_votes = await asyncio.gather(*(self._vote(judge, duel_id, request, first, second) for judge in judges))
         votes = [(s, v) for s, v in (x for x in signed_votes if x is not None)]
         return DuelOutcome(duel_id, await self._record(duel_id, first, votes), [v for _, v in votes])
 
     @staticmethod
-    async def _collect(stream: AsyncGenerator[TokenDelta | router_pb2.GenerateSummary, None]) -> ServedAnswer:
+    async def _collect(stream: AsyncGenerator[TokenDelta | router_pb2.GenerateSummary, None]) -> DuelSide:
         ids: list[int] = []
         texts: list[bytes] = []
         async for event in stream:
             if isinstance(event, router_pb2.GenerateSummary):
-                return ServedAnswer(event.receipt, ids, texts)
+                return DuelSide(event.receipt, ids, texts)
             if event.token_id is not None:
                 ids.append(event.token_id)
                 texts.append(event.token_bytes)
         raise ServiceError("the second provider's stream ended without a summary")
 
-    def _judges(self, answer: ServedAnswer, parties: set[bytes]) -> list[Peer]:
-        digest = verify_receipt(answer.receipt, answer.token_ids, answer.token_texts).model_digest
+    def _judges(self, answer: DuelSide, parties: set[bytes]) -> list[Peer]:
+        digest = _body(answer).model_digest  # the router checked the receipt as it relayed it
         book = self._router.reputation.book()
         ledger = self._router.ledger
         pool = [
@@ -142,11 +127,11 @@ class DuelOrganiser:
         judge: Peer,
         duel_id: str,
         request: router_pb2.GenerateRequest,
-        first: ServedAnswer,
-        second: ServedAnswer,
+        first: DuelSide,
+        second: DuelSide,
     ) -> tuple[verifier_pb2.SignedVerdict, verifier_pb2.Verdict] | None:
         shown = (first, second) if self._random.random() < 0.5 else (second, first)
-        ask = verifier_pb2.JudgeRequest(duel_id=duel_id, first=shown[0].message(), second=shown[1].message())
+        ask = verifier_pb2.JudgeRequest(duel_id=duel_id, first=_message(shown[0]), second=_message(shown[1]))
         if request.WhichOneof("input") == "prompt":
             ask.prompt = request.prompt
         else:
@@ -159,7 +144,7 @@ class DuelOrganiser:
                 raise VerdictError("the vote is signed by another key than the judge's")
             if vote.kind != verifier_pb2.VERDICT_KIND_DUEL or vote.subject_id != duel_id:
                 raise VerdictError("the vote is not about this duel")
-            if {vote.provider_key, vote.opponent_key} != {first.provider_key, second.provider_key}:
+            if {vote.provider_key, vote.opponent_key} != {_body(first).node_key, _body(second).node_key}:
                 raise VerdictError("the vote is about other providers")
         except (aio.AioRpcError, VerdictError) as error:
             reason = error.details() if isinstance(error, aio.AioRpcError) else str(error)
@@ -170,31 +155,15 @@ class DuelOrganiser:
     async def _record(
         self,
         duel_id: str,
-        first: ServedAnswer,
+        first: DuelSide,
         votes: list[tuple[verifier_pb2.SignedVerdict, verifier_pb2.Verdict]],
     ) -> verifier_pb2.SignedVerdict | None:
-        decided = [v for _, v in votes if v.outcome == verifier_pb2.VERDICT_OUTCOME_PASS]
-        tally: dict[bytes, int] = {}
-        for vote in decided:
-            tally[vote.provider_key] = tally.get(vote.provider_key, 0) + 1
-        ranked = sorted(tally.items(), key=lambda item: -item[1])
-        if not ranked or (len(ranked) > 1 and ranked[0][1] == ranked[1][1]):
-            log.info("duel undecided", duel_id=duel_id, votes=len(votes), decided=len(decided))
+        result = decide_duel(duel_id, [signed for signed, _ in votes])
+        if result is None:
+            log.info("duel undecided", duel_id=duel_id, votes=len(votes))
             return None
-        winner = ranked[0][0]
-        loser = next(v.opponent_key for v in decided if v.provider_key == winner)
-        result = verifier_pb2.Verdict(
-            kind=verifier_pb2.VERDICT_KIND_DUEL_RESULT,
-            subject_id=duel_id,
-            provider_key=winner,
-            opponent_key=loser,
-            outcome=verifier_pb2.VERDICT_OUTCOME_PASS,
-            score=ranked[0][1] / len(decided),
-            method=DUEL_METHOD,
-            reference_model_digest=common_pb2.Receipt.FromString(first.receipt.receipt).model_digest,
-            votes=[signed for signed, _ in votes],
-        )
-        tally_duel(result)  # the rule every replica applies
+        result.method = DUEL_METHOD
+        result.reference_model_digest = _body(first).model_digest
         signed_result = sign_verdict(self._router.identity, result)
         permille = round(self._settings.slash_share * 1000)
         record = ledger_pb2.VerdictRecord(verdict=signed_result, slash_permille=permille)
@@ -202,9 +171,18 @@ class DuelOrganiser:
         log.info(
             "duel decided",
             duel_id=duel_id,
-            winner=native.node_id(winner)[:16],
-            loser=native.node_id(loser)[:16],
-            votes=f"{ranked[0][1]}/{len(votes)}",
+            winner=native.node_id(result.provider_key)[:16],
+            loser=native.node_id(result.opponent_key)[:16],
+            share=round(result.score, 2),
+            votes=len(votes),
             slash_permille=permille,
         )
         return signed_result
+
+
+def _body(answer: DuelSide) -> common_pb2.Receipt:
+    return common_pb2.Receipt.FromString(answer.receipt.receipt)
+
+
+def _message(answer: DuelSide) -> verifier_pb2.DuelAnswer:
+    return verifier_pb2.DuelAnswer(receipt=answer.receipt, token_ids=answer.token_ids, token_texts=answer.token_texts)

@@ -18,8 +18,9 @@ import structlog
 
 from services.relay.client import OpenCircuit
 from services.router.config import RouterConfig
-from services.router.duels import DuelOrganiser, ServedAnswer
+from services.router.duels import DuelOrganiser
 from services.verifier.reputation import LedgerReputation
+from services.verifier.service import DuelSide
 from swarmserve import native
 from swarmserve.dispatch import (
     CentralOraclePolicy,
@@ -302,7 +303,7 @@ class RouterService:
                 )
                 await self._pay(receipt, signed_body, server)
                 if duel:
-                    self.duels.maybe_start(request, ServedAnswer(receipt, ids, texts))
+                    self.duels.maybe_start(request, DuelSide(receipt, ids, texts))
                 tail = decoder.decode(b"", final=True)
                 if tail:
                     yield TokenDelta(tail, None, b"", len(ids), 0.0)

@@ -169,11 +169,17 @@ class LedgerReplica:
 
     # --- writing ----------------------------------------------------------------------------
 
+    def ensure_grant(self, identity: native.Identity) -> None:
+        """Starts this node's chain with its joining grant, if it has no entry yet."""
+        with self._lock:
+            if self.head(identity.public_key)[0] == 0:
+                self.append(identity, grant=ledger_pb2.Grant(credits=GRANT_CREDITS))
+
     def append(self, identity: native.Identity, **kind: object) -> ledger_pb2.LedgerEntry:
         """Writes a new entry of this node's own chain (its grant first, if it has none)."""
         with self._lock:
-            if self.head(identity.public_key)[0] == 0 and "grant" not in kind:
-                self.append(identity, grant=ledger_pb2.Grant(credits=GRANT_CREDITS))
+            if "grant" not in kind:
+                self.ensure_grant(identity)
             sequence, previous, issued = self.head(identity.public_key)
             entry = sign_entry(identity, sequence + 1, previous, issued, **kind)
             result = self.accept([entry])

@@ -6,12 +6,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from swarmserve import native
-from swarmserve.ledger import GRANT_CREDITS, LedgerReplica
+from swarmserve.ledger import LedgerReplica
 from swarmserve.ledger.servicer import ledger_binding
 from swarmserve.ledger.sync import LedgerSync
 from swarmserve.rpc.channels import ChannelPool
 from swarmserve.rpc.server import RpcServer, ServiceBinding
-from swarmserve.v1 import ledger_pb2
 
 if TYPE_CHECKING:
     from swarmserve.config import NodeConfig
@@ -35,8 +34,7 @@ class ServiceNode:
         """Opens ``data_dir/ledger.sqlite3`` (writing this node's joining grant if its chain is
         empty); returns the Ledger service binding for the server."""
         self.ledger = LedgerReplica(config.data_dir / "ledger.sqlite3")
-        if self.ledger.head(identity.public_key)[0] == 0:
-            self.ledger.append(identity, grant=ledger_pb2.Grant(credits=GRANT_CREDITS))
+        self.ledger.ensure_grant(identity)
         self.ledger_sync = LedgerSync(self.ledger, self.membership.directory, channels, config.ledger.sync_interval_s)
         return ledger_binding(self.ledger)
 
