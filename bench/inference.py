@@ -1,4 +1,6 @@
-"""The inference node over gRPC against llama.cpp called directly, same run, same model.
+"""The inference node over gRPC against llama.cpp called directly, same run, same model; and
+the cost of reproducible decoding (services/inference/schedule.py) against the engine's former
+rule, same run, same context.
 
 Both sides run SmolLM2-135M-Instruct Q4_1 (the embedded model) with the same threads, greedy
 decoding, the same chat prompts and length; they alternate per prompt so drift hits both. The
@@ -11,7 +13,16 @@ direct run of the same prompt right before or after it (the order alternates), a
 are medians of the paired ratios and differences.
 
 Targets (issue #3): at most 3% lower decode throughput, at most 10 ms added to the first token.
-Writes bench/results/inference.json. Run: `make bench`.
+
+The schedule's cost: prefill (evaluating the prompt) and time to first token (prefill, the
+first token's choice by the verifiable sampler, its text) on one llama.cpp context, in-process,
+with the schedule (prompt in chunks at fixed positions, 8 tokens up to position 64 then 32,
+cached positions kept only up to a whole chunk) and without it (the longest cached prefix kept,
+the rest in one batch), cold and with a prompt sharing a prefix already cached. The two rules
+alternate within each round on the same context; figures are medians and quartiles of the
+paired ratios.
+
+Writes bench/results/inference.json and inference_schedule.png. Run: `make bench`.
 """
 
 from __future__ import annotations
@@ -30,6 +41,7 @@ from typing import Any
 
 import llama_cpp
 from grpc import aio
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
@@ -37,7 +49,10 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from services.inference.llama_engine import ScheduledContext, load_llama  # noqa: E402
 from services.inference.models import DEFAULT_MODEL_NAME, default_model_path  # noqa: E402
+from services.inference.schedule import CHUNK, FINE_CHUNK, FINE_SPAN, Evaluation  # noqa: E402
+from swarmserve import native  # noqa: E402
 from swarmserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -136,15 +151,13 @@ def summarize(samples: list[tuple[float, float, int]]) -> dict[str, float]:
 
 
 async def measure(console: Console, threads: int) -> dict[str, Any]:
-    llama = llama_cpp.Llama(
-        model_path=str(default_model_path()),
+    llama = load_llama(
+        default_model_path(),
         n_ctx=2048,
         n_threads=threads,
         n_threads_batch=threads,
         verbose=False,
     )
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
     formatter = Jinja2ChatFormatter(template=llama.metadata["tokenizer.chat_template"], eos_token="", bos_token="")
     prompt_ids = {
         p: llama.tokenize(
@@ -195,6 +208,149 @@ async def measure(console: Console, threads: int) -> dict[str, Any]:
     }
 
 
+# --- the reproducible-decoding schedule against the former rule --------------------------------
+
+SCHEDULE_ROUNDS = 8
+_SENTENCES = [
+    "The harbour master logs every ship that enters after dark.",
+    "Lanterns along the pier are lit in a fixed order, from the breakwater inwards.",
+    "Fishing boats leave two hours before dawn and return with the tide.",
+    "A storm in the third week of the season closed the harbour for four days.",
+    "Repairs to the north wall used stone from the old customs house.",
+]
+
+
+def _document(llama: Any, tokens: int) -> str:
+    """Harbour notes of about ``tokens`` tokens."""
+    text, i = "", 0
+    while len(llama.tokenize(text.encode(), add_bos=False)) < tokens:
+        text += f"{i + 1}. {_SENTENCES[i % len(_SENTENCES)]} "
+        i += 1
+    return text
+
+
+def _former_rule(llama: Any, prompt: list[int]) -> int:
+    """The engine before the schedule: keep the longest cached prefix (at least the last prompt
+    token evaluated again), the rest in one batch. Returns the positions kept."""
+    common = 0
+    for held, wanted in zip(llama.input_ids[: llama.n_tokens], prompt, strict=False):
+        if held != wanted:
+            break
+        common += 1
+    keep = min(common, len(prompt) - 1)
+    llama._ctx.kv_cache_seq_rm(-1, keep, -1)
+    llama.n_tokens = keep
+    llama.eval(prompt[keep:])
+    return keep
+
+
+def _first_token(slot: ScheduledContext, prompt: list[int]) -> None:
+    sampler = native.Sampler(0.0, 0, 1.0, 1.0, 0, prompt)
+    slot.llama.detokenize([sampler.choose(slot.logits().data)])
+
+
+def _timed(slot: ScheduledContext, rule: str, prompt: list[int]) -> tuple[float, float, int]:
+    """(prefill ms, time to first token ms, positions kept) for ``prompt`` under ``rule``."""
+    started = time.perf_counter()
+    kept = slot.evaluate(Evaluation(tuple(prompt))) if rule == "schedule" else _former_rule(slot.llama, prompt)
+    prefilled = time.perf_counter()
+    _first_token(slot, prompt)
+    return (prefilled - started) * 1000, (time.perf_counter() - started) * 1000, kept
+
+
+def measure_schedule(console: Console) -> dict[str, Any]:
+    llama = load_llama(default_model_path(), n_ctx=2048, n_threads=CORES, n_threads_batch=CORES, verbose=False)
+    slot = ScheduledContext(llama)
+    formatter = Jinja2ChatFormatter(template=llama.metadata["tokenizer.chat_template"], eos_token="", bos_token="")
+
+    def chat(text: str) -> list[int]:
+        prompt = formatter(messages=[{"role": "user", "content": text}]).prompt
+        return list(llama.tokenize(prompt.encode(), add_bos=True, special=True))
+
+    questions = ("Which boats leave first, and when?", "What closed the harbour, and for how long?")
+    scenarios: list[tuple[str, list[int], list[int] | None]] = [
+        ("cold, short chat", chat(PROMPTS[0]), None),
+        ("chat after another chat (system prompt cached)", chat(PROMPTS[0]), chat(PROMPTS[1])),
+        *((f"cold, {n}-token document", chat(_document(llama, n) + questions[0]), None) for n in (150, 450)),
+        *(
+            (
+                f"{n}-token document cached, new question",
+                chat(_document(llama, n) + questions[1]),
+                chat(_document(llama, n) + questions[0]),
+            )
+            for n in (150, 450)
+        ),
+    ]
+    results = []
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("schedule vs former rule", total=SCHEDULE_ROUNDS * len(scenarios))
+        for name, prompt, cached in scenarios:
+            samples: dict[str, list[tuple[float, float, int]]] = {"schedule": [], "former": []}
+            for round_ in range(SCHEDULE_ROUNDS + 1):  # round 0 warms up
+                for rule in ("schedule", "former") if round_ % 2 else ("former", "schedule"):
+                    slot.clear()
+                    if cached is not None:  # the shared prefix, evaluated by the same rule
+                        _timed(slot, rule, cached)
+                    sample = _timed(slot, rule, prompt)
+                    if round_:
+                        samples[rule].append(sample)
+                if round_:
+                    progress.advance(task)
+            entry: dict[str, Any] = {"scenario": name, "prompt_tokens": len(prompt)}
+            for index, metric in ((0, "prefill_ms"), (1, "ttft_ms")):
+                ratios = [s[index] / f[index] for s, f in zip(samples["schedule"], samples["former"], strict=True)]
+                quartiles = statistics.quantiles(ratios, n=4)
+                entry[metric] = {
+                    rule: {
+                        "median": round(statistics.median(x[index] for x in runs), 2),
+                        "quartiles": [round(q, 2) for q in statistics.quantiles([x[index] for x in runs], n=4)],
+                    }
+                    for rule, runs in samples.items()
+                }
+                entry[metric]["ratio_schedule_to_former"] = {
+                    "median": round(statistics.median(ratios), 3),
+                    "quartiles": [round(quartiles[0], 3), round(quartiles[2], 3)],
+                }
+            entry["cached_positions_kept"] = {rule: runs[0][2] for rule, runs in samples.items()}
+            results.append(entry)
+    llama.close()
+    return {
+        "prefill_chunks": f"{FINE_CHUNK} tokens up to position {FINE_SPAN}, then {CHUNK}",
+        "llama_threads": CORES,
+        "rounds": SCHEDULE_ROUNDS,
+        "what": "in-process llama.cpp context; schedule = services/inference/schedule.py, former = longest "
+        "cached prefix kept, the rest in one batch; ttft = prefill + first token chosen and detokenized",
+        "scenarios": results,
+    }
+
+
+def plot_schedule(schedule: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scenarios = schedule["scenarios"]
+    figure, axis = plt.subplots(figsize=(9, 4.5))
+    width = 0.38
+    for offset, rule, label in (
+        (-width / 2, "former", "former rule (longest cached prefix, one batch)"),
+        (width / 2, "schedule", f"schedule (chunks of {schedule['prefill_chunks']})"),
+    ):
+        medians = [s["prefill_ms"][rule]["median"] for s in scenarios]
+        low = [m - s["prefill_ms"][rule]["quartiles"][0] for m, s in zip(medians, scenarios, strict=True)]
+        high = [s["prefill_ms"][rule]["quartiles"][2] - m for m, s in zip(medians, scenarios, strict=True)]
+        axis.bar([i + offset for i in range(len(scenarios))], medians, width, yerr=[low, high], capsize=3, label=label)
+    axis.set_xticks(
+        range(len(scenarios)), [f"{s['scenario']}\n({s['prompt_tokens']} tokens)" for s in scenarios], fontsize=7
+    )
+    axis.set_ylabel("prefill, ms (median, quartiles)")
+    axis.set_title(f"Reproducible decoding: prefill cost, {schedule['llama_threads']} threads, SmolLM2-135M Q4_1")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
 def main() -> int:
     console = Console(stderr=True)
     console.print(
@@ -203,6 +359,7 @@ def main() -> int:
         f"llama.cpp threads {THREAD_CONFIGS} on {CORES} cores"
     )
     runs = [asyncio.run(measure(console, threads)) for threads in THREAD_CONFIGS]
+    schedule = measure_schedule(console)
     RESULTS.mkdir(parents=True, exist_ok=True)
     report = {
         "benchmark": "inference",
@@ -212,8 +369,10 @@ def main() -> int:
         "prompts": len(PROMPTS),
         "new_tokens": NEW_TOKENS,
         "runs": runs,
+        "schedule": schedule,
     }
     (RESULTS / "inference.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot_schedule(schedule, RESULTS / "inference_schedule.png")
     table = Table(
         "llama threads",
         "path",
@@ -236,6 +395,25 @@ def main() -> int:
             )
     console.print(table)
     console.print("targets: throughput overhead <= 3%, TTFT added <= 10 ms")
+    costs = Table(
+        "scenario",
+        "tokens",
+        "kept (former / schedule)",
+        "prefill ms (former / schedule)",
+        "ratio [quartiles]",
+        "TTFT ratio",
+    )
+    for entry in schedule["scenarios"]:
+        prefill, ttft = entry["prefill_ms"], entry["ttft_ms"]
+        costs.add_row(
+            entry["scenario"],
+            str(entry["prompt_tokens"]),
+            f"{entry['cached_positions_kept']['former']} / {entry['cached_positions_kept']['schedule']}",
+            f"{prefill['former']['median']} / {prefill['schedule']['median']}",
+            f"{prefill['ratio_schedule_to_former']['median']} {prefill['ratio_schedule_to_former']['quartiles']}",
+            f"{ttft['ratio_schedule_to_former']['median']} {ttft['ratio_schedule_to_former']['quartiles']}",
+        )
+    console.print(costs)
     console.print(f"wrote {RESULTS / 'inference.json'}")
     return 0
 

@@ -91,13 +91,15 @@ class EmulatedEngine:
         self.prefix_hits += covered
         return len(prompt) - covered
 
-    async def generate(self, prompt_ids: Sequence[int], sampling: Sampling) -> AsyncGenerator[GeneratedToken, None]:
+    async def generate(
+        self, prompt_ids: Sequence[int], sampling: Sampling, resume: Sequence[int] = ()
+    ) -> AsyncGenerator[GeneratedToken, None]:
         async with self._slots:
             self._running += 1
             try:
-                await asyncio.sleep(self._uncached_prefix_tokens(prompt_ids) * self._prefill_s)
-                context = list(prompt_ids)
-                for _ in range(sampling.max_new_tokens):
+                context = [*prompt_ids, *resume]  # its tokens follow from the context alone
+                await asyncio.sleep(self._uncached_prefix_tokens(context) * self._prefill_s)
+                for _ in range(len(resume), sampling.max_new_tokens):
                     await asyncio.sleep(self._decode_s * (1 + self._batch_slowdown * (self._running - 1)))
                     token = self._next_token(context)
                     context.append(token)

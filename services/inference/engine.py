@@ -119,10 +119,17 @@ class Engine(Protocol):
         """The prompt text for a chat, ending where the assistant's answer starts."""
         ...
 
-    def generate(self, prompt_ids: Sequence[int], sampling: Sampling) -> AsyncGenerator[GeneratedToken, None]:
+    def generate(
+        self, prompt_ids: Sequence[int], sampling: Sampling, resume: Sequence[int] = ()
+    ) -> AsyncGenerator[GeneratedToken, None]:
         """Streams generated tokens until the end-of-sequence token (not yielded) or
         ``sampling.max_new_tokens``. Stop strings are applied by the caller. Closing the
-        iterator early stops generation promptly and frees the engine's slot."""
+        iterator early stops generation promptly and frees the engine's slot.
+
+        ``resume``: the first tokens of this stream, already served (by this node or another);
+        generation continues after them, at their position under the same seed, and
+        ``max_new_tokens`` counts them. Engines that decode reproducibly (llama.cpp) then yield
+        exactly the tokens the uninterrupted stream yielded after them."""
         ...
 
     async def score(

@@ -4,9 +4,11 @@ One ``Llama`` context per slot (the weights are memory-mapped once and shared by
 ``slots`` generations run at once, each on its own worker thread: llama.cpp calls block and
 release the GIL, and the event loop never waits on them. Tokens are chosen by the native
 verifiable sampler (``native.Sampler``) from llama.cpp's logits, not by llama.cpp's own sampler,
-so a verifier can replay every choice from the receipt's seed. Uses two internals of the pinned
-llama-cpp-python (the context's per-position logits and its batch) to read logits and to score a
-completion in one forward pass without ``logits_all``.
+so a verifier can replay every choice from the receipt's seed. Every context evaluates a stream
+in the batches :mod:`services.inference.schedule` fixes, so a request's tokens do not depend on
+what the context held before. Uses internals of the pinned llama-cpp-python (the context's
+per-position logits and its batch, the default model parameters) to read logits, to score a
+completion in one forward pass without ``logits_all``, and to keep weights in the plain layout.
 """
 
 from __future__ import annotations
@@ -34,9 +36,10 @@ from services.inference.engine import (
     Sampling,
 )
 from services.inference.models import weights_digest
+from services.inference.schedule import Evaluation, reusable_positions
 from swarmserve import native
 
-__all__ = ["LlamaCppEngine"]
+__all__ = ["LlamaCppEngine", "ScheduledContext", "load_llama"]
 
 # llama.cpp's LLAMA_FTYPE values for the quantizations people actually ship.
 _FILE_TYPES = {
@@ -58,6 +61,79 @@ def _log_softmax_at(logits: np.ndarray[Any, Any], token: int) -> tuple[float, in
     return float(logits[token] - log_norm), top, float(shift - log_norm)
 
 
+_MODEL_PARAMS_LOCK = threading.Lock()
+
+
+def load_llama(model_path: Path, **options: Any) -> llama_cpp.Llama:
+    """``llama_cpp.Llama(model_path, **options)`` with the weights in llama.cpp's plain CPU layout.
+
+    Where the CPU has them, llama.cpp moves weights into "extra buffer types": AMX tiles on
+    recent Xeons, layouts with 4 or 8 rows interleaved for some quantizations elsewhere. With the
+    pinned llama-cpp-python the AMX matmul kills the process on its first decode (SIGSEGV in
+    ``ggml_backend_amx_mul_mat``, Xeon with AMX-INT8), and the embedded Q4_1 model has no
+    repacked layout on x86 anyway. llama-cpp-python takes no argument for this, so its default
+    model parameters are replaced while the model loads (under a lock: models load on threads)."""
+    defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+    def plain_layout() -> Any:
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    with _MODEL_PARAMS_LOCK:
+        llama_cpp.llama_cpp.llama_model_default_params = plain_layout
+        try:
+            return llama_cpp.Llama(model_path=str(model_path), **options)
+        finally:
+            llama_cpp.llama_cpp.llama_model_default_params = defaults
+
+
+class ScheduledContext:
+    """A llama.cpp context that evaluates every stream in the batches of
+    :mod:`services.inference.schedule`, keeping of what it held only what the schedule allows.
+
+    It holds ``llama.input_ids[:llama.n_tokens]``: the first ``_prompt_length`` of them (or all,
+    if fewer) evaluated as a prompt, the rest one at a time."""
+
+    def __init__(self, llama: llama_cpp.Llama) -> None:
+        self.llama: Any = llama  # llama-cpp-python is untyped
+        self._vocab_size = int(llama.n_vocab())
+        self._prompt_length = 0
+
+    def held(self) -> Evaluation | None:
+        count = self.llama.n_tokens
+        prompt_length = min(self._prompt_length, count)
+        if not prompt_length:
+            return None
+        ids = tuple(int(token) for token in self.llama.input_ids[:count])
+        return Evaluation(ids[:prompt_length], ids[prompt_length:])
+
+    def evaluate(self, stream: Evaluation) -> int:
+        """Brings the context to the end of ``stream``; returns how many positions it kept."""
+        keep = reusable_positions(self.held(), stream)
+        if not self.llama._ctx.kv_cache_seq_rm(-1, keep, -1):
+            self.clear()
+            keep = 0
+        self.llama.n_tokens = keep
+        self._prompt_length = len(stream.prompt)
+        for batch in stream.batches(keep):
+            self.llama.eval(batch)
+        return keep
+
+    def append(self, token: int) -> None:
+        """Evaluates one generated token, alone, as the schedule has it."""
+        self.llama.eval([token])
+
+    def clear(self) -> None:
+        self.llama.reset()
+        self.llama._ctx.kv_cache_seq_rm(-1, 0, -1)
+
+    def logits(self, row: int = -1) -> np.ndarray[Any, Any]:
+        """One row of llama.cpp's logits, in place. The view drops ctypes' explicit byte-order
+        mark ("<f"), which the native sampler's buffer check does not take as float32."""
+        return np.ctypeslib.as_array(self.llama._ctx.get_logits_ith(row), shape=(self._vocab_size,)).view(np.float32)
+
+
 class LlamaCppEngine:
     def __init__(
         self,
@@ -72,20 +148,25 @@ class LlamaCppEngine:
             raise EngineUnavailable(f"model file {model_path} does not exist")
         threads = threads or max(1, (os.cpu_count() or 1) // slots)
         try:
-            self._contexts = [
-                llama_cpp.Llama(
-                    model_path=str(model_path),
-                    n_ctx=context_length,
-                    n_threads=threads,
-                    n_threads_batch=threads,
-                    logits_all=False,
-                    verbose=False,
+            self._slots = [
+                ScheduledContext(
+                    load_llama(
+                        model_path,
+                        n_ctx=context_length,
+                        n_threads=threads,
+                        n_threads_batch=threads,
+                        # Its CPU kernel splits long contexts across threads, which would tie a
+                        # stream's tokens to the thread count (services.inference.schedule).
+                        flash_attn=False,
+                        logits_all=False,
+                        verbose=False,
+                    )
                 )
                 for _ in range(slots)
             ]
         except ValueError as error:  # llama-cpp-python's way of saying "cannot load"
             raise EngineUnavailable(f"llama.cpp cannot load {model_path}: {error}") from error
-        first = self._contexts[0]
+        first = self._slots[0].llama
         file_type = int(first.metadata.get("general.file_type", -1))
         self.identity = ModelIdentity(
             name=name,
@@ -106,7 +187,7 @@ class LlamaCppEngine:
             if template
             else None
         )
-        self._free: list[llama_cpp.Llama] = list(self._contexts)
+        self._free = list(self._slots)
         self._available = asyncio.Semaphore(slots)
         self._executor = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="llama")
 
@@ -115,10 +196,10 @@ class LlamaCppEngine:
         return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
 
     def tokenize(self, text: str) -> list[int]:
-        return list(self._contexts[0].tokenize(text.encode(), add_bos=True, special=True))
+        return list(self._slots[0].llama.tokenize(text.encode(), add_bos=True, special=True))
 
     def detokenize(self, token_ids: Sequence[int]) -> bytes:
-        return bytes(self._contexts[0].detokenize(list(token_ids)))
+        return bytes(self._slots[0].llama.detokenize(list(token_ids)))
 
     def apply_chat_template(self, turns: Sequence[ChatTurn]) -> str:
         if self._chat is None:
@@ -126,28 +207,30 @@ class LlamaCppEngine:
         messages: Any = [{"role": turn.role, "content": turn.content} for turn in turns]
         return str(self._chat(messages=messages).prompt)
 
-    async def _run_in_slot(self, work: Callable[[llama_cpp.Llama], Any]) -> asyncio.Future[Any]:
+    async def _run_in_slot(self, work: Callable[[ScheduledContext], Any]) -> asyncio.Future[Any]:
         """Starts ``work`` on a free context in a worker thread. The context returns to the
         pool when the thread ends, never earlier, even if the caller is cancelled."""
         await self._available.acquire()
-        context = self._free.pop()
+        slot = self._free.pop()
 
         def release(_: object) -> None:
-            self._free.append(context)
+            self._free.append(slot)
             self._available.release()
 
-        future = asyncio.get_running_loop().run_in_executor(self._executor, work, context)
+        future = asyncio.get_running_loop().run_in_executor(self._executor, work, slot)
         future.add_done_callback(release)
         return future
 
-    async def generate(self, prompt_ids: Sequence[int], sampling: Sampling) -> AsyncGenerator[GeneratedToken, None]:
+    async def generate(
+        self, prompt_ids: Sequence[int], sampling: Sampling, resume: Sequence[int] = ()
+    ) -> AsyncGenerator[GeneratedToken, None]:
         loop = asyncio.get_running_loop()
         tokens: asyncio.Queue[GeneratedToken | None] = asyncio.Queue()
         stop = threading.Event()
 
-        def produce(context: llama_cpp.Llama) -> None:
+        def produce(slot: ScheduledContext) -> None:
             try:
-                for token in self._generate_blocking(context, prompt_ids, sampling, stop):
+                for token in self._generate_blocking(slot, prompt_ids, sampling, resume, stop):
                     loop.call_soon_threadsafe(tokens.put_nowait, token)
             finally:
                 loop.call_soon_threadsafe(tokens.put_nowait, None)
@@ -164,57 +247,37 @@ class LlamaCppEngine:
 
     def _generate_blocking(
         self,
-        context: Any,  # llama_cpp.Llama, whose methods are untyped
+        slot: ScheduledContext,
         prompt_ids: Sequence[int],
         sampling: Sampling,
+        resume: Sequence[int],
         stop: threading.Event,
     ) -> Iterator[GeneratedToken]:
         sampler = _sampler(sampling, prompt_ids)
-        self._load_prompt(context, list(prompt_ids))
-        for produced in range(1, sampling.max_new_tokens + 1):
-            logits = self._logits(context, -1)
+        for served in resume:
+            sampler.advance(served)
+        slot.evaluate(Evaluation(tuple(prompt_ids), tuple(resume)))
+        for produced in range(len(resume) + 1, sampling.max_new_tokens + 1):
+            logits = slot.logits()
             token = sampler.choose(logits.data)
             if stop.is_set() or self._is_end(token):
                 return
             logprob = _log_softmax_at(logits, token)[0]
-            yield GeneratedToken(token, bytes(context.detokenize([token])), logprob)
+            yield GeneratedToken(token, bytes(slot.llama.detokenize([token])), logprob)
             if produced < sampling.max_new_tokens:
-                context.eval([token])
-
-    def _logits(self, context: Any, row: int) -> np.ndarray[Any, Any]:
-        """One row of llama.cpp's logits, in place. The view drops ctypes' explicit byte-order
-        mark ("<f"), which the native sampler's buffer check does not take as float32."""
-        return np.ctypeslib.as_array(context._ctx.get_logits_ith(row), shape=(self.vocab_size,)).view(np.float32)
-
-    @staticmethod
-    def _load_prompt(context: Any, prompt: list[int]) -> None:
-        """Evaluates the prompt, reusing the longest prefix still in this context's KV cache (at
-        least the last prompt token is evaluated, for fresh logits)."""
-        cached = context.input_ids[: context.n_tokens]
-        common = 0
-        for held, wanted in zip(cached, prompt, strict=False):
-            if held != wanted:
-                break
-            common += 1
-        common = min(common, len(prompt) - 1)
-        if not context._ctx.kv_cache_seq_rm(-1, common, -1):
-            context.reset()
-            context._ctx.kv_cache_seq_rm(-1, 0, -1)
-            common = 0
-        context.n_tokens = common
-        context.eval(prompt[common:])
+                slot.append(token)
 
     async def score(
         self, prompt_ids: Sequence[int], completion_ids: Sequence[int], top_alternatives: int
     ) -> list[PositionScore]:
-        def work(context: llama_cpp.Llama) -> list[PositionScore]:
-            return self._score_blocking(context, list(prompt_ids), list(completion_ids), top_alternatives)
+        def work(slot: ScheduledContext) -> list[PositionScore]:
+            return self._score_blocking(slot, list(prompt_ids), list(completion_ids), top_alternatives)
 
         return list(await (await self._run_in_slot(work)))
 
+    @staticmethod
     def _score_blocking(
-        self,
-        context: Any,  # llama_cpp.Llama
+        slot: ScheduledContext,
         prompt: list[int],
         completion: list[int],
         top_alternatives: int,
@@ -223,8 +286,8 @@ class LlamaCppEngine:
         # the positions that predict a completion token.
         ids = prompt + completion
         first = len(prompt) - 1
-        context.reset()
-        context._ctx.kv_cache_seq_rm(-1, 0, -1)
+        slot.clear()
+        context = slot.llama
         batch = context._batch
         scores: list[PositionScore] = []
         evaluated = ids[:-1]
@@ -235,7 +298,7 @@ class LlamaCppEngine:
                 batch.batch.logits[i] = start + i >= first
             context._ctx.decode(batch)
             for i in range(max(0, first - start), len(chunk)):
-                row = self._logits(context, i)
+                row = slot.logits(i)
                 target = ids[start + i + 1]
                 logprob, top, top_logprob = _log_softmax_at(row, target)
                 alternatives: tuple[tuple[int, float], ...] = ()
@@ -245,34 +308,35 @@ class LlamaCppEngine:
                     best = best[np.argsort(row[best])[::-1]]
                     alternatives = tuple((int(t), float(row[t] - log_norm)) for t in best)
                 scores.append(PositionScore(logprob, top == target, top, top_logprob, alternatives))
-        context.reset()  # the KV cache no longer matches what generate() would expect
+        slot.clear()  # batches other than the schedule's: nothing here may be reused
         return scores
 
     async def replay(self, prompt_ids: Sequence[int], completion_ids: Sequence[int], sampling: Sampling) -> Replay:
-        def work(context: llama_cpp.Llama) -> Replay:
-            return self._replay_blocking(context, list(prompt_ids), list(completion_ids), sampling)
+        def work(slot: ScheduledContext) -> Replay:
+            return self._replay_blocking(slot, list(prompt_ids), list(completion_ids), sampling)
 
         return await (await self._run_in_slot(work))  # type: ignore[no-any-return]
 
-    def _replay_blocking(self, context: Any, prompt: list[int], completion: list[int], sampling: Sampling) -> Replay:
-        # Token by token, as generate() ran: llama.cpp's one-token decode uses other kernels than
-        # a batched pass, and a batched replay moved logits by up to 1.0 (measured), against 0 here.
+    def _replay_blocking(
+        self, slot: ScheduledContext, prompt: list[int], completion: list[int], sampling: Sampling
+    ) -> Replay:
+        # In generate()'s batches (the schedule's), so an honest stream replays to the same
+        # logits on the same build and CPU kind; a batched replay moved logits by up to 1.0.
         sampler = _sampler(sampling, prompt)
         implausible: list[int] = []
-        self._load_prompt(context, prompt)
+        slot.evaluate(Evaluation(tuple(prompt)))
         for position, served in enumerate(completion):
-            row = self._logits(context, -1)
-            if served not in sampler.plausible(row.data):
+            if served not in sampler.plausible(slot.logits().data):
                 implausible.append(position)
             sampler.advance(served)
-            context.eval([served])
-        end_plausible = any(self._is_end(token) for token in sampler.plausible(self._logits(context, -1).data))
+            slot.append(served)
+        end_plausible = any(self._is_end(token) for token in sampler.plausible(slot.logits().data))
         return Replay(tuple(implausible), end_plausible)
 
     async def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
-        for context in self._contexts:
-            context.close()
+        for slot in self._slots:
+            slot.llama.close()
 
 
 def _sampler(sampling: Sampling, prompt_ids: Sequence[int]) -> native.Sampler:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import AsyncGenerator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -113,8 +114,16 @@ class TensorRTEngine:
             **extra,
         )
 
-    async def generate(self, prompt_ids: Sequence[int], sampling: Sampling) -> AsyncGenerator[GeneratedToken, None]:
-        result = self._llm.generate_async(list(prompt_ids), self.sampling_params(sampling), streaming=True)
+    async def generate(
+        self, prompt_ids: Sequence[int], sampling: Sampling, resume: Sequence[int] = ()
+    ) -> AsyncGenerator[GeneratedToken, None]:
+        # A resumed stream continues from prompt + served tokens as one prompt; TensorRT-LLM
+        # seeds its sampler per request and batches freely, so only greedy continuations are
+        # expected to match the uninterrupted stream, and not bit for bit.
+        if len(resume) >= sampling.max_new_tokens:
+            return
+        remaining = replace(sampling, max_new_tokens=sampling.max_new_tokens - len(resume))
+        result = self._llm.generate_async([*prompt_ids, *resume], self.sampling_params(remaining), streaming=True)
         sent_tokens, sent_text = 0, ""
         finished = False
         try:

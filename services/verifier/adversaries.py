@@ -63,8 +63,10 @@ class ClaimingEngine:
     def apply_chat_template(self, turns: Sequence[ChatTurn]) -> str:
         return self.inner.apply_chat_template(turns)
 
-    async def generate(self, prompt_ids: Sequence[int], sampling: Sampling) -> AsyncGenerator[GeneratedToken, None]:
-        async with aclosing(self.inner.generate(prompt_ids, sampling)) as stream:
+    async def generate(
+        self, prompt_ids: Sequence[int], sampling: Sampling, resume: Sequence[int] = ()
+    ) -> AsyncGenerator[GeneratedToken, None]:
+        async with aclosing(self.inner.generate(prompt_ids, sampling, resume)) as stream:
             async for token in stream:
                 yield token
 
@@ -81,9 +83,11 @@ class ClaimingEngine:
 
 
 class RandomTokensEngine(ClaimingEngine):
-    async def generate(self, prompt_ids: Sequence[int], sampling: Sampling) -> AsyncGenerator[GeneratedToken, None]:
+    async def generate(
+        self, prompt_ids: Sequence[int], sampling: Sampling, resume: Sequence[int] = ()
+    ) -> AsyncGenerator[GeneratedToken, None]:
         chooser = random.Random(sampling.seed)
-        for _ in range(sampling.max_new_tokens):
+        for _ in range(len(resume), sampling.max_new_tokens):
             token = chooser.randrange(self.vocab_size)
             yield GeneratedToken(token, self.detokenize([token]), -10.0)
 
@@ -93,10 +97,12 @@ class ReplayingEngine(ClaimingEngine):
         super().__init__(inner, claimed)
         self._answer: list[GeneratedToken] | None = None
 
-    async def generate(self, prompt_ids: Sequence[int], sampling: Sampling) -> AsyncGenerator[GeneratedToken, None]:
+    async def generate(
+        self, prompt_ids: Sequence[int], sampling: Sampling, resume: Sequence[int] = ()
+    ) -> AsyncGenerator[GeneratedToken, None]:
         if self._answer is None:
             self._answer = [token async for token in self.inner.generate(prompt_ids, sampling)]
-        for token in self._answer[: sampling.max_new_tokens]:
+        for token in self._answer[len(resume) : sampling.max_new_tokens]:
             yield token
 
 
@@ -105,9 +111,11 @@ class EarlyStopEngine(ClaimingEngine):
         super().__init__(inner, claimed)
         self.keep = keep
 
-    async def generate(self, prompt_ids: Sequence[int], sampling: Sampling) -> AsyncGenerator[GeneratedToken, None]:
-        produced = 0
-        async with aclosing(self.inner.generate(prompt_ids, sampling)) as stream:
+    async def generate(
+        self, prompt_ids: Sequence[int], sampling: Sampling, resume: Sequence[int] = ()
+    ) -> AsyncGenerator[GeneratedToken, None]:
+        produced = len(resume)
+        async with aclosing(self.inner.generate(prompt_ids, sampling, resume)) as stream:
             async for token in stream:
                 if produced == self.keep:
                     return
