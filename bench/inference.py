@@ -28,6 +28,7 @@ Writes bench/results/inference.json and inference_schedule.png. Run: `make bench
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -36,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +51,10 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from services.inference import schedule as chunking  # noqa: E402
 from services.inference.llama_engine import ScheduledContext, load_llama  # noqa: E402
 from services.inference.models import DEFAULT_MODEL_NAME, default_model_path  # noqa: E402
-from services.inference.schedule import CHUNK, FINE_CHUNK, FINE_SPAN, Evaluation  # noqa: E402
+from services.inference.schedule import Evaluation  # noqa: E402
 from swarmserve import native  # noqa: E402
 from swarmserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc  # noqa: E402
 
@@ -211,6 +214,10 @@ async def measure(console: Console, threads: int) -> dict[str, Any]:
 # --- the reproducible-decoding schedule against the former rule --------------------------------
 
 SCHEDULE_ROUNDS = 8
+# Chunk layouts (fine chunk, up to position, then chunk) the schedule's own is compared with,
+# in fewer rounds: constant chunks of 8, 16, 32 and 64.
+OTHER_LAYOUTS = [(size, 0, size) for size in (8, 16, 32, 64)]
+OTHER_LAYOUT_ROUNDS = 4
 _SENTENCES = [
     "The harbour master logs every ship that enters after dark.",
     "Lanterns along the pier are lit in a fixed order, from the breakwater inwards.",
@@ -258,7 +265,20 @@ def _timed(slot: ScheduledContext, rule: str, prompt: list[int]) -> tuple[float,
     return (prefilled - started) * 1000, (time.perf_counter() - started) * 1000, kept
 
 
-def measure_schedule(console: Console) -> dict[str, Any]:
+@contextlib.contextmanager
+def _chunk_layout(layout: tuple[int, int, int]) -> Iterator[str]:
+    """The schedule with another chunk layout, for this comparison only (nodes always use the
+    module's own); yields its description."""
+    saved = chunking.FINE_CHUNK, chunking.FINE_SPAN, chunking.CHUNK
+    chunking.FINE_CHUNK, chunking.FINE_SPAN, chunking.CHUNK = layout
+    fine, span, chunk = layout
+    try:
+        yield f"{fine} tokens up to position {span}, then {chunk}" if span else f"{chunk} tokens"
+    finally:
+        chunking.FINE_CHUNK, chunking.FINE_SPAN, chunking.CHUNK = saved
+
+
+def measure_schedule(console: Console, layout: tuple[int, int, int], rounds: int) -> dict[str, Any]:
     llama = load_llama(default_model_path(), n_ctx=2048, n_threads=CORES, n_threads_batch=CORES, verbose=False)
     slot = ScheduledContext(llama)
     formatter = Jinja2ChatFormatter(template=llama.metadata["tokenizer.chat_template"], eos_token="", bos_token="")
@@ -282,11 +302,11 @@ def measure_schedule(console: Console) -> dict[str, Any]:
         ),
     ]
     results = []
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("schedule vs former rule", total=SCHEDULE_ROUNDS * len(scenarios))
+    with _chunk_layout(layout) as chunks, Progress(console=console, transient=True) as progress:
+        task = progress.add_task(f"schedule (chunks of {chunks}) vs former rule", total=rounds * len(scenarios))
         for name, prompt, cached in scenarios:
             samples: dict[str, list[tuple[float, float, int]]] = {"schedule": [], "former": []}
-            for round_ in range(SCHEDULE_ROUNDS + 1):  # round 0 warms up
+            for round_ in range(rounds + 1):  # round 0 warms up
                 for rule in ("schedule", "former") if round_ % 2 else ("former", "schedule"):
                     slot.clear()
                     if cached is not None:  # the shared prefix, evaluated by the same rule
@@ -315,9 +335,9 @@ def measure_schedule(console: Console) -> dict[str, Any]:
             results.append(entry)
     llama.close()
     return {
-        "prefill_chunks": f"{FINE_CHUNK} tokens up to position {FINE_SPAN}, then {CHUNK}",
+        "prefill_chunks": chunks,
         "llama_threads": CORES,
-        "rounds": SCHEDULE_ROUNDS,
+        "rounds": rounds,
         "what": "in-process llama.cpp context; schedule = services/inference/schedule.py, former = longest "
         "cached prefix kept, the rest in one batch; ttft = prefill + first token chosen and detokenized",
         "scenarios": results,
@@ -330,25 +350,43 @@ def plot_schedule(schedule: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    scenarios = schedule["scenarios"]
-    figure, axis = plt.subplots(figsize=(9, 4.5))
-    width = 0.38
+    scenarios = schedule["scenarios"][::-1]  # top to bottom in the order measured
+    figure, axis = plt.subplots(figsize=(9, 4.8))
+    height = 0.38
     for offset, rule, label in (
-        (-width / 2, "former", "former rule (longest cached prefix, one batch)"),
-        (width / 2, "schedule", f"schedule (chunks of {schedule['prefill_chunks']})"),
+        (height / 2, "former", "former rule (longest cached prefix, one batch)"),
+        (-height / 2, "schedule", f"schedule (chunks of {schedule['prefill_chunks']})"),
     ):
         medians = [s["prefill_ms"][rule]["median"] for s in scenarios]
         low = [m - s["prefill_ms"][rule]["quartiles"][0] for m, s in zip(medians, scenarios, strict=True)]
         high = [s["prefill_ms"][rule]["quartiles"][2] - m for m, s in zip(medians, scenarios, strict=True)]
-        axis.bar([i + offset for i in range(len(scenarios))], medians, width, yerr=[low, high], capsize=3, label=label)
-    axis.set_xticks(
-        range(len(scenarios)), [f"{s['scenario']}\n({s['prompt_tokens']} tokens)" for s in scenarios], fontsize=7
-    )
-    axis.set_ylabel("prefill, ms (median, quartiles)")
+        positions = [i + offset for i in range(len(scenarios))]
+        axis.barh(positions, medians, height, xerr=[low, high], capsize=3, label=label)
+        for y, value in zip(positions, medians, strict=True):
+            axis.text(value * 1.05, y, f"{value:.0f}", va="center", fontsize=7)
+    ratios = [s["prefill_ms"]["ratio_schedule_to_former"]["median"] for s in scenarios]
+    labels = [
+        f"{s['scenario']} ({s['prompt_tokens']} tok)\nschedule/former {ratio:.2f}"
+        for s, ratio in zip(scenarios, ratios, strict=True)
+    ]
+    axis.set_yticks(range(len(scenarios)), labels, fontsize=7)
+    axis.set_xscale("log")
+    axis.set_xlabel("prefill, ms (median and quartiles; log scale)")
     axis.set_title(f"Reproducible decoding: prefill cost, {schedule['llama_threads']} threads, SmolLM2-135M Q4_1")
-    axis.legend(fontsize=8)
+    axis.legend(fontsize=7, loc="lower right")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
+
+
+def _prefill_ratios(schedule: dict[str, Any]) -> dict[str, Any]:
+    """A layout's prefill ratios (schedule / former rule) by scenario."""
+    return {
+        "prefill_chunks": schedule["prefill_chunks"],
+        "rounds": schedule["rounds"],
+        "prefill_ratio_schedule_to_former": {
+            s["scenario"]: s["prefill_ms"]["ratio_schedule_to_former"] for s in schedule["scenarios"]
+        },
+    }
 
 
 def main() -> int:
@@ -359,7 +397,8 @@ def main() -> int:
         f"llama.cpp threads {THREAD_CONFIGS} on {CORES} cores"
     )
     runs = [asyncio.run(measure(console, threads)) for threads in THREAD_CONFIGS]
-    schedule = measure_schedule(console)
+    schedule = measure_schedule(console, (chunking.FINE_CHUNK, chunking.FINE_SPAN, chunking.CHUNK), SCHEDULE_ROUNDS)
+    layouts = [_prefill_ratios(measure_schedule(console, layout, OTHER_LAYOUT_ROUNDS)) for layout in OTHER_LAYOUTS]
     RESULTS.mkdir(parents=True, exist_ok=True)
     report = {
         "benchmark": "inference",
@@ -370,6 +409,7 @@ def main() -> int:
         "new_tokens": NEW_TOKENS,
         "runs": runs,
         "schedule": schedule,
+        "other_chunk_layouts": layouts,
     }
     (RESULTS / "inference.json").write_text(json.dumps(report, indent=2) + "\n")
     plot_schedule(schedule, RESULTS / "inference_schedule.png")
@@ -414,6 +454,13 @@ def main() -> int:
             f"{ttft['ratio_schedule_to_former']['median']} {ttft['ratio_schedule_to_former']['quartiles']}",
         )
     console.print(costs)
+    others = Table("chunks", *(s["scenario"] for s in schedule["scenarios"]), title="prefill, schedule / former rule")
+    for layout in [_prefill_ratios(schedule), *layouts]:
+        ratios = layout["prefill_ratio_schedule_to_former"]
+        others.add_row(
+            layout["prefill_chunks"], *(f"{ratios[s['scenario']]['median']:.2f}" for s in schedule["scenarios"])
+        )
+    console.print(others)
     console.print(f"wrote {RESULTS / 'inference.json'}")
     return 0
 
