@@ -80,6 +80,7 @@ test-python: install
 	$(PY) -m pytest
 
 lint: install
+	cd native && cargo fmt --check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy

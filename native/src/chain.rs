@@ -31,9 +31,9 @@ fn len_u32(field: &str, bytes: &[u8]) -> Result<[u8; 4]> {
 }
 
 fn digest32(field: &str, bytes: &[u8]) -> Result<[u8; 32]> {
-    bytes.try_into().map_err(|_| {
-        Error::InvalidArgument(format!("{field} must be {DIGEST_LEN} bytes, got {}", bytes.len()))
-    })
+    bytes
+        .try_into()
+        .map_err(|_| Error::InvalidArgument(format!("{field} must be {DIGEST_LEN} bytes, got {}", bytes.len())))
 }
 
 /// The incremental hasher an inference node feeds as it emits tokens.
@@ -54,7 +54,10 @@ impl TokenStreamHasher {
         hasher.update(&prompt_digest);
         hasher.update(&len_u32("sampling", sampling)?);
         hasher.update(sampling);
-        Ok(Self { head: *hasher.finalize().as_bytes(), count: 0 })
+        Ok(Self {
+            head: *hasher.finalize().as_bytes(),
+            count: 0,
+        })
     }
 
     /// Extends the chain by one token: its id and the exact text bytes sent for it.
@@ -190,8 +193,14 @@ mod tests {
 
     #[test]
     fn rejects_bad_digests_and_mismatched_lengths() {
-        assert!(matches!(TokenStreamHasher::new(b"r", &[0; 31], &[0; 32], b""), Err(Error::InvalidArgument(_))));
-        assert!(matches!(TokenStreamHasher::new(b"r", &[0; 32], &[0; 33], b""), Err(Error::InvalidArgument(_))));
+        assert!(matches!(
+            TokenStreamHasher::new(b"r", &[0; 31], &[0; 32], b""),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            TokenStreamHasher::new(b"r", &[0; 32], &[0; 33], b""),
+            Err(Error::InvalidArgument(_))
+        ));
         assert!(matches!(
             token_stream_commitment(b"r", &[0; 32], &[0; 32], b"", &[1, 2], &[b"a"]),
             Err(Error::InvalidArgument(_))

@@ -35,10 +35,13 @@ fn encode_pkcs8(oid: ObjectIdentifier, name: &str, secret: &[u8; 32]) -> Result<
     wrapped[0] = 0x04;
     wrapped[1] = 0x20;
     wrapped[2..].copy_from_slice(secret);
-    PrivateKeyInfo::new(pkcs8::AlgorithmIdentifierRef { oid, parameters: None }, wrapped.as_ref())
-        .to_pem(LineEnding::LF)
-        .map(Zeroizing::new)
-        .map_err(|e| Error::InvalidKey(format!("cannot encode {name} key as PKCS#8: {e}")))
+    PrivateKeyInfo::new(
+        pkcs8::AlgorithmIdentifierRef { oid, parameters: None },
+        wrapped.as_ref(),
+    )
+    .to_pem(LineEnding::LF)
+    .map(Zeroizing::new)
+    .map_err(|e| Error::InvalidKey(format!("cannot encode {name} key as PKCS#8: {e}")))
 }
 
 /// Decodes an RFC 8410 PKCS#8 (v1 or v2) PEM private key of the given algorithm.
@@ -80,9 +83,12 @@ pub fn node_id(public_key: &[u8]) -> Result<String> {
 pub fn verify(public_key: &[u8], message: &[u8], signature: &[u8]) -> Result<()> {
     let key = VerifyingKey::from_bytes(&array32("Ed25519 public key", public_key)?)
         .map_err(|e| Error::InvalidKey(format!("Ed25519 public key is not a valid point: {e}")))?;
-    let signature: [u8; SIGNATURE_LEN] = signature
-        .try_into()
-        .map_err(|_| Error::Signature(format!("signature must be {SIGNATURE_LEN} bytes, got {}", signature.len())))?;
+    let signature: [u8; SIGNATURE_LEN] = signature.try_into().map_err(|_| {
+        Error::Signature(format!(
+            "signature must be {SIGNATURE_LEN} bytes, got {}",
+            signature.len()
+        ))
+    })?;
     key.verify_strict(message, &Signature::from_bytes(&signature))
         .map_err(|_| Error::Signature("the signature does not match this message and public key".into()))
 }
@@ -94,11 +100,15 @@ pub struct Identity {
 
 impl Identity {
     pub fn generate() -> Self {
-        Self { signing: SigningKey::generate(&mut OsRng) }
+        Self {
+            signing: SigningKey::generate(&mut OsRng),
+        }
     }
 
     pub fn from_seed(seed: &[u8]) -> Result<Self> {
-        Ok(Self { signing: SigningKey::from_bytes(&array32("Ed25519 seed", seed)?) })
+        Ok(Self {
+            signing: SigningKey::from_bytes(&array32("Ed25519 seed", seed)?),
+        })
     }
 
     pub fn seed(&self) -> Zeroizing<[u8; 32]> {
@@ -183,19 +193,28 @@ impl From<StaticSecret> for OnionKey {
 }
 
 fn key_file_error(path: &Path, detail: impl ToString) -> Error {
-    Error::KeyFile { path: path.display().to_string(), detail: detail.to_string() }
+    Error::KeyFile {
+        path: path.display().to_string(),
+        detail: detail.to_string(),
+    }
 }
 
 /// Writes a secret to `path` with mode 0600: into a temporary file created with that mode
 /// (never world-readable, not even briefly), synced, then renamed over the target.
 fn write_secret_file(path: &Path, contents: &[u8]) -> Result<()> {
-    let file_name = path.file_name().ok_or_else(|| key_file_error(path, "not a file path"))?;
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| key_file_error(path, "not a file path"))?;
     let mut tmp_name = std::ffi::OsString::from(".");
     tmp_name.push(file_name);
     tmp_name.push(format!(".tmp-{}", std::process::id()));
     let tmp = path.with_file_name(tmp_name);
     let result = (|| -> std::io::Result<()> {
-        let mut file = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
         file.write_all(contents)?;
         file.sync_all()?;
         fs::rename(&tmp, path)
@@ -216,7 +235,9 @@ fn read_secret_file(path: &Path) -> Result<Zeroizing<String>> {
             format!("mode {mode:04o} lets group or others read a secret key; run `chmod 600` on it"),
         ));
     }
-    fs::read_to_string(path).map(Zeroizing::new).map_err(|e| key_file_error(path, e))
+    fs::read_to_string(path)
+        .map(Zeroizing::new)
+        .map_err(|e| key_file_error(path, e))
 }
 
 #[cfg(test)]
@@ -273,9 +294,18 @@ mod tests {
         let id = Identity::generate();
         let sig = id.sign(b"m");
         assert!(matches!(verify(&id.public_key(), b"n", &sig), Err(Error::Signature(_))));
-        assert!(matches!(verify(&Identity::generate().public_key(), b"m", &sig), Err(Error::Signature(_))));
-        assert!(matches!(verify(&id.public_key(), b"m", &sig[..63]), Err(Error::Signature(_))));
-        assert!(matches!(verify(&id.public_key()[..31], b"m", &sig), Err(Error::InvalidKey(_))));
+        assert!(matches!(
+            verify(&Identity::generate().public_key(), b"m", &sig),
+            Err(Error::Signature(_))
+        ));
+        assert!(matches!(
+            verify(&id.public_key(), b"m", &sig[..63]),
+            Err(Error::Signature(_))
+        ));
+        assert!(matches!(
+            verify(&id.public_key()[..31], b"m", &sig),
+            Err(Error::InvalidKey(_))
+        ));
     }
 
     #[test]

@@ -23,8 +23,8 @@ pub fn entry_hash(body: &[u8], signature: &[u8]) -> Result<[u8; 32]> {
             signature.len()
         )));
     }
-    let length = u32::try_from(body.len())
-        .map_err(|_| Error::InvalidArgument("entry body is longer than 4 GiB".into()))?;
+    let length =
+        u32::try_from(body.len()).map_err(|_| Error::InvalidArgument("entry body is longer than 4 GiB".into()))?;
     let mut hasher = blake3::Hasher::new_keyed(&ENTRY_KEY);
     hasher.update(&length.to_le_bytes());
     hasher.update(body);

@@ -89,7 +89,8 @@ fn derive_hop_secrets(shared: &[u8; 32], ephemeral: &[u8; 32], onion_public: &[u
     info[HKDF_INFO.len()..HKDF_INFO.len() + 32].copy_from_slice(ephemeral);
     info[HKDF_INFO.len() + 32..].copy_from_slice(onion_public);
     let mut okm = Zeroizing::new([0u8; OKM_SIZE]);
-    hk.expand(&info, okm.as_mut()).expect("OKM_SIZE is far below HKDF's 255 * 32 limit");
+    hk.expand(&info, okm.as_mut())
+        .expect("OKM_SIZE is far below HKDF's 255 * 32 limit");
     let mut secrets = HopSecrets {
         header: *Key::from_slice(&okm[..32]),
         forward: *Key::from_slice(&okm[32..64]),
@@ -148,7 +149,9 @@ impl Circuit {
     pub fn build(hops: &[HopSpec<'_>], payload: &[u8]) -> Result<(Vec<u8>, Circuit)> {
         let layers = hops.len();
         if layers == 0 || layers > MAX_LAYERS {
-            return Err(Error::InvalidArgument(format!("a circuit has 1 to {MAX_LAYERS} layers, got {layers}")));
+            return Err(Error::InvalidArgument(format!(
+                "a circuit has 1 to {MAX_LAYERS} layers, got {layers}"
+            )));
         }
         if payload.len() > SETUP_PAYLOAD_MAX {
             return Err(Error::InvalidArgument(format!(
@@ -172,7 +175,9 @@ impl Circuit {
             let ephemeral_public = PublicKey::from(&ephemeral).to_bytes();
             let shared = ephemeral.diffie_hellman(&PublicKey::from(hop.onion_key));
             if !shared.was_contributory() {
-                return Err(Error::InvalidKey(format!("onion key of hop {index} is a low-order point")));
+                return Err(Error::InvalidKey(format!(
+                    "onion key of hop {index} is a low-order point"
+                )));
             }
             secrets.push(derive_hop_secrets(shared.as_bytes(), &ephemeral_public, &hop.onion_key));
             ephemerals.push(ephemeral_public);
@@ -274,7 +279,10 @@ impl Circuit {
             self.closed = true;
             return Err(Error::Malformed {
                 what: "backward cell",
-                detail: format!("{} bytes cannot hold {layers} layers of {TAG_SIZE}-byte tags", buffer.len()),
+                detail: format!(
+                    "{} bytes cannot hold {layers} layers of {TAG_SIZE}-byte tags",
+                    buffer.len()
+                ),
             });
         }
         let nonce = counter_nonce(self.backward_counter);
@@ -356,7 +364,11 @@ impl CircuitHop {
         assert_eq!(out.len(), ciphertext.len(), "output buffer size");
         out.copy_from_slice(ciphertext);
         let nonce = counter_nonce(self.forward_counter);
-        if self.forward.decrypt_in_place_detached(&nonce, &[], out, Tag::from_slice(tag)).is_err() {
+        if self
+            .forward
+            .decrypt_in_place_detached(&nonce, &[], out, Tag::from_slice(tag))
+            .is_err()
+        {
             self.closed = true;
             return Err(Error::Authentication { what: "forward cell" });
         }
@@ -423,7 +435,10 @@ impl OnionKey {
 
         let (kind, length) = (plaintext[0], plaintext[1] as usize);
         if length > ROUTING_INFO_MAX {
-            return Err(Error::Malformed { what: "set-up cell", detail: format!("routing info length {length}") });
+            return Err(Error::Malformed {
+                what: "set-up cell",
+                detail: format!("routing info length {length}"),
+            });
         }
         let routing_info = plaintext[2..2 + length].to_vec();
         let next = match kind {
@@ -431,18 +446,30 @@ impl OnionKey {
                 let mut next_cell = Vec::with_capacity(SETUP_CELL_SIZE);
                 next_cell.extend_from_slice(&plaintext[ROUTING_SLOT_SIZE..]);
                 next_cell.extend_from_slice(&secrets.pad);
-                SetupNext::Forward { routing_info, cell: next_cell }
+                SetupNext::Forward {
+                    routing_info,
+                    cell: next_cell,
+                }
             }
             SLOT_FINAL => {
                 let body = &plaintext[ROUTING_SLOT_SIZE..];
                 let size = u16::from_be_bytes([body[0], body[1]]) as usize;
                 if size > SETUP_PAYLOAD_MAX {
-                    return Err(Error::Malformed { what: "set-up cell", detail: format!("payload length {size}") });
+                    return Err(Error::Malformed {
+                        what: "set-up cell",
+                        detail: format!("payload length {size}"),
+                    });
                 }
-                SetupNext::Final { routing_info, payload: body[2..2 + size].to_vec() }
+                SetupNext::Final {
+                    routing_info,
+                    payload: body[2..2 + size].to_vec(),
+                }
             }
             other => {
-                return Err(Error::Malformed { what: "set-up cell", detail: format!("unknown slot kind {other}") });
+                return Err(Error::Malformed {
+                    what: "set-up cell",
+                    detail: format!("unknown slot kind {other}"),
+                });
             }
         };
         // Remember the tag only once the set-up has authenticated: forged cells cannot fill
@@ -475,9 +502,16 @@ pub struct ReplayCache {
 impl ReplayCache {
     pub fn new(capacity: usize, ttl: Duration) -> Result<Self> {
         if capacity == 0 {
-            return Err(Error::InvalidArgument("replay cache capacity must be at least 1".into()));
+            return Err(Error::InvalidArgument(
+                "replay cache capacity must be at least 1".into(),
+            ));
         }
-        Ok(Self { ttl, capacity, seen: HashSet::new(), expiry: VecDeque::new() })
+        Ok(Self {
+            ttl,
+            capacity,
+            seen: HashSet::new(),
+            expiry: VecDeque::new(),
+        })
     }
 
     pub fn check_and_remember(&mut self, tag: [u8; 32]) -> Result<()> {
@@ -491,7 +525,9 @@ impl ReplayCache {
             return Err(Error::Replay);
         }
         if self.seen.len() >= self.capacity {
-            return Err(Error::ReplayCacheFull { capacity: self.capacity });
+            return Err(Error::ReplayCacheFull {
+                capacity: self.capacity,
+            });
         }
         self.seen.insert(tag);
         self.expiry.push_back((now + self.ttl, tag));
@@ -536,7 +572,10 @@ mod tests {
         let specs: Vec<HopSpec> = keys
             .iter()
             .zip(&routing)
-            .map(|(k, r)| HopSpec { onion_key: k.public_key(), routing_info: r })
+            .map(|(k, r)| HopSpec {
+                onion_key: k.public_key(),
+                routing_info: r,
+            })
             .collect();
         let (mut cell, circuit) = Circuit::build(&specs, payload).unwrap();
         let mut hops = Vec::new();
@@ -545,12 +584,18 @@ mod tests {
             let peeled = key.peel_setup(&cell, &mut cache()).unwrap();
             hops.push(peeled.hop);
             match peeled.next {
-                SetupNext::Forward { routing_info, cell: next } => {
+                SetupNext::Forward {
+                    routing_info,
+                    cell: next,
+                } => {
                     assert!(i + 1 < keys.len());
                     assert_eq!(routing_info, routing[i]);
                     cell = next;
                 }
-                SetupNext::Final { routing_info, payload: got } => {
+                SetupNext::Final {
+                    routing_info,
+                    payload: got,
+                } => {
                     assert_eq!(i + 1, keys.len());
                     assert_eq!(routing_info, routing[i]);
                     assert_eq!(got, payload);
@@ -584,12 +629,21 @@ mod tests {
     #[test]
     fn any_flipped_setup_byte_is_rejected_by_the_first_hop() {
         let keys = relays(3);
-        let specs: Vec<HopSpec> = keys.iter().map(|k| HopSpec { onion_key: k.public_key(), routing_info: b"x" }).collect();
+        let specs: Vec<HopSpec> = keys
+            .iter()
+            .map(|k| HopSpec {
+                onion_key: k.public_key(),
+                routing_info: b"x",
+            })
+            .collect();
         let (cell, _) = Circuit::build(&specs, b"p").unwrap();
         for position in (0..SETUP_CELL_SIZE).step_by(61) {
             let mut bad = cell.clone();
             bad[position] ^= 0x01;
-            let err = keys[0].peel_setup(&bad, &mut cache()).err().expect("tampering must be caught");
+            let err = keys[0]
+                .peel_setup(&bad, &mut cache())
+                .err()
+                .expect("tampering must be caught");
             assert!(matches!(err, Error::Authentication { .. }), "byte {position}: {err}");
         }
     }
@@ -597,7 +651,14 @@ mod tests {
     #[test]
     fn replayed_setup_is_refused() {
         let key = OnionKey::generate();
-        let (cell, _) = Circuit::build(&[HopSpec { onion_key: key.public_key(), routing_info: b"" }], b"").unwrap();
+        let (cell, _) = Circuit::build(
+            &[HopSpec {
+                onion_key: key.public_key(),
+                routing_info: b"",
+            }],
+            b"",
+        )
+        .unwrap();
         let mut replay = cache();
         key.peel_setup(&cell, &mut replay).unwrap();
         assert_eq!(key.peel_setup(&cell, &mut replay).err(), Some(Error::Replay));
@@ -609,8 +670,14 @@ mod tests {
         let t0 = Instant::now();
         c.check_and_remember_at([1; 32], t0).unwrap();
         c.check_and_remember_at([2; 32], t0).unwrap();
-        assert_eq!(c.check_and_remember_at([3; 32], t0), Err(Error::ReplayCacheFull { capacity: 2 }));
-        assert_eq!(c.check_and_remember_at([1; 32], t0 + Duration::from_secs(9)), Err(Error::Replay));
+        assert_eq!(
+            c.check_and_remember_at([3; 32], t0),
+            Err(Error::ReplayCacheFull { capacity: 2 })
+        );
+        assert_eq!(
+            c.check_and_remember_at([1; 32], t0 + Duration::from_secs(9)),
+            Err(Error::Replay)
+        );
         c.check_and_remember_at([3; 32], t0 + Duration::from_secs(10)).unwrap();
         assert_eq!(c.len(), 1);
     }
@@ -618,9 +685,22 @@ mod tests {
     #[test]
     fn wrong_key_and_wrong_size_are_rejected() {
         let key = OnionKey::generate();
-        let (cell, _) = Circuit::build(&[HopSpec { onion_key: key.public_key(), routing_info: b"" }], b"").unwrap();
-        assert!(matches!(OnionKey::generate().peel_setup(&cell, &mut cache()), Err(Error::Authentication { .. })));
-        assert!(matches!(key.peel_setup(&cell[..100], &mut cache()), Err(Error::Malformed { .. })));
+        let (cell, _) = Circuit::build(
+            &[HopSpec {
+                onion_key: key.public_key(),
+                routing_info: b"",
+            }],
+            b"",
+        )
+        .unwrap();
+        assert!(matches!(
+            OnionKey::generate().peel_setup(&cell, &mut cache()),
+            Err(Error::Authentication { .. })
+        ));
+        assert!(matches!(
+            key.peel_setup(&cell[..100], &mut cache()),
+            Err(Error::Malformed { .. })
+        ));
     }
 
     #[test]
@@ -634,11 +714,16 @@ mod tests {
         // Backward: two cells delivered to the router in the wrong order fail authentication.
         let (mut circuit, mut hops) = establish(&keys, b"");
         let backward = |hops: &mut Vec<CircuitHop>, text: &[u8]| {
-            hops.iter_mut().rev().fold(text.to_vec(), |cell, hop| hop.wrap_backward(&cell).unwrap())
+            hops.iter_mut()
+                .rev()
+                .fold(text.to_vec(), |cell, hop| hop.wrap_backward(&cell).unwrap())
         };
         let _first = backward(&mut hops, b"a");
         let second = backward(&mut hops, b"b");
-        assert!(matches!(circuit.unwrap_backward(&second), Err(Error::Authentication { .. })));
+        assert!(matches!(
+            circuit.unwrap_backward(&second),
+            Err(Error::Authentication { .. })
+        ));
         assert_eq!(circuit.unwrap_backward(&second).err(), Some(Error::CircuitClosed));
     }
 
@@ -647,10 +732,37 @@ mod tests {
         let key = OnionKey::generate().public_key();
         assert!(matches!(Circuit::build(&[], b""), Err(Error::InvalidArgument(_))));
         let long = vec![0; ROUTING_INFO_MAX + 1];
-        assert!(matches!(Circuit::build(&[HopSpec { onion_key: key, routing_info: &long }], b""), Err(Error::InvalidArgument(_))));
+        assert!(matches!(
+            Circuit::build(
+                &[HopSpec {
+                    onion_key: key,
+                    routing_info: &long
+                }],
+                b""
+            ),
+            Err(Error::InvalidArgument(_))
+        ));
         let big = vec![0; SETUP_PAYLOAD_MAX + 1];
-        assert!(matches!(Circuit::build(&[HopSpec { onion_key: key, routing_info: b"" }], &big), Err(Error::InvalidArgument(_))));
+        assert!(matches!(
+            Circuit::build(
+                &[HopSpec {
+                    onion_key: key,
+                    routing_info: b""
+                }],
+                &big
+            ),
+            Err(Error::InvalidArgument(_))
+        ));
         // A low-order point (here: zero) gives an all-zero shared secret.
-        assert!(matches!(Circuit::build(&[HopSpec { onion_key: [0; 32], routing_info: b"" }], b""), Err(Error::InvalidKey(_))));
+        assert!(matches!(
+            Circuit::build(
+                &[HopSpec {
+                    onion_key: [0; 32],
+                    routing_info: b""
+                }],
+                b""
+            ),
+            Err(Error::InvalidKey(_))
+        ));
     }
 }

@@ -18,15 +18,60 @@ use crate::ledger;
 use crate::onion;
 use crate::sampling;
 
-create_exception!(swarmserve._native, CryptoError, PyException, "Base class of every error the native core raises.");
-create_exception!(swarmserve._native, MalformedCellError, CryptoError, "A cell or onion whose shape is wrong (truncated, wrong size, unknown field).");
-create_exception!(swarmserve._native, CellAuthenticationError, CryptoError, "A cell that failed AEAD authentication: tampered, reordered, or under the wrong key.");
-create_exception!(swarmserve._native, ReplayError, CryptoError, "A circuit set-up this relay has already accepted.");
-create_exception!(swarmserve._native, ReplayCacheFullError, CryptoError, "The replay cache is full of unexpired tags; new set-ups are refused.");
-create_exception!(swarmserve._native, SignatureError, CryptoError, "An Ed25519 signature that does not verify.");
-create_exception!(swarmserve._native, InvalidKeyError, CryptoError, "Key bytes or a key encoding that cannot be used.");
-create_exception!(swarmserve._native, KeyFileError, CryptoError, "A key file that cannot be read or written, or is readable by others.");
-create_exception!(swarmserve._native, CircuitClosedError, CryptoError, "A circuit closed by an earlier authentication failure.");
+create_exception!(
+    swarmserve._native,
+    CryptoError,
+    PyException,
+    "Base class of every error the native core raises."
+);
+create_exception!(
+    swarmserve._native,
+    MalformedCellError,
+    CryptoError,
+    "A cell or onion whose shape is wrong (truncated, wrong size, unknown field)."
+);
+create_exception!(
+    swarmserve._native,
+    CellAuthenticationError,
+    CryptoError,
+    "A cell that failed AEAD authentication: tampered, reordered, or under the wrong key."
+);
+create_exception!(
+    swarmserve._native,
+    ReplayError,
+    CryptoError,
+    "A circuit set-up this relay has already accepted."
+);
+create_exception!(
+    swarmserve._native,
+    ReplayCacheFullError,
+    CryptoError,
+    "The replay cache is full of unexpired tags; new set-ups are refused."
+);
+create_exception!(
+    swarmserve._native,
+    SignatureError,
+    CryptoError,
+    "An Ed25519 signature that does not verify."
+);
+create_exception!(
+    swarmserve._native,
+    InvalidKeyError,
+    CryptoError,
+    "Key bytes or a key encoding that cannot be used."
+);
+create_exception!(
+    swarmserve._native,
+    KeyFileError,
+    CryptoError,
+    "A key file that cannot be read or written, or is readable by others."
+);
+create_exception!(
+    swarmserve._native,
+    CircuitClosedError,
+    CryptoError,
+    "A circuit closed by an earlier authentication failure."
+);
 
 /// Cells at least this large are processed without the GIL, so other threads keep running.
 const RELEASE_GIL_AT: usize = 4096;
@@ -202,8 +247,11 @@ struct ReplayCache(onion::ReplayCache);
 impl ReplayCache {
     #[new]
     fn new(capacity: usize, ttl_seconds: f64) -> PyResult<Self> {
-        let ttl = Duration::try_from_secs_f64(ttl_seconds)
-            .map_err(|_| PyValueError::new_err(format!("ttl_seconds must be a finite, non-negative number, got {ttl_seconds}")))?;
+        let ttl = Duration::try_from_secs_f64(ttl_seconds).map_err(|_| {
+            PyValueError::new_err(format!(
+                "ttl_seconds must be a finite, non-negative number, got {ttl_seconds}"
+            ))
+        })?;
         Ok(Self(onion::ReplayCache::new(capacity, ttl)?))
     }
 
@@ -317,12 +365,24 @@ impl Circuit {
         let mut specs = Vec::with_capacity(hops.len());
         for (index, (key, routing_info)) in hops.iter().enumerate() {
             let onion_key: [u8; 32] = key.as_slice().try_into().map_err(|_| {
-                PyErr::from(Error::InvalidKey(format!("onion key of hop {index} must be 32 bytes, got {}", key.len())))
+                PyErr::from(Error::InvalidKey(format!(
+                    "onion key of hop {index} must be 32 bytes, got {}",
+                    key.len()
+                )))
             })?;
-            specs.push(onion::HopSpec { onion_key, routing_info });
+            specs.push(onion::HopSpec {
+                onion_key,
+                routing_info,
+            });
         }
         let (cell, circuit) = onion::Circuit::build(&specs, &payload)?;
-        Ok((cell, Circuit { inner: circuit, scratch: Vec::new() }))
+        Ok((
+            cell,
+            Circuit {
+                inner: circuit,
+                scratch: Vec::new(),
+            },
+        ))
     }
 
     /// Number of layers (relays plus the terminating node).
@@ -357,7 +417,12 @@ struct TokenStreamHasher(chain::TokenStreamHasher);
 impl TokenStreamHasher {
     #[new]
     fn new(request_id: &[u8], model_digest: &[u8], prompt_digest: &[u8], sampling: &[u8]) -> PyResult<Self> {
-        Ok(Self(chain::TokenStreamHasher::new(request_id, model_digest, prompt_digest, sampling)?))
+        Ok(Self(chain::TokenStreamHasher::new(
+            request_id,
+            model_digest,
+            prompt_digest,
+            sampling,
+        )?))
     }
 
     /// Extends the chain by one token: its id and the exact text bytes sent for it.
@@ -396,8 +461,20 @@ fn logits_of(py: Python<'_>, logits: &Bound<'_, PyAny>) -> PyResult<Vec<f32>> {
 impl Sampler {
     #[new]
     #[pyo3(signature = (temperature, top_k, top_p, repetition_penalty, seed, prompt_ids))]
-    fn new(temperature: f32, top_k: u32, top_p: f32, repetition_penalty: f32, seed: u64, prompt_ids: Vec<u32>) -> PyResult<Self> {
-        let params = sampling::SamplingParams { temperature, top_k, top_p, repetition_penalty };
+    fn new(
+        temperature: f32,
+        top_k: u32,
+        top_p: f32,
+        repetition_penalty: f32,
+        seed: u64,
+        prompt_ids: Vec<u32>,
+    ) -> PyResult<Self> {
+        let params = sampling::SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            repetition_penalty,
+        };
         Ok(Self(sampling::Sampler::new(params, seed, &prompt_ids)?))
     }
 

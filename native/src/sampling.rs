@@ -68,7 +68,10 @@ impl SamplingParams {
             return bad(format!("top_p must be in (0, 1], got {}", self.top_p));
         }
         if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
-            return bad(format!("repetition_penalty must be finite and > 0, got {}", self.repetition_penalty));
+            return bad(format!(
+                "repetition_penalty must be finite and > 0, got {}",
+                self.repetition_penalty
+            ));
         }
         Ok(())
     }
@@ -94,7 +97,12 @@ struct Distribution {
 impl Sampler {
     pub fn new(params: SamplingParams, seed: u64, prompt: &[u32]) -> Result<Self> {
         params.validate()?;
-        Ok(Self { params, seed, history: prompt.to_vec(), position: 0 })
+        Ok(Self {
+            params,
+            seed,
+            history: prompt.to_vec(),
+            position: 0,
+        })
     }
 
     /// Completion tokens chosen or advanced over so far.
@@ -114,7 +122,10 @@ impl Sampler {
         } else {
             let dist = self.distribution(logits)?;
             let u = self.current_uniform();
-            let index = dist.upper.partition_point(|&upper| upper <= u).min(dist.tokens.len() - 1);
+            let index = dist
+                .upper
+                .partition_point(|&upper| upper <= u)
+                .min(dist.tokens.len() - 1);
             dist.tokens[index]
         };
         self.advance(token);
@@ -127,7 +138,9 @@ impl Sampler {
         if self.params.temperature == 0.0 {
             let z = self.penalized(logits)?;
             let best = z[argmax(&z) as usize];
-            return Ok((0..z.len() as u32).filter(|&t| z[t as usize] >= best - LOGIT_TOLERANCE).collect());
+            return Ok((0..z.len() as u32)
+                .filter(|&t| z[t as usize] >= best - LOGIT_TOLERANCE)
+                .collect());
         }
         let dist = self.distribution(logits)?;
         let u = self.current_uniform();
@@ -165,7 +178,11 @@ impl Sampler {
             seen.dedup();
             for &token in &seen {
                 if let Some(logit) = z.get_mut(token as usize) {
-                    *logit = if *logit > 0.0 { *logit / penalty } else { *logit * penalty };
+                    *logit = if *logit > 0.0 {
+                        *logit / penalty
+                    } else {
+                        *logit * penalty
+                    };
                 }
             }
         }
@@ -227,7 +244,10 @@ impl Sampler {
         if let Some(last) = upper.last_mut() {
             *last = 1.0; // no gap at the top from rounding
         }
-        Ok(Distribution { tokens: kept.into_iter().map(|(t, _)| t).collect(), upper })
+        Ok(Distribution {
+            tokens: kept.into_iter().map(|(t, _)| t).collect(),
+            upper,
+        })
     }
 }
 
@@ -251,7 +271,12 @@ mod tests {
     use super::*;
 
     fn params(temperature: f32) -> SamplingParams {
-        SamplingParams { temperature, top_k: 0, top_p: 1.0, repetition_penalty: 1.0 }
+        SamplingParams {
+            temperature,
+            top_k: 0,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+        }
     }
 
     #[test]
@@ -270,9 +295,20 @@ mod tests {
         let mut sampler = Sampler::new(params(0.0), 0, &[]).unwrap();
         assert_eq!(sampler.choose(&logits).unwrap(), 1);
         // Token 1 is now in the history; a penalty of 1.5 makes it 2.0 < 2.9.
-        let mut penalized = Sampler::new(SamplingParams { repetition_penalty: 1.5, ..params(0.0) }, 0, &[1]).unwrap();
+        let mut penalized = Sampler::new(
+            SamplingParams {
+                repetition_penalty: 1.5,
+                ..params(0.0)
+            },
+            0,
+            &[1],
+        )
+        .unwrap();
         assert_eq!(penalized.choose(&logits).unwrap(), 2);
-        assert_eq!(Sampler::new(params(0.0), 0, &[]).unwrap().plausible(&logits).unwrap(), vec![1, 2]);
+        assert_eq!(
+            Sampler::new(params(0.0), 0, &[]).unwrap().plausible(&logits).unwrap(),
+            vec![1, 2]
+        );
     }
 
     #[test]
@@ -297,15 +333,34 @@ mod tests {
         // A peaked distribution as language models have: a few favoured tokens over a long tail.
         let model = |favoured: usize| -> Vec<f32> {
             (0..vocab)
-                .map(|i| (i as f32 * 0.618).sin() * 4.0 + if i % 97 == favoured { 9.0 + i as f32 / 500.0 } else { 0.0 })
+                .map(|i| {
+                    (i as f32 * 0.618).sin() * 4.0
+                        + if i % 97 == favoured {
+                            9.0 + i as f32 / 500.0
+                        } else {
+                            0.0
+                        }
+                })
                 .collect()
         };
         let logits = model(0);
-        let jittered: Vec<f32> = logits.iter().enumerate().map(|(i, l)| l + ((i % 3) as f32 - 1.0) * 1e-3).collect();
+        let jittered: Vec<f32> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, l)| l + ((i % 3) as f32 - 1.0) * 1e-3)
+            .collect();
         let other = model(13); // another model favours other tokens
-        let p = SamplingParams { temperature: 0.7, top_k: 0, top_p: 0.95, repetition_penalty: 1.1 };
-        let (mut provider, mut verifier, mut cheat) =
-            (Sampler::new(p, 9, &[1, 2]).unwrap(), Sampler::new(p, 9, &[1, 2]).unwrap(), Sampler::new(p, 9, &[1, 2]).unwrap());
+        let p = SamplingParams {
+            temperature: 0.7,
+            top_k: 0,
+            top_p: 0.95,
+            repetition_penalty: 1.1,
+        };
+        let (mut provider, mut verifier, mut cheat) = (
+            Sampler::new(p, 9, &[1, 2]).unwrap(),
+            Sampler::new(p, 9, &[1, 2]).unwrap(),
+            Sampler::new(p, 9, &[1, 2]).unwrap(),
+        );
         let mut caught = 0;
         for _ in 0..200 {
             let token = provider.choose(&logits).unwrap();
@@ -315,21 +370,48 @@ mod tests {
             verifier.advance(token);
             cheat = provider.clone();
         }
-        assert!(caught > 50, "a different model was plausible too often: caught {caught}/200");
+        assert!(
+            caught > 50,
+            "a different model was plausible too often: caught {caught}/200"
+        );
     }
 
     #[test]
     fn top_k_and_top_p_restrict_the_support() {
         let logits = [5.0, 4.0, 3.0, 0.0, -2.0];
-        let top_k = Sampler::new(SamplingParams { top_k: 2, ..params(1.0) }, 0, &[]).unwrap();
+        let top_k = Sampler::new(
+            SamplingParams {
+                top_k: 2,
+                ..params(1.0)
+            },
+            0,
+            &[],
+        )
+        .unwrap();
         assert_eq!(top_k.distribution(&logits).unwrap().tokens, vec![0, 1]);
-        let top_p = Sampler::new(SamplingParams { top_p: 0.5, ..params(1.0) }, 0, &[]).unwrap();
+        let top_p = Sampler::new(
+            SamplingParams {
+                top_p: 0.5,
+                ..params(1.0)
+            },
+            0,
+            &[],
+        )
+        .unwrap();
         assert_eq!(top_p.distribution(&logits).unwrap().tokens, vec![0]);
     }
 
     #[test]
     fn bad_arguments_are_refused() {
-        assert!(Sampler::new(SamplingParams { top_p: 0.0, ..params(1.0) }, 0, &[]).is_err());
+        assert!(Sampler::new(
+            SamplingParams {
+                top_p: 0.0,
+                ..params(1.0)
+            },
+            0,
+            &[]
+        )
+        .is_err());
         assert!(Sampler::new(params(f32::NAN), 0, &[]).is_err());
         let sampler = Sampler::new(params(1.0), 0, &[]).unwrap();
         assert!(sampler.plausible(&[]).is_err());

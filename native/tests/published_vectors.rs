@@ -47,13 +47,22 @@ fn rfc7748_section_5_2_scalar_multiplication() {
 fn rfc7748_section_6_1_diffie_hellman() {
     let alice = OnionKey::from_bytes(&h("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a")).unwrap();
     let bob = OnionKey::from_bytes(&h("5dab087e624a8a4b79e17f8b83800ee66f3bb1292618b6fd1c2f8b27ff88e0eb")).unwrap();
-    assert_eq!(alice.public_key(), h32("8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a"));
-    assert_eq!(bob.public_key(), h32("de9edb7d7b7dc1b4d35b61c2ece435373f8343c85b78674dadfc7e146f882b4f"));
+    assert_eq!(
+        alice.public_key(),
+        h32("8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a")
+    );
+    assert_eq!(
+        bob.public_key(),
+        h32("de9edb7d7b7dc1b4d35b61c2ece435373f8343c85b78674dadfc7e146f882b4f")
+    );
     let shared = h32("4a5d9d5ba4ce2de1728e3bf480350f25e07e21c947d19e3376f09b3c1e161742");
     let a = StaticSecret::from(*alice.secret_bytes());
     let b = StaticSecret::from(*bob.secret_bytes());
     assert_eq!(a.diffie_hellman(&PublicKey::from(bob.public_key())).to_bytes(), shared);
-    assert_eq!(b.diffie_hellman(&PublicKey::from(alice.public_key())).to_bytes(), shared);
+    assert_eq!(
+        b.diffie_hellman(&PublicKey::from(alice.public_key())).to_bytes(),
+        shared
+    );
 }
 
 #[test]
@@ -71,10 +80,14 @@ fn rfc8439_section_2_8_2_aead() {
 
     let cipher = ChaCha20Poly1305::new(Key::from_slice(&key));
     let mut buffer = plaintext.to_vec();
-    let got_tag = cipher.encrypt_in_place_detached(Nonce::from_slice(&nonce), &aad, &mut buffer).unwrap();
+    let got_tag = cipher
+        .encrypt_in_place_detached(Nonce::from_slice(&nonce), &aad, &mut buffer)
+        .unwrap();
     assert_eq!(buffer, ciphertext);
     assert_eq!(got_tag.as_slice(), &tag[..]);
-    cipher.decrypt_in_place_detached(Nonce::from_slice(&nonce), &aad, &mut buffer, &got_tag).unwrap();
+    cipher
+        .decrypt_in_place_detached(Nonce::from_slice(&nonce), &aad, &mut buffer, &got_tag)
+        .unwrap();
     assert_eq!(buffer, plaintext);
 }
 
@@ -168,7 +181,9 @@ fn blake3_official_vectors() {
     let cases = vectors["cases"].as_array().unwrap();
     assert!(cases.len() >= 10);
     for case in cases {
-        let input: Vec<u8> = (0..case["input_len"].as_u64().unwrap()).map(|i| (i % 251) as u8).collect();
+        let input: Vec<u8> = (0..case["input_len"].as_u64().unwrap())
+            .map(|i| (i % 251) as u8)
+            .collect();
         let expect = |field: &str| h(case[field].as_str().unwrap());
 
         let mut out = vec![0u8; 131];
@@ -176,11 +191,20 @@ fn blake3_official_vectors() {
         assert_eq!(out, expect("hash"));
         assert_eq!(blake3::hash(&input).as_bytes()[..], expect("hash")[..32]);
 
-        blake3::Hasher::new_keyed(&key).update(&input).finalize_xof().fill(&mut out);
+        blake3::Hasher::new_keyed(&key)
+            .update(&input)
+            .finalize_xof()
+            .fill(&mut out);
         assert_eq!(out, expect("keyed_hash"));
-        assert_eq!(blake3::keyed_hash(&key, &input).as_bytes()[..], expect("keyed_hash")[..32]);
+        assert_eq!(
+            blake3::keyed_hash(&key, &input).as_bytes()[..],
+            expect("keyed_hash")[..32]
+        );
 
-        blake3::Hasher::new_derive_key(context).update(&input).finalize_xof().fill(&mut out);
+        blake3::Hasher::new_derive_key(context)
+            .update(&input)
+            .finalize_xof()
+            .fill(&mut out);
         assert_eq!(out, expect("derive_key"));
         assert_eq!(blake3::derive_key(context, &input)[..], expect("derive_key")[..32]);
     }
