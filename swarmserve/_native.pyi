@@ -16,26 +16,35 @@ __all__ = [
     "SETUP_PAYLOAD_MAX",
     "TAG_SIZE",
     "CellAuthenticationError",
+    "ChainBlock",
     "Circuit",
     "CircuitClosedError",
     "CircuitHop",
+    "ConsensusError",
+    "ConsensusNode",
+    "ConsensusStoppedError",
     "CryptoError",
     "Identity",
     "InvalidKeyError",
     "KeyFileError",
     "MalformedCellError",
+    "MempoolFullError",
     "OnionKey",
     "PeeledSetup",
+    "ProofError",
     "ReplayCache",
     "ReplayCacheFullError",
     "ReplayError",
     "Sampler",
     "SignatureError",
     "TokenStreamHasher",
+    "decode_chain_block",
     "ledger_entry_hash",
     "node_id",
     "sampling_uniform",
     "token_stream_commitment",
+    "verify_equivocation",
+    "verify_finalization",
     "verify_signature",
 ]
 
@@ -170,3 +179,58 @@ def token_stream_commitment(
     token_ids: Sequence[int],
     texts: Sequence[bytes],
 ) -> bytes: ...
+
+class ConsensusError(Exception): ...
+class ConsensusStoppedError(ConsensusError): ...
+class MempoolFullError(ConsensusError): ...
+class ProofError(ConsensusError): ...
+
+@final
+class ChainBlock:
+    @property
+    def height(self) -> int: ...
+    @property
+    def digest(self) -> bytes: ...
+    @property
+    def parent(self) -> bytes: ...
+    @property
+    def timestamp_ms(self) -> int: ...
+    @property
+    def transactions(self) -> list[bytes]: ...
+    @property
+    def encoded(self) -> bytes: ...
+    @property
+    def certificate(self) -> bytes | None: ...
+
+@final
+class ConsensusNode:
+    def __new__(
+        cls,
+        identity: Identity,
+        storage_directory: str | os.PathLike[str],
+        listen: str,
+        validators: Sequence[tuple[bytes, str]],
+        genesis: bytes,
+        *,
+        block_interval_ms: int = 500,
+        leader_timeout_ms: int = 1000,
+        max_transactions: int = 256,
+        max_transaction_bytes: int = 32768,
+        mempool_transactions: int = 10000,
+        mempool_bytes: int = 67108864,
+    ) -> ConsensusNode: ...
+    @property
+    def public_key(self) -> bytes: ...
+    def submit(self, transaction: bytes) -> bool: ...
+    def next_finalized(self, timeout_s: float) -> ChainBlock | None: ...
+    def acknowledge(self, height: int) -> None: ...
+    def next_evidence(self, timeout_s: float) -> bytes | None: ...
+    def pending_transactions(self) -> int: ...
+    def is_running(self) -> bool: ...
+    def stop(self) -> None: ...
+
+def decode_chain_block(
+    encoded: bytes, *, max_transactions: int = 256, max_transaction_bytes: int = 32768
+) -> ChainBlock: ...
+def verify_finalization(validators: Sequence[bytes], certificate: bytes) -> tuple[int, int, bytes]: ...
+def verify_equivocation(validators: Sequence[bytes], evidence: bytes) -> tuple[str, int, int, bytes]: ...

@@ -16,7 +16,14 @@ Everything that runs per token or per cell is here. Import from this module, nev
   replay it; :meth:`Sampler.plausible` tolerates :data:`SAMPLING_CDF_TOLERANCE` (sampled) or
   :data:`SAMPLING_LOGIT_TOLERANCE` (greedy) of numerical jitter.
 
-Errors are subclasses of :class:`CryptoError`; bad argument values raise :class:`ValueError`.
+- :class:`ConsensusNode`, :class:`ChainBlock`, :func:`decode_chain_block`,
+  :func:`verify_finalization`, :func:`verify_equivocation`: the ledger's chain. A validator
+  (Commonware's simplex BFT consensus, marshal and authenticated p2p on its own thread) orders
+  opaque transactions into blocks; anyone checks a block's finalization certificate, or a
+  validator's conflicting votes, from bytes and the committee's keys.
+
+Errors are subclasses of :class:`CryptoError` or :class:`ConsensusError`; bad argument values
+raise :class:`ValueError`.
 """
 
 from swarmserve._native import (
@@ -29,26 +36,35 @@ from swarmserve._native import (
     SETUP_PAYLOAD_MAX,
     TAG_SIZE,
     CellAuthenticationError,
+    ChainBlock,
     Circuit,
     CircuitClosedError,
     CircuitHop,
+    ConsensusError,
+    ConsensusNode,
+    ConsensusStoppedError,
     CryptoError,
     Identity,
     InvalidKeyError,
     KeyFileError,
     MalformedCellError,
+    MempoolFullError,
     OnionKey,
     PeeledSetup,
+    ProofError,
     ReplayCache,
     ReplayCacheFullError,
     ReplayError,
     Sampler,
     SignatureError,
     TokenStreamHasher,
+    decode_chain_block,
     ledger_entry_hash,
     node_id,
     sampling_uniform,
     token_stream_commitment,
+    verify_equivocation,
+    verify_finalization,
     verify_signature,
 )
 
@@ -62,25 +78,34 @@ __all__ = [
     "SETUP_PAYLOAD_MAX",
     "TAG_SIZE",
     "CellAuthenticationError",
+    "ChainBlock",
     "Circuit",
     "CircuitClosedError",
     "CircuitHop",
+    "ConsensusError",
+    "ConsensusNode",
+    "ConsensusStoppedError",
     "CryptoError",
     "Identity",
     "InvalidKeyError",
     "KeyFileError",
     "MalformedCellError",
+    "MempoolFullError",
     "OnionKey",
     "PeeledSetup",
+    "ProofError",
     "ReplayCache",
     "ReplayCacheFullError",
     "ReplayError",
     "Sampler",
     "SignatureError",
     "TokenStreamHasher",
+    "decode_chain_block",
     "ledger_entry_hash",
     "node_id",
     "sampling_uniform",
     "token_stream_commitment",
+    "verify_equivocation",
+    "verify_finalization",
     "verify_signature",
 ]

@@ -103,7 +103,7 @@ fn run<T: Send>(py: Python<'_>, size: usize, work: impl FnOnce() -> T + Send) ->
 
 /// A node's long-term Ed25519 identity key.
 #[pyclass(module = "swarmserve._native", frozen)]
-struct Identity(identity::Identity);
+pub(crate) struct Identity(pub(crate) identity::Identity);
 
 #[pymethods]
 impl Identity {
@@ -570,5 +570,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(verify_signature, m)?)?;
     m.add_function(wrap_pyfunction!(node_id, m)?)?;
     m.add_function(wrap_pyfunction!(token_stream_commitment, m)?)?;
+    crate::python_consensus::register(m)?;
     Ok(())
 }

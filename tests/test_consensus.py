@@ -1,0 +1,215 @@
+"""The ledger's consensus node (native/src/consensus, Commonware simplex + marshal + authenticated
+p2p) from Python: four validators on loopback sockets, each with its own storage and runtime
+thread. They finalize one chain, carry a transaction submitted to any of them, keep going with
+one of four stopped (f = 1), stop without forking with two stopped and resume when one returns,
+and a restarted validator picks up from its storage and is given again every block it had not
+acknowledged. Certificates and evidence are checked from bytes: a certificate against another
+committee, a tampered one, and garbage are refused with ProofError."""
+
+from __future__ import annotations
+
+import itertools
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from swarmserve import native
+
+GENESIS = b'{"chain": "test"}'
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Committee:
+    directory: Path
+    identities: list[native.Identity] = field(default_factory=list)
+    addresses: list[str] = field(default_factory=list)
+    nodes: list[native.ConsensusNode | None] = field(default_factory=list)
+    chains: list[list[native.ChainBlock]] = field(default_factory=list)
+
+    @property
+    def validators(self) -> list[tuple[bytes, str]]:
+        return [(i.public_key, a) for i, a in zip(self.identities, self.addresses, strict=True)]
+
+    @property
+    def keys(self) -> list[bytes]:
+        return [i.public_key for i in self.identities]
+
+    def start(self, index: int) -> native.ConsensusNode:
+        node = native.ConsensusNode(
+            self.identities[index],
+            self.directory / f"validator{index}",
+            self.addresses[index],
+            self.validators,
+            GENESIS,
+            block_interval_ms=100,
+            leader_timeout_ms=500,
+        )
+        self.nodes[index] = node
+        return node
+
+    def stop(self, index: int) -> None:
+        node = self.nodes[index]
+        assert node is not None
+        node.stop()
+        self.nodes[index] = None
+
+    def drain(self, acknowledge: bool = True) -> None:
+        for index, node in enumerate(self.nodes):
+            while node is not None and (block := node.next_finalized(0.01)) is not None:
+                chain = self.chains[index]
+                if block.height < len(chain):  # delivered again after a restart: the same block
+                    assert chain[block.height].digest == block.digest
+                else:
+                    assert block.height == len(chain), "heights in order from genesis, without gaps"
+                    chain.append(block)
+                if acknowledge:
+                    node.acknowledge(block.height)
+
+    def wait(self, until: object, timeout: float = 30.0, what: str = "") -> None:
+        deadline = time.monotonic() + timeout
+        while not until():  # type: ignore[operator]
+            assert time.monotonic() < deadline, f"timed out waiting for {what}: heights {self.heights()}"
+            self.drain()
+            time.sleep(0.02)
+
+    def heights(self) -> list[int]:
+        return [len(chain) - 1 for chain in self.chains]
+
+    def assert_one_chain(self) -> None:
+        shortest = min(len(chain) for chain in self.chains)
+        for chain in self.chains[1:]:
+            assert [b.digest for b in chain[:shortest]] == [b.digest for b in self.chains[0][:shortest]]
+
+
+@pytest.fixture
+def committee(tmp_path: Path) -> Iterator[Committee]:
+    c = Committee(tmp_path)
+    for _ in range(4):
+        c.identities.append(native.Identity.generate())
+        c.addresses.append(f"127.0.0.1:{free_port()}")
+        c.nodes.append(None)
+        c.chains.append([])
+    for index in range(4):
+        c.start(index)
+    yield c
+    for node in c.nodes:
+        if node is not None:
+            node.stop()
+
+
+def test_four_validators_finalize_one_chain_carrying_submitted_transactions(committee: Committee) -> None:
+    assert committee.nodes[1] is not None and committee.nodes[3] is not None
+    assert committee.nodes[1].submit(b"transfer 1") is True
+    assert committee.nodes[1].submit(b"transfer 1") is False  # already queued
+    assert committee.nodes[3].submit(b"transfer 2") is True  # reaches the leader by gossip
+    carried = lambda: all(  # noqa: E731
+        {b"transfer 1", b"transfer 2"} <= {t for b in chain for t in b.transactions} for chain in committee.chains
+    )
+    committee.wait(lambda: carried() and min(committee.heights()) >= 10, what="both transactions everywhere")
+    committee.assert_one_chain()
+    genesis = committee.chains[0][0]
+    assert genesis.height == 0 and genesis.transactions == [GENESIS]
+    for chain in committee.chains:
+        for parent, child in itertools.pairwise(chain):
+            assert child.parent == parent.digest and child.timestamp_ms > parent.timestamp_ms
+    certified = [b for b in committee.chains[2] if b.certificate is not None]
+    assert len(certified) >= 5
+    for block in certified:
+        assert block.certificate is not None
+        epoch, view, digest = native.verify_finalization(committee.keys, block.certificate)
+        assert digest == block.digest and epoch == 0 and view >= block.height
+        assert native.decode_chain_block(block.encoded).digest == block.digest
+
+
+def test_certificates_and_blocks_are_checked_from_bytes(committee: Committee) -> None:
+    committee.wait(lambda: any(b.certificate for b in committee.chains[0][1:]), what="a certificate")
+    block = next(b for b in committee.chains[0][1:] if b.certificate is not None)
+    assert block.certificate is not None
+    # Another committee (one key replaced): its quorum did not sign this.
+    stranger = [*committee.keys[:3], native.Identity.generate().public_key]
+    with pytest.raises(native.ProofError, match="do not verify"):
+        native.verify_finalization(stranger, block.certificate)
+    # Every single-byte change is refused (a signature, the proposal, the signer bitmap).
+    for position in range(0, len(block.certificate), 7):
+        tampered = bytearray(block.certificate)
+        tampered[position] ^= 0x01
+        with pytest.raises(native.ProofError):
+            native.verify_finalization(committee.keys, bytes(tampered))
+    with pytest.raises(native.ProofError, match="malformed"):
+        native.verify_finalization(committee.keys, block.certificate + b"\x00")
+    with pytest.raises(native.ProofError, match="malformed"):
+        native.verify_finalization(committee.keys, b"garbage")
+    with pytest.raises(ValueError, match="32 bytes"):
+        native.verify_finalization([b"short"], block.certificate)
+    # A finalization is not evidence of equivocation.
+    with pytest.raises(native.ProofError):
+        native.verify_equivocation(committee.keys, block.certificate)
+    for malformed in (block.encoded[:-1], block.encoded + b"\x00", b""):
+        with pytest.raises(native.ProofError, match="malformed block"):
+            native.decode_chain_block(malformed)
+
+
+def test_one_of_four_down_the_chain_goes_on_two_down_it_stops_and_resumes(committee: Committee) -> None:
+    committee.wait(lambda: min(committee.heights()) >= 3, what="a start")
+    committee.stop(3)
+    start = max(committee.heights())
+    committee.wait(lambda: min(committee.heights()[:3]) >= start + 5, what="progress with f = 1 down")
+    committee.stop(2)
+    committee.drain()
+    time.sleep(3.0)  # leader timeouts pass; no quorum of 3 is left
+    committee.drain()
+    halted = committee.heights()[:2]
+    time.sleep(2.0)
+    committee.drain()
+    assert committee.heights()[:2] == halted, "two of four validators finalized nothing more"
+    committee.start(2)  # back to three of four, from its own storage
+    committee.wait(lambda: min(committee.heights()[:3]) >= max(halted) + 3, what="progress after the return")
+    committee.start(3)
+    committee.wait(lambda: committee.heights()[3] >= max(halted) + 3, what="the last one catching up")
+    committee.assert_one_chain()
+
+
+def test_a_restarted_validator_is_given_again_what_it_had_not_acknowledged(committee: Committee) -> None:
+    committee.wait(lambda: min(committee.heights()) >= 5, what="a start")
+    node = committee.nodes[0]
+    assert node is not None
+    acknowledged = committee.heights()[0]
+    # Take more blocks without acknowledging them, then stop.
+    deadline = time.monotonic() + 20
+    unacknowledged = []
+    while len(unacknowledged) < 3:
+        assert time.monotonic() < deadline
+        block = node.next_finalized(0.1)
+        if block is not None:
+            unacknowledged.append(block)
+    committee.stop(0)
+    restarted = committee.start(0)
+    first = None
+    while first is None:
+        assert time.monotonic() < deadline + 10
+        first = restarted.next_finalized(0.1)
+    assert first.height <= acknowledged + 1, "delivery resumes after the last acknowledged block"
+    redelivered = {first.height: first.digest}
+    while max(redelivered) < unacknowledged[-1].height:
+        block = restarted.next_finalized(1.0)
+        assert block is not None
+        redelivered[block.height] = block.digest
+        restarted.acknowledge(block.height)
+    assert all(redelivered[b.height] == b.digest for b in unacknowledged)
+    stopped = committee.nodes[1]
+    assert stopped is not None
+    committee.stop(1)
+    with pytest.raises(native.ConsensusStoppedError):
+        stopped.submit(b"too late")
+    with pytest.raises(native.ConsensusStoppedError):
+        stopped.next_finalized(0.0)
