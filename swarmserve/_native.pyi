@@ -39,6 +39,7 @@ __all__ = [
     "SignatureError",
     "TokenStreamHasher",
     "decode_chain_block",
+    "encode_chain_block",
     "ledger_entry_hash",
     "node_id",
     "sampling_uniform",
@@ -232,5 +233,6 @@ class ConsensusNode:
 def decode_chain_block(
     encoded: bytes, *, max_transactions: int = 256, max_transaction_bytes: int = 32768
 ) -> ChainBlock: ...
+def encode_chain_block(parent: bytes, height: int, timestamp_ms: int, transactions: Sequence[bytes]) -> bytes: ...
 def verify_finalization(validators: Sequence[bytes], certificate: bytes) -> tuple[int, int, bytes]: ...
 def verify_equivocation(validators: Sequence[bytes], evidence: bytes) -> tuple[str, int, int, bytes]: ...

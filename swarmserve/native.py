@@ -16,7 +16,7 @@ Everything that runs per token or per cell is here. Import from this module, nev
   replay it; :meth:`Sampler.plausible` tolerates :data:`SAMPLING_CDF_TOLERANCE` (sampled) or
   :data:`SAMPLING_LOGIT_TOLERANCE` (greedy) of numerical jitter.
 
-- :class:`ConsensusNode`, :class:`ChainBlock`, :func:`decode_chain_block`,
+- :class:`ConsensusNode`, :class:`ChainBlock`, :func:`decode_chain_block`, :func:`encode_chain_block`,
   :func:`verify_finalization`, :func:`verify_equivocation`: the ledger's chain. A validator
   (Commonware's simplex BFT consensus, marshal and authenticated p2p on its own thread) orders
   opaque transactions into blocks; anyone checks a block's finalization certificate, or a
@@ -59,6 +59,7 @@ from swarmserve._native import (
     SignatureError,
     TokenStreamHasher,
     decode_chain_block,
+    encode_chain_block,
     ledger_entry_hash,
     node_id,
     sampling_uniform,
@@ -101,6 +102,7 @@ __all__ = [
     "SignatureError",
     "TokenStreamHasher",
     "decode_chain_block",
+    "encode_chain_block",
     "ledger_entry_hash",
     "node_id",
     "sampling_uniform",

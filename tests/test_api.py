@@ -24,6 +24,7 @@ SERVICES = {
     "verifier": ["Verifier"],
     "overlay": ["Overlay"],
     "ledger": ["Ledger"],
+    "chain": ["Chain"],
 }
 
 

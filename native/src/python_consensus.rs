@@ -231,6 +231,27 @@ fn decode_chain_block(
     Ok(ChainBlock::new(py, &block, encoded, None))
 }
 
+/// A block's canonical encoding (for tools and tests; validators build their own blocks).
+#[pyfunction]
+fn encode_chain_block<'py>(
+    py: Python<'py>,
+    parent: &[u8],
+    height: u64,
+    timestamp_ms: u64,
+    transactions: Vec<Vec<u8>>,
+) -> PyResult<Bound<'py, PyBytes>> {
+    use commonware_codec::DecodeExt;
+    let parent = commonware_cryptography::sha256::Digest::decode(commonware_codec::Copying(parent))
+        .map_err(|_| PyValueError::new_err("parent must be a 32-byte digest"))?;
+    let block = Block {
+        parent,
+        height: commonware_consensus::types::Height::new(height),
+        timestamp_ms,
+        transactions: transactions.into_iter().map(Bytes::from).collect(),
+    };
+    Ok(PyBytes::new(py, &crate::consensus::block::encode_block(&block)))
+}
+
 /// Checks a finalization certificate against the committee: (epoch, view, finalized block digest).
 #[pyfunction]
 fn verify_finalization<'py>(
@@ -275,6 +296,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ChainBlock>()?;
     m.add_class::<ConsensusNode>()?;
     m.add_function(wrap_pyfunction!(decode_chain_block, m)?)?;
+    m.add_function(wrap_pyfunction!(encode_chain_block, m)?)?;
     m.add_function(wrap_pyfunction!(verify_finalization, m)?)?;
     m.add_function(wrap_pyfunction!(verify_equivocation, m)?)?;
     Ok(())
