@@ -22,7 +22,7 @@ from services.router.config import DuelSettings, RouterConfig
 from services.router.node import RouterNode
 from services.verifier.adversaries import requantize_q2k
 from swarmserve.config import GossipSettings, ServerSettings
-from swarmserve.rpc.node import ServiceNode
+from swarmserve.node import ServiceNode
 
 MODEL = "smollm2-135m-instruct"
 # Tests send challenges themselves, when they are about challenges; none in the background.

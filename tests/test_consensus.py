@@ -4,7 +4,8 @@ thread. They finalize one chain, carry a transaction submitted to any of them, k
 one of four stopped (f = 1), stop without forking with two stopped and resume when one returns,
 and a restarted validator picks up from its storage and is given again every block it had not
 acknowledged. Certificates and evidence are checked from bytes: a certificate against another
-committee, a tampered one, and garbage are refused with ProofError."""
+committee, a tampered one, and garbage are refused with ProofError; a follower applies only
+blocks a certificate proves."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from pathlib import Path
 import pytest
 
 from swarmserve import native
+from swarmserve.chain import BlockProofError, proven_blocks
+from swarmserve.v1 import chain_pb2
 
 GENESIS = b'{"chain": "test"}'
 
@@ -135,8 +138,10 @@ def test_certificates_and_blocks_are_checked_from_bytes(committee: Committee) ->
     committee.wait(lambda: any(b.certificate for b in committee.chains[0][1:]), what="a certificate")
     block = next(b for b in committee.chains[0][1:] if b.certificate is not None)
     assert block.certificate is not None
-    # Another committee (one key replaced): its quorum did not sign this.
-    stranger = [*committee.keys[:3], native.Identity.generate().public_key]
+    # Another committee: two keys replaced, so at most two signers are members, short of the
+    # three a quorum of four needs. (With one key replaced the remaining three signers can
+    # still be a quorum of the new committee, which is what a certificate proves.)
+    stranger = [*committee.keys[:2], native.Identity.generate().public_key, native.Identity.generate().public_key]
     with pytest.raises(native.ProofError, match="do not verify"):
         native.verify_finalization(stranger, block.certificate)
     # Every single-byte change is refused (a signature, the proposal, the signer bitmap).
@@ -213,3 +218,35 @@ def test_a_restarted_validator_is_given_again_what_it_had_not_acknowledged(commi
         stopped.submit(b"too late")
     with pytest.raises(native.ConsensusStoppedError):
         stopped.next_finalized(0.0)
+
+
+def test_a_follower_applies_only_blocks_a_certificate_proves(committee: Committee) -> None:
+    """swarmserve.chain.proof on real blocks and certificates: a served run of blocks is final up
+    to its last certified block; a run with a forged block, a certificate for another block, or a
+    gap is refused; uncertified blocks after the last certificate wait."""
+    committee.wait(lambda: sum(b.certificate is not None for b in committee.chains[0][1:]) >= 3, what="certificates")
+    chain = committee.chains[0]
+    served = [chain_pb2.FinalizedBlock(block=b.encoded, certificate=b.certificate or b"") for b in chain]
+    last_certified = max(i for i, b in enumerate(chain) if b.certificate is not None)
+    proven = proven_blocks(committee.keys, 0, chain[0].digest, served[1:])
+    assert [b.height for b, _ in proven] == list(range(1, last_certified + 1))
+    # Without certificates nothing is proven, however well the blocks link.
+    bare = [chain_pb2.FinalizedBlock(block=b.encoded) for b in chain[1:]]
+    assert proven_blocks(committee.keys, 0, chain[0].digest, bare) == []
+    # A block the committee never finalized, linked into the run, before a real certificate.
+    first = chain[1]
+    forged = native.encode_chain_block(first.parent, 1, first.timestamp_ms, [b"mint 1000000 to me"])
+    with pytest.raises(BlockProofError, match="does not continue"):
+        proven_blocks(committee.keys, 0, chain[0].digest, [chain_pb2.FinalizedBlock(block=forged), *served[2:]])
+    # A real certificate attached to another block.
+    certified = next(b for b in chain[1:] if b.certificate is not None)
+    stolen = chain_pb2.FinalizedBlock(block=forged, certificate=certified.certificate)
+    with pytest.raises(BlockProofError, match="another block"):
+        proven_blocks(committee.keys, 0, chain[0].digest, [stolen])
+    # A certificate signed by another committee.
+    with pytest.raises(BlockProofError):
+        strangers = [native.Identity.generate().public_key for _ in range(4)]
+        proven_blocks(strangers, 0, chain[0].digest, served[1:])
+    # A gap.
+    with pytest.raises(BlockProofError, match="does not continue"):
+        proven_blocks(committee.keys, 0, chain[0].digest, served[2:])

@@ -194,8 +194,21 @@ async def test_the_router_accepts_and_cosigns_an_offloaded_receipt(tmp_path: Pat
             return entry
 
         router.service.choose_exit = pinned  # type: ignore[method-assign]
-        long = asyncio.ensure_future(run(router.address, router_request("A long one?", 40)))
-        await asyncio.sleep(0.3)
+        long = asyncio.ensure_future(run(router.address, router_request("A long one?", 60)))
+        # Send the short one when node 0's only slot is held by the long one and gossip has
+        # told node 0 of a peer with a free slot (descriptors refresh as load changes).
+        admission = nodes[0].servicer.service.admission  # type: ignore[union-attr]
+
+        def peer_free() -> bool:
+            return any(
+                p.descriptor.load.running + p.descriptor.load.queued < p.descriptor.capacity.max_concurrent
+                for p in nodes[0].membership.directory.alive(common_pb2.NODE_ROLE_INFERENCE)
+            )
+
+        deadline = time.monotonic() + 10
+        while admission.snapshot().running == 0 or not peer_free():
+            assert time.monotonic() < deadline, "node 0 never had its slot busy and a free peer in view"
+            await asyncio.sleep(0.01)
         _, summary = await run(router.address, router_request("A short one?", 5))
         assert summary.entered_at == nodes[0].keys.identity.node_id
         assert summary.served_by != summary.entered_at

@@ -97,7 +97,9 @@ async def test_duels_reward_the_honest_provider_and_expose_a_judge_voting_for_on
 
 async def test_challenges_through_the_router_catch_a_requantized_model(swarm: SwarmFactory, q2k_model: Path) -> None:
     nodes = [{}, {"models": [ModelSettings(name=MODEL, path=q2k_model, context_length=1024)]}, {"models": REFERENCE}]
-    async with swarm(relays=2, inference=nodes, default_hops=2) as s:
+    # Round-robin: the router's choice of provider alternates, so both get challenges (with
+    # observed latency, the faster provider would take nearly all of them).
+    async with swarm(relays=2, inference=nodes, default_hops=2, dispatch="round-robin") as s:
         honest, cheater, verifier = s.inference
         claimed = honest.servicer.service.engines[MODEL].identity  # type: ignore[union-attr]
         swap_engine(cheater, ClaimingEngine, claimed)  # Q2_K weights, signing as the Q4_1 model

@@ -25,9 +25,9 @@ from services.verifier.service import VerifierService
 from services.verifier.servicer import VerifierServicer
 from swarmserve.keys import NodeKeys
 from swarmserve.ledger import LedgerRejection
+from swarmserve.node import ServiceNode
 from swarmserve.overlay import DescriptorPublisher, Membership, overlay_binding
 from swarmserve.rpc import ChannelPool, RpcServer, ServiceBinding
-from swarmserve.rpc.node import ServiceNode
 from swarmserve.telemetry import get_logger
 from swarmserve.v1 import common_pb2, inference_pb2_grpc, ledger_pb2, relay_pb2_grpc, verifier_pb2, verifier_pb2_grpc
 
@@ -120,7 +120,7 @@ class InferenceNode(ServiceNode):
                     lambda s: relay_pb2_grpc.add_RelayServicer_to_server(self.exit, s),
                 ),
                 overlay_binding(self.membership),
-                self.open_ledger(config, self.channels, self.keys.identity),
+                *self.open_ledger(config, self.channels, self.keys.identity),
                 *(
                     [
                         ServiceBinding(

@@ -5,9 +5,9 @@ from __future__ import annotations
 from services.relay.config import RelayConfig
 from services.relay.servicer import RelayServicer
 from swarmserve.keys import NodeKeys
+from swarmserve.node import ServiceNode
 from swarmserve.overlay import DescriptorPublisher, Membership, overlay_binding
 from swarmserve.rpc import ChannelPool, RpcServer, ServiceBinding
-from swarmserve.rpc.node import ServiceNode
 from swarmserve.telemetry import get_logger
 from swarmserve.v1 import common_pb2, relay_pb2_grpc
 
@@ -37,7 +37,7 @@ class RelayNode(ServiceNode):
                     lambda s: relay_pb2_grpc.add_RelayServicer_to_server(self.relay, s),
                 ),
                 overlay_binding(self.membership),
-                self.open_ledger(config, self.channels, self.keys.identity),
+                *self.open_ledger(config, self.channels, self.keys.identity),
             ],
         )
 

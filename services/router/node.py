@@ -7,9 +7,9 @@ from services.router.config import RouterConfig
 from services.router.service import RouterService
 from services.router.servicer import RouterServicer
 from swarmserve.keys import NodeKeys
+from swarmserve.node import ServiceNode
 from swarmserve.overlay import DescriptorPublisher, Membership, overlay_binding
 from swarmserve.rpc import ChannelPool, RpcServer, ServiceBinding
-from swarmserve.rpc.node import ServiceNode
 from swarmserve.telemetry import get_logger
 from swarmserve.v1 import common_pb2, router_pb2_grpc
 
@@ -39,7 +39,7 @@ class RouterNode(ServiceNode):
                     lambda s: router_pb2_grpc.add_RouterServicer_to_server(router, s),
                 ),
                 overlay_binding(self.membership),
-                ledger,
+                *ledger,
             ],
         )
 

@@ -30,6 +30,7 @@ A transaction, in block order:
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 import threading
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ from swarmserve.chain.genesis import Genesis, chain_id
 from swarmserve.chain.transactions import Transaction, TransactionError, decode_transaction
 from swarmserve.v1 import chain_pb2
 
-__all__ = ["Account", "AppliedBlock", "ChainState", "StateError"]
+__all__ = ["Account", "AppliedBlock", "ChainState", "StateError", "genesis_block"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
@@ -63,9 +64,16 @@ CREATE TABLE IF NOT EXISTS blocks (
     height INTEGER PRIMARY KEY,
     digest BLOB NOT NULL,
     encoded BLOB NOT NULL,
-    certificate BLOB
+    certificate BLOB,
+    state_root BLOB NOT NULL
 );
 """
+
+
+def genesis_block(genesis_bytes: bytes) -> native.ChainBlock:
+    """Block 0 as every validator builds it (``Block::genesis`` in native/src/consensus)."""
+    parent = hashlib.sha256(b"").digest()
+    return native.decode_chain_block(native.encode_chain_block(parent, 0, 0, [genesis_bytes]))
 
 
 class StateError(Exception):
@@ -145,6 +153,12 @@ class ChainState:
             return Account(unbonding=pending)
         return Account(available=row[0], bonded=row[1], unbonding=pending, nonce=row[2])
 
+    def root_at(self, height: int) -> bytes | None:
+        """The state root after the block at ``height``, if applied here."""
+        with self._lock:
+            row = self._db.execute("SELECT state_root FROM blocks WHERE height = ?", (height,)).fetchone()
+        return bytes(row[0]) if row else None
+
     def blocks(self, from_height: int, limit: int) -> list[chain_pb2.FinalizedBlock]:
         with self._lock:
             rows = self._db.execute(
@@ -155,8 +169,9 @@ class ChainState:
 
     # --- applying ---------------------------------------------------------------------------
 
-    def apply(self, block: native.ChainBlock) -> AppliedBlock:
-        """Applies the next finalized block (see the module's invariants)."""
+    def apply(self, block: native.ChainBlock, certificate: bytes | None = None) -> AppliedBlock:
+        """Applies the next finalized block (see the module's invariants); ``certificate``, if
+        given, is stored with it instead of ``block.certificate``."""
         with self._lock:
             height = self.height
             if block.height <= height:
@@ -170,14 +185,14 @@ class ChainState:
                 raise StateError(f"block {block.height} does not build on the last applied block")
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                result = self._apply(block)
+                result = self._apply(block, certificate if certificate is not None else block.certificate)
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
             return result
 
-    def _apply(self, block: native.ChainBlock) -> AppliedBlock:
+    def _apply(self, block: native.ChainBlock, certificate: bytes | None) -> AppliedBlock:
         applied = failed = 0
         void: list[str] = []
         if block.height == 0:
@@ -204,11 +219,11 @@ class ChainState:
                     applied += 1
                 else:
                     failed += 1
-        self._db.execute(
-            "INSERT INTO blocks (height, digest, encoded, certificate) VALUES (?, ?, ?, ?)",
-            (block.height, block.digest, block.encoded, block.certificate),
-        )
         root = self._root(block.height, block.digest)
+        self._db.execute(
+            "INSERT INTO blocks (height, digest, encoded, certificate, state_root) VALUES (?, ?, ?, ?, ?)",
+            (block.height, block.digest, block.encoded, certificate, root),
+        )
         self._set_meta("height", block.height.to_bytes(8, "big"))
         self._set_meta("block_digest", block.digest)
         self._set_meta("state_root", root)

@@ -107,9 +107,20 @@ class GossipSettings(StrictModel):
 
 
 class LedgerSettings(StrictModel):
-    """The node's credit-ledger replica (``data_dir/ledger.sqlite3``)."""
+    """The node's credit-ledger replica (``data_dir/ledger.sqlite3``) and, with a genesis file,
+    its replica of the ledger's chain (``data_dir/chain.sqlite3``; validators also keep the
+    consensus node's storage in ``data_dir/consensus``)."""
 
     sync_interval_s: float = Field(2.0, gt=0, description="anti-entropy with one random member, about this often")
+    genesis: Path | None = Field(
+        None, description="the chain's genesis file; a node whose key is in its committee is a validator"
+    )
+    consensus_listen: str | None = Field(
+        None, description="validators: where the consensus node listens (default: its address in the genesis file)"
+    )
+    chain_sync_interval_s: float = Field(
+        1.0, gt=0, description="followers: fetch new blocks from a random member about this often"
+    )
 
 
 class NodeConfig(StrictModel):

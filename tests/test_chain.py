@@ -1,0 +1,212 @@
+"""The ledger's chain in running nodes (real gossip, gRPC and consensus sockets on loopback):
+four relays are the committee of a genesis file, a fifth relay follows. Transactions submitted
+through any node's ``Chain`` service (a follower passes them to a validator) are finalized and
+applied everywhere with one state root per height; a double spend submitted through two
+validators at once applies exactly once; a fresh key holds nothing; a follower fetches blocks
+from members and applies only those the committee's certificates prove, and catches up after
+a restart; malformed and stale transactions are refused with INVALID_ARGUMENT."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc import aio
+
+from services.relay.config import RelayConfig
+from services.relay.node import RelayNode
+from swarmserve import native
+from swarmserve.chain import Genesis, GenesisAccount, GenesisValidator, sign_transaction
+from swarmserve.chain.genesis import ChainParameters
+from swarmserve.config import LedgerSettings, ServerSettings
+from swarmserve.keys import NodeKeys
+from swarmserve.v1 import chain_pb2, chain_pb2_grpc
+from tests.conftest import FAST_GOSSIP, joining
+
+ALICE, BOB, CAROL = (native.Identity.generate() for _ in range(3))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class ChainSwarm:
+    nodes: list[RelayNode]
+    genesis: Genesis
+    chain_id: bytes
+    restart: Callable[[int], object]
+
+    def stub(self, index: int) -> chain_pb2_grpc.ChainStub:
+        return chain_pb2_grpc.ChainStub(aio.insecure_channel(self.nodes[index].address))
+
+    async def wait(self, predicate: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not predicate():
+            heights = [n.chain.state.height if n.chain else None for n in self.nodes]
+            assert time.monotonic() < deadline, f"timed out waiting for {what} (heights {heights})"
+            await asyncio.sleep(0.05)
+
+    def accounts(self, key: bytes) -> set[tuple[int, int, int]]:
+        return {
+            (a.available, a.bonded, a.nonce)
+            for n in self.nodes
+            if n.chain is not None
+            for a in [n.chain.state.account(key)]
+        }
+
+
+@pytest.fixture
+def chain_swarm(tmp_path: Path) -> Callable[[], object]:
+    @asynccontextmanager
+    async def start() -> AsyncIterator[ChainSwarm]:
+        identities = [NodeKeys.load_or_create(tmp_path / f"relay{i}").identity for i in range(5)]
+        genesis = Genesis(
+            name="test-chain",
+            created_unix_ms=1,
+            validators=[
+                GenesisValidator(key=identity.public_key.hex(), address=f"127.0.0.1:{free_port()}")
+                for identity in identities[:4]
+            ],
+            accounts=[
+                GenesisAccount(key=ALICE.public_key.hex(), credits=100),
+                *(GenesisAccount(key=i.public_key.hex(), credits=10, bonded=50) for i in identities[:4]),
+            ],
+            parameters=ChainParameters(block_interval_ms=100, leader_timeout_ms=500),
+        )
+        genesis_file = tmp_path / "genesis.json"
+        genesis_file.write_bytes(genesis.encode())
+        nodes: list[RelayNode] = []
+
+        def config(index: int) -> RelayConfig:
+            return RelayConfig(
+                data_dir=tmp_path / f"relay{index}",
+                server=ServerSettings(listen="127.0.0.1:0"),
+                gossip=joining(nodes, FAST_GOSSIP),
+                ledger=LedgerSettings(genesis=genesis_file, chain_sync_interval_s=0.2),
+            )
+
+        async def restart(index: int) -> None:
+            await nodes[index].stop(0)
+            nodes[index] = RelayNode(config(index))
+            await nodes[index].start()
+
+        try:
+            for index in range(5):
+                node = RelayNode(config(index))
+                await node.start()
+                nodes.append(node)
+            assert nodes[0].chain is not None
+            yield ChainSwarm(nodes, genesis, nodes[0].chain.chain_id, restart)
+        finally:
+            for node in reversed(nodes):
+                await node.stop(0)
+
+    return start
+
+
+def transfer(
+    sender: native.Identity, chain_id: bytes, nonce: int, to: native.Identity, credits: int
+) -> chain_pb2.SignedTransaction:
+    raw = sign_transaction(
+        sender, chain_id, nonce, transfer=chain_pb2.TransferCredits(recipient_key=to.public_key, credits=credits)
+    )
+    return chain_pb2.SignedTransaction.FromString(raw)
+
+
+async def test_transactions_through_any_node_are_applied_everywhere_with_one_state_root(
+    chain_swarm: Callable[[], object],
+) -> None:
+    async with chain_swarm() as swarm:  # type: ignore[attr-defined]
+        assert [n.chain.validator for n in swarm.nodes] == [True, True, True, True, False]
+        # Through the follower (passed on to a validator) and through a validator.
+        queued = await swarm.stub(4).Submit(
+            chain_pb2.SubmitTransactionRequest(transaction=transfer(ALICE, swarm.chain_id, 1, BOB, 30))
+        )
+        assert queued.queued
+        await swarm.wait(lambda: swarm.accounts(BOB.public_key) == {(30, 0, 0)}, "the first transfer on every node")
+        await swarm.stub(2).Submit(
+            chain_pb2.SubmitTransactionRequest(transaction=transfer(BOB, swarm.chain_id, 1, CAROL, 5))
+        )
+        await swarm.wait(lambda: swarm.accounts(CAROL.public_key) == {(5, 0, 0)}, "the transfers on every node")
+        assert swarm.accounts(ALICE.public_key) == {(70, 0, 1)}
+        assert swarm.accounts(BOB.public_key) == {(25, 0, 1)}
+        # A fresh key holds nothing, on every node.
+        account = await swarm.stub(4).GetAccount(
+            chain_pb2.GetAccountRequest(account_key=native.Identity.generate().public_key)
+        )
+        assert (account.available, account.bonded, account.nonce) == (0, 0, 0)
+        # One state root per height, validators and follower alike.
+        height = min(n.chain.state.height for n in swarm.nodes)
+        assert height >= 2
+        for h in range(height + 1):
+            assert len({n.chain.state.root_at(h) for n in swarm.nodes}) == 1, f"one root at height {h}"
+        status = await swarm.stub(4).GetStatus(chain_pb2.GetChainStatusRequest())
+        assert status.chain_id == swarm.chain_id and not status.validator and len(status.validators) == 4
+
+
+async def test_a_double_spend_through_two_validators_applies_once(chain_swarm: Callable[[], object]) -> None:
+    async with chain_swarm() as swarm:  # type: ignore[attr-defined]
+        # One nonce, the whole balance, two recipients, two validators, at once.
+        await asyncio.gather(
+            swarm.stub(0).Submit(
+                chain_pb2.SubmitTransactionRequest(transaction=transfer(ALICE, swarm.chain_id, 1, BOB, 100))
+            ),
+            swarm.stub(3).Submit(
+                chain_pb2.SubmitTransactionRequest(transaction=transfer(ALICE, swarm.chain_id, 1, CAROL, 100))
+            ),
+        )
+        await swarm.wait(lambda: swarm.accounts(ALICE.public_key) == {(0, 0, 1)}, "the spend on every node")
+        await asyncio.sleep(1.0)  # later blocks change nothing: the other transfer is void
+        paid = swarm.accounts(BOB.public_key) | swarm.accounts(CAROL.public_key)
+        assert paid == {(100, 0, 0), (0, 0, 0)}, "exactly one recipient was paid, the same one everywhere"
+        assert len(swarm.accounts(BOB.public_key)) == 1
+
+
+async def test_bad_and_stale_transactions_are_refused(chain_swarm: Callable[[], object]) -> None:
+    async with chain_swarm() as swarm:  # type: ignore[attr-defined]
+        stub = swarm.stub(1)
+        forged = transfer(ALICE, swarm.chain_id, 1, BOB, 100)
+        forged.signature = BOB.sign(forged.body)
+        other_chain = transfer(ALICE, b"\x01" * 32, 1, BOB, 100)
+        garbage = chain_pb2.SignedTransaction(body=b"\x12\x01", signature=b"")
+        for bad, reason in ((forged, "bad signature"), (other_chain, "another chain"), (garbage, "malformed")):
+            with pytest.raises(aio.AioRpcError) as refused:
+                await stub.Submit(chain_pb2.SubmitTransactionRequest(transaction=bad))
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and reason in (
+                refused.value.details() or ""
+            )
+        await stub.Submit(chain_pb2.SubmitTransactionRequest(transaction=transfer(ALICE, swarm.chain_id, 1, BOB, 1)))
+        await swarm.wait(lambda: swarm.accounts(ALICE.public_key) == {(99, 0, 1)}, "the transfer")
+        with pytest.raises(aio.AioRpcError) as stale:
+            await swarm.stub(4).Submit(
+                chain_pb2.SubmitTransactionRequest(transaction=transfer(ALICE, swarm.chain_id, 1, CAROL, 1))
+            )
+        assert stale.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "already spent" in (
+            stale.value.details() or ""
+        )
+        with pytest.raises(aio.AioRpcError) as too_many:
+            await stub.GetBlocks(chain_pb2.GetBlocksRequest(from_height=0, limit=10_000))
+        assert too_many.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_a_restarted_follower_catches_up_from_members(chain_swarm: Callable[[], object]) -> None:
+    async with chain_swarm() as swarm:  # type: ignore[attr-defined]
+        follower = swarm.nodes[4]
+        await swarm.wait(lambda: follower.chain.state.height >= 3, "the follower's first blocks")
+        await swarm.restart(4)
+        await swarm.stub(0).Submit(
+            chain_pb2.SubmitTransactionRequest(transaction=transfer(ALICE, swarm.chain_id, 1, BOB, 7))
+        )
+        await swarm.wait(lambda: swarm.accounts(BOB.public_key) == {(7, 0, 0)}, "the restarted follower")
+        validator_height = swarm.nodes[0].chain.state.height
+        await swarm.wait(lambda: swarm.nodes[4].chain.state.height >= validator_height, "the follower at the tip")
