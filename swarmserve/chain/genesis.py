@@ -30,8 +30,18 @@ class GenesisAccount(StrictModel):
     key: str = Field(description="the account's identity key, hex")
     credits: int = Field(0, ge=0, description="spendable credits at the start")
     bonded: int = Field(0, ge=0, description="credits bonded as stake at the start")
+    members: list[str] = Field(
+        default_factory=list,
+        description="node keys (hex) that spend from and earn into this account: an operator's routers and "
+        "inference nodes sharing one account",
+    )
 
     _check_key = field_validator("key")(_key)
+
+    @field_validator("members")
+    @classmethod
+    def _members(cls, value: list[str]) -> list[str]:
+        return [_key(member) for member in value]
 
 
 class GenesisValidator(StrictModel):
@@ -56,6 +66,25 @@ class ChainParameters(StrictModel):
     equivocation_slash_permille: int = Field(
         500, ge=0, le=1000, description="thousandths of a validator's stake burned for proven conflicting votes"
     )
+    epoch_blocks: int = Field(
+        100, ge=1, description="blocks per epoch: cheques settle once per epoch per pair; lotteries reseed"
+    )
+    verifier_min_stake: int = Field(
+        10, ge=1, description="bonded credits an account needs to be drawn as verifier, appeal juror or judge"
+    )
+    verifiers_per_check: int = Field(3, ge=1, description="accounts the lottery assigns to each receipt")
+    appeal_blocks: int = Field(
+        20, ge=1, description="blocks the accused has to appeal a FAIL, and the committee has to vote"
+    )
+    appeal_committee: int = Field(3, ge=1, description="accounts drawn to re-execute an appealed FAIL")
+    judges_per_duel: int = Field(3, ge=1, description="accounts drawn to judge each duel")
+    check_fail_slash_permille: int = Field(
+        500, ge=0, le=1000, description="thousandths of a provider's stake burned for a decided FAIL"
+    )
+    overturned_slash_permille: int = Field(
+        500, ge=0, le=1000, description="thousandths of a verifier's stake burned when its FAIL is overturned"
+    )
+    duel_slash_permille: int = Field(100, ge=0, le=1000, description="thousandths of a duel loser's stake burned")
 
 
 class Genesis(StrictModel):
@@ -67,9 +96,10 @@ class Genesis(StrictModel):
 
     @model_validator(mode="after")
     def _unique(self) -> Genesis:
+        members = [m for a in self.accounts for m in a.members]
         for what, keys in (
             ("validator", [v.key for v in self.validators]),
-            ("account", [a.key for a in self.accounts]),
+            ("account or member", [a.key for a in self.accounts] + members),
         ):
             if len(set(keys)) != len(keys):
                 raise ValueError(f"a {what} key is listed twice")

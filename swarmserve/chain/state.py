@@ -26,6 +26,28 @@ A transaction, in block order:
 - equivocation evidence: if it proves against the committee that a validator signed
   conflicting votes, and that fault was not already punished, burns
   ``equivocation_slash_permille`` of the validator's bonded and unbonding stake.
+
+Accounts and their members: a key's credits are those of its account, which is the key itself
+unless it was made a member of another account (an operator's nodes sharing one account, with
+the member's consent). Spending, earning and stake go to the account; nonces stay per key.
+
+Payments: a cheque settles once per epoch per (payer, payee); it pays what its cumulative
+amount exceeds the settled one by, as far as the payer's account affords it. Paying a member of
+one's own account is refused (serving one's own users is free).
+
+Verdicts (one per receipt) are recorded only from an account the lottery drew for that receipt
+(:func:`swarmserve.chain.lottery.draw`, seeded by an epoch's first block over the stakes as they
+were at that block), with a receipt co-signed by someone outside the provider's account:
+
+- a PASS is recorded as passed, and changes no stake;
+- a FAIL carries the prompt and tokens and is pending for ``appeal_blocks``; unappealed, it is
+  then decided and burns ``check_fail_slash_permille`` of the provider account's stake (bonded
+  and unbonding); appealed by the provider, a committee drawn the same way votes for
+  ``appeal_blocks``, and a majority to overturn burns ``overturned_slash_permille`` of the
+  verifier's stake instead (otherwise the FAIL stands and slashes as above);
+- a duel result counts only with a majority of votes (:func:`swarmserve.verdicts.tally_duel`)
+  from judges the lottery drew for the organiser's next duel; it burns ``duel_slash_permille``
+  of the loser's stake.
 """
 
 from __future__ import annotations
@@ -39,11 +61,20 @@ from pathlib import Path
 from blake3 import blake3
 
 from swarmserve import native
+from swarmserve.chain.cheques import ChequeError, open_cheque
+from swarmserve.chain.evidence import EvidenceError, check_evidence, verdict_id
 from swarmserve.chain.genesis import Genesis, chain_id
+from swarmserve.chain.lottery import draw
 from swarmserve.chain.transactions import Transaction, TransactionError, decode_transaction
-from swarmserve.v1 import chain_pb2
+from swarmserve.telemetry import get_logger
+from swarmserve.v1 import chain_pb2, verifier_pb2
+from swarmserve.verdicts import VerdictError, open_verdict, tally_duel
 
-__all__ = ["Account", "AppliedBlock", "ChainState", "StateError", "genesis_block"]
+log = get_logger("swarmserve.chain")
+
+__all__ = ["Account", "AppliedBlock", "ChainState", "StateError", "VerdictRecord", "genesis_block"]
+
+MEMBER_CONSENT = b"swarmserve-member-v1"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
@@ -60,6 +91,48 @@ CREATE TABLE IF NOT EXISTS unbonding (
 );
 CREATE INDEX IF NOT EXISTS unbonding_release ON unbonding (release_height);
 CREATE TABLE IF NOT EXISTS punished (fault BLOB PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS members (member BLOB PRIMARY KEY, account BLOB NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS settlements (
+    payer BLOB NOT NULL,
+    payee BLOB NOT NULL,
+    settled INTEGER NOT NULL,
+    epoch INTEGER NOT NULL,
+    PRIMARY KEY (payer, payee)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS epoch_stakes (
+    epoch INTEGER NOT NULL,
+    account BLOB NOT NULL,
+    stake INTEGER NOT NULL,
+    PRIMARY KEY (epoch, account)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS verdicts (
+    id BLOB PRIMARY KEY,
+    provider BLOB NOT NULL,
+    provider_account BLOB NOT NULL,
+    verifier BLOB NOT NULL,
+    verifier_account BLOB NOT NULL,
+    excluded BLOB NOT NULL,
+    score_permille INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    recorded_height INTEGER NOT NULL,
+    deadline INTEGER NOT NULL,
+    evidence BLOB
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS verdicts_deadline ON verdicts (status, deadline);
+CREATE TABLE IF NOT EXISTS jurors (
+    verdict BLOB NOT NULL,
+    account BLOB NOT NULL,
+    uphold INTEGER,
+    PRIMARY KEY (verdict, account)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS duels (
+    id BLOB PRIMARY KEY,
+    organiser BLOB NOT NULL,
+    winner BLOB NOT NULL,
+    loser BLOB NOT NULL,
+    recorded_height INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS organisers (key BLOB PRIMARY KEY, duels INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS blocks (
     height INTEGER PRIMARY KEY,
     digest BLOB NOT NULL,
@@ -85,7 +158,22 @@ class Account:
     available: int = 0
     bonded: int = 0
     unbonding: int = 0
-    nonce: int = 0
+    nonce: int = 0  # the key's own, whatever account it spends from
+    account_key: bytes = b""  # the account the figures are of (the key, or the one it is a member of)
+
+
+@dataclass(frozen=True)
+class VerdictRecord:
+    """A check's verdict as the chain holds it; ``status`` is passed, pending (a FAIL in its
+    appeal window), appealed, failed (decided) or overturned."""
+
+    id: bytes
+    provider: bytes
+    verifier: bytes
+    status: str
+    score: float
+    recorded_height: int
+    deadline: int
 
 
 @dataclass(frozen=True)
@@ -145,13 +233,76 @@ class ChainState:
             return self._meta("state_root") or b""
 
     def account(self, key: bytes) -> Account:
+        """The credits of ``key``'s account and ``key``'s own nonce."""
         with self._lock:
-            row = self._db.execute("SELECT available, bonded, nonce FROM accounts WHERE key = ?", (key,)).fetchone()
-            unbonding = self._db.execute("SELECT COALESCE(SUM(credits), 0) FROM unbonding WHERE key = ?", (key,))
-            pending = int(unbonding.fetchone()[0])
-        if row is None:
-            return Account(unbonding=pending)
-        return Account(available=row[0], bonded=row[1], unbonding=pending, nonce=row[2])
+            owner = self._account_of(key)
+            account = self._load(owner)
+            nonce = self._load(key).nonce
+            pending = self._db.execute("SELECT COALESCE(SUM(credits), 0) FROM unbonding WHERE key = ?", (owner,))
+            account.unbonding = int(pending.fetchone()[0])
+        account.nonce, account.account_key = nonce, owner
+        return account
+
+    def account_of(self, key: bytes) -> bytes:
+        with self._lock:
+            return self._account_of(key)
+
+    def settled(self, payer: bytes, payee: bytes) -> tuple[int, int]:
+        """(credits settled so far, epoch of the last settlement; -1 if none) for a pair."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT settled, epoch FROM settlements WHERE payer = ? AND payee = ?", (payer, payee)
+            ).fetchone()
+        return (row[0], row[1]) if row else (0, -1)
+
+    def epoch_of(self, height: int) -> int:
+        return height // self.genesis.parameters.epoch_blocks
+
+    def lottery(self, epoch: int, subject: bytes, count: int, excluded: set[bytes]) -> list[bytes]:
+        """The accounts drawn for ``subject`` with the seed and stakes of ``epoch`` ([] if this
+        replica has not applied that epoch's first block)."""
+        with self._lock:
+            return self._draw(epoch, subject, count, excluded)
+
+    def check_assignment(self, subject: bytes, provider: bytes, cosigners: tuple[bytes, ...]) -> list[bytes]:
+        """The accounts drawn now to verify a receipt (see :func:`verdict_id`) from ``provider``
+        co-signed by ``cosigners``, with the latest seed a verdict can use."""
+        with self._lock:
+            excluded = {self._account_of(provider), *map(self._account_of, cosigners)}
+            return self._draw(
+                self._latest_seed_epoch(self.height + 1), subject, self.genesis.parameters.verifiers_per_check, excluded
+            )
+
+    def verdict(self, identifier: bytes) -> VerdictRecord | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT id, provider, verifier, status, score_permille, recorded_height, deadline FROM verdicts "
+                "WHERE id = ?",
+                (identifier,),
+            ).fetchone()
+        return _verdict_record(row) if row else None
+
+    def verdicts_since(self, height: int) -> list[VerdictRecord]:
+        """Verdicts recorded or decided after ``height`` (for reputation, read incrementally)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, provider, verifier, status, score_permille, recorded_height, deadline FROM verdicts "
+                "WHERE recorded_height > ? OR (status IN ('failed', 'overturned') AND deadline >= ?) "
+                "ORDER BY recorded_height, id",
+                (height, height),
+            ).fetchall()
+        return [_verdict_record(row) for row in rows]
+
+    def jurors(self, identifier: bytes) -> dict[bytes, bool | None]:
+        """An appeal committee: account -> its vote (True: uphold), None if it has not voted."""
+        with self._lock:
+            rows = self._db.execute("SELECT account, uphold FROM jurors WHERE verdict = ?", (identifier,)).fetchall()
+        return {bytes(account): None if uphold is None else bool(uphold) for account, uphold in rows}
+
+    def duels_organised(self, organiser: bytes) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT duels FROM organisers WHERE key = ?", (organiser,)).fetchone()
+        return row[0] if row else 0
 
     def root_at(self, height: int) -> bytes | None:
         """The state root after the block at ``height``, if applied here."""
@@ -201,8 +352,17 @@ class ChainState:
             self._set_meta("chain_id", self.chain_id)
             for funded in self.genesis.accounts:
                 self._save(bytes.fromhex(funded.key), Account(funded.credits, funded.bonded))
+                for member in funded.members:
+                    self._db.execute(
+                        "INSERT INTO members (member, account) VALUES (?, ?)",
+                        (bytes.fromhex(member), bytes.fromhex(funded.key)),
+                    )
+            self._snapshot_stakes(0)
         else:
             self._release_unbonded(block.height)
+            self._decide_verdicts(block.height)
+            if block.height % self.genesis.parameters.epoch_blocks == 0:
+                self._snapshot_stakes(self.epoch_of(block.height))
             for raw in block.transactions:
                 try:
                     transaction = decode_transaction(raw, self.chain_id)
@@ -215,7 +375,7 @@ class ChainState:
                     continue
                 account.nonce += 1
                 self._save(transaction.account, account)  # the nonce is spent whatever follows
-                if self._execute(transaction, block.height):
+                if self._execute_alone(transaction, block.height):
                     applied += 1
                 else:
                     failed += 1
@@ -229,43 +389,294 @@ class ChainState:
         self._set_meta("state_root", root)
         return AppliedBlock(block.height, block.digest, root, applied, failed, tuple(void))
 
+    def _execute_alone(self, transaction: Transaction, height: int) -> bool:
+        """Executes a transaction so that nothing it does can stop the chain: any error it raises
+        (the same on every replica, application being deterministic) undoes it, and it counts
+        as failed."""
+        self._db.execute("SAVEPOINT transaction_")
+        try:
+            done = self._execute(transaction, height)
+        except Exception as error:
+            self._db.execute("ROLLBACK TO transaction_")
+            log.warning("a transaction raised; undone", kind=transaction.kind, error=repr(error))
+            done = False
+        self._db.execute("RELEASE transaction_")
+        return done
+
     def _execute(self, transaction: Transaction, height: int) -> bool:
         """Applies one transaction whose nonce was just spent; False if it failed."""
-        body, key = transaction.body, transaction.account
-        account = self._load(key)
-        kind = transaction.kind
-        if kind == "transfer":
-            recipient, credits = body.transfer.recipient_key, body.transfer.credits
-            if len(recipient) != 32 or credits < 1 or account.available < credits or recipient == key:
-                return False
-            account.available -= credits
-            self._save(key, account)
-            other = self._load(recipient)
-            other.available += credits
-            self._save(recipient, other)
-            return True
-        if kind == "bond":
-            credits = body.bond.credits
-            if credits < 1 or account.available < credits:
-                return False
-            account.available -= credits
-            account.bonded += credits
-            self._save(key, account)
-            return True
-        if kind == "unbond":
-            credits = body.unbond.credits
-            if credits < 1 or account.bonded < credits:
-                return False
-            account.bonded -= credits
-            self._save(key, account)
-            self._db.execute(
-                "INSERT INTO unbonding (key, release_height, credits) VALUES (?, ?, ?)",
-                (key, height + self.genesis.parameters.unbonding_blocks, credits),
-            )
-            return True
-        if kind == "equivocation":
-            return self._punish_equivocation(body.equivocation.evidence)
+        body, signer = transaction.body, transaction.account
+        key = self._account_of(signer)  # whose credits the transaction moves
+        match transaction.kind:
+            case "transfer":
+                recipient = self._account_of(body.transfer.recipient_key)
+                return (
+                    len(body.transfer.recipient_key) == 32
+                    and recipient != key
+                    and self._move(key, recipient, body.transfer.credits)
+                )
+            case "bond":
+                return self._bond(key, body.bond.credits)
+            case "unbond":
+                return self._unbond(key, body.unbond.credits, height)
+            case "equivocation":
+                return self._punish_equivocation(body.equivocation.evidence)
+            case "add_member":
+                return self._add_member(signer, body.add_member)
+            case "remove_member":
+                member = body.remove_member.member_key
+                if self._account_of(member) != signer or member == signer:
+                    return False
+                self._db.execute("DELETE FROM members WHERE member = ?", (member,))
+                return True
+            case "settle":
+                return self._settle(body.settle.cheque, height)
+            case "verdict":
+                return self._record_verdict(signer, body.verdict, height)
+            case "appeal":
+                return self._appeal(signer, body.appeal.verdict_id, height)
+            case "appeal_vote":
+                return self._vote(signer, body.appeal_vote, height)
+            case "duel":
+                return self._record_duel(body.duel, height)
         return False
+
+    # --- credits ----------------------------------------------------------------------------
+
+    def _move(self, payer: bytes, payee: bytes, credits: int) -> bool:
+        account = self._load(payer)
+        if credits < 1 or account.available < credits:
+            return False
+        account.available -= credits
+        self._save(payer, account)
+        other = self._load(payee)
+        other.available += credits
+        self._save(payee, other)
+        return True
+
+    def _bond(self, key: bytes, credits: int) -> bool:
+        account = self._load(key)
+        if credits < 1 or account.available < credits:
+            return False
+        account.available -= credits
+        account.bonded += credits
+        self._save(key, account)
+        return True
+
+    def _unbond(self, key: bytes, credits: int, height: int) -> bool:
+        account = self._load(key)
+        if credits < 1 or account.bonded < credits:
+            return False
+        account.bonded -= credits
+        self._save(key, account)
+        self._db.execute(
+            "INSERT INTO unbonding (key, release_height, credits) VALUES (?, ?, ?)",
+            (key, height + self.genesis.parameters.unbonding_blocks, credits),
+        )
+        return True
+
+    def _add_member(self, account: bytes, request: chain_pb2.AddMember) -> bool:
+        member = request.member_key
+        if len(member) != 32 or member == account or self._account_of(account) != account:
+            return False  # an account cannot join itself, and a member cannot have members
+        try:
+            native.verify_signature(member, MEMBER_CONSENT + self.chain_id + account, request.consent)
+        except native.CryptoError:
+            return False
+        holdings = self._load(member)
+        if (
+            self._account_of(member) != member
+            or holdings.available
+            or holdings.bonded
+            or self._db.execute("SELECT 1 FROM unbonding WHERE key = ?", (member,)).fetchone()
+            or self._db.execute("SELECT 1 FROM members WHERE account = ?", (member,)).fetchone()
+        ):
+            return False  # already a member, or holds credits or members of its own
+        self._db.execute("INSERT INTO members (member, account) VALUES (?, ?)", (member, account))
+        return True
+
+    def _settle(self, signed: chain_pb2.SignedCheque, height: int) -> bool:
+        try:
+            cheque = open_cheque(signed, self.chain_id)
+        except ChequeError:
+            return False
+        payer, payee = self._account_of(cheque.payer), self._account_of(cheque.payee)
+        if payer == payee:
+            return False  # one's own users are served for free
+        settled, last_epoch = self.settled(cheque.payer, cheque.payee)
+        epoch = self.epoch_of(height)
+        if last_epoch >= epoch or cheque.cumulative <= settled:
+            return False
+        paid = min(cheque.cumulative - settled, self._load(payer).available)
+        if paid:
+            self._move(payer, payee, paid)
+        self._db.execute(
+            "INSERT OR REPLACE INTO settlements (payer, payee, settled, epoch) VALUES (?, ?, ?, ?)",
+            (cheque.payer, cheque.payee, settled + paid, epoch),
+        )
+        return paid > 0
+
+    # --- verdicts and duels ---------------------------------------------------------------------------
+
+    def _snapshot_stakes(self, epoch: int) -> None:
+        """The stakes lotteries seeded by this epoch draw from. Only this epoch's and the previous
+        one's are kept, so a verdict can name only a recent seed (no searching old epochs for a
+        draw that suits)."""
+        self._db.execute("DELETE FROM epoch_stakes WHERE epoch < ?", (epoch - 1,))
+        self._db.execute(
+            "INSERT INTO epoch_stakes (epoch, account, stake) SELECT ?, key, bonded FROM accounts WHERE bonded >= ?",
+            (epoch, self.genesis.parameters.verifier_min_stake),
+        )
+
+    def _latest_seed_epoch(self, height: int) -> int:
+        """The latest epoch whose first block comes before ``height``."""
+        return self.epoch_of(height - 1)
+
+    def _draw(self, epoch: int, subject: bytes, count: int, excluded: set[bytes]) -> list[bytes]:
+        """[] for an epoch whose stakes are gone, or whose first block is not applied yet (the block
+        being applied cannot seed its own transactions' draws)."""
+        seed = self._db.execute(
+            "SELECT digest FROM blocks WHERE height = ?", (epoch * self.genesis.parameters.epoch_blocks,)
+        ).fetchone()
+        if seed is None:
+            return []
+        stakes = dict(self._db.execute("SELECT account, stake FROM epoch_stakes WHERE epoch = ?", (epoch,)).fetchall())
+        return draw(bytes(seed[0]), subject, {bytes(k): v for k, v in stakes.items()}, count, excluded=excluded)
+
+    def _record_verdict(self, signer: bytes, record: chain_pb2.RecordVerdict, height: int) -> bool:
+        try:
+            verdict = open_verdict(record.verdict)
+        except VerdictError:
+            return False
+        failed = verdict.outcome == verifier_pb2.VERDICT_OUTCOME_FAIL
+        if (
+            record.verdict.verifier_key != signer
+            or verdict.kind != verifier_pb2.VERDICT_KIND_CHECK
+            or verdict.outcome not in (verifier_pb2.VERDICT_OUTCOME_PASS, verifier_pb2.VERDICT_OUTCOME_FAIL)
+        ):
+            return False
+        try:
+            facts = check_evidence(record.evidence, with_stream=failed)
+        except EvidenceError:
+            return False
+        provider = facts.receipt.node_key
+        if provider != verdict.provider_key or facts.receipt.request_id != verdict.subject_id:
+            return False
+        provider_account, verifier_account = self._account_of(provider), self._account_of(signer)
+        payers = {self._account_of(c) for c in facts.cosigners} - {provider_account, verifier_account}
+        if not payers:
+            return False  # a check the provider (or the verifier) asked for about itself counts for nothing
+        identifier = verdict_id(record.evidence.receipt)
+        if self._db.execute("SELECT 1 FROM verdicts WHERE id = ?", (identifier,)).fetchone():
+            return False  # one verdict per served stream
+        excluded = {provider_account, *map(self._account_of, facts.cosigners)}
+        drawn = self._draw(record.lottery_epoch, identifier, self.genesis.parameters.verifiers_per_check, excluded)
+        if verifier_account not in drawn:
+            return False  # the lottery did not assign this verifier
+        self._db.execute(
+            "INSERT INTO verdicts (id, provider, provider_account, verifier, verifier_account, excluded, "
+            "score_permille, status, recorded_height, deadline, evidence) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                identifier,
+                provider,
+                provider_account,
+                signer,
+                verifier_account,
+                b"".join(sorted(excluded)),
+                round(verdict.score * 1000),
+                "pending" if failed else "passed",
+                height,
+                height + self.genesis.parameters.appeal_blocks if failed else height,
+                record.evidence.SerializeToString(deterministic=True) if failed else None,
+            ),
+        )
+        return True
+
+    def _appeal(self, signer: bytes, identifier: bytes, height: int) -> bool:
+        row = self._db.execute(
+            "SELECT provider_account, verifier_account, excluded, deadline FROM verdicts "
+            "WHERE id = ? AND status = 'pending'",
+            (identifier,),
+        ).fetchone()
+        if row is None or self._account_of(signer) != bytes(row[0]) or height > row[3]:
+            return False
+        excluded = {bytes(row[2][i : i + 32]) for i in range(0, len(row[2]), 32)} | {bytes(row[1])}
+        parameters = self.genesis.parameters
+        committee = self._draw(
+            self._latest_seed_epoch(height), b"appeal" + identifier, parameters.appeal_committee, excluded
+        )
+        for account in committee:
+            self._db.execute("INSERT INTO jurors (verdict, account, uphold) VALUES (?, ?, NULL)", (identifier, account))
+        self._db.execute(
+            "UPDATE verdicts SET status = 'appealed', deadline = ? WHERE id = ?",
+            (height + parameters.appeal_blocks, identifier),
+        )
+        return True
+
+    def _vote(self, signer: bytes, vote: chain_pb2.AppealVote, height: int) -> bool:
+        row = self._db.execute(
+            "SELECT deadline FROM verdicts WHERE id = ? AND status = 'appealed'", (vote.verdict_id,)
+        ).fetchone()
+        if row is None or height > row[0]:
+            return False
+        cursor = self._db.execute(
+            "UPDATE jurors SET uphold = ? WHERE verdict = ? AND account = ? AND uphold IS NULL",
+            (int(vote.uphold), vote.verdict_id, self._account_of(signer)),
+        )
+        return cursor.rowcount == 1
+
+    def _decide_verdicts(self, height: int) -> None:
+        """FAILs whose window closed before ``height``: unappealed ones stand; appealed ones are
+        overturned if more jurors voted to overturn than to uphold."""
+        parameters = self.genesis.parameters
+        rows = self._db.execute(
+            "SELECT id, provider_account, verifier_account, status FROM verdicts "
+            "WHERE status IN ('pending', 'appealed') AND deadline < ? ORDER BY deadline, id",
+            (height,),
+        ).fetchall()
+        for identifier, provider_account, verifier_account, status in rows:
+            overturned = False
+            if status == "appealed":
+                votes = [
+                    uphold
+                    for (uphold,) in self._db.execute("SELECT uphold FROM jurors WHERE verdict = ?", (identifier,))
+                ]
+                overturned = votes.count(0) > votes.count(1)
+            if overturned:
+                self._slash(bytes(verifier_account), parameters.overturned_slash_permille)
+            else:
+                self._slash(bytes(provider_account), parameters.check_fail_slash_permille)
+            self._db.execute(
+                "UPDATE verdicts SET status = ?, deadline = ? WHERE id = ?",
+                ("overturned" if overturned else "failed", height, identifier),
+            )
+
+    def _record_duel(self, record: chain_pb2.RecordDuel, height: int) -> bool:
+        """Anyone may submit an organiser's signed result: the draw is keyed by the organiser."""
+        try:
+            tally = tally_duel(open_verdict(record.result))
+        except VerdictError:
+            return False
+        organiser = record.result.verifier_key
+        organised = self.duels_organised(organiser)
+        parties = {self._account_of(tally.winner), self._account_of(tally.loser), self._account_of(organiser)}
+        subject = b"duel" + organiser + organised.to_bytes(8, "big")
+        drawn = set(self._draw(record.lottery_epoch, subject, self.genesis.parameters.judges_per_duel, parties))
+        judges = [self._account_of(j) for j in tally.judges_agreeing + tally.judges_dissenting + tally.judges_undecided]
+        if len(set(judges)) != len(judges) or not set(judges) <= drawn:
+            return False  # only the judges drawn for this organiser's next duel, each account once
+        identifier = blake3(b"swarmserve-duel-v1" + record.result.verdict).digest()
+        if self._db.execute("SELECT 1 FROM duels WHERE id = ?", (identifier,)).fetchone():
+            return False  # recorded already
+        self._db.execute("INSERT OR REPLACE INTO organisers (key, duels) VALUES (?, ?)", (organiser, organised + 1))
+        self._db.execute(
+            "INSERT INTO duels (id, organiser, winner, loser, recorded_height) VALUES (?, ?, ?, ?, ?)",
+            (identifier, organiser, tally.winner, tally.loser, height),
+        )
+        self._slash(self._account_of(tally.loser), self.genesis.parameters.duel_slash_permille)
+        return True
+
+    # --- stake ------------------------------------------------------------------------------
 
     def _punish_equivocation(self, evidence: bytes) -> bool:
         try:
@@ -276,7 +687,7 @@ class ChainState:
         if self._db.execute("SELECT 1 FROM punished WHERE fault = ?", (fault,)).fetchone():
             return False  # one fault, one punishment, however many report it
         self._db.execute("INSERT INTO punished (fault) VALUES (?)", (fault,))
-        self._slash(validator, self.genesis.parameters.equivocation_slash_permille)
+        self._slash(self._account_of(validator), self.genesis.parameters.equivocation_slash_permille)
         return True
 
     def _slash(self, key: bytes, permille: int) -> None:
@@ -300,6 +711,12 @@ class ChainState:
             self._save(bytes(key), account)
         self._db.execute("DELETE FROM unbonding WHERE release_height <= ?", (height,))
 
+    # --- storage ----------------------------------------------------------------------------
+
+    def _account_of(self, key: bytes) -> bytes:
+        row = self._db.execute("SELECT account FROM members WHERE member = ?", (key,)).fetchone()
+        return bytes(row[0]) if row else key
+
     def _load(self, key: bytes) -> Account:
         row = self._db.execute("SELECT available, bonded, nonce FROM accounts WHERE key = ?", (key,)).fetchone()
         return Account(available=row[0], bonded=row[1], nonce=row[2]) if row else Account()
@@ -314,19 +731,47 @@ class ChainState:
         self._db.execute("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", (name, value))
 
     def _root(self, height: int, digest: bytes) -> bytes:
-        """BLAKE3 over the block and every account and unbonding record in key order."""
-        hasher = blake3(b"swarmserve-state-v1")
+        """BLAKE3 over the block and every row of the state's tables, each table in key order."""
+        hasher = blake3(b"swarmserve-state-v2")
         hasher.update(height.to_bytes(8, "big") + digest)
-        for key, available, bonded, nonce in self._db.execute(
-            "SELECT key, available, bonded, nonce FROM accounts ORDER BY key"
-        ):
-            hasher.update(
-                bytes(key) + available.to_bytes(8, "big") + bonded.to_bytes(8, "big") + nonce.to_bytes(8, "big")
-            )
-        for key, release, credits in self._db.execute(
-            "SELECT key, release_height, credits FROM unbonding ORDER BY key, release_height, credits"
-        ):
-            hasher.update(b"u" + bytes(key) + release.to_bytes(8, "big") + credits.to_bytes(8, "big"))
-        for (fault,) in self._db.execute("SELECT fault FROM punished ORDER BY fault"):
-            hasher.update(b"p" + bytes(fault))
+        for table, columns in _STATE_TABLES:
+            hasher.update(b"\x00" + table.encode())
+            for row in self._db.execute(f"SELECT {columns} FROM {table} ORDER BY {columns}"):
+                for value in row:
+                    hasher.update(_canonical(value))
         return hasher.digest()
+
+
+# Every table the state root covers (blocks and meta are the chain itself, not its state).
+_STATE_TABLES = (
+    ("accounts", "key, available, bonded, nonce"),
+    ("unbonding", "key, release_height, credits"),
+    ("punished", "fault"),
+    ("members", "member, account"),
+    ("settlements", "payer, payee, settled, epoch"),
+    ("epoch_stakes", "epoch, account, stake"),
+    (
+        "verdicts",
+        "id, provider, provider_account, verifier, verifier_account, excluded, score_permille, status, "
+        "recorded_height, deadline, evidence",
+    ),
+    ("jurors", "verdict, account, uphold"),
+    ("duels", "id, organiser, winner, loser, recorded_height"),
+    ("organisers", "key, duels"),
+)
+
+
+def _canonical(value: object) -> bytes:
+    if value is None:
+        return b"n"
+    if isinstance(value, int):
+        return b"i" + value.to_bytes(8, "big", signed=True)
+    if isinstance(value, str):
+        value = value.encode()
+    assert isinstance(value, bytes)
+    return b"b" + len(value).to_bytes(4, "big") + value
+
+
+def _verdict_record(row: tuple[bytes, bytes, bytes, str, int, int, int]) -> VerdictRecord:
+    identifier, provider, verifier, status, score, recorded, deadline = row
+    return VerdictRecord(bytes(identifier), bytes(provider), bytes(verifier), status, score / 1000, recorded, deadline)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from swarmserve import native
 from swarmserve.v1 import chain_pb2
@@ -36,28 +36,15 @@ class Transaction:
         return self.body.WhichOneof("kind")
 
 
-def sign_transaction(
-    identity: native.Identity,
-    chain_id: bytes,
-    nonce: int,
-    *,
-    transfer: chain_pb2.TransferCredits | None = None,
-    bond: chain_pb2.BondStake | None = None,
-    unbond: chain_pb2.UnbondStake | None = None,
-    equivocation: chain_pb2.EquivocationEvidence | None = None,
-) -> bytes:
-    """One transaction of ``identity``'s account, serialized for submission."""
-    body = chain_pb2.TransactionBody(
-        chain_id=chain_id,
-        account_key=identity.public_key,
-        nonce=nonce,
-        transfer=transfer,
-        bond=bond,
-        unbond=unbond,
-        equivocation=equivocation,
-    )
-    if body.WhichOneof("kind") is None:
-        raise TransactionError("a transaction does one thing: transfer, bond, unbond or equivocation")
+def sign_transaction(identity: native.Identity, chain_id: bytes, nonce: int, **action: Message) -> bytes:
+    """One transaction of ``identity``'s account, serialized for submission; ``action`` is one
+    field of ``TransactionBody.kind`` (``transfer=TransferCredits(...)``, ``settle=...``)."""
+    if len(action) != 1:
+        raise TransactionError("a transaction does exactly one thing")
+    try:
+        body = chain_pb2.TransactionBody(chain_id=chain_id, account_key=identity.public_key, nonce=nonce, **action)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as error:
+        raise TransactionError(f"not a transaction: {error}") from error
     serialized = body.SerializeToString()
     return chain_pb2.SignedTransaction(body=serialized, signature=identity.sign(serialized)).SerializeToString()
 
