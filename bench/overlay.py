@@ -174,7 +174,9 @@ async def run_policy(policy: str, rates: list[float], seconds: float) -> dict[st
                 "SWARMSERVE_DEFAULT_HOPS": "0",
                 **({"SWARMSERVE_HOME": f"127.0.0.1:{base + NODES + i}"} if policy == "local-only" else {}),
             }
-        swarm = LocalSwarm(Path(workdir), ports_from=base, relays=0, inference_nodes=NODES, routers=NODES, node_env=env)
+        swarm = LocalSwarm(
+            Path(workdir), ports_from=base, relays=0, inference_nodes=NODES, routers=NODES, node_env=env, ledger=False
+        )
         await swarm.start()
         try:
             routers = [r.listen for r in swarm.routers]

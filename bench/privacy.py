@@ -119,6 +119,7 @@ async def measure(console: Console, threads: int) -> dict[str, Any]:
             relays=max(HOPS),
             inference_nodes=1,
             inference_env={"SWARMSERVE_MODELS": models},
+            ledger=False,
         )
         server_port = base + max(HOPS) + 2
         await swarm.start()

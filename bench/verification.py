@@ -1,5 +1,5 @@
 """Verification: honest providers against cheating ones, with real llama.cpp nodes (the embedded
-SmolLM2 model) on loopback, real signatures and real SQLite ledgers, in one run.
+SmolLM2 model) on loopback, real signatures and a real ledger chain, in one run.
 
 1. Re-execution checks (``Verifier.CheckReceipt``): a provider node serves, a verifier node
    re-executes. Cheats: a Q2_K re-quantization claiming to be the Q4_1 model (greedy and at
@@ -14,8 +14,9 @@ SmolLM2 model) on loopback, real signatures and real SQLite ledgers, in one run.
    share at the default rates (``CHECK_RATE`` of requests challenged, the router's default duel
    rate, three judges). Target: at most 10%.
 4. Credits over time: a router, a verifier and three providers (fast honest, slow honest, Q2_K
-   cheater), duels on a quarter of the requests and challenges; each provider's credits
-   (available + staked) in the router's ledger replica after every request (PNG).
+   cheater), each its own account on a ledger chain, duels on a quarter of the requests and
+   challenges; each provider's credits (available + bonded) on the chain after every request
+   (paid by cheque, settled per epoch; PNG).
 
 Writes bench/results/verification.json and verification.png. Run: `make bench`
 (``--quick`` for a smoke run that writes nothing).
@@ -59,11 +60,14 @@ from services.verifier.adversaries import (  # noqa: E402
     requantize_q2k,
 )
 from services.verifier.challenges import challenge_prompt  # noqa: E402
-from services.verifier.reputation import ReputationBook, verdict_scores  # noqa: E402
 from services.verifier.service import DuelSide, VerifierService  # noqa: E402
 from swarmserve import native  # noqa: E402
+from swarmserve.chain import ChainParameters, Genesis, GenesisAccount, GenesisValidator  # noqa: E402
 from swarmserve.client import generate  # noqa: E402
-from swarmserve.config import GossipSettings, ServerSettings  # noqa: E402
+from swarmserve.config import GossipSettings, LedgerSettings, ServerSettings  # noqa: E402
+from swarmserve.keys import NodeKeys  # noqa: E402
+from swarmserve.swarm import free_port_block  # noqa: E402
+from swarmserve.trust import ReputationBook, verdict_scores  # noqa: E402
 from swarmserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc, verifier_pb2, verifier_pb2_grpc  # noqa: E402
 from swarmserve.verdicts import decide_duel, open_verdict  # noqa: E402
 
@@ -235,12 +239,10 @@ async def duels(
 ) -> dict[str, Any]:
     """Duels of the honest provider against the Q2_K one, three judges on the reference model."""
     get_engines = lambda: engines(bench.verifier)  # noqa: E731
-    judges: list[VerifierService] = [
-        VerifierService(native.Identity.generate(), get_engines, ReputationBook()) for _ in range(2)
-    ]
+    judges: list[VerifierService] = [VerifierService(native.Identity.generate(), get_engines) for _ in range(2)]
     favour = BiasedJudge.always_first if biased == "always-first" else BiasedJudge.always_for(cheater_key)
     biased_identity = native.Identity.generate()
-    judges.append(BiasedJudge(biased_identity, get_engines, ReputationBook(), favour=favour))
+    judges.append(BiasedJudge(biased_identity, get_engines, favour=favour))
     biased_key = biased_identity.public_key
     book = ReputationBook()
     lost = decided = 0
@@ -280,23 +282,45 @@ async def duels(
     }
 
 
+NODES = ("verifier", "fast", "slow", "cheater", "router")
+
+
 async def credits_over_time(directory: Path, q2k: Path, requests: int, progress: Progress) -> dict[str, Any]:
-    """A router, a verifier and three providers; credits of each provider after each request."""
+    """A router, a verifier and three providers, each its own account on a ledger chain (the
+    router and the verifier validate); credits of each provider after each request."""
+    keys = {n: NodeKeys.load_or_create(directory / n).identity.public_key.hex() for n in NODES}
+    base = free_port_block(2)
+    genesis = Genesis(
+        name="bench verification",
+        created_unix_ms=1,
+        validators=[
+            GenesisValidator(key=keys[n], address=f"127.0.0.1:{base + i}") for i, n in enumerate(("verifier", "router"))
+        ],
+        accounts=[
+            GenesisAccount(key=k, credits=1000 if n == "router" else 100, bonded=0 if n == "router" else 50)
+            for n, k in keys.items()
+        ],
+        parameters=ChainParameters(block_interval_ms=200, epoch_blocks=10, appeal_blocks=10),
+    )
+    (directory / "genesis.json").write_bytes(genesis.encode())
+    ledger = LedgerSettings(genesis=directory / "genesis.json")
     async with AsyncExitStack() as stack:
         verifier = await start_node(
             stack,
             directory / "verifier",
             [],
+            ledger=ledger,
             models=[ModelSettings(name="reference-copy", context_length=1024)],
             challenges=ChallengeSettings(interval_s=3, max_new_tokens=NEW_TOKENS),
         )
         seeds = [verifier.address]
-        fast = await start_node(stack, directory / "fast", seeds)
-        slow = await start_node(stack, directory / "slow", seeds)
+        fast = await start_node(stack, directory / "fast", seeds, ledger=ledger)
+        slow = await start_node(stack, directory / "slow", seeds, ledger=ledger)
         cheater = await start_node(
             stack,
             directory / "cheater",
             seeds,
+            ledger=ledger,
             models=[ModelSettings(name=DEFAULT_MODEL_NAME, path=q2k, context_length=1024)],
         )
         claimed = engines(fast)[DEFAULT_MODEL_NAME].identity
@@ -309,6 +333,7 @@ async def credits_over_time(directory: Path, q2k: Path, requests: int, progress:
                 gossip=GOSSIP.model_copy(update={"seeds": seeds}),
                 default_hops=0,
                 duels=DuelSettings(rate=0.25),
+                ledger=ledger,
             )
         )
         await router.start()
@@ -327,11 +352,12 @@ async def credits_over_time(directory: Path, q2k: Path, requests: int, progress:
                     for prompt in (challenge_prompt(rng), challenge_prompt(rng))
                 )
             )
+            assert router.chain is not None
             for name, node in providers.items():
-                balance = router.ledger.balance(node.keys.identity.public_key)
-                series[name].append(balance.available + balance.staked)
+                account = router.chain.state.account(node.keys.identity.public_key)
+                series[name].append(account.available + account.bonded + account.unbonding)
             progress.advance(task, 2)
-        book = router.service.reputation.book()
+        book = router.trust.book()
         return {
             "requests": requests,
             "series": series,
@@ -379,7 +405,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         check_s = honest_figures["check_s_per_request"]
         judge_s = judged["always-first"]["judge_s_per_vote"] or 0.0
         duel_rate = DuelSettings().rate
-        judges = DuelSettings().judges
+        judges = ChainParameters().judges_per_duel
         # A challenge is a request served plus its check; a duel a second request served plus
         # the judges' votes.
         share = CHECK_RATE * (serve_s + check_s) / serve_s + duel_rate * (serve_s + judges * judge_s) / serve_s
@@ -408,7 +434,7 @@ def plot(figures: dict[str, Any], path: Path) -> None:
         ax.plot(range(1, len(series) + 1), series, label=name)
     ax.set_xlabel("pairs of concurrent requests served by the swarm")
     ax.set_ylabel("credits (available + staked)")
-    ax.set_title("Provider credits over time (router's ledger replica)")
+    ax.set_title("Provider credits over time (on the ledger's chain, settled per epoch)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

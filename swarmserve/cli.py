@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,13 +22,14 @@ from grpc import aio
 from pydantic import BaseModel
 
 from swarmserve import __version__, native
+from swarmserve.chain import ChainState, sign_transaction
+from swarmserve.chain.audit import audit_replica
 from swarmserve.client import GenerationResult, generate
 from swarmserve.config import ENV_PREFIX, NodeConfig, load_config
 from swarmserve.keys import NodeKeys
-from swarmserve.ledger import LedgerReplica
-from swarmserve.swarm import LocalSwarm
+from swarmserve.swarm import OPERATOR_CREDITS, OPERATOR_STAKE, LocalSwarm, SwarmError
 from swarmserve.telemetry import configure_logging
-from swarmserve.v1 import common_pb2, ledger_pb2, ledger_pb2_grpc, verifier_pb2, verifier_pb2_grpc
+from swarmserve.v1 import chain_pb2, chain_pb2_grpc, common_pb2, verifier_pb2, verifier_pb2_grpc
 
 DEFAULT_ROUTER = "127.0.0.1:7000"
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -112,14 +114,23 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _up(data_dir: Path, ports_from: int) -> None:
-    swarm = LocalSwarm(data_dir, ports_from=ports_from)
-    router = swarm.router
-    print(
-        f"starting a local swarm (3 relays, 2 inference nodes, 1 router), gossiping through one seed"
-        f" ({swarm.seed}); logs in {data_dir / 'logs'}",
-        flush=True,
+def _local_swarm(data_dir: Path, ports_from: int, **options: Any) -> LocalSwarm:
+    return LocalSwarm(data_dir, ports_from=ports_from, routers=2, **options)
+
+
+def _describe(swarm: LocalSwarm) -> str:
+    operators = "; ".join(f"{name}: {', '.join(nodes)}" for name, nodes in swarm.operators.items())
+    return (
+        f"{len(swarm.relays)} relays, {len(swarm.inference)} inference nodes, {len(swarm.routers)} routers"
+        f" ({', '.join(r.listen for r in swarm.routers)}), each joining by gossip through one seed ({swarm.seed});"
+        f" accounts: {operators}"
     )
+
+
+async def _up(data_dir: Path, ports_from: int) -> None:
+    swarm = _local_swarm(data_dir, ports_from)
+    router = swarm.router
+    print(f"starting a local swarm: {_describe(swarm)}; logs in {data_dir / 'logs'}", flush=True)
     await swarm.start()
     print(f'router ready at {router}; try: swarmserve generate "Hello" --router {router}', flush=True)
     stop = asyncio.Event()
@@ -137,17 +148,23 @@ def _up_command(args: argparse.Namespace) -> int:
 
 
 async def _demo(data_dir: Path, ports_from: int, prompt: str) -> None:
-    swarm = LocalSwarm(data_dir, ports_from=ports_from)
-    router = swarm.router
-    print(
-        f"==> starting a local swarm on loopback: 3 relays, 2 inference nodes, 1 router ({router}),"
-        f" each joining by gossip through one seed ({swarm.seed})",
-        flush=True,
+    # Round-robin, so that each router's few requests reach both operators' nodes, and a price
+    # of a credit per generated token, so that the payments show.
+    round_robin = {"SWARMSERVE_DISPATCH": "round-robin"}
+    price = {"SWARMSERVE_PRICE__CREDITS_PER_1K_COMPLETION_TOKENS": "1000"}
+    swarm = _local_swarm(
+        data_dir,
+        ports_from,
+        node_env={"router-1": round_robin, "router-2": round_robin},
+        inference_env=price,
     )
+    router = swarm.router
+    print(f"==> starting a local swarm on loopback: {_describe(swarm)}", flush=True)
     started = time.monotonic()
     await swarm.start()
     try:
         print(f"==> swarm ready in {time.monotonic() - started:.1f} s", flush=True)
+        await _demo_chain(swarm)
         print(f"==> prompt, through a 3-relay onion circuit: {prompt!r}\n", flush=True)
         result = await generate(
             router,
@@ -160,22 +177,19 @@ async def _demo(data_dir: Path, ports_from: int, prompt: str) -> None:
         print()
         _print_summary(result, sys.stdout)
         await _demo_verification(swarm, prompt, result)
+        await _demo_credits(swarm)
     finally:
         print("==> stopping the swarm", flush=True)
         await swarm.stop()
 
 
 async def _demo_verification(swarm: LocalSwarm, prompt: str, result: GenerationResult) -> None:
-    """Has another inference node (a verifier) re-execute the demo's stream, then shows the
-    credits in the router's ledger replica: the router paid the provider for the checked tokens."""
+    """Has another inference node (a verifier) re-execute the demo's stream."""
     assert result.summary is not None and result.receipt is not None
     check = verifier_pb2.CheckReceiptRequest(
         receipt=result.summary.receipt, token_ids=result.token_ids, token_texts=result.token_texts
     )
     check.chat.messages.add(role=common_pb2.CHAT_ROLE_USER, content=prompt)
-    provider = result.receipt.node_key
-    router_key = result.summary.receipt.cosignatures[0].signer_key
-    verifier_key = b""
     for node in swarm.inference:
         async with aio.insecure_channel(node.listen) as channel:
             try:
@@ -185,22 +199,69 @@ async def _demo_verification(swarm: LocalSwarm, prompt: str, result: GenerationR
                     continue  # the node that served it: verifiers never check their own streams
                 raise
         verdict = verifier_pb2.Verdict.FromString(signed.verdict)
-        verifier_key = signed.verifier_key
         print(
             f"==> verified by {node.name} (re-executed on its own copy of the model, token by token): "
             f"{verifier_pb2.VerdictOutcome.Name(verdict.outcome).removeprefix('VERDICT_OUTCOME_')}, "
-            f"{verdict.score:.0%} of tokens plausible; signed verdict recorded in its ledger",
+            f"{verdict.score:.0%} of tokens plausible; the verdict goes on the chain if its lottery drew that verifier"
+            f" and another operator paid for the stream",
             flush=True,
         )
         break
+
+
+async def _demo_chain(swarm: LocalSwarm) -> None:
+    """The ledger's chain as router 1 follows it, once it has a block past genesis."""
+    deadline = time.monotonic() + 60
     async with aio.insecure_channel(swarm.router) as channel:
-        ledger = ledger_pb2_grpc.LedgerStub(channel)
-        print("==> credits in the router's ledger replica (available + staked):", flush=True)
-        for role, key in (("provider", provider), ("router (paid)", router_key), ("verifier", verifier_key)):
-            if not key:
-                continue
-            balance = await ledger.GetBalance(ledger_pb2.GetBalanceRequest(account_key=key), timeout=10)
-            print(f"    {role:14} {native.node_id(key)[:16]}  {balance.available} + {balance.staked}", flush=True)
+        stub = chain_pb2_grpc.ChainStub(channel)
+        while (status := await stub.GetStatus(chain_pb2.GetChainStatusRequest(), timeout=10)).height < 1:
+            if time.monotonic() > deadline:
+                raise SwarmError("the ledger's validators decided no block in 60 s")
+            await asyncio.sleep(0.2)
+    print(
+        f"==> ledger chain {status.chain_id.hex()[:16]}: height {status.height}, {len(status.validators)} validators"
+        f" ({', '.join(v.address for v in status.validators)}), state root {status.state_root.hex()[:16]}",
+        flush=True,
+    )
+
+
+async def _demo_credits(swarm: LocalSwarm) -> None:
+    """Each router sends two short requests (round-robin: one to each operator's node): serving
+    one's own account is free, the other operator is paid by cheque, and the cheques settle on
+    the chain at the next epoch. Shows the settlements and the operators' accounts."""
+    names = {swarm.identity_key(node): node for nodes in swarm.operators.values() for node in nodes}
+    by_node_id = {native.node_id(key): name for key, name in names.items()}
+    print("==> credits: each router sends two short requests; its own operator's node serves for free,", flush=True)
+    print("    the other operator's is paid by cheque (a credit a token), settled on the chain per epoch", flush=True)
+    for index, router in enumerate(swarm.routers):
+        for question in ("Name a colour.", "Name a fruit."):
+            answer = await generate(router.listen, question, model=DEFAULT_MODEL, hops=1, max_tokens=8 * (index + 1))
+            assert answer.summary is not None
+            served_by = by_node_id.get(answer.summary.served_by, answer.summary.served_by[:16])
+            print(f"    {router.name} -> {served_by}: {answer.text.strip()!r}", flush=True)
+    state = ChainState.open_replica(swarm.data_dir / swarm.routers[0].name)
+    try:
+        deadline = time.monotonic() + 60
+        while len(state.settlements()) < len(swarm.routers) and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+        print(f"==> settled on the chain (height {state.height}, epoch {state.epoch_of(state.height)}):", flush=True)
+        for payer, payee, credits, epoch in state.settlements():
+            print(
+                f"    {names.get(payer, payer.hex()[:16])} paid {names.get(payee, payee.hex()[:16])}"
+                f" {credits} credits (last settled in epoch {epoch})",
+                flush=True,
+            )
+        verdicts = state.reputation_events(0)[1]
+        print(f"    verdicts recorded on the chain: {len(verdicts)}", flush=True)
+        for operator in swarm.operators:
+            account = state.account(swarm.identity_key(operator))
+            print(
+                f"    {operator}: {account.available} available + {account.bonded} bonded"
+                f" (genesis: {OPERATOR_CREDITS} + {OPERATOR_STAKE})",
+                flush=True,
+            )
+    finally:
+        state.close()
 
 
 def _demo_command(args: argparse.Namespace) -> int:
@@ -217,45 +278,139 @@ def _keys(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ledger_replica(args: argparse.Namespace) -> LedgerReplica:
-    path = Path(args.data_dir) / "ledger.sqlite3"
-    if not path.is_file():
-        raise FileNotFoundError(f"no ledger replica at {path}")
-    return LedgerReplica(path)
+def _output(args: argparse.Namespace, fields: dict[str, Any]) -> None:
+    """One record, as JSON (``--json``) or as aligned lines."""
+    if args.json:
+        print(json.dumps(fields))
+        return
+    width = max(map(len, fields)) + 2
+    for name, value in fields.items():
+        shown = ", ".join(map(str, value)) if isinstance(value, list) else value
+        print(f"{name + ':':{width}}{shown}")
 
 
-def _ledger_balance(args: argparse.Namespace) -> int:
-    replica = _ledger_replica(args)
+def _replica(args: argparse.Namespace) -> ChainState:
+    return ChainState.open_replica(Path(args.data_dir))
+
+
+def _ledger_status(args: argparse.Namespace) -> int:
+    keys = NodeKeys.load_or_create(Path(args.data_dir))
+    state = _replica(args)
     try:
-        account = (
-            bytes.fromhex(args.account)
-            if args.account
-            else NodeKeys.load_or_create(Path(args.data_dir)).identity.public_key
+        committee = state.genesis.validators
+        _output(
+            args,
+            {
+                "chain_id": state.chain_id.hex(),
+                "height": state.height,
+                "epoch": state.epoch_of(state.height),
+                "state_root": state.state_root.hex(),
+                "validators": [f"{v.key[:16]}@{v.address}" for v in committee],
+                "role": "validator" if keys.identity.public_key.hex() in {v.key for v in committee} else "follower",
+                "account": state.account_of(keys.identity.public_key).hex(),
+            },
         )
-        if len(account) != 32:
-            raise ValueError("--account must be a 32-byte identity key in hex")
-        balance = replica.balance(account)
     finally:
-        replica.close()
-    print(f"account:    {account.hex()}")
-    print(f"available:  {balance.available}")
-    print(f"staked:     {balance.staked}")
-    print(f"entries:    {balance.entries}")
-    if balance.frozen:
-        print("frozen:     yes (the account signed two different entries at one sequence)")
+        state.close()
     return 0
 
 
-def _ledger_verify(args: argparse.Namespace) -> int:
-    replica = _ledger_replica(args)
+def _account_key(args: argparse.Namespace) -> bytes:
+    if not args.account:
+        return NodeKeys.load_or_create(Path(args.data_dir)).identity.public_key
     try:
-        report = replica.verify()
+        key = bytes.fromhex(args.account)
+    except ValueError:
+        key = b""
+    if len(key) != 32:
+        raise ValueError("--account must be a 32-byte identity key in hex")
+    return key
+
+
+def _ledger_balance(args: argparse.Namespace) -> int:
+    key = _account_key(args)
+    state = _replica(args)
+    try:
+        account = state.account(key)
+        height = state.height
     finally:
-        replica.close()
-    for problem in report.problems:
-        print(f"problem: {problem}")
-    verdict = "OK" if not report.problems else f"{len(report.problems)} problems"
-    print(f"{report.entries} entries by {report.authors} authors: every signature and link checked: {verdict}")
+        state.close()
+    _output(
+        args,
+        {
+            "key": key.hex(),
+            "account": account.account_key.hex(),
+            "available": account.available,
+            "bonded": account.bonded,
+            "unbonding": account.unbonding,
+            "nonce": account.nonce,
+            "height": height,
+        },
+    )
+    return 0
+
+
+async def _transfer(args: argparse.Namespace) -> dict[str, Any]:
+    identity = NodeKeys.load_or_create(Path(args.data_dir)).identity
+    try:
+        recipient = bytes.fromhex(args.to)
+    except ValueError:
+        recipient = b""
+    if len(recipient) != 32:
+        raise ValueError("--to must be a 32-byte identity key in hex")
+    if args.credits < 1:
+        raise ValueError("--credits must be positive")
+    async with aio.insecure_channel(args.via) as channel:
+        stub = chain_pb2_grpc.ChainStub(channel)
+        status = await stub.GetStatus(chain_pb2.GetChainStatusRequest(), timeout=10)
+        before = await stub.GetAccount(chain_pb2.GetAccountRequest(account_key=identity.public_key), timeout=10)
+        if before.available < args.credits:
+            raise ValueError(f"the account holds {before.available} available credits, fewer than {args.credits}")
+        transfer = chain_pb2.TransferCredits(recipient_key=recipient, credits=args.credits)
+        raw = sign_transaction(identity, status.chain_id, before.nonce + 1, transfer=transfer)
+        await stub.Submit(chain_pb2.SubmitTransactionRequest(transaction=chain_pb2.SignedTransaction.FromString(raw)))
+        deadline = time.monotonic() + args.timeout
+        while True:
+            after = await stub.GetAccount(chain_pb2.GetAccountRequest(account_key=identity.public_key), timeout=10)
+            if after.nonce > before.nonce:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the transfer was not in a block after {args.timeout:.0f} s")
+            await asyncio.sleep(0.2)
+    applied = after.available <= before.available - args.credits
+    return {
+        "from": identity.public_key.hex(),
+        "to": recipient.hex(),
+        "credits": args.credits,
+        "applied": applied,
+        "height": after.height,
+        "available": after.available,
+    }
+
+
+def _ledger_transfer(args: argparse.Namespace) -> int:
+    result = asyncio.run(_transfer(args))
+    _output(args, result)
+    return 0 if result["applied"] else 2
+
+
+def _ledger_verify(args: argparse.Namespace) -> int:
+    state = _replica(args)
+    try:
+        report = audit_replica(state)
+    finally:
+        state.close()
+    _output(
+        args,
+        {
+            "height": report.height,
+            "replayed": report.replayed,
+            "certificates": report.certificates,
+            "unproven_tip": report.unproven_tip,
+            "problems": report.problems,
+            "ok": not report.problems,
+        },
+    )
     return 0 if not report.problems else 2
 
 
@@ -291,28 +446,44 @@ def build_parser() -> argparse.ArgumentParser:
     up = commands.add_parser("up", help="run a local swarm on loopback until Ctrl-C")
     up.add_argument("--data-dir", default="data/swarm")
     up.add_argument(
-        "--ports-from", type=int, default=7000, help="router port; relays and inference nodes use the next five"
+        "--ports-from", type=int, default=7000, help="first router's port; the other nodes use the next ten"
     )
     up.set_defaults(run=_up_command)
 
     demo = commands.add_parser("demo", help="start a local swarm, stream one prompt through 3 relays, stop")
     demo.add_argument("--data-dir", default="data/swarm")
-    demo.add_argument("--ports-from", type=int, default=7000, help="router port; the nodes use the next five")
+    demo.add_argument("--ports-from", type=int, default=7000, help="first router's port; the nodes use the next ten")
     demo.add_argument("--prompt", default="Explain in two sentences why the sky is blue.")
     demo.set_defaults(run=_demo_command)
     keys = commands.add_parser("keys", help="create (if missing) and show this node's identity and onion keys")
     keys.add_argument("--data-dir", default="data", help="node data directory (default: ./data)")
     keys.set_defaults(run=_keys)
 
-    ledger = commands.add_parser("ledger", help="inspect this node's credit-ledger replica")
+    ledger = commands.add_parser("ledger", help="the credit ledger's chain, as this node's replica holds it")
     ledger_commands = ledger.add_subparsers(dest="ledger_command", required=True)
-    balance = ledger_commands.add_parser("balance", help="an account's balance, derived from the log")
-    balance.add_argument("--data-dir", default="data", help="node data directory (default: ./data)")
+
+    def ledger_command(name: str, help_text: str, run: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+        command = ledger_commands.add_parser(name, help=help_text)
+        command.add_argument(
+            "--data-dir",
+            default="data",
+            help="the node whose key and replica to use (`swarmserve up`: data/swarm/NODE)",
+        )
+        command.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+        command.set_defaults(run=run)
+        return command
+
+    ledger_command("status", "height, epoch, validators, this node's role, state root", _ledger_status)
+    balance = ledger_command("balance", "an account's credits and stake", _ledger_balance)
     balance.add_argument("--account", help="identity key in hex (default: this node's)")
-    balance.set_defaults(run=_ledger_balance)
-    verify = ledger_commands.add_parser("verify", help="replay the whole log, checking every signature and link")
-    verify.add_argument("--data-dir", default="data", help="node data directory (default: ./data)")
-    verify.set_defaults(run=_ledger_verify)
+    transfer = ledger_command(
+        "transfer", "send credits from this key's account, and wait for the block", _ledger_transfer
+    )
+    transfer.add_argument("--to", required=True, help="recipient identity key in hex")
+    transfer.add_argument("--credits", type=int, required=True)
+    transfer.add_argument("--via", default=DEFAULT_ROUTER, help=f"a node of the swarm (default: {DEFAULT_ROUTER})")
+    transfer.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the block")
+    ledger_command("verify", "replay the chain, checking every block's certificate and state root", _ledger_verify)
     return parser
 
 

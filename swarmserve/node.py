@@ -3,16 +3,13 @@ leave, drain, release."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import TYPE_CHECKING
 
 from swarmserve import native
 from swarmserve.chain import ChainReplica, chain_binding, load_genesis
-from swarmserve.ledger import LedgerReplica
-from swarmserve.ledger.servicer import ledger_binding
-from swarmserve.ledger.sync import LedgerSync
 from swarmserve.rpc.channels import ChannelPool
 from swarmserve.rpc.server import RpcServer, ServiceBinding
+from swarmserve.trust import ChainReputation
 
 if TYPE_CHECKING:
     from swarmserve.config import NodeConfig
@@ -22,25 +19,23 @@ __all__ = ["ServiceNode"]
 
 
 class ServiceNode:
-    """A node with one gRPC server, its membership in the swarm and its ledger replica.
+    """A node with one gRPC server, its membership in the swarm and, in a swarm with a ledger
+    (a genesis file), its replica of the ledger's chain and the reputation read from it.
     Subclasses set ``membership``, call :meth:`open_ledger` and set ``server`` (with the bindings
     it returns), and may extend :meth:`start` (load models) and :meth:`close` (release what the
     server used)."""
 
     server: RpcServer
     membership: Membership
-    ledger: LedgerReplica
-    ledger_sync: LedgerSync
     chain: ChainReplica | None = None
+    trust: ChainReputation
 
     def open_ledger(self, config: NodeConfig, channels: ChannelPool, identity: native.Identity) -> list[ServiceBinding]:
-        """Opens ``data_dir/ledger.sqlite3`` (writing this node's joining grant if its chain is
-        empty) and, with a genesis file configured, this node's replica of the chain; returns
-        their service bindings for the server."""
-        self.ledger = LedgerReplica(config.data_dir / "ledger.sqlite3")
-        self.ledger.ensure_grant(identity)
-        self.ledger_sync = LedgerSync(self.ledger, self.membership.directory, channels, config.ledger.sync_interval_s)
-        bindings = [ledger_binding(self.ledger)]
+        """With a genesis file configured, opens this node's replica of the ledger's chain
+        (``data_dir/chain.sqlite3``); returns its service bindings for the server. Without one,
+        the swarm has no ledger: nothing is paid, and every provider stands at the initial
+        reputation."""
+        bindings = []
         if config.ledger.genesis is not None:
             genesis, genesis_bytes = load_genesis(config.ledger.genesis)
             self.chain = ChainReplica(
@@ -54,6 +49,7 @@ class ServiceNode:
                 sync_interval_s=config.ledger.chain_sync_interval_s,
             )
             bindings.append(chain_binding(self.chain))
+        self.trust = ChainReputation(self.chain.state if self.chain is not None else None)
         return bindings
 
     @property
@@ -68,17 +64,14 @@ class ServiceNode:
         """Joins through the configured seeds and starts gossiping; returns how many answered."""
         answered = await self.membership.join()
         self.membership.start()
-        self.ledger_sync.start()
         if self.chain is not None:
-            await asyncio.to_thread(self.chain.start) if self.chain.validator else self.chain.start()
+            await self.chain.start()
         return answered
 
     async def close(self) -> None:
         """Releases resources once the server has stopped."""
 
     async def _release(self) -> None:
-        await self.ledger_sync.close()
-        self.ledger.close()
         if self.chain is not None:
             await self.chain.close()
         await self.close()

@@ -1,5 +1,9 @@
-"""A local swarm on loopback for `swarmserve up` and `make demo`: a router, relays and inference
-nodes, each its own process (as they would be on separate machines), with JSON logs in files."""
+"""A local swarm on loopback for `swarmserve up` and `make demo`: routers, relays and inference
+nodes, each its own process (as they would be on separate machines), with JSON logs in files,
+and the ledger's chain: a genesis file (``DATA_DIR/genesis.json``) naming the relays (and the
+first router) as validators and one operator account per router, which that router and every
+other inference node share (router 1 with inference nodes 1, 3..., router 2 with 2, 4...): each
+operator earns when its nodes serve the other's users and pays when the other serves its own."""
 
 from __future__ import annotations
 
@@ -11,15 +15,33 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from grpc import aio
 
+from swarmserve.chain import ChainParameters, Genesis, GenesisAccount, GenesisValidator
+from swarmserve.keys import NodeKeys
 from swarmserve.overlay import open_descriptor
 from swarmserve.v1 import common_pb2, overlay_pb2, router_pb2, router_pb2_grpc
 
-__all__ = ["LocalSwarm", "SwarmError", "SwarmNode", "free_port_block"]
+__all__ = [
+    "LOCAL_CHAIN",
+    "OPERATOR_CREDITS",
+    "OPERATOR_STAKE",
+    "LocalSwarm",
+    "SwarmError",
+    "SwarmNode",
+    "free_port_block",
+]
+
+OPERATOR_CREDITS = 1000
+OPERATOR_STAKE = 100
+# A fast chain for one machine: 4 blocks a second, cheques settle every 5 s.
+LOCAL_CHAIN = ChainParameters(
+    block_interval_ms=250, leader_timeout_ms=1000, epoch_blocks=20, appeal_blocks=40, unbonding_blocks=240
+)
 
 
 def free_port_block(size: int, start: int = 23000, stop: int = 40000) -> int:
@@ -65,10 +87,12 @@ class LocalSwarm:
         inference_env: dict[str, str] | None = None,
         routers: int = 1,
         node_env: dict[str, dict[str, str]] | None = None,
+        ledger: bool = True,
     ) -> None:
-        """Routers listen from ``ports_from``, then relays, then inference nodes on the ports after.
-        ``inference_env`` adds SWARMSERVE_* settings for every inference node, ``node_env`` for
-        single nodes by name (``router-1``, ``relay-2``, ``inference-3``...)."""
+        """Routers listen from ``ports_from``, then relays, then inference nodes on the ports after
+        (then the validators' consensus ports). ``inference_env`` adds SWARMSERVE_* settings for
+        every inference node, ``node_env`` for single nodes by name (``router-1``, ``relay-2``,
+        ``inference-3``...). Without ``ledger``, no chain: everything is served for free."""
         self.data_dir = data_dir
         self.host = host
         self.inference_env = inference_env or {}
@@ -82,6 +106,43 @@ class LocalSwarm:
         self.router = self.routers[0].listen
         self.seed = (self.relays or self.inference)[0].listen
         self._processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.genesis_path: Path | None = None
+        self.operators: dict[str, list[str]] = {}  # operator name -> the nodes sharing its account
+        if ledger:
+            self._write_genesis(port)
+
+    def identity_key(self, name: str) -> bytes:
+        """A node's (or an operator's) identity key, created on first use in its data directory."""
+        return NodeKeys.load_or_create(self.data_dir / name).identity.public_key
+
+    def _write_genesis(self, port: Iterator[int]) -> None:
+        validators = (self.relays + self.routers[:1])[:4] if self.relays else (self.routers + self.inference)[:4]
+        for index, router in enumerate(self.routers):
+            members = [router.name, *(n.name for i, n in enumerate(self.inference) if i % len(self.routers) == index)]
+            self.operators[f"operator-{index + 1}"] = members
+        self.genesis_path = self.data_dir / "genesis.json"
+        if self.genesis_path.exists():
+            return  # the chain goes on where it stopped
+        genesis = Genesis(
+            name=f"local swarm in {self.data_dir.name}",
+            created_unix_ms=int(time.time() * 1000),
+            validators=[
+                GenesisValidator(key=self.identity_key(v.name).hex(), address=f"{self.host}:{next(port)}")
+                for v in validators
+            ],
+            accounts=[
+                GenesisAccount(
+                    key=self.identity_key(operator).hex(),
+                    credits=OPERATOR_CREDITS,
+                    bonded=OPERATOR_STAKE,
+                    members=[self.identity_key(m).hex() for m in members],
+                )
+                for operator, members in self.operators.items()
+            ],
+            parameters=LOCAL_CHAIN,
+        )
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.genesis_path.write_bytes(genesis.encode())
 
     def _spawn(self, node: SwarmNode) -> None:
         logs = self.data_dir / "logs"
@@ -91,6 +152,7 @@ class LocalSwarm:
             "SWARMSERVE_DATA_DIR": str(self.data_dir / node.name),
             "SWARMSERVE_LOG__FORMAT": "json",
             **({"SWARMSERVE_GOSSIP__SEEDS": f"[{self.seed}]"} if node.listen != self.seed else {}),
+            **({"SWARMSERVE_LEDGER__GENESIS": str(self.genesis_path)} if self.genesis_path else {}),
             **({"SWARMSERVE_POLICY__MAX_CONCURRENT": "1", **self.inference_env} if node.command == "inference" else {}),
             **self.node_env.get(node.name, {}),
         }
@@ -148,6 +210,13 @@ class LocalSwarm:
         self.inference.append(node)
         self._spawn(node)
         return node
+
+    def restart(self, name: str) -> None:
+        """Starts a node that exited (or was killed) again, with its data directory as it left it."""
+        process = self._processes[name]
+        if process.poll() is None:
+            raise SwarmError(f"{name} is still running")
+        self._spawn(next(n for n in [*self.routers, *self.relays, *self.inference] if n.name == name))
 
     def signal(self, name: str, sig: signal.Signals) -> None:
         """SIGKILL: the node dies without a word; SIGSTOP/SIGCONT: it hangs (cut off from

@@ -21,8 +21,11 @@ from services.relay.servicer import RelayServicer
 from services.router.config import DuelSettings, RouterConfig
 from services.router.node import RouterNode
 from services.verifier.adversaries import requantize_q2k
-from swarmserve.config import GossipSettings, ServerSettings
+from swarmserve.chain import ChainParameters, Genesis, GenesisAccount, GenesisValidator
+from swarmserve.config import GossipSettings, LedgerSettings, ServerSettings
+from swarmserve.keys import NodeKeys
 from swarmserve.node import ServiceNode
+from swarmserve.swarm import free_port_block
 
 MODEL = "smollm2-135m-instruct"
 # Tests send challenges themselves, when they are about challenges; none in the background.
@@ -77,6 +80,49 @@ class Swarm:
     router: RouterNode
     relays: list[RelayNode]
     inference: list[InferenceNode]
+    genesis: Genesis | None = None
+
+
+# A chain for tests: 10 blocks a second, cheques settle every second.
+TEST_CHAIN = ChainParameters(block_interval_ms=100, leader_timeout_ms=1000, epoch_blocks=10, appeal_blocks=10)
+ROUTER_CREDITS = 1000
+PROVIDER_CREDITS, PROVIDER_STAKE = 100, 50
+
+
+def write_genesis(
+    directory: Path, relays: int, inference_nodes: int, shared: Sequence[Sequence[str]] = ()
+) -> tuple[Path, Genesis]:
+    """A genesis for a test swarm whose nodes keep their keys in ``directory/NAME`` (relayN,
+    inferenceN, router): the relays and the router validate; every node is its own account
+    (the router with ROUTER_CREDITS, inference nodes with PROVIDER_CREDITS and PROVIDER_STAKE
+    bonded) except the groups in ``shared``, whose later names are members of the first's."""
+
+    def key(name: str) -> str:
+        return NodeKeys.load_or_create(directory / name).identity.public_key.hex()
+
+    names = [*(f"relay{i}" for i in range(relays)), *(f"inference{i}" for i in range(inference_nodes)), "router"]
+    members = {m: group[0] for group in shared for m in group[1:]}
+    validators = [*names[:relays], "router"]
+    base = free_port_block(len(validators))
+    genesis = Genesis(
+        name=f"test {directory.name}",
+        created_unix_ms=1,
+        validators=[GenesisValidator(key=key(n), address=f"127.0.0.1:{base + i}") for i, n in enumerate(validators)],
+        accounts=[
+            GenesisAccount(
+                key=key(name),
+                credits=ROUTER_CREDITS if name == "router" else PROVIDER_CREDITS if name.startswith("inference") else 0,
+                bonded=PROVIDER_STAKE if name.startswith("inference") else 0,
+                members=[key(m) for m, owner in members.items() if owner == name],
+            )
+            for name in names
+            if name not in members
+        ],
+        parameters=TEST_CHAIN,
+    )
+    path = directory / "genesis.json"
+    path.write_bytes(genesis.encode())
+    return path, genesis
 
 
 SwarmFactory = Callable[..., AbstractAsyncContextManager[Swarm]]
@@ -92,11 +138,19 @@ def swarm(tmp_path: Path) -> SwarmFactory:
         inference: Sequence[dict[str, Any]] = (),
         circuits: CircuitSettings | None = None,
         gossip: GossipSettings = FAST_GOSSIP,
+        ledger: bool = False,
+        shared: Sequence[Sequence[str]] = (),
         **router: Any,
     ) -> AsyncIterator[Swarm]:
         """Starts the nodes in turn; the first is the seed everyone else joins through.
         ``inference``: per-node InferenceConfig overrides, one node each (instead of
-        ``inference_nodes`` identical ones)."""
+        ``inference_nodes`` identical ones). With ``ledger``, the swarm runs the ledger's chain
+        (see :func:`write_genesis`; ``shared`` groups nodes into one account)."""
+        genesis: Genesis | None = None
+        chain = LedgerSettings()
+        if ledger:
+            path, genesis = write_genesis(tmp_path, relays, len(inference) or inference_nodes, shared)
+            chain = LedgerSettings(genesis=path, chain_sync_interval_s=0.2)
         relay_nodes = []
         inference_nodes_started: list[InferenceNode] = []
         started: list[Any] = []
@@ -108,6 +162,7 @@ def swarm(tmp_path: Path) -> SwarmFactory:
                         server=ServerSettings(listen="127.0.0.1:0"),
                         circuits=circuits or CircuitSettings(),
                         gossip=joining(started, gossip),
+                        ledger=chain,
                     )
                 )
                 if relay_class is not None:
@@ -123,6 +178,7 @@ def swarm(tmp_path: Path) -> SwarmFactory:
                     "policy": ProviderPolicy(max_concurrent=1, max_queue=4),
                     "gossip": joining(started, gossip),
                     "challenges": NO_CHALLENGES,
+                    "ledger": chain,
                 }
                 inference_node = InferenceNode(InferenceConfig(**(settings | overrides)))
                 await inference_node.start()
@@ -133,13 +189,14 @@ def swarm(tmp_path: Path) -> SwarmFactory:
                     data_dir=tmp_path / "router",
                     server=ServerSettings(listen="127.0.0.1:0"),
                     gossip=joining(started, gossip),
+                    ledger=chain,
                     **({"duels": NO_DUELS} | router),
                 )
             )
             await router_node.start()
             started.append(router_node)
             await wait_for_members(router_node, relays + len(inference_nodes_started))
-            yield Swarm(router_node, relay_nodes, inference_nodes_started)
+            yield Swarm(router_node, relay_nodes, inference_nodes_started, genesis)
         finally:
             for node in reversed(started):
                 await node.stop(0)

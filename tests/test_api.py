@@ -23,7 +23,6 @@ SERVICES = {
     "inference": ["Inference"],
     "verifier": ["Verifier"],
     "overlay": ["Overlay"],
-    "ledger": ["Ledger"],
     "chain": ["Chain"],
 }
 

@@ -73,13 +73,14 @@ class Verdicts:
         self.chain = Chain(GENESIS)
         self.chain.until(EPOCH)
         self.nonces: Counter[bytes] = Counter()
+        self.identities = IDENTITIES
 
     def submit(self, identity: native.Identity, **action: object) -> bytes:
         self.nonces[identity.public_key] += 1
         return sign_transaction(identity, self.chain.chain_id, self.nonces[identity.public_key], **action)  # type: ignore[arg-type]
 
     def assigned(self, evidence: chain_pb2.VerdictEvidence) -> list[native.Identity]:
-        accounts = self.chain.state.check_assignment(
+        _, accounts = self.chain.state.check_assignment(
             verdict_id(evidence.receipt), PROVIDER.public_key, (ROUTER.public_key,)
         )
         return [IDENTITIES[a] for a in accounts]
@@ -150,7 +151,7 @@ def test_only_a_drawn_verifier_with_evidence_records_a_verdict_and_a_pass_never_
     assert v.chain.state.verdict(identifier) is None
     # The provider's own node co-signed it: a check it asked for about itself counts for nothing.
     own = served("r2", cosigner=PROVIDER_NODE)
-    own_drawn = v.chain.state.check_assignment(
+    _, own_drawn = v.chain.state.check_assignment(
         verdict_id(own.receipt), PROVIDER.public_key, (PROVIDER_NODE.public_key,)
     )
     v.chain.block([v.verdict(IDENTITIES[own_drawn[0]], own, PASS)])

@@ -21,12 +21,15 @@ from services.relay.client import OpenCircuit
 from services.router.config import RouterConfig
 from services.router.node import RouterNode
 from swarmserve import native
-from swarmserve.config import ServerSettings
+from swarmserve.chain import Genesis, GenesisAccount, GenesisValidator
+from swarmserve.config import LedgerSettings, ServerSettings
+from swarmserve.keys import NodeKeys
 from swarmserve.overlay import Peer
 from swarmserve.receipts import verify_receipt
 from swarmserve.rpc import ChannelPool
-from swarmserve.v1 import common_pb2, inference_pb2, ledger_pb2, relay_pb2, router_pb2
-from tests.conftest import NO_CHALLENGES, joining, wait_for_members
+from swarmserve.swarm import free_port_block
+from swarmserve.v1 import common_pb2, inference_pb2, relay_pb2, router_pb2
+from tests.conftest import NO_CHALLENGES, TEST_CHAIN, joining, wait_for_members
 from tests.test_private_path import chat_request, run
 
 MODEL = "emulated-1b"
@@ -35,8 +38,25 @@ SLOW = EmulatedSettings(prefill_us_per_token=100, decode_us_per_token=40_000)  #
 
 @asynccontextmanager
 async def emulated_swarm(
-    tmp_path: Path, count: int, **router: object
+    tmp_path: Path, count: int, stakes: list[int] | None = None, **router: object
 ) -> AsyncIterator[tuple[list[InferenceNode], RouterNode]]:
+    """``count`` emulated nodes n0, n1... and a router; with ``stakes``, a ledger chain (the
+    router validates) where node i's account has stakes[i] bonded."""
+    ledger = LedgerSettings()
+    if stakes is not None:
+        key = {
+            n: NodeKeys.load_or_create(tmp_path / n).identity.public_key.hex()
+            for n in ["router", *(f"n{i}" for i in range(count))]
+        }
+        genesis = Genesis(
+            name="offload",
+            created_unix_ms=1,
+            validators=[GenesisValidator(key=key["router"], address=f"127.0.0.1:{free_port_block(1)}")],
+            accounts=[GenesisAccount(key=key[f"n{i}"], credits=100, bonded=stake) for i, stake in enumerate(stakes)],
+            parameters=TEST_CHAIN,
+        )
+        (tmp_path / "genesis.json").write_bytes(genesis.encode())
+        ledger = LedgerSettings(genesis=tmp_path / "genesis.json")
     nodes: list[InferenceNode] = []
     started: list[InferenceNode | RouterNode] = []
     try:
@@ -49,6 +69,8 @@ async def emulated_swarm(
                     policy=ProviderPolicy(max_concurrent=1, max_queue=4),
                     gossip=joining(nodes),
                     challenges=NO_CHALLENGES,
+                    ledger=ledger,
+                    stake=0,
                 )
             )
             await node.start()
@@ -59,6 +81,7 @@ async def emulated_swarm(
                 data_dir=tmp_path / "router",
                 server=ServerSettings(listen="127.0.0.1:0"),
                 gossip=joining(nodes),
+                ledger=ledger,
                 **router,  # type: ignore[arg-type]
             )
         )
@@ -157,13 +180,9 @@ async def test_no_offload_without_budget_or_back_to_a_visited_node(tmp_path: Pat
 
 
 async def test_offload_targets_are_drawn_in_proportion_to_stake(tmp_path: Path) -> None:
-    async with emulated_swarm(tmp_path, 3) as (nodes, router):
+    async with emulated_swarm(tmp_path, 3, stakes=[50, 50, 10]) as (nodes, router):
         staked, unstaked = (n.keys.identity.public_key for n in nodes[1:])
-        nodes[2].ledger.append(nodes[2].keys.identity, stake=ledger_pb2.StakeChange(delta=-40))  # keeps 10
-        deadline = time.monotonic() + 15
-        while (nodes[0].ledger.balance(staked).staked, nodes[0].ledger.balance(unstaked).staked) != (50, 10):
-            assert time.monotonic() < deadline, "the stakes did not reach the offloading node's replica"
-            await asyncio.sleep(0.1)
+        assert (nodes[0].stake_of(staked), nodes[0].stake_of(unstaked)) == (50, 10)  # from the genesis
         a = router.directory.get(nodes[0].keys.identity.node_id)
         assert a is not None and nodes[0].offloader is not None and nodes[0].servicer.service is not None
         busy = asyncio.ensure_future(serve(router.channels, a, request(60, budget=0)))  # holds a's only slot

@@ -41,7 +41,7 @@ DEATH_BOUND_S = (4 + 1) * PERIOD_S + 3 * PERIOD_S + 2.0
 async def swarm(tmp_path: Path) -> AsyncIterator[LocalSwarm]:
     base = free_port_block(6)
     env = {f"inference-{i + 1}": NODE for i in range(3)} | {"router-1": ROUTER}
-    swarm = LocalSwarm(tmp_path, ports_from=base, relays=0, inference_nodes=3, node_env=env)
+    swarm = LocalSwarm(tmp_path, ports_from=base, relays=0, inference_nodes=3, node_env=env, ledger=False)
     await swarm.start(timeout_s=60)
     try:
         yield swarm

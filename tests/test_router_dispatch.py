@@ -10,9 +10,9 @@ from services.router.config import RouterConfig
 from services.router.service import RouterService, affinity_key
 from swarmserve import native
 from swarmserve.config import GossipSettings
-from swarmserve.ledger import LedgerReplica
 from swarmserve.overlay import DescriptorPublisher, Membership, PeerDirectory, sign_descriptor
 from swarmserve.rpc import ChannelPool, NotFound
+from swarmserve.trust import ChainReputation
 from swarmserve.v1 import common_pb2, router_pb2
 
 MODEL = "m"
@@ -48,7 +48,7 @@ def router(directory: PeerDirectory) -> RouterService:
     channels = ChannelPool()
     publisher = DescriptorPublisher(identity, [common_pb2.NODE_ROLE_ROUTER], lambda: "127.0.0.1:1")
     membership = Membership(publisher, channels, GossipSettings(), directory)
-    return RouterService(identity, membership, channels, RouterConfig(), LedgerReplica(None))
+    return RouterService(identity, membership, channels, RouterConfig(), None, ChainReputation(None))
 
 
 async def test_requests_sharing_a_prefix_go_where_it_is_cached() -> None:

@@ -1,12 +1,13 @@
-"""Duel-and-judge, challenges, stake and the caller-balance policy, in a real swarm on loopback:
-a router, relays and llama.cpp inference nodes with the real model, real SQLite ledgers.
+"""Duel-and-judge and challenges with stake on the ledger's chain, in a real swarm on loopback:
+a router, relays (validating with the router) and llama.cpp inference nodes with the real model.
 
-Tried: a provider serving random tokens dueling an honest one, judged by two honest judges and
-one that always votes for the cheater (the cheater loses every duel and stake, the colluding
-judge loses its trust); a re-quantized (Q2_K) provider claiming the real model, challenged
-through the router and onion circuits by a verifier (caught, dropped from dispatch); a caller
-below a provider's minimum balance, an unsigned caller, and a caller whose signature does not
-cover the request (all refused with PERMISSION_DENIED)."""
+Tried: a provider serving random tokens dueling an honest one, judged by the judges the chain
+drew, two honest and one that always votes for the cheater (the cheater loses every duel and
+stake, the colluding judge loses its trust, the chain replays clean); a re-quantized (Q2_K)
+provider claiming the real model, challenged through the router and onion circuits by a
+verifier: the FAIL is recorded with its evidence, the cheater's automatic appeal goes to a
+committee that re-executes and upholds it, and only then is it slashed and dropped from
+dispatch, for good."""
 
 from __future__ import annotations
 
@@ -15,18 +16,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import grpc
-import pytest
-from grpc import aio
-
-from services.inference.config import ModelSettings, ProviderPolicy
+from services.inference.config import ModelSettings
 from services.inference.node import InferenceNode
 from services.router.config import DuelSettings
 from services.router.node import RouterNode
 from services.verifier.adversaries import BiasedJudge, ClaimingEngine, RandomTokensEngine
-from swarmserve import native
-from swarmserve.ledger.callers import sign_as_caller
-from swarmserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc, ledger_pb2, verifier_pb2
+from swarmserve.chain.audit import audit_replica
+from swarmserve.v1 import common_pb2, verifier_pb2
 from swarmserve.verdicts import tally_duel
 from tests.conftest import MODEL, SwarmFactory
 from tests.test_private_path import chat_request, run
@@ -45,7 +41,14 @@ async def eventually(condition: Callable[[], bool], what: str, timeout_s: float 
 
 
 def staked_as_seen_by(router: RouterNode, node: InferenceNode) -> int:
-    return router.ledger.balance(node.keys.identity.public_key).staked
+    assert router.chain is not None
+    return router.chain.state.account(node.keys.identity.public_key).bonded
+
+
+def duel_results(router: RouterNode) -> list[verifier_pb2.Verdict]:
+    assert router.chain is not None
+    _, events = router.chain.state.reputation_events(0)
+    return [e for e in events if isinstance(e, verifier_pb2.Verdict)]
 
 
 def swap_engine(node: InferenceNode, make: Callable[..., object], *args: object) -> None:
@@ -57,7 +60,7 @@ def swap_engine(node: InferenceNode, make: Callable[..., object], *args: object)
 
 async def test_duels_reward_the_honest_provider_and_expose_a_judge_voting_for_one_side(swarm: SwarmFactory) -> None:
     nodes = [{}, {}, {"models": REFERENCE}, {"models": REFERENCE}, {"models": REFERENCE}]
-    async with swarm(relays=1, inference=nodes, default_hops=1, duels=DuelSettings(rate=1.0)) as s:
+    async with swarm(relays=1, inference=nodes, default_hops=1, duels=DuelSettings(rate=1.0), ledger=True) as s:
         honest, cheater, *judges = s.inference
         cheater_engine = cheater.servicer.service.engines[MODEL]  # type: ignore[union-attr]
         swap_engine(cheater, RandomTokensEngine, cheater_engine.identity)
@@ -66,7 +69,7 @@ async def test_duels_reward_the_honest_provider_and_expose_a_judge_voting_for_on
         colluder.verifier.service = BiasedJudge(
             colluder.keys.identity,
             lambda: colluder.servicer.service.engines,  # type: ignore[union-attr]
-            colluder.reputation,
+            colluder.trust.book,
             favour=BiasedJudge.always_for(cheater_key),
         )
         await eventually(lambda: staked_as_seen_by(s.router, cheater) == 50, "the cheater's stake reached the router")
@@ -74,7 +77,7 @@ async def test_duels_reward_the_honest_provider_and_expose_a_judge_voting_for_on
             await run(s.router.address, chat_request(prompt, max_new_tokens=16))
             await eventually(lambda: not s.router.service.duels._running, "the duel finished", timeout_s=60)
 
-        results = [v for v in s.router.ledger.verdicts() if v.kind == verifier_pb2.VERDICT_KIND_DUEL_RESULT]
+        results = duel_results(s.router)
         assert len(results) == len(PROMPTS)  # every request dueled, every duel decided
         honest_key, colluder_key = honest.keys.identity.public_key, colluder.keys.identity.public_key
         for result in results:
@@ -85,21 +88,21 @@ async def test_duels_reward_the_honest_provider_and_expose_a_judge_voting_for_on
         # was not drawn again.
         assert colluder_key in tally_duel(results[0]).judges_dissenting
         assert all(colluder_key not in tally_duel(r).judges_dissenting for r in results[1:])
-        book = s.router.service.reputation.book()
+        book = s.router.trust.book()
         assert not book.standing(colluder_key).trusted
         assert book.standing(honest_key).score > book.standing(cheater_key).score
         assert all(book.standing(j.keys.identity.public_key).trusted for j in judges[:2])
         # Each lost duel burned 10% of the cheater's stake (rounded up): 50 -> 45 -> 40 -> 36 -> 32.
         assert staked_as_seen_by(s.router, cheater) == 32
         assert staked_as_seen_by(s.router, honest) == 50
-        assert s.router.ledger.verify().problems == []
+        assert s.router.chain is not None and audit_replica(s.router.chain.state).problems == []
 
 
 async def test_challenges_through_the_router_catch_a_requantized_model(swarm: SwarmFactory, q2k_model: Path) -> None:
     nodes = [{}, {"models": [ModelSettings(name=MODEL, path=q2k_model, context_length=1024)]}, {"models": REFERENCE}]
     # Round-robin: the router's choice of provider alternates, so both get challenges (with
     # observed latency, the faster provider would take nearly all of them).
-    async with swarm(relays=2, inference=nodes, default_hops=2, dispatch="round-robin") as s:
+    async with swarm(relays=2, inference=nodes, default_hops=2, dispatch="round-robin", ledger=True) as s:
         honest, cheater, verifier = s.inference
         claimed = honest.servicer.service.engines[MODEL].identity  # type: ignore[union-attr]
         swap_engine(cheater, ClaimingEngine, claimed)  # Q2_K weights, signing as the Q4_1 model
@@ -115,59 +118,25 @@ async def test_challenges_through_the_router_catch_a_requantized_model(swarm: Sw
             assert checked is not None
             verdict = verifier_pb2.Verdict.FromString(checked[1].verdict)
             outcomes[verdict.provider_key].append(verdict.outcome)
-            if not verifier.reputation.standing(cheater_key).trusted and PASS in outcomes[honest_key]:
+            if FAIL in outcomes[cheater_key] and PASS in outcomes[honest_key]:
                 break
         assert FAIL in outcomes[cheater_key], outcomes
         assert PASS in outcomes[honest_key] and FAIL not in outcomes[honest_key], (
             outcomes
         )  # empty answers: inconclusive
 
-        # The verdict reaches the router's replica by anti-entropy; from then on the router
-        # sends the cheater nothing; each failed check burned half its stake.
+        # The FAIL is on the chain with its evidence, the cheater appealed, the committee (the
+        # honest node, re-executing) upheld it: decided, it slashes half the stake and convicts
+        # the cheater, and from then on the router sends it nothing.
+        assert s.router.chain is not None
         await eventually(
-            lambda: not s.router.service.reputation.book().standing(cheater_key).trusted,
-            "the failed check reached the router",
+            lambda: not s.router.trust.book().standing(cheater_key).trusted,
+            "the failed check was decided",
+            timeout_s=60,
         )
+        assert s.router.trust.book().standing(cheater_key).convicted
         assert staked_as_seen_by(s.router, cheater) <= 25
+        assert staked_as_seen_by(s.router, honest) == 50
         for prompt in PROMPTS[:2]:
             _, summary = await run(s.router.address, chat_request(prompt, max_new_tokens=8))
             assert summary.served_by == honest.keys.identity.node_id
-
-
-async def test_a_provider_can_require_a_minimum_caller_balance(swarm: SwarmFactory) -> None:
-    strict = ProviderPolicy(max_concurrent=1, max_queue=4, accept_callers="min_balance", min_caller_balance=60)
-    async with swarm(relays=1, inference=[{"policy": strict}], default_hops=1) as s:
-        provider = s.inference[0]
-        router_key = s.router.keys.identity.public_key
-        await eventually(lambda: provider.ledger.balance(router_key).available == 100, "the router's grant synced")
-        _, summary = await run(s.router.address, chat_request(PROMPTS[0], max_new_tokens=4))  # 100 >= 60
-        assert summary.receipt.receipt
-
-        request = inference_pb2.InferenceGenerateRequest(model=MODEL, prompt="Hello", request_id="direct")
-        async with aio.insecure_channel(provider.address) as channel:
-            stub = inference_pb2_grpc.InferenceStub(channel)
-
-            async def refused(message: inference_pb2.InferenceGenerateRequest, words: str) -> None:
-                with pytest.raises(aio.AioRpcError) as caught:
-                    async for _ in stub.Generate(message):
-                        pass
-                assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED, caught.value
-                assert words in (caught.value.details() or "")
-
-            await refused(request, "sign their requests")  # anonymous
-            stranger = native.Identity.generate()  # signed, but no credits in the ledger
-            sign_as_caller(stranger, request)
-            await refused(request, "holds 0 credits")
-            request.caller_key = router_key  # claims the router's key under another's signature
-            await refused(request, "sign their requests")
-
-        # The router spends below the minimum: refused through the circuit too.
-        s.router.ledger.append(
-            s.router.keys.identity,
-            transfer=ledger_pb2.Transfer(recipient_key=stranger.public_key, credits=60),
-        )
-        await eventually(lambda: provider.ledger.balance(router_key).available < 60, "the transfer synced")
-        with pytest.raises(aio.AioRpcError) as caught:
-            await run(s.router.address, chat_request(PROMPTS[0], max_new_tokens=4))
-        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        assert "minimum is 60" in (caught.value.details() or "")

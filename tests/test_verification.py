@@ -20,7 +20,6 @@ from services.inference.config import ModelSettings
 from services.inference.engine import ChatTurn, Engine, ModelIdentity
 from services.inference.node import InferenceNode
 from services.verifier.adversaries import ClaimingEngine, EarlyStopEngine, RandomTokensEngine, ReplayingEngine
-from services.verifier.reputation import LedgerReputation
 from swarmserve import native
 from swarmserve.receipts import ReceiptWriter
 from swarmserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc, verifier_pb2, verifier_pb2_grpc
@@ -116,9 +115,6 @@ async def test_honest_provider_passes_greedy_and_sampled_checks(swarmlet: Swarml
                 assert verdict.kind == verifier_pb2.VERDICT_KIND_CHECK
                 assert verdict.provider_key == s.provider.keys.identity.public_key
                 assert verdict.score > 0.9 and "replay-binomial-v1" in verdict.method
-        standing = s.verifier.reputation.standing(s.provider.keys.identity.public_key)
-        assert standing.verdicts == 3 * len(PROMPTS) and standing.failures == 0
-        assert standing.trusted and standing.score > 0.9
 
 
 async def test_requantized_model_claiming_the_real_one_is_caught(swarmlet: SwarmletFactory, q2k_model: Path) -> None:
@@ -132,14 +128,6 @@ async def test_requantized_model_claiming_the_real_one_is_caught(swarmlet: Swarm
             for prompt in PROMPTS
         ]
         assert FAIL in sampled[:4], sampled
-        provider_key = s.provider.keys.identity.public_key
-        standing = s.verifier.reputation.standing(provider_key)
-        assert not standing.trusted, standing
-        # Every conclusive verdict is in the verifier's ledger, and anyone replaying it (a
-        # router, say) computes the same reputation and sends the provider nothing.
-        assert len(s.verifier.ledger.verdicts()) == standing.verdicts
-        assert LedgerReputation(s.verifier.ledger).score(provider_key) == pytest.approx(standing.score)
-        assert s.verifier.ledger.verify().problems == []
 
 
 @pytest.mark.parametrize(

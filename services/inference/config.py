@@ -101,10 +101,16 @@ class ProviderPolicy(StrictModel):
     serving_hours: list[ServingWindow] = Field(default_factory=list, description="UTC windows; empty means always")
     accept_callers: Literal["any", "min_balance"] = Field(
         "any",
-        description="min_balance: serve only callers that sign their requests with a key whose ledger balance "
-        "(available credits) is at least min_caller_balance",
+        description="min_balance: serve only callers that sign their requests with a key whose account holds "
+        "at least min_caller_balance available credits on the ledger's chain (needs ledger.genesis)",
     )
     min_caller_balance: int = Field(0, ge=0)
+    max_unpaid_credits: int = Field(
+        100,
+        ge=0,
+        description="with a ledger: serve a paying caller (a router of another account) while its cheques cover "
+        "all but this many credits of the work served to it",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ProviderPolicy:

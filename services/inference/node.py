@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+from services.inference.billing import Billing
 from services.inference.config import InferenceConfig, ModelSettings
 from services.inference.emulated import EmulatedEngine
 from services.inference.engine import Engine
@@ -19,17 +20,18 @@ from services.inference.offload import Offloader
 from services.inference.service import InferenceService
 from services.inference.servicer import InferenceServicer, capacity, load_report, model_info, policy_summary
 from services.relay.servicer import RelayServicer
+from services.verifier.appeals import AppealDuties
 from services.verifier.challenges import Challenger
-from services.verifier.reputation import ReputationBook
 from services.verifier.service import VerifierService
 from services.verifier.servicer import VerifierServicer
+from swarmserve.chain import sign_transaction
+from swarmserve.chain.evidence import verdict_id
 from swarmserve.keys import NodeKeys
-from swarmserve.ledger import LedgerRejection
 from swarmserve.node import ServiceNode
 from swarmserve.overlay import DescriptorPublisher, Membership, overlay_binding
-from swarmserve.rpc import ChannelPool, RpcServer, ServiceBinding
+from swarmserve.rpc import ChannelPool, RpcServer, ServiceBinding, ServiceError
 from swarmserve.telemetry import get_logger
-from swarmserve.v1 import common_pb2, inference_pb2_grpc, ledger_pb2, relay_pb2_grpc, verifier_pb2, verifier_pb2_grpc
+from swarmserve.v1 import chain_pb2, common_pb2, inference_pb2_grpc, relay_pb2_grpc, verifier_pb2, verifier_pb2_grpc
 
 __all__ = ["InferenceNode", "load_engine"]
 
@@ -76,8 +78,8 @@ class InferenceNode(ServiceNode):
         self.keys = NodeKeys.load_or_create(config.data_dir)
         self.servicer = InferenceServicer()
         self.verifier = VerifierServicer()
-        self.reputation = ReputationBook()
         self.challenger: Challenger | None = None  # verifier nodes, once the models are loaded
+        self.appeals: AppealDuties | None = None  # verifier nodes with a ledger
         self.channels = ChannelPool(config.server.max_message_bytes)
         self.publisher = DescriptorPublisher(
             self.keys.identity,
@@ -90,7 +92,7 @@ class InferenceNode(ServiceNode):
         self.offloader = (
             Offloader(
                 self.keys.identity.public_key,
-                lambda key: self.ledger.balance(key).staked,
+                self.stake_of,
                 self.membership,
                 self.channels,
                 config.circuits.setup_timeout_s,
@@ -134,6 +136,10 @@ class InferenceNode(ServiceNode):
             ],
         )
 
+    def stake_of(self, key: bytes) -> int:
+        """Bonded credits of ``key``'s account (0 without a ledger)."""
+        return self.chain.state.account(key).bonded if self.chain is not None else 0
+
     def _describe(self, descriptor: common_pb2.NodeDescriptor) -> None:
         """Models, capacity, load and policy, once the models are loaded."""
         service = self.servicer.service
@@ -172,14 +178,14 @@ class InferenceNode(ServiceNode):
                 await engine.close()
             await self.server.stop(0)
             raise
-        service = InferenceService(
-            self.keys.identity, engines, self.config.policy, lambda key: self.ledger.balance(key).available
-        )
+        price = common_pb2.Price(**self.config.price.model_dump())
+        billing = Billing(self.chain, price, self.config.policy) if self.chain is not None else None
+        service = InferenceService(self.keys.identity, engines, self.config.policy, billing)
         self.servicer.service = service
         self.verifier.service = VerifierService(
             self.keys.identity,
             lambda: service.engines,
-            self.reputation,
+            self.trust.book,
             on_verdict=self._record_verdict,
             judge_method=self.config.judge_method,
         )
@@ -197,28 +203,49 @@ class InferenceNode(ServiceNode):
         await self.join_swarm()  # after loading: the first descriptor others see lists the models
         if self.challenger is not None:
             self.challenger.start()
+        if self.chain is not None and self.config.verifier:
+            self.appeals = AppealDuties(self.chain, self.verifier.service)
+            self.appeals.start()
         log.info("inference node ready", node_id=self.keys.identity.node_id, address=self.address)
 
     async def _stake(self) -> None:
-        """Locks up to ``stake`` credits as stake (what the account holds, if less)."""
-        balance = self.ledger.balance(self.keys.identity.public_key)
-        wanted = min(self.config.stake - balance.staked, balance.available)
+        """Bonds up to ``stake`` credits of the account (what it holds, if less)."""
+        chain = self.chain
+        if chain is None:
+            return
+        account = chain.state.account(self.keys.identity.public_key)
+        wanted = min(self.config.stake - account.bonded, account.available)
         if wanted > 0:
-            await asyncio.to_thread(self.ledger.append, self.keys.identity, stake=ledger_pb2.StakeChange(delta=wanted))
-            log.info("staked", credits=wanted, staked=balance.staked + wanted)
+            bond = chain_pb2.BondStake(credits=wanted)
+            await chain.submit(sign_transaction(self.keys.identity, chain.chain_id, chain.next_nonce(), bond=bond))
+            log.info("bonding stake", credits=wanted, bonded=account.bonded)
 
-    async def _record_verdict(self, signed: verifier_pb2.SignedVerdict, verdict: verifier_pb2.Verdict) -> None:
-        """Writes the verdict to the ledger; a failed check burns half the provider's stake."""
-        failed = verdict.outcome == verifier_pb2.VERDICT_OUTCOME_FAIL
-        record = ledger_pb2.VerdictRecord(verdict=signed, slash_permille=500 if failed else 0)
+    async def _record_verdict(
+        self, signed: verifier_pb2.SignedVerdict, verdict: verifier_pb2.Verdict, evidence: chain_pb2.VerdictEvidence
+    ) -> None:
+        """Records the verdict on the chain if the chain's lottery drew this node's account to
+        verify that receipt (a FAIL with its evidence); otherwise it counts for nothing."""
+        chain = self.chain
+        if chain is None:
+            return
+        cosigners = [c.signer_key for c in evidence.receipt.cosignatures]
+        epoch, drawn = chain.state.check_assignment(verdict_id(evidence.receipt), verdict.provider_key, cosigners)
+        if chain.state.account_of(self.keys.identity.public_key) not in drawn:
+            log.info("not drawn to verify this receipt; verdict not recorded", request_id=verdict.subject_id)
+            return
+        if verdict.outcome != verifier_pb2.VERDICT_OUTCOME_FAIL:
+            evidence = chain_pb2.VerdictEvidence(receipt=evidence.receipt)  # a PASS needs only the receipt
+        record = chain_pb2.RecordVerdict(verdict=signed, evidence=evidence, lottery_epoch=epoch)
         try:
-            await asyncio.to_thread(self.ledger.append, self.keys.identity, verdict=record)
-        except LedgerRejection as error:
+            await chain.submit(sign_transaction(self.keys.identity, chain.chain_id, chain.next_nonce(), verdict=record))
+        except ServiceError as error:
             log.warning("verdict not recorded", reason=str(error))
 
     async def close(self) -> None:
         if self.challenger is not None:
             await self.challenger.close()
+        if self.appeals is not None:
+            await self.appeals.close()
         await self.channels.close()
         service = self.servicer.service
         if service is not None:

@@ -9,13 +9,14 @@ import math
 import secrets
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 
 import structlog
 
 from services.inference.admission import Admission, LoadSnapshot
+from services.inference.billing import Billing, refuse_without_ledger
 from services.inference.config import ProviderPolicy
 from services.inference.engine import (
     ChatTurn,
@@ -28,7 +29,7 @@ from services.inference.engine import (
 from services.inference.stops import StopMatcher
 from swarmserve import native
 from swarmserve.receipts import ReceiptWriter
-from swarmserve.rpc import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unavailable
+from swarmserve.rpc import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from swarmserve.telemetry import get_logger
 from swarmserve.v1 import common_pb2
 
@@ -104,10 +105,10 @@ class InferenceService:
         identity: native.Identity,
         engines: Mapping[str, Engine],
         policy: ProviderPolicy,
-        balance_of: Callable[[bytes], int] | None = None,
+        billing: Billing | None = None,
     ) -> None:
         self.identity = identity
-        self._balance_of = balance_of  # available credits by the ledger; needed by accept_callers: min_balance
+        self.billing = billing  # with a ledger: who is served, and what each stream cost the caller
         self.engines = dict(engines)
         self.policy = policy
         self.admission = Admission(policy.max_concurrent, policy.max_queue)
@@ -129,16 +130,10 @@ class InferenceService:
             raise Unavailable(f"outside this node's serving hours ({windows} UTC)")
 
     def _check_caller(self, caller_key: bytes) -> None:
-        if self.policy.accept_callers != "min_balance":
-            return
-        minimum = self.policy.min_caller_balance
-        if not caller_key:
-            raise PermissionDenied(
-                f"this node serves only callers that sign their requests with a key holding {minimum} credits"
-            )
-        balance = self._balance_of(caller_key) if self._balance_of is not None else 0
-        if balance < minimum:
-            raise PermissionDenied(f"the caller holds {balance} credits; this node's minimum is {minimum}")
+        if self.billing is not None:
+            self.billing.admit(caller_key)
+        else:
+            refuse_without_ledger(self.policy, caller_key)
 
     def _check_ids(self, engine: Engine, ids: Sequence[int], what: str) -> None:
         bad = [token for token in ids if not 0 <= token < engine.vocab_size]
@@ -298,6 +293,8 @@ class InferenceService:
                 total_ms=timing.total_us // 1000,
             )
             summary = GenerationSummary(finish, receipt.sign(_FINISH[finish], timing))
+            if self.billing is not None:
+                self.billing.charge(request.caller_key, len(prepared.prompt_ids), sent)
         # Sent once the slot is free: a client that sees the summary sees the node's load without it.
         yield summary
 

@@ -20,7 +20,7 @@ from services.inference.service import (
     SamplingRequest,
     TokenEvent,
 )
-from swarmserve.ledger.callers import authenticated_caller
+from swarmserve.chain.callers import authenticated_caller
 from swarmserve.rpc import Unavailable
 from swarmserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 

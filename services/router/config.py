@@ -17,7 +17,8 @@ MAX_RELAYS = native.MAX_LAYERS - 1
 
 
 class DuelSettings(StrictModel):
-    """Duel-and-judge (``services/router/duels.py``)."""
+    """Duel-and-judge (``services/router/duels.py``); needs a ledger (the chain draws the judges,
+    rechecks the votes and slashes the loser: its genesis sets how many judges and how much)."""
 
     rate: float = Field(
         0.01,
@@ -28,8 +29,6 @@ class DuelSettings(StrictModel):
         "(the second answer and three votes; bench/verification.py), so 1% keeps verification "
         "within 10% of serving together with the challenges",
     )
-    judges: int = Field(3, ge=1, le=9, description="judges per duel, drawn with probability proportional to stake")
-    slash_share: float = Field(0.1, ge=0, le=1, description="share of the loser's stake a lost duel burns")
     timeout_s: float = Field(120.0, gt=0, description="how long the second answer and the votes may take")
 
 

@@ -1,15 +1,17 @@
-"""Duel-and-judge (WWW.Serve), run by routers on a sample of the requests they serve.
+"""Duel-and-judge (WWW.Serve), run by routers on a sample of the requests they serve, in a swarm
+with a ledger.
 
 The request is served as usual; afterwards, in the background, the router sends the same
-request through another onion circuit to a second provider of the model, then asks
-``duels.judges`` judges to vote. Judges are verifier nodes holding the model that are neither
-party and are trusted, drawn without replacement with probability proportional to their stake
-plus one. Each judge gets the two answers in an order drawn for it, so a judge that always votes
-for one position is caught disagreeing with the majority (and so is one that always votes for
-one provider). The winner is the side more judges voted for; undecided votes count for neither.
-A decided duel is recorded in the router's ledger chain as a signed duel result carrying every
-vote (replicas recheck it with ``swarmserve.verdicts.tally_duel``), and burns ``slash_share`` of
-the loser's stake. Reputation follows from the record (``services/verifier/reputation.py``).
+request through another onion circuit to a second provider of the model, then asks the judges
+to vote. The judges are not the router's choice: the ledger's lottery draws the accounts for the
+router's next duel by stake (``swarmserve/chain/lottery.py``), and the router asks their trusted
+verifier nodes that hold the model. Each judge gets the two answers in an order drawn for it, so
+a judge that always votes for one position is caught disagreeing with the majority (and so is
+one that always votes for one provider). The winner is the side more judges voted for;
+undecided votes count for neither. A decided duel goes on the chain as a signed result carrying
+every vote; the chain rechecks the votes and the draw, and burns part of the loser's stake.
+Reputation follows from the chain (``swarmserve/trust``). One duel at a time per router: the
+draw of the next one depends on this one being recorded.
 """
 
 from __future__ import annotations
@@ -26,11 +28,11 @@ from grpc import aio
 from services.router.config import DuelSettings
 from services.verifier.service import DuelSide
 from swarmserve import native
-from swarmserve.ledger import LedgerRejection
+from swarmserve.chain import ChainReplica, sign_transaction
 from swarmserve.overlay import Peer
 from swarmserve.rpc import ServiceError
 from swarmserve.telemetry import get_logger
-from swarmserve.v1 import common_pb2, ledger_pb2, router_pb2, verifier_pb2, verifier_pb2_grpc
+from swarmserve.v1 import chain_pb2, common_pb2, router_pb2, verifier_pb2, verifier_pb2_grpc
 from swarmserve.verdicts import VerdictError, decide_duel, open_verdict, sign_verdict
 
 if TYPE_CHECKING:
@@ -40,7 +42,8 @@ __all__ = ["DUEL_METHOD", "DuelOrganiser", "DuelOutcome"]
 
 log = get_logger("swarmserve.router")
 
-DUEL_METHOD = "duel-majority-v1: judges drawn without replacement with weight stake+1; winner by more votes"
+DUEL_METHOD = "duel-majority-v2: judges drawn by the ledger's lottery by stake; winner by more votes"
+_RECORDED_WITHIN_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -56,18 +59,20 @@ class DuelOrganiser:
         self._settings = settings
         self._random = random.SystemRandom()
         self._running: set[asyncio.Task[DuelOutcome | None]] = set()
+        self._one_at_a_time = asyncio.Lock()
 
     def maybe_start(self, request: router_pb2.GenerateRequest, first: DuelSide) -> None:
-        """Starts a duel over this served request with probability ``duels.rate``."""
-        if self._random.random() < self._settings.rate:
+        """Starts a duel over this served request with probability ``duels.rate`` (with a ledger)."""
+        if self._router.chain is not None and self._random.random() < self._settings.rate:
             task = asyncio.create_task(self._guarded(request, first))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
     async def _guarded(self, request: router_pb2.GenerateRequest, first: DuelSide) -> DuelOutcome | None:
         try:
-            return await asyncio.wait_for(self.run(request, first), self._settings.timeout_s)
-        except (ServiceError, TimeoutError, LedgerRejection, VerdictError) as error:
+            async with self._one_at_a_time:
+                return await asyncio.wait_for(self.run(request, first), self._settings.timeout_s)
+        except (ServiceError, TimeoutError, VerdictError) as error:
             log.warning("duel abandoned", reason=str(error) or type(error).__name__)
             return None
 
@@ -87,10 +92,12 @@ class DuelOrganiser:
         second_key = _body(second).node_key
         if second_key == first_key:  # an offload can land on the first provider again
             return DuelOutcome(duel_id, None, [])
-        judges = self._judges(first, {first_key, second_key})
+        chain = self._router.chain
+        assert chain is not None  # duels run only with a ledger
+        epoch, judges = self._judges(chain, first, {first_key, second_key})
         signed_votes = await asyncio.gather(*(self._vote(judge, duel_id, request, first, second) for judge in judges))
         votes = [(s, v) for s, v in (x for x in signed_votes if x is not None)]
-        return DuelOutcome(duel_id, await self._record(duel_id, first, votes), [v for _, v in votes])
+        return DuelOutcome(duel_id, await self._record(chain, epoch, duel_id, first, votes), [v for _, v in votes])
 
     @staticmethod
     async def _collect(stream: AsyncGenerator[TokenDelta | router_pb2.GenerateSummary, None]) -> DuelSide:
@@ -104,23 +111,29 @@ class DuelOrganiser:
                 texts.append(event.token_bytes)
         raise ServiceError("the second provider's stream ended without a summary")
 
-    def _judges(self, answer: DuelSide, parties: set[bytes]) -> list[Peer]:
+    def _judges(self, chain: ChainReplica, answer: DuelSide, parties: set[bytes]) -> tuple[int, list[Peer]]:
+        """The lottery epoch and, for each account the chain draws for this router's next duel, one
+        trusted live verifier node of it holding the model."""
+        state, me = chain.state, self._router.identity.public_key
+        epoch = state.epoch_of(state.height)
+        subject = b"duel" + me + state.duels_organised(me).to_bytes(8, "big")
+        excluded = {state.account_of(key) for key in (*parties, me)}
+        drawn = state.lottery(epoch, subject, state.genesis.parameters.judges_per_duel, excluded)
         digest = _body(answer).model_digest  # the router checked the receipt as it relayed it
-        book = self._router.reputation.book()
-        ledger = self._router.ledger
-        pool = [
-            peer
-            for peer in self._router.directory.alive(common_pb2.NODE_ROLE_VERIFIER)
-            if peer.descriptor.identity_key not in parties
-            and any(m.weights_digest == digest for m in peer.descriptor.models)
-            and book.standing(peer.descriptor.identity_key).trusted
-        ]
-        chosen: list[Peer] = []
-        while pool and len(chosen) < self._settings.judges:
-            weights = [ledger.balance(p.descriptor.identity_key).staked + 1 for p in pool]
-            pick = self._random.choices(range(len(pool)), weights)[0]
-            chosen.append(pool.pop(pick))
-        return chosen
+        book = self._router.trust.book()
+        judges: dict[bytes, Peer] = {}
+        for peer in self._router.directory.alive(common_pb2.NODE_ROLE_VERIFIER):
+            key = peer.descriptor.identity_key
+            account = state.account_of(key)
+            if (
+                account in drawn
+                and account not in judges
+                and key not in parties
+                and any(m.weights_digest == digest for m in peer.descriptor.models)
+                and book.standing(key).trusted
+            ):
+                judges[account] = peer
+        return epoch, list(judges.values())
 
     async def _vote(
         self,
@@ -154,10 +167,14 @@ class DuelOrganiser:
 
     async def _record(
         self,
+        chain: ChainReplica,
+        epoch: int,
         duel_id: str,
         first: DuelSide,
         votes: list[tuple[verifier_pb2.SignedVerdict, verifier_pb2.Verdict]],
     ) -> verifier_pb2.SignedVerdict | None:
+        """Puts a decided duel on the chain and waits until it is applied (the next duel's draw
+        depends on it); None if undecided."""
         result = decide_duel(duel_id, [signed for signed, _ in votes])
         if result is None:
             log.info("duel undecided", duel_id=duel_id, votes=len(votes))
@@ -165,9 +182,15 @@ class DuelOrganiser:
         result.method = DUEL_METHOD
         result.reference_model_digest = _body(first).model_digest
         signed_result = sign_verdict(self._router.identity, result)
-        permille = round(self._settings.slash_share * 1000)
-        record = ledger_pb2.VerdictRecord(verdict=signed_result, slash_permille=permille)
-        await asyncio.to_thread(self._router.ledger.append, self._router.identity, verdict=record)
+        me = self._router.identity.public_key
+        organised = chain.state.duels_organised(me)
+        record = chain_pb2.RecordDuel(result=signed_result, lottery_epoch=epoch)
+        await chain.submit(sign_transaction(self._router.identity, chain.chain_id, chain.next_nonce(), duel=record))
+        deadline = asyncio.get_running_loop().time() + _RECORDED_WITHIN_S
+        while chain.state.duels_organised(me) == organised:
+            if asyncio.get_running_loop().time() > deadline:
+                raise ServiceError("the duel result was not recorded on the chain in time")
+            await asyncio.sleep(0.1)
         log.info(
             "duel decided",
             duel_id=duel_id,
@@ -175,7 +198,6 @@ class DuelOrganiser:
             loser=native.node_id(result.opponent_key)[:16],
             share=round(result.score, 2),
             votes=len(votes),
-            slash_permille=permille,
         )
         return signed_result
 

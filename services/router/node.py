@@ -29,7 +29,7 @@ class RouterNode(ServiceNode):
         self.membership = Membership(publisher, self.channels, config.gossip)
         self.directory = self.membership.directory
         ledger = self.open_ledger(config, self.channels, self.keys.identity)
-        self.service = RouterService(self.keys.identity, self.membership, self.channels, config, self.ledger)
+        self.service = RouterService(self.keys.identity, self.membership, self.channels, config, self.chain, self.trust)
         router = RouterServicer(self.service)
         self.server = RpcServer(
             config.server,
@@ -56,5 +56,5 @@ class RouterNode(ServiceNode):
         )
 
     async def close(self) -> None:
-        await self.service.duels.close()
+        await self.service.close()
         await self.channels.close()

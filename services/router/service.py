@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import codecs
-import math
 import random
 import time
 import uuid
@@ -15,13 +14,16 @@ from dataclasses import dataclass, replace
 
 import grpc
 import structlog
+from grpc import aio
 
 from services.relay.client import OpenCircuit
 from services.router.config import RouterConfig
 from services.router.duels import DuelOrganiser
-from services.verifier.reputation import LedgerReputation
 from services.verifier.service import DuelSide
 from swarmserve import native
+from swarmserve.chain import ChainReplica
+from swarmserve.chain.callers import sign_as_caller
+from swarmserve.chain.payments import most_prompt_tokens, price_credits
 from swarmserve.dispatch import (
     CentralOraclePolicy,
     LocalOnlyPolicy,
@@ -32,8 +34,6 @@ from swarmserve.dispatch import (
     RoundRobinPolicy,
     reported_state,
 )
-from swarmserve.ledger import LedgerRejection, LedgerReplica
-from swarmserve.ledger.callers import sign_as_caller
 from swarmserve.overlay import Membership, Peer
 from swarmserve.receipts import ReceiptError, verify_receipt
 from swarmserve.rpc import (
@@ -45,7 +45,16 @@ from swarmserve.rpc import (
     Unavailable,
 )
 from swarmserve.telemetry import get_logger
-from swarmserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc, ledger_pb2, relay_pb2, router_pb2
+from swarmserve.trust import ChainReputation
+from swarmserve.v1 import (
+    chain_pb2,
+    chain_pb2_grpc,
+    common_pb2,
+    inference_pb2,
+    inference_pb2_grpc,
+    relay_pb2,
+    router_pb2,
+)
 
 __all__ = ["RouterService", "TokenDelta", "affinity_key"]
 
@@ -70,11 +79,12 @@ class RouterService:
         membership: Membership,
         channels: ChannelPool,
         config: RouterConfig,
-        ledger: LedgerReplica,
+        chain: ChainReplica | None,
+        trust: ChainReputation,
     ) -> None:
         self.identity = identity
-        self.ledger = ledger
-        self.reputation = LedgerReputation(ledger)
+        self.chain = chain  # with a ledger: providers are paid by cheque, duels recorded
+        self.trust = trust
         self.membership = membership
         self.directory = membership.directory
         self.channels = channels
@@ -86,6 +96,13 @@ class RouterService:
         # flight at a node started, and an average of the latency it observed there.
         self._in_flight: dict[str, list[float]] = {}
         self._observed_latency: dict[str, float] = {}
+        self._deliveries: set[asyncio.Task[None]] = set()  # cheques on their way to providers
+
+    async def close(self) -> None:
+        """Lets cheques on their way arrive (briefly), then stops the duels."""
+        if self._deliveries:
+            await asyncio.wait(self._deliveries, timeout=2)
+        await self.duels.close()
 
     def _check(self, request: router_pb2.GenerateRequest) -> int:
         size = request.ByteSize()
@@ -105,10 +122,10 @@ class RouterService:
         return hops
 
     def _candidates(self, model: str) -> list[Peer]:
-        """Live nodes serving the model; providers whose reputation (from the verdicts in this
-        router's ledger replica) is below the trust threshold get no traffic, whatever the policy."""
+        """Live nodes serving the model; providers the chain's verdicts put below the trust
+        threshold (or convicted) get no traffic, whatever the policy."""
         serving = [p for p in self.directory.alive(common_pb2.NODE_ROLE_INFERENCE) if p.serves(model)]
-        book = self.reputation.book()
+        book = self.trust.book()
         trusted = [p for p in serving if book.standing(p.descriptor.identity_key).trusted]
         if serving and not trusted:
             raise Unavailable(f"every node serving model {model!r} is below the trust threshold")
@@ -178,21 +195,36 @@ class RouterService:
         observed = self._observed_latency.get(peer.node_id)
         return state if observed is None else replace(state, recent_latency_s=observed)
 
-    async def _pay(self, receipt: common_pb2.SignedReceipt, body: common_pb2.Receipt, server: str) -> None:
-        """Pays the provider for the tokens this router checked, at its published price: a
-        ServedWork entry in this router's chain (the receipt carries the co-signature)."""
+    async def _pay(self, request: router_pb2.GenerateRequest, body: common_pb2.Receipt, server: str) -> None:
+        """Pays the provider with a cheque for what this router checked itself: the tokens it
+        relayed (the receipt commits to exactly those) and at most as many prompt tokens as its
+        prompt can have, at the provider's published price. Serving this router's own account is
+        free; without a ledger everything is."""
+        chain = self.chain
+        if chain is None or chain.same_account(body.node_key):
+            return
         peer = self.directory.get(server)
         price = peer.descriptor.price if peer is not None else common_pb2.Price()
-        owed = (
-            body.timing.prompt_tokens * price.credits_per_1k_prompt_tokens
-            + body.token_count * price.credits_per_1k_completion_tokens
-        )
-        credits = max(1, math.ceil(owed / 1000))
-        work = ledger_pb2.ServedWork(receipt=receipt, payer_key=self.identity.public_key, credits=credits)
+        if request.WhichOneof("input") == "prompt":
+            prompt_bytes, messages = len(request.prompt.encode()), 1
+        else:
+            prompt_bytes = sum(len(m.content.encode()) for m in request.chat.messages)
+            messages = len(request.chat.messages)
+        prompt_tokens = min(body.timing.prompt_tokens, most_prompt_tokens(prompt_bytes, messages))
+        credits = price_credits(price, prompt_tokens, body.token_count)
+        cheque = await asyncio.to_thread(chain.book.pay, body.node_key, credits)
+        if peer is not None:
+            task = asyncio.get_running_loop().create_task(self._deliver(peer, cheque, credits))
+            self._deliveries.add(task)
+            task.add_done_callback(self._deliveries.discard)
+
+    async def _deliver(self, peer: Peer, cheque: chain_pb2.SignedCheque, credits: int) -> None:
+        """Hands the provider its cheque; one lost on the way is covered by the next (cumulative)."""
+        stub = chain_pb2_grpc.ChainStub(self.channels.get(peer.descriptor.address))
         try:
-            await asyncio.to_thread(self.ledger.append, self.identity, served=work)
-        except LedgerRejection as error:  # the user got the answer; the provider is owed
-            log.warning("could not pay for served work", provider=server[:16], credits=credits, reason=str(error))
+            await stub.DepositCheque(chain_pb2.DepositChequeRequest(cheque=cheque), timeout=5)
+        except (aio.AioRpcError, TimeoutError) as error:
+            log.warning("cheque not delivered", provider=peer.node_id[:16], credits=credits, reason=str(error))
 
     async def _start(
         self,
@@ -301,7 +333,7 @@ class RouterService:
                     signer_key=self.identity.public_key,
                     signature=self.identity.sign(receipt.receipt),
                 )
-                await self._pay(receipt, signed_body, server)
+                await self._pay(request, signed_body, server)
                 if duel:
                     self.duels.maybe_start(request, DuelSide(receipt, ids, texts))
                 tail = decoder.decode(b"", final=True)

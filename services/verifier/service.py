@@ -1,6 +1,7 @@
 """The verifier's behaviour, independent of gRPC: re-execution checks of served streams and
-duel votes on the node's own (trusted) copies of its models, signed verdicts, and the reputation
-they feed.
+duel votes on the node's own (trusted) copies of its models, and signed verdicts with their
+evidence, handed to the node to record on the ledger's chain (reputation follows from the
+chain, ``swarmserve/trust``).
 The servicer (``servicer.py``) only converts protobuf to these calls and back."""
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ from dataclasses import dataclass
 from services.inference.engine import ChatTurn, Engine, EngineUnavailable
 from services.verifier.checks import METHOD, CheckResult, Outcome, check_stream
 from services.verifier.judging import JudgeMethod, judge
-from services.verifier.reputation import ProviderStanding, ReputationBook, verdict_scores
 from swarmserve import native
 from swarmserve.receipts import ReceiptError, prompt_digest, verify_receipt
 from swarmserve.rpc import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from swarmserve.telemetry import get_logger
-from swarmserve.v1 import common_pb2, verifier_pb2
+from swarmserve.trust import ProviderStanding, ReputationBook
+from swarmserve.v1 import chain_pb2, common_pb2, verifier_pb2
 from swarmserve.verdicts import sign_verdict
 
 __all__ = ["DuelSide", "VerifierService"]
@@ -42,8 +43,8 @@ class DuelSide:
 Prompt = str | Sequence[ChatTurn] | Sequence[int]
 """What was asked: text, a chat (templated by the verifier's model), or token ids."""
 
-VerdictSink = Callable[[verifier_pb2.SignedVerdict, verifier_pb2.Verdict], Awaitable[None]]
-"""Called with each conclusive verdict, signed and as its body."""
+VerdictSink = Callable[[verifier_pb2.SignedVerdict, verifier_pb2.Verdict, chain_pb2.VerdictEvidence], Awaitable[None]]
+"""Called with each conclusive verdict, signed and as its body, and its evidence."""
 
 
 class VerifierService:
@@ -51,14 +52,14 @@ class VerifierService:
         self,
         identity: native.Identity,
         engines: Callable[[], Mapping[str, Engine]],
-        reputation: ReputationBook,
+        reputation: Callable[[], ReputationBook] = ReputationBook,
         on_verdict: VerdictSink | None = None,
         judge_method: JudgeMethod = "likelihood",
     ) -> None:
         self._judge_method: JudgeMethod = judge_method
         self._identity = identity
         self._engines = engines
-        self.reputation = reputation
+        self._reputation = reputation  # the node's book, from the chain
         self._on_verdict = on_verdict
 
     def _engine_for(self, digest: bytes) -> Engine:
@@ -110,8 +111,6 @@ class VerifierService:
             method=METHOD,
             reference_model_digest=receipt.model_digest,
         )
-        for key, score, failed in verdict_scores(verdict):
-            self.reputation.record(key, score, failed=failed)
         log.info(
             "checked stream",
             provider=native.node_id(receipt.node_key),
@@ -123,8 +122,25 @@ class VerifierService:
         )
         signed_verdict = sign_verdict(self._identity, verdict)
         if self._on_verdict is not None and result.outcome is not Outcome.INCONCLUSIVE:
-            await self._on_verdict(signed_verdict, verdict)
+            evidence = chain_pb2.VerdictEvidence(
+                receipt=signed, prompt_token_ids=prompt_ids, token_ids=token_ids, token_texts=texts
+            )
+            await self._on_verdict(signed_verdict, verdict, evidence)
         return result, signed_verdict
+
+    async def replay(self, evidence: chain_pb2.VerdictEvidence) -> CheckResult:
+        """Re-executes a recorded FAIL's evidence (as an appeal juror), recording nothing."""
+        try:
+            receipt = verify_receipt(evidence.receipt, evidence.token_ids, evidence.token_texts)
+        except ReceiptError as error:
+            raise InvalidArgument(f"receipt does not check out: {error}") from None
+        if prompt_digest(evidence.prompt_token_ids) != receipt.prompt_digest:
+            raise InvalidArgument("the prompt is not the one the receipt commits to")
+        engine = self._engine_for(receipt.model_digest)
+        try:
+            return await check_stream(engine, receipt, list(evidence.prompt_token_ids), list(evidence.token_ids))
+        except EngineUnavailable as error:
+            raise FailedPrecondition(f"this verifier cannot replay streams of that model: {error}") from None
 
     async def judge(
         self,
@@ -187,6 +203,7 @@ class VerifierService:
         return sign_verdict(self._identity, vote)
 
     def standings(self, provider_keys: Sequence[bytes]) -> dict[bytes, ProviderStanding]:
+        book = self._reputation()
         if provider_keys:
-            return {key: self.reputation.standing(key) for key in provider_keys}
-        return self.reputation.all()
+            return {key: book.standing(key) for key in provider_keys}
+        return book.all()

@@ -11,6 +11,10 @@
 Either way the node's state is :class:`ChainState`, derived from finalized blocks only. Its own
 transactions (and those submitted to it) go to the consensus node if it is a validator, else
 to a live validator member.
+
+The replica also holds the node's payments (:mod:`swarmserve.chain.payments`): the cheques it
+signs as a payer, and those it receives as a payee, which it settles on the chain once per
+epoch.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import asyncio
 import contextlib
 import random
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -26,6 +31,7 @@ from grpc import aio
 
 from swarmserve import native
 from swarmserve.chain.genesis import Genesis
+from swarmserve.chain.payments import ChequeBook, ChequeInbox
 from swarmserve.chain.proof import BlockProofError, proven_blocks
 from swarmserve.chain.state import ChainState, StateError, genesis_block
 from swarmserve.chain.transactions import TransactionError, decode_transaction, sign_transaction
@@ -40,6 +46,7 @@ log = get_logger("swarmserve.chain")
 
 MAX_BLOCKS_PER_FETCH = 256
 _TIMEOUT_S = 5.0
+_LOST_AFTER_S = 20.0  # a transaction of ours not applied by then never will be
 
 
 class ChainReplica:
@@ -58,6 +65,8 @@ class ChainReplica:
         self.genesis = genesis
         self.identity = identity
         self.state = ChainState(data_dir / "chain.sqlite3", genesis, genesis_bytes)
+        self.book = ChequeBook(data_dir / "payments.sqlite3", identity, self.state.chain_id)
+        self.inbox = ChequeInbox(data_dir / "payments.sqlite3", identity.public_key, self.state.chain_id)
         self.committee = [key for key, _ in genesis.committee()]
         self.validator = identity.public_key in self.committee
         self._consensus_dir = data_dir / "consensus"
@@ -67,24 +76,31 @@ class ChainReplica:
         self._sync_interval_s = sync_interval_s
         self._rng = random.SystemRandom()
         self._nonce_lock = threading.Lock()
-        self._last_nonce = 0
+        self._unapplied: dict[int, float] = {}  # nonces this node signed -> when
+        self._settling: dict[bytes, int] = {}  # payer -> epoch its cheque was last submitted in
         self.consensus: native.ConsensusNode | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._task: asyncio.Task[None] | None = None
+        self._settler: asyncio.Task[None] | None = None
 
     @property
     def chain_id(self) -> bytes:
         return self.state.chain_id
 
+    def same_account(self, key: bytes) -> bool:
+        """True if ``key`` spends from this node's account (serving it is free)."""
+        return self.state.account_of(key) == self.state.account_of(self.identity.public_key)
+
     # --- running ----------------------------------------------------------------------------
 
-    def start(self) -> None:
+    async def start(self) -> None:
         if self.state.height < 0:
             self.state.apply(genesis_block(self.state.genesis_bytes))
         if self.validator:
             parameters = self.genesis.parameters
-            self.consensus = native.ConsensusNode(
+            self.consensus = await asyncio.to_thread(
+                native.ConsensusNode,
                 self.identity,
                 self._consensus_dir,
                 self._listen,
@@ -97,6 +113,7 @@ class ChainReplica:
             self._thread.start()
         else:
             self._task = asyncio.get_running_loop().create_task(self._follow_peers())
+        self._settler = asyncio.get_running_loop().create_task(self._settle_every_epoch())
         log.info(
             "chain replica started",
             role="validator" if self.validator else "follower",
@@ -172,26 +189,64 @@ class ChainReplica:
             if len(answer.blocks) < MAX_BLOCKS_PER_FETCH:
                 return applied
 
+    async def _settle_every_epoch(self) -> None:
+        interval = self.genesis.parameters.block_interval_ms / 1000 * max(1, self.genesis.parameters.epoch_blocks // 4)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.settle_due()
+            except ServiceError as error:
+                log.warning("cheques not settled this time", reason=str(error))
+
+    async def settle_due(self) -> int:
+        """Submits a settlement for every received cheque that would pay something now (once per
+        payer and epoch); returns how many."""
+        epoch = self.state.epoch_of(self.state.height + 1)
+        due = [c for c in self.inbox.due(self.state) if self._settling.get(c.payer) != epoch]
+        for cheque in due:
+            self._settling[cheque.payer] = epoch
+            await self.submit(
+                sign_transaction(
+                    self.identity,
+                    self.chain_id,
+                    self.next_nonce(),
+                    settle=chain_pb2.SettleCheque(cheque=cheque.signed),
+                )
+            )
+        if due:
+            log.info("cheques submitted for settlement", cheques=len(due), credits=sum(c.cumulative for c in due))
+        return len(due)
+
     async def close(self) -> None:
         self._stop.set()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._settler):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
         if self.consensus is not None:
             await asyncio.to_thread(self.consensus.stop)
         self.state.close()
+        self.book.close()
+        self.inbox.close()
 
     # --- transactions -----------------------------------------------------------------------
 
     def next_nonce(self) -> int:
-        """The nonce for this node's next transaction: past both the chain's and any this node
-        signed that the chain has not applied yet."""
+        """The nonce for this node's next transaction: past the chain's and past any this node
+        signed that the chain has not applied yet, unless those are so old that they were lost
+        (refused, or dropped with a validator): then their nonces are used again."""
         with self._nonce_lock:
-            self._last_nonce = max(self._last_nonce, self.state.account(self.identity.public_key).nonce) + 1
-            return self._last_nonce
+            applied = self.state.account(self.identity.public_key).nonce
+            now = time.monotonic()
+            self._unapplied = {n: t for n, t in self._unapplied.items() if n > applied}
+            if self._unapplied and min(self._unapplied.values()) < now - _LOST_AFTER_S:
+                self._unapplied.clear()
+            nonce = max([applied, *self._unapplied]) + 1
+            self._unapplied[nonce] = now
+            return nonce
 
     async def submit(self, raw: bytes) -> bool:
         """Queues a transaction for a block: checks it, then hands it to the consensus node or to

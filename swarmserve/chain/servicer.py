@@ -8,6 +8,7 @@ from typing import Any
 
 from grpc import aio
 
+from swarmserve.chain.cheques import ChequeError
 from swarmserve.chain.replica import MAX_BLOCKS_PER_FETCH, ChainReplica
 from swarmserve.rpc import InvalidArgument, NotFound, ServiceBinding
 from swarmserve.v1 import chain_pb2, chain_pb2_grpc
@@ -66,7 +67,17 @@ class ChainServicer(chain_pb2_grpc.ChainServicer):
             unbonding=account.unbonding,
             nonce=account.nonce,
             height=max(state.height, 0),
+            account_key=account.account_key,
         )
+
+    async def DepositCheque(
+        self, request: chain_pb2.DepositChequeRequest, context: aio.ServicerContext[Any, Any]
+    ) -> chain_pb2.DepositChequeResponse:
+        try:
+            credited = await asyncio.to_thread(self.replica.inbox.deposit, request.cheque)
+        except ChequeError as error:
+            raise InvalidArgument(str(error)) from error
+        return chain_pb2.DepositChequeResponse(credited=credited)
 
 
 def chain_binding(replica: ChainReplica) -> ServiceBinding:

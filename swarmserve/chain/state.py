@@ -52,9 +52,11 @@ were at that block), with a receipt co-signed by someone outside the provider's 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import sqlite3
 import threading
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -130,7 +132,8 @@ CREATE TABLE IF NOT EXISTS duels (
     organiser BLOB NOT NULL,
     winner BLOB NOT NULL,
     loser BLOB NOT NULL,
-    recorded_height INTEGER NOT NULL
+    recorded_height INTEGER NOT NULL,
+    result BLOB NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS organisers (key BLOB PRIMARY KEY, duels INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS blocks (
@@ -205,6 +208,19 @@ class ChainState:
         if stored is not None and stored != self.chain_id:
             raise StateError(f"{path} holds another chain's state (its genesis differs)")
 
+    @classmethod
+    def open_replica(cls, data_dir: Path) -> ChainState:
+        """A node's replica, from its data directory alone (its genesis is its block 0)."""
+        path = data_dir / "chain.sqlite3"
+        if not path.is_file():
+            raise StateError(f"no replica of the ledger's chain in {data_dir}")
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            row = db.execute("SELECT encoded FROM blocks WHERE height = 0").fetchone()
+        if row is None:
+            raise StateError(f"the replica in {data_dir} has no genesis block yet")
+        genesis_bytes = native.decode_chain_block(bytes(row[0])).transactions[0]
+        return cls(path, Genesis.model_validate_json(genesis_bytes), genesis_bytes)
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
@@ -255,6 +271,12 @@ class ChainState:
             ).fetchone()
         return (row[0], row[1]) if row else (0, -1)
 
+    def settlements(self) -> list[tuple[bytes, bytes, int, int]]:
+        """(payer, payee, credits settled so far, epoch of the last settlement) of every pair."""
+        with self._lock:
+            rows = self._db.execute("SELECT payer, payee, settled, epoch FROM settlements ORDER BY payer, payee")
+            return [(bytes(payer), bytes(payee), settled, epoch) for payer, payee, settled, epoch in rows]
+
     def epoch_of(self, height: int) -> int:
         return height // self.genesis.parameters.epoch_blocks
 
@@ -264,14 +286,15 @@ class ChainState:
         with self._lock:
             return self._draw(epoch, subject, count, excluded)
 
-    def check_assignment(self, subject: bytes, provider: bytes, cosigners: tuple[bytes, ...]) -> list[bytes]:
-        """The accounts drawn now to verify a receipt (see :func:`verdict_id`) from ``provider``
-        co-signed by ``cosigners``, with the latest seed a verdict can use."""
+    def check_assignment(
+        self, subject: bytes, provider: bytes, cosigners: Collection[bytes]
+    ) -> tuple[int, list[bytes]]:
+        """The lottery epoch a verdict submitted now names, and the accounts it draws to verify a
+        receipt (``subject``: its :func:`verdict_id`) from ``provider`` co-signed by ``cosigners``."""
         with self._lock:
+            epoch = self.epoch_of(self.height)
             excluded = {self._account_of(provider), *map(self._account_of, cosigners)}
-            return self._draw(
-                self._latest_seed_epoch(self.height + 1), subject, self.genesis.parameters.verifiers_per_check, excluded
-            )
+            return epoch, self._draw(epoch, subject, self.genesis.parameters.verifiers_per_check, excluded)
 
     def verdict(self, identifier: bytes) -> VerdictRecord | None:
         with self._lock:
@@ -282,16 +305,48 @@ class ChainState:
             ).fetchone()
         return _verdict_record(row) if row else None
 
-    def verdicts_since(self, height: int) -> list[VerdictRecord]:
-        """Verdicts recorded or decided after ``height`` (for reputation, read incrementally)."""
+    def reputation_events(self, after: int) -> tuple[int, list[tuple[bytes, float, bool] | verifier_pb2.Verdict]]:
+        """What reputation is made of, decided after height ``after`` up to this replica's height
+        (returned with them), in the chain's order: (provider, score, failed) for each check
+        passed or FAIL decided, and each duel result (its votes rechecked when recorded)."""
+        with self._lock:
+            height = self.height
+            checks = self._db.execute(
+                "SELECT CASE status WHEN 'passed' THEN recorded_height ELSE deadline END AS at, id, provider, "
+                "score_permille, status FROM verdicts WHERE status IN ('passed', 'failed') AND at > ? AND at <= ?",
+                (after, height),
+            ).fetchall()
+            duels = self._db.execute(
+                "SELECT recorded_height, id, result FROM duels WHERE recorded_height > ? AND recorded_height <= ?",
+                (after, height),
+            ).fetchall()
+        events: list[tuple[int, bytes, tuple[bytes, float, bool] | verifier_pb2.Verdict]] = [
+            (at, bytes(i), (bytes(provider), score / 1000, status == "failed"))
+            for at, i, provider, score, status in checks
+        ]
+        events += [(at, bytes(i), verifier_pb2.Verdict.FromString(result)) for at, i, result in duels]
+        events.sort(key=lambda event: (event[0], event[1]))
+        return height, [event for _, _, event in events]
+
+    def accusations(self, provider: bytes) -> list[bytes]:
+        """Ids of FAILs against ``provider`` still open to appeal."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT id, provider, verifier, status, score_permille, recorded_height, deadline FROM verdicts "
-                "WHERE recorded_height > ? OR (status IN ('failed', 'overturned') AND deadline >= ?) "
-                "ORDER BY recorded_height, id",
-                (height, height),
+                "SELECT id FROM verdicts WHERE provider = ? AND status = 'pending' AND deadline >= ? ORDER BY id",
+                (provider, self.height + 1),
             ).fetchall()
-        return [_verdict_record(row) for row in rows]
+        return [bytes(row[0]) for row in rows]
+
+    def juror_duties(self, account: bytes) -> list[tuple[bytes, chain_pb2.VerdictEvidence]]:
+        """Appealed FAILs on whose committee ``account`` sits and has not voted yet, with the
+        evidence to re-execute."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT v.id, v.evidence FROM verdicts v JOIN jurors j ON j.verdict = v.id "
+                "WHERE j.account = ? AND j.uphold IS NULL AND v.status = 'appealed' AND v.deadline >= ? ORDER BY v.id",
+                (account, self.height + 1),
+            ).fetchall()
+        return [(bytes(i), chain_pb2.VerdictEvidence.FromString(evidence)) for i, evidence in rows]
 
     def jurors(self, identifier: bytes) -> dict[bytes, bool | None]:
         """An appeal committee: account -> its vote (True: uphold), None if it has not voted."""
@@ -670,8 +725,8 @@ class ChainState:
             return False  # recorded already
         self._db.execute("INSERT OR REPLACE INTO organisers (key, duels) VALUES (?, ?)", (organiser, organised + 1))
         self._db.execute(
-            "INSERT INTO duels (id, organiser, winner, loser, recorded_height) VALUES (?, ?, ?, ?, ?)",
-            (identifier, organiser, tally.winner, tally.loser, height),
+            "INSERT INTO duels (id, organiser, winner, loser, recorded_height, result) VALUES (?, ?, ?, ?, ?, ?)",
+            (identifier, organiser, tally.winner, tally.loser, height, record.result.verdict),
         )
         self._slash(self._account_of(tally.loser), self.genesis.parameters.duel_slash_permille)
         return True
@@ -756,7 +811,7 @@ _STATE_TABLES = (
         "recorded_height, deadline, evidence",
     ),
     ("jurors", "verdict, account, uphold"),
-    ("duels", "id, organiser, winner, loser, recorded_height"),
+    ("duels", "id, organiser, winner, loser, recorded_height, result"),
     ("organisers", "key, duels"),
 )
 

@@ -107,11 +107,11 @@ class GossipSettings(StrictModel):
 
 
 class LedgerSettings(StrictModel):
-    """The node's credit-ledger replica (``data_dir/ledger.sqlite3``) and, with a genesis file,
-    its replica of the ledger's chain (``data_dir/chain.sqlite3``; validators also keep the
-    consensus node's storage in ``data_dir/consensus``)."""
+    """The credit ledger: with a genesis file, the node keeps a replica of the ledger's chain
+    (``data_dir/chain.sqlite3``, its cheques in ``data_dir/payments.sqlite3``; validators also
+    keep the consensus node's storage in ``data_dir/consensus``). Without one, the swarm runs no
+    ledger and serves for free."""
 
-    sync_interval_s: float = Field(2.0, gt=0, description="anti-entropy with one random member, about this often")
     genesis: Path | None = Field(
         None, description="the chain's genesis file; a node whose key is in its committee is a validator"
     )

@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 from swarmserve.dispatch.prefix_tree import PrefixTree
+from swarmserve.trust.reputation import TRUST_THRESHOLD
 from swarmserve.v1 import common_pb2
 
 __all__ = [
@@ -25,9 +26,6 @@ __all__ = [
     "load_factor",
     "reported_state",
 ]
-
-
-TRUST_THRESHOLD = 0.3  # reputation below which a provider gets no traffic (PlanetServe's)
 
 
 @dataclass(frozen=True)

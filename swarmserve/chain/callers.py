@@ -1,7 +1,8 @@
-"""Caller authentication for the provider policy ``accept_callers: min_balance``: the node that
-pays for a request (the router) names its identity key and signs the request, so a provider can
-check that key's balance in its ledger replica. The signature covers the request without its
-forwarding state (which changes when a busy node offloads it) and without the signature itself.
+"""Caller authentication: the node that pays for a request (the router) names its identity key
+and signs the request, so that a provider knows whose cheques must cover it and, under
+``accept_callers: min_balance``, whose balance on the ledger's chain to check. The signature
+covers the request without its forwarding state (which changes when a busy node offloads it)
+and without the signature itself.
 """
 
 from __future__ import annotations

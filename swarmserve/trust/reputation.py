@@ -19,21 +19,38 @@ check's false-positive rate is below 1e-4 by construction; 0 in 1,000 honest req
 so a provider that fails one check in five does not stay trusted by passing the others.
 
 A node without verdicts starts at 0.6. Below 0.3 a node is untrusted: routers send it no
-traffic and pick it as no judge. There is no way back: an operator caught cheating starts over
-with a new identity, which holds only the joining grant and no stake.
+traffic and pick it as no judge. A decided FAIL convicts a provider for good: no number of PASS
+verdicts afterwards makes it trusted again (a cheater would otherwise wash a proven fault out
+with checks of honest work). An operator caught cheating starts over with a new identity,
+which holds nothing: credits come only from the genesis or from work paid for.
+
+The verdicts come from the ledger's chain (:class:`ChainReputation`): checks recorded by the
+verifiers the chain drew, FAILs once decided (after the appeal window), duels whose votes the
+chain rechecked. Every node reading the same chain computes the same reputation.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from swarmserve.dispatch import TRUST_THRESHOLD
-from swarmserve.ledger import LedgerReplica
 from swarmserve.v1 import verifier_pb2
 from swarmserve.verdicts import tally_duel
 
-__all__ = ["INITIAL", "LedgerReputation", "ProviderStanding", "ReputationBook", "verdict_scores"]
+if TYPE_CHECKING:
+    from swarmserve.chain.state import ChainState
+
+__all__ = [
+    "INITIAL",
+    "TRUST_THRESHOLD",
+    "ChainReputation",
+    "ProviderStanding",
+    "ReputationBook",
+    "verdict_scores",
+]
+
+TRUST_THRESHOLD = 0.3  # reputation below which a provider gets no traffic (PlanetServe's)
 
 INITIAL = 0.6
 KEEP = 0.4  # weight of the old reputation
@@ -49,10 +66,11 @@ class ProviderStanding:
     verdicts: int = 0
     failures: int = 0
     recent: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))
+    convicted: bool = False  # a FAIL was decided against it
 
     @property
     def trusted(self) -> bool:
-        return self.score >= TRUST_THRESHOLD
+        return self.score >= TRUST_THRESHOLD and not self.convicted
 
 
 class ReputationBook:
@@ -73,6 +91,7 @@ class ReputationBook:
             standing.score *= PENALTY
         if failed:
             standing.score *= PENALTY
+            standing.convicted = True
         return standing
 
     def standing(self, provider_key: bytes) -> ProviderStanding:
@@ -105,24 +124,29 @@ def verdict_scores(verdict: verifier_pb2.Verdict) -> list[tuple[bytes, float, bo
     return []
 
 
-class LedgerReputation:
-    """Reputation as any node computes it: the verdicts in its own ledger replica, replayed in the
-    ledger's agreed order (so every replica holding the same entries agrees)."""
+class ChainReputation:
+    """Reputation from a chain replica, read incrementally: each call applies only the verdicts
+    and duels decided since the last one, in the chain's order. Without a chain (a swarm that
+    runs none) every provider stands at the initial score."""
 
-    def __init__(self, replica: LedgerReplica) -> None:
-        self._replica = replica
-        self._counted = -1
+    def __init__(self, state: ChainState | None) -> None:
+        self._state = state
+        self._height = 0
         self._book = ReputationBook()
 
     def book(self) -> ReputationBook:
-        count = self._replica.entry_count()
-        if count != self._counted:
-            book = ReputationBook()
-            for verdict in self._replica.verdicts():
-                for key, score, failed in verdict_scores(verdict):
-                    book.record(key, score, failed=failed)
-            self._book, self._counted = book, count
+        state = self._state
+        if state is not None and state.height > self._height:
+            height, events = state.reputation_events(self._height)
+            for event in events:
+                if isinstance(event, verifier_pb2.Verdict):
+                    for key, score, failed in verdict_scores(event):
+                        self._book.record(key, score, failed=failed)
+                else:
+                    provider, score, failed = event
+                    self._book.record(provider, 0.0 if failed else score, failed=failed)
+            self._height = height
         return self._book
 
-    def score(self, provider_key: bytes) -> float:
-        return self.book().score(provider_key)
+    def standing(self, provider_key: bytes) -> ProviderStanding:
+        return self.book().standing(provider_key)
