@@ -40,7 +40,6 @@ __all__ = [
     "TokenStreamHasher",
     "decode_chain_block",
     "encode_chain_block",
-    "ledger_entry_hash",
     "node_id",
     "sampling_uniform",
     "token_stream_commitment",
@@ -170,7 +169,6 @@ class Sampler:
     @property
     def position(self) -> int: ...
 
-def ledger_entry_hash(body: bytes, signature: bytes) -> bytes: ...
 def sampling_uniform(seed: int, position: int) -> float: ...
 def token_stream_commitment(
     request_id: bytes,

@@ -10,7 +10,6 @@ Everything that runs per token or per cell is here. Import from this module, nev
   :data:`SETUP_CELL_SIZE` bytes at every hop, so a relay cannot tell its position on the path.
 - :class:`TokenStreamHasher`, :func:`token_stream_commitment`: the BLAKE3 hash chain an
   inference node signs over the tokens it serves.
-- :func:`ledger_entry_hash`: the BLAKE3 hash that links each ledger entry to the next.
 - :class:`Sampler`, :func:`sampling_uniform`: verifiable sampling. The choice at every position
   follows from the logits and a uniform number derived from the receipt's seed, so verifiers can
   replay it; :meth:`Sampler.plausible` tolerates :data:`SAMPLING_CDF_TOLERANCE` (sampled) or
@@ -60,7 +59,6 @@ from swarmserve._native import (
     TokenStreamHasher,
     decode_chain_block,
     encode_chain_block,
-    ledger_entry_hash,
     node_id,
     sampling_uniform,
     token_stream_commitment,
@@ -103,7 +101,6 @@ __all__ = [
     "TokenStreamHasher",
     "decode_chain_block",
     "encode_chain_block",
-    "ledger_entry_hash",
     "node_id",
     "sampling_uniform",
     "token_stream_commitment",

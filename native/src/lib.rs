@@ -1,5 +1,5 @@
 //! swarmserve's native core. Everything that runs per token or per cell lives here: onion
-//! layers, node identity signatures, the token-stream hash chain, ledger entry hashes and
+//! layers, node identity signatures, the token-stream hash chain and
 //! verifiable sampling; so does the ledger's consensus node (`consensus`), which runs per block.
 //! `python.rs` and `python_consensus.rs` expose it to Python as the private module
 //! `swarmserve._native`.
@@ -8,7 +8,6 @@ pub mod chain;
 pub mod consensus;
 pub mod error;
 pub mod identity;
-pub mod ledger;
 pub mod onion;
 pub mod sampling;
 

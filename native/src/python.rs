@@ -14,7 +14,6 @@ use pyo3::types::PyBytes;
 use crate::chain;
 use crate::error::Error;
 use crate::identity;
-use crate::ledger;
 use crate::onion;
 use crate::sampling;
 
@@ -504,12 +503,6 @@ impl Sampler {
     }
 }
 
-/// The BLAKE3 hash of a ledger entry (what the author's next entry names as previous).
-#[pyfunction]
-fn ledger_entry_hash<'py>(py: Python<'py>, body: &[u8], signature: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
-    Ok(PyBytes::new(py, &ledger::entry_hash(body, signature)?))
-}
-
 /// The uniform number in [0, 1) that drives the choice at a completion position.
 #[pyfunction]
 fn sampling_uniform(seed: u64, position: u64) -> f64 {
@@ -563,7 +556,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<TokenStreamHasher>()?;
     m.add_class::<Sampler>()?;
     m.add_function(wrap_pyfunction!(sampling_uniform, m)?)?;
-    m.add_function(wrap_pyfunction!(ledger_entry_hash, m)?)?;
     m.add("SAMPLING_CDF_TOLERANCE", sampling::CDF_TOLERANCE)?;
     m.add("SAMPLING_LOGIT_TOLERANCE", sampling::LOGIT_TOLERANCE)?;
     m.add("SAMPLING_PENALTY_WINDOW", sampling::PENALTY_WINDOW)?;
