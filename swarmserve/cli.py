@@ -199,11 +199,18 @@ async def _demo_verification(swarm: LocalSwarm, prompt: str, result: GenerationR
                     continue  # the node that served it: verifiers never check their own streams
                 raise
         verdict = verifier_pb2.Verdict.FromString(signed.verdict)
+        own = swarm.operators["operator-1"]  # router 1's account
+        served_by_own = any(native.node_id(swarm.identity_key(n)) == result.summary.served_by for n in own)
+        where = (
+            "served by router 1's own operator: a check of one's own service counts for nothing on the chain"
+            if served_by_own
+            else "paid for by another operator: the chain records the verdict, its lottery having drawn this"
+            " verifier's account (here the only other one with stake)"
+        )
         print(
             f"==> verified by {node.name} (re-executed on its own copy of the model, token by token): "
             f"{verifier_pb2.VerdictOutcome.Name(verdict.outcome).removeprefix('VERDICT_OUTCOME_')}, "
-            f"{verdict.score:.0%} of tokens plausible; the verdict goes on the chain if its lottery drew that verifier"
-            f" and another operator paid for the stream",
+            f"{verdict.score:.0%} of tokens plausible; the stream was {where}",
             flush=True,
         )
         break

@@ -80,9 +80,7 @@ class Verdicts:
         return sign_transaction(identity, self.chain.chain_id, self.nonces[identity.public_key], **action)  # type: ignore[arg-type]
 
     def assigned(self, evidence: chain_pb2.VerdictEvidence) -> list[native.Identity]:
-        _, accounts = self.chain.state.check_assignment(
-            verdict_id(evidence.receipt), PROVIDER.public_key, (ROUTER.public_key,)
-        )
+        _, accounts = self.chain.state.check_assignment(verdict_id(evidence.receipt), PROVIDER.public_key)
         return [IDENTITIES[a] for a in accounts]
 
     def verdict(
@@ -124,7 +122,7 @@ def test_only_a_drawn_verifier_with_evidence_records_a_verdict_and_a_pass_never_
     v = Verdicts()
     evidence = served("r1")
     identifier = verdict_id(evidence.receipt)
-    excluded = {PROVIDER.public_key, ROUTER.public_key}
+    excluded = {PROVIDER.public_key}
     drawn_by_epoch_0 = IDENTITIES[v.chain.state.lottery(0, identifier, 2, excluded)[0]]
     drawn = v.assigned(evidence)
     assert len(drawn) == 2 and PROVIDER not in drawn and ROUTER not in drawn
@@ -151,9 +149,7 @@ def test_only_a_drawn_verifier_with_evidence_records_a_verdict_and_a_pass_never_
     assert v.chain.state.verdict(identifier) is None
     # The provider's own node co-signed it: a check it asked for about itself counts for nothing.
     own = served("r2", cosigner=PROVIDER_NODE)
-    _, own_drawn = v.chain.state.check_assignment(
-        verdict_id(own.receipt), PROVIDER.public_key, (PROVIDER_NODE.public_key,)
-    )
+    _, own_drawn = v.chain.state.check_assignment(verdict_id(own.receipt), PROVIDER.public_key)
     v.chain.block([v.verdict(IDENTITIES[own_drawn[0]], own, PASS)])
     assert v.chain.state.verdict(verdict_id(own.receipt)) is None
     # A drawn verifier's PASS (the receipt alone suffices) is recorded; stake is untouched.

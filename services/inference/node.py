@@ -228,8 +228,7 @@ class InferenceNode(ServiceNode):
         chain = self.chain
         if chain is None:
             return
-        cosigners = [c.signer_key for c in evidence.receipt.cosignatures]
-        epoch, drawn = chain.state.check_assignment(verdict_id(evidence.receipt), verdict.provider_key, cosigners)
+        epoch, drawn = chain.state.check_assignment(verdict_id(evidence.receipt), verdict.provider_key)
         if chain.state.account_of(self.keys.identity.public_key) not in drawn:
             log.info("not drawn to verify this receipt; verdict not recorded", request_id=verdict.subject_id)
             return

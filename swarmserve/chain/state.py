@@ -37,14 +37,16 @@ one's own account is refused (serving one's own users is free).
 
 Verdicts (one per receipt) are recorded only from an account the lottery drew for that receipt
 (:func:`swarmserve.chain.lottery.draw`, seeded by an epoch's first block over the stakes as they
-were at that block), with a receipt co-signed by someone outside the provider's account:
+were at that block; never the provider's account), with a receipt co-signed by someone outside
+the provider's account (a check the provider asked for about itself counts for nothing):
 
 - a PASS is recorded as passed, and changes no stake;
 - a FAIL carries the prompt and tokens and is pending for ``appeal_blocks``; unappealed, it is
   then decided and burns ``check_fail_slash_permille`` of the provider account's stake (bonded
   and unbonding); appealed by the provider, a committee drawn the same way votes for
-  ``appeal_blocks``, and a majority to overturn burns ``overturned_slash_permille`` of the
-  verifier's stake instead (otherwise the FAIL stands and slashes as above);
+  ``appeal_blocks`` (neither the accused's account nor the accuser's sits on it), and a
+  majority to overturn burns ``overturned_slash_permille`` of the verifier's stake instead
+  (otherwise the FAIL stands and slashes as above);
 - a duel result counts only with a majority of votes (:func:`swarmserve.verdicts.tally_duel`)
   from judges the lottery drew for the organiser's next duel; it burns ``duel_slash_permille``
   of the loser's stake.
@@ -56,7 +58,6 @@ import contextlib
 import hashlib
 import sqlite3
 import threading
-from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,7 +114,6 @@ CREATE TABLE IF NOT EXISTS verdicts (
     provider_account BLOB NOT NULL,
     verifier BLOB NOT NULL,
     verifier_account BLOB NOT NULL,
-    excluded BLOB NOT NULL,
     score_permille INTEGER NOT NULL,
     status TEXT NOT NULL,
     recorded_height INTEGER NOT NULL,
@@ -286,14 +286,12 @@ class ChainState:
         with self._lock:
             return self._draw(epoch, subject, count, excluded)
 
-    def check_assignment(
-        self, subject: bytes, provider: bytes, cosigners: Collection[bytes]
-    ) -> tuple[int, list[bytes]]:
-        """The lottery epoch a verdict submitted now names, and the accounts it draws to verify a
-        receipt (``subject``: its :func:`verdict_id`) from ``provider`` co-signed by ``cosigners``."""
+    def check_assignment(self, subject: bytes, provider: bytes) -> tuple[int, list[bytes]]:
+        """The lottery epoch a verdict submitted now names, and the accounts it draws (never the
+        provider's) to verify a receipt (``subject``: its :func:`verdict_id`) from ``provider``."""
         with self._lock:
             epoch = self.epoch_of(self.height)
-            excluded = {self._account_of(provider), *map(self._account_of, cosigners)}
+            excluded = {self._account_of(provider)}
             return epoch, self._draw(epoch, subject, self.genesis.parameters.verifiers_per_check, excluded)
 
     def verdict(self, identifier: bytes) -> VerdictRecord | None:
@@ -618,26 +616,25 @@ class ChainState:
         if provider != verdict.provider_key or facts.receipt.request_id != verdict.subject_id:
             return False
         provider_account, verifier_account = self._account_of(provider), self._account_of(signer)
-        payers = {self._account_of(c) for c in facts.cosigners} - {provider_account, verifier_account}
-        if not payers:
-            return False  # a check the provider (or the verifier) asked for about itself counts for nothing
+        if not {self._account_of(c) for c in facts.cosigners} - {provider_account}:
+            return False  # a check the provider asked for about itself counts for nothing
         identifier = verdict_id(record.evidence.receipt)
         if self._db.execute("SELECT 1 FROM verdicts WHERE id = ?", (identifier,)).fetchone():
             return False  # one verdict per served stream
-        excluded = {provider_account, *map(self._account_of, facts.cosigners)}
-        drawn = self._draw(record.lottery_epoch, identifier, self.genesis.parameters.verifiers_per_check, excluded)
+        drawn = self._draw(
+            record.lottery_epoch, identifier, self.genesis.parameters.verifiers_per_check, {provider_account}
+        )
         if verifier_account not in drawn:
             return False  # the lottery did not assign this verifier
         self._db.execute(
-            "INSERT INTO verdicts (id, provider, provider_account, verifier, verifier_account, excluded, "
-            "score_permille, status, recorded_height, deadline, evidence) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO verdicts (id, provider, provider_account, verifier, verifier_account, "
+            "score_permille, status, recorded_height, deadline, evidence) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 identifier,
                 provider,
                 provider_account,
                 signer,
                 verifier_account,
-                b"".join(sorted(excluded)),
                 round(verdict.score * 1000),
                 "pending" if failed else "passed",
                 height,
@@ -649,13 +646,12 @@ class ChainState:
 
     def _appeal(self, signer: bytes, identifier: bytes, height: int) -> bool:
         row = self._db.execute(
-            "SELECT provider_account, verifier_account, excluded, deadline FROM verdicts "
-            "WHERE id = ? AND status = 'pending'",
+            "SELECT provider_account, verifier_account, deadline FROM verdicts WHERE id = ? AND status = 'pending'",
             (identifier,),
         ).fetchone()
-        if row is None or self._account_of(signer) != bytes(row[0]) or height > row[3]:
+        if row is None or self._account_of(signer) != bytes(row[0]) or height > row[2]:
             return False
-        excluded = {bytes(row[2][i : i + 32]) for i in range(0, len(row[2]), 32)} | {bytes(row[1])}
+        excluded = {bytes(row[0]), bytes(row[1])}  # neither the accused nor the accuser sits on it
         parameters = self.genesis.parameters
         committee = self._draw(
             self._latest_seed_epoch(height), b"appeal" + identifier, parameters.appeal_committee, excluded
@@ -807,7 +803,7 @@ _STATE_TABLES = (
     ("epoch_stakes", "epoch, account, stake"),
     (
         "verdicts",
-        "id, provider, provider_account, verifier, verifier_account, excluded, score_permille, status, "
+        "id, provider, provider_account, verifier, verifier_account, score_permille, status, "
         "recorded_height, deadline, evidence",
     ),
     ("jurors", "verdict, account, uphold"),
