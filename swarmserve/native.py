@@ -20,6 +20,8 @@ Everything that runs per token or per cell is here. Import from this module, nev
   (Commonware's simplex BFT consensus, marshal and authenticated p2p on its own thread) orders
   opaque transactions into blocks; anyone checks a block's finalization certificate, or a
   validator's conflicting votes, from bytes and the committee's keys.
+  :func:`sign_conflicting_votes` makes such evidence with a validator's own key, as an
+  equivocating validator would (for adversarial tests).
 
 Errors are subclasses of :class:`CryptoError` or :class:`ConsensusError`; bad argument values
 raise :class:`ValueError`.
@@ -61,6 +63,7 @@ from swarmserve._native import (
     encode_chain_block,
     node_id,
     sampling_uniform,
+    sign_conflicting_votes,
     token_stream_commitment,
     verify_equivocation,
     verify_finalization,
@@ -103,6 +106,7 @@ __all__ = [
     "encode_chain_block",
     "node_id",
     "sampling_uniform",
+    "sign_conflicting_votes",
     "token_stream_commitment",
     "verify_equivocation",
     "verify_finalization",

@@ -210,3 +210,42 @@ async def test_a_restarted_follower_catches_up_from_members(chain_swarm: Callabl
         await swarm.wait(lambda: swarm.accounts(BOB.public_key) == {(7, 0, 0)}, "the restarted follower")
         validator_height = swarm.nodes[0].chain.state.height
         await swarm.wait(lambda: swarm.nodes[4].chain.state.height >= validator_height, "the follower at the tip")
+
+
+async def test_a_validator_that_signs_conflicting_votes_is_slashed_once_and_the_chain_goes_on(
+    chain_swarm: Callable[[], object],
+) -> None:
+    """Validator 3 signs two notarize votes for different blocks in one view (with its own key,
+    the bytes honest validators report as evidence); anyone submits them through any node. Tried
+    too: the evidence again (one fault, one punishment), garbage, and votes by a key outside the
+    committee (refused when signed)."""
+    async with chain_swarm() as swarm:  # type: ignore[attr-defined]
+        committee = [bytes.fromhex(v.key) for v in swarm.genesis.validators]
+        liar = swarm.nodes[3].keys.identity
+        evidence = native.sign_conflicting_votes(liar, committee, 0, 5)
+        assert native.verify_equivocation(committee, evidence) == ("conflicting notarize", 0, 5, liar.public_key)
+        with pytest.raises(ValueError, match="not in the committee"):
+            native.sign_conflicting_votes(ALICE, committee, 0, 5)
+        reports = [
+            sign_transaction(ALICE, swarm.chain_id, 1, equivocation=chain_pb2.EquivocationEvidence(evidence=evidence)),
+            sign_transaction(BOB, swarm.chain_id, 1, equivocation=chain_pb2.EquivocationEvidence(evidence=evidence)),
+            sign_transaction(CAROL, swarm.chain_id, 1, equivocation=chain_pb2.EquivocationEvidence(evidence=b"x")),
+        ]
+        for index, raw in enumerate(reports):
+            await swarm.stub(index % 5).Submit(
+                chain_pb2.SubmitTransactionRequest(transaction=chain_pb2.SignedTransaction.FromString(raw))
+            )
+        await swarm.wait(
+            lambda: all(
+                n.chain.state.account(k.public_key).nonce == 1 for n in swarm.nodes for k in (ALICE, BOB, CAROL)
+            ),
+            "every report in a block on every node",
+        )
+        # Half of its 50 bonded burned, once; the others untouched; one state, no fork.
+        assert swarm.accounts(liar.public_key) == {(10, 25, 0)}
+        for honest in swarm.nodes[:3]:
+            assert swarm.accounts(honest.keys.identity.public_key) == {(10, 50, 0)}
+        height = min(n.chain.state.height for n in swarm.nodes)
+        assert len({n.chain.state.root_at(height) for n in swarm.nodes}) == 1
+        before = height
+        await swarm.wait(lambda: min(n.chain.state.height for n in swarm.nodes) > before + 3, "the chain going on")

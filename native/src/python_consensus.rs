@@ -267,6 +267,25 @@ fn verify_finalization<'py>(
     Ok((proven.epoch, proven.view, PyBytes::new(py, &proven.digest)))
 }
 
+/// Signs two conflicting notarize votes in one view with `identity` (a validator), as an
+/// equivocating validator would, and returns them as evidence. For adversarial tests.
+#[pyfunction]
+fn sign_conflicting_votes<'py>(
+    py: Python<'py>,
+    identity: &Identity,
+    validators: Vec<Vec<u8>>,
+    epoch: u64,
+    view: u64,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let committee = validators
+        .iter()
+        .map(|k| key32(k, "a validator key"))
+        .collect::<PyResult<Vec<_>>>()?;
+    let evidence =
+        proofs::sign_conflicting_notarize(&committee, &identity.0.seed(), epoch, view).map_err(proof_error)?;
+    Ok(PyBytes::new(py, &evidence))
+}
+
 /// Checks evidence of conflicting votes: (kind, epoch, view, the equivocating validator's key).
 #[pyfunction]
 fn verify_equivocation<'py>(
@@ -299,5 +318,6 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(encode_chain_block, m)?)?;
     m.add_function(wrap_pyfunction!(verify_finalization, m)?)?;
     m.add_function(wrap_pyfunction!(verify_equivocation, m)?)?;
+    m.add_function(wrap_pyfunction!(sign_conflicting_votes, m)?)?;
     Ok(())
 }

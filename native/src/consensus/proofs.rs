@@ -7,7 +7,10 @@
 use super::application::Scheme;
 use super::CONSENSUS_NAMESPACE;
 use commonware_codec::{Copying, DecodeExt, Encode, Read};
-use commonware_consensus::simplex::types::{Activity, Attributable, Finalization};
+use commonware_consensus::simplex::types::{
+    Activity, Attributable, ConflictingNotarize, Finalization, Notarize, Proposal,
+};
+use commonware_consensus::types::{Epoch, Round, View};
 use commonware_consensus::{Epochable, Viewable};
 use commonware_cryptography::{certificate::Verifier as _, ed25519, sha256::Digest};
 use commonware_parallel::Sequential;
@@ -95,4 +98,28 @@ pub fn verify_equivocation(validators: &[[u8; 32]], evidence: &[u8]) -> Result<E
         view: activity.view().get(),
         validator: validator.encode().as_ref().try_into().expect("ed25519 key"),
     })
+}
+
+/// Two notarize votes for different blocks in one view, signed with a validator's key (its
+/// 32-byte seed), encoded as the evidence honest validators report: what an equivocating
+/// validator produces. For adversarial tests of the ledger's response; an honest node never
+/// signs this.
+pub fn sign_conflicting_notarize(
+    validators: &[[u8; 32]],
+    seed: &[u8; 32],
+    epoch: u64,
+    view: u64,
+) -> Result<Vec<u8>, ProofError> {
+    let participants = committee(validators)?;
+    let signer = ed25519::PrivateKey::decode(Copying(&seed[..])).map_err(|e| ProofError::Malformed(e.to_string()))?;
+    let scheme = Scheme::signer(CONSENSUS_NAMESPACE, participants, signer)
+        .ok_or_else(|| ProofError::Committee("the key is not in the committee".into()))?;
+    let round = Round::new(Epoch::new(epoch), View::new(view));
+    let parent = View::new(view.saturating_sub(1));
+    let vote = |payload: [u8; 32]| {
+        let digest = Digest::decode(Copying(&payload[..])).expect("32 bytes");
+        Notarize::sign(&scheme, Proposal::new(round, parent, digest)).ok_or(ProofError::Invalid)
+    };
+    let conflict = ConflictingNotarize::new(vote([1; 32])?, vote([2; 32])?);
+    Ok(Activity::ConflictingNotarize(conflict).encode().to_vec())
 }
