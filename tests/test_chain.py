@@ -9,6 +9,7 @@ a restart; malformed and stale transactions are refused with INVALID_ARGUMENT.""
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -24,7 +25,9 @@ from services.relay.config import RelayConfig
 from services.relay.node import RelayNode
 from swarmserve import native
 from swarmserve.chain import Genesis, GenesisAccount, GenesisValidator, sign_transaction
+from swarmserve.chain.cheques import sign_cheque
 from swarmserve.chain.genesis import ChainParameters
+from swarmserve.chain.state import MEMBER_CONSENT
 from swarmserve.config import LedgerSettings, ServerSettings
 from swarmserve.keys import NodeKeys
 from swarmserve.v1 import chain_pb2, chain_pb2_grpc
@@ -249,3 +252,61 @@ async def test_a_validator_that_signs_conflicting_votes_is_slashed_once_and_the_
         assert len({n.chain.state.root_at(height) for n in swarm.nodes}) == 1
         before = height
         await swarm.wait(lambda: min(n.chain.state.height for n in swarm.nodes) > before + 3, "the chain going on")
+
+
+async def test_random_transactions_to_random_nodes_leave_one_state_everywhere(
+    chain_swarm: Callable[[], object],
+) -> None:
+    """For a few seconds, random transfers, bonds, unbonds, cheque settlements, memberships and
+    bogus verdicts and appeals, signed by funded and fresh keys (some with stale or future nonces),
+    go to random nodes at once. Then: every node holds the same state root at every height, no
+    credit was minted or lost, and the fresh keys, which started with nothing, hold nothing they
+    were not sent."""
+    async with chain_swarm() as swarm:  # type: ignore[attr-defined]
+        rng = random.Random(7)
+        funded = [ALICE, *(n.keys.identity for n in swarm.nodes[:4])]
+        fresh = [native.Identity.generate() for _ in range(4)]
+        people = funded + fresh
+        total = sum(a.credits + a.bonded for a in swarm.genesis.accounts)
+
+        def action(who: native.Identity) -> dict[str, object]:
+            other = rng.choice(people)
+            credits = rng.randrange(1, 40)
+            match rng.randrange(7):
+                case 0 | 1:
+                    return {"transfer": chain_pb2.TransferCredits(recipient_key=other.public_key, credits=credits)}
+                case 2:
+                    return {"bond": chain_pb2.BondStake(credits=credits)}
+                case 3:
+                    return {"unbond": chain_pb2.UnbondStake(credits=credits)}
+                case 4:
+                    cheque = sign_cheque(other, swarm.chain_id, rng.choice(people).public_key, credits)
+                    return {"settle": chain_pb2.SettleCheque(cheque=cheque)}
+                case 5:
+                    consent = other.sign(MEMBER_CONSENT + swarm.chain_id + who.public_key)
+                    return {"add_member": chain_pb2.AddMember(member_key=other.public_key, consent=consent)}
+                case _:
+                    return {"appeal": chain_pb2.AppealVerdict(verdict_id=rng.randbytes(32))}
+
+        deadline = time.monotonic() + 5.0
+        sent = 0
+        while time.monotonic() < deadline:
+            batch = []
+            for who in rng.sample(people, 6):
+                applied = swarm.nodes[0].chain.state.account(who.public_key).nonce
+                nonce = applied + rng.choice((1, 1, 1, 1, 0, 2))  # mostly the next; some replays and gaps
+                raw = sign_transaction(who, swarm.chain_id, max(1, nonce), **action(who))  # type: ignore[arg-type]
+                request = chain_pb2.SubmitTransactionRequest(transaction=chain_pb2.SignedTransaction.FromString(raw))
+                batch.append(swarm.stub(rng.randrange(5)).Submit(request))
+            results = await asyncio.gather(*batch, return_exceptions=True)
+            sent += len(results)
+            await asyncio.sleep(0.25)
+        assert sent >= 60
+        target = max(n.chain.state.height for n in swarm.nodes) + 3
+        await swarm.wait(lambda: min(n.chain.state.height for n in swarm.nodes) >= target, "every node past the load")
+        for h in range(target + 1):
+            assert len({n.chain.state.root_at(h) for n in swarm.nodes}) == 1, f"one root at height {h}"
+        state = swarm.nodes[4].chain.state
+        accounts = {state.account(p.public_key).account_key: state.account(p.public_key) for p in people}
+        assert sum(a.available + a.bonded + a.unbonding for a in accounts.values()) == total
+        assert sum(state.account(p.public_key).nonce for p in people) >= sent // 2  # most of it was decided
