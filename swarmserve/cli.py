@@ -322,16 +322,20 @@ def _ledger_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _account_key(args: argparse.Namespace) -> bytes:
-    if not args.account:
-        return NodeKeys.load_or_create(Path(args.data_dir)).identity.public_key
+def _hex_key(value: str, option: str) -> bytes:
     try:
-        key = bytes.fromhex(args.account)
+        key = bytes.fromhex(value)
     except ValueError:
         key = b""
     if len(key) != 32:
-        raise ValueError("--account must be a 32-byte identity key in hex")
+        raise ValueError(f"{option} must be a 32-byte identity key in hex")
     return key
+
+
+def _account_key(args: argparse.Namespace) -> bytes:
+    if not args.account:
+        return NodeKeys.load_or_create(Path(args.data_dir)).identity.public_key
+    return _hex_key(args.account, "--account")
 
 
 def _ledger_balance(args: argparse.Namespace) -> int:
@@ -359,12 +363,7 @@ def _ledger_balance(args: argparse.Namespace) -> int:
 
 async def _transfer(args: argparse.Namespace) -> dict[str, Any]:
     identity = NodeKeys.load_or_create(Path(args.data_dir)).identity
-    try:
-        recipient = bytes.fromhex(args.to)
-    except ValueError:
-        recipient = b""
-    if len(recipient) != 32:
-        raise ValueError("--to must be a 32-byte identity key in hex")
+    recipient = _hex_key(args.to, "--to")
     if args.credits < 1:
         raise ValueError("--credits must be positive")
     async with aio.insecure_channel(args.via) as channel:

@@ -83,8 +83,8 @@ class Swarm:
     genesis: Genesis | None = None
 
 
-# A chain for tests: 10 blocks a second, cheques settle every second.
-TEST_CHAIN = ChainParameters(block_interval_ms=100, leader_timeout_ms=1000, epoch_blocks=10, appeal_blocks=10)
+# A chain for tests: 10 blocks a second, cheques settle every 2 s, a draw stays valid for 8 s.
+TEST_CHAIN = ChainParameters(block_interval_ms=100, leader_timeout_ms=1000, epoch_blocks=20, appeal_blocks=10)
 ROUTER_CREDITS = 1000
 PROVIDER_CREDITS, PROVIDER_STAKE = 100, 50
 

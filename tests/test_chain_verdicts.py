@@ -144,7 +144,7 @@ def test_only_a_drawn_verifier_with_evidence_records_a_verdict_and_a_pass_never_
             v.verdict(drawn[0], evidence, FAIL, epoch=2),  # a seed to come
         ]
     )
-    v.chain.until(2 * EPOCH)
+    v.chain.until(GENESIS.parameters.lottery_epochs * EPOCH)
     v.chain.block([v.verdict(drawn_by_epoch_0, evidence, FAIL, epoch=0)])  # a stale seed
     assert v.chain.state.verdict(identifier) is None
     # The provider's own node co-signed it: a check it asked for about itself counts for nothing.

@@ -69,6 +69,12 @@ class ChainParameters(StrictModel):
     epoch_blocks: int = Field(
         100, ge=1, description="blocks per epoch: cheques settle once per epoch per pair; lotteries reseed"
     )
+    lottery_epochs: int = Field(
+        4,
+        ge=2,
+        description="a lottery draw (verifiers, jurors, judges) names its epoch and stays valid for this many "
+        "epochs: long enough to run a check or a duel, too short to search old epochs for a draw that suits",
+    )
     verifier_min_stake: int = Field(
         10, ge=1, description="bonded credits an account needs to be drawn as verifier, appeal juror or judge"
     )

@@ -572,10 +572,10 @@ class ChainState:
     # --- verdicts and duels ---------------------------------------------------------------------------
 
     def _snapshot_stakes(self, epoch: int) -> None:
-        """The stakes lotteries seeded by this epoch draw from. Only this epoch's and the previous
-        one's are kept, so a verdict can name only a recent seed (no searching old epochs for a
-        draw that suits)."""
-        self._db.execute("DELETE FROM epoch_stakes WHERE epoch < ?", (epoch - 1,))
+        """The stakes lotteries seeded by this epoch draw from. Only the last ``lottery_epochs``
+        epochs' are kept, so a verdict or duel can name only a recent seed (no searching old
+        epochs for a draw that suits)."""
+        self._db.execute("DELETE FROM epoch_stakes WHERE epoch <= ?", (epoch - self.genesis.parameters.lottery_epochs,))
         self._db.execute(
             "INSERT INTO epoch_stakes (epoch, account, stake) SELECT ?, key, bonded FROM accounts WHERE bonded >= ?",
             (epoch, self.genesis.parameters.verifier_min_stake),
