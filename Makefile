@@ -92,6 +92,7 @@ bench: install
 	$(PY) bench/overlay_sim.py
 	$(PY) bench/overlay.py
 	$(PY) bench/verification.py
+	$(PY) bench/ledger.py
 
 clean:
 	rm -rf $(VENV) native/target swarmserve/_native*.so swarmserve/v1/*_pb2*.py swarmserve/v1/*_pb2*.pyi $(PROTO_STAMP)

@@ -149,7 +149,9 @@ CREATE TABLE IF NOT EXISTS blocks (
 def genesis_block(genesis_bytes: bytes) -> native.ChainBlock:
     """Block 0 as every validator builds it (``Block::genesis`` in native/src/consensus)."""
     parent = hashlib.sha256(b"").digest()
-    return native.decode_chain_block(native.encode_chain_block(parent, 0, 0, [genesis_bytes]))
+    encoded = native.encode_chain_block(parent, 0, 0, [genesis_bytes])
+    # The genesis file is the one transaction not bound by the size limit of submitted ones.
+    return native.decode_chain_block(encoded, max_transaction_bytes=max(32768, len(genesis_bytes)))
 
 
 class StateError(Exception):
@@ -218,7 +220,7 @@ class ChainState:
             row = db.execute("SELECT encoded FROM blocks WHERE height = 0").fetchone()
         if row is None:
             raise StateError(f"the replica in {data_dir} has no genesis block yet")
-        genesis_bytes = native.decode_chain_block(bytes(row[0])).transactions[0]
+        genesis_bytes = native.decode_chain_block(bytes(row[0]), max_transaction_bytes=len(row[0])).transactions[0]
         return cls(path, Genesis.model_validate_json(genesis_bytes), genesis_bytes)
 
     def close(self) -> None:
