@@ -262,26 +262,32 @@ def consensus_run(validators: int, rate: float, seconds: float, delay_ms: int | 
 def consensus(args: argparse.Namespace) -> dict[str, Any]:
     settings: list[tuple[int, int | None]] = [(n, None) for n in args.validators] + [(n, 20) for n in args.validators]
     runs: list[dict[str, Any]] = []
-    for validators, delay in settings:
+    for (validators, delay), rate in ((setting, rate) for setting in settings for rate in args.rates):
         for repeat in range(args.repeats):
             with tempfile.TemporaryDirectory() as scratch:
-                result = consensus_run(validators, args.rate, args.seconds, delay, Path(scratch))
+                result = consensus_run(validators, rate, args.seconds, delay, Path(scratch))
             result["repeat"] = repeat
             runs.append(result)
             console.print(
-                f"{validators} validators, {delay or 0} ms: {result['decided_tx_per_s']:.0f} tx/s decided, "
+                f"{validators} validators, {delay or 0} ms, {rate:.0f} tx/s offered: "
+                f"{result['decided_tx_per_s']:.0f} tx/s decided, "
                 f"commit p50 {result['commit_latency_p50_s'] or float('nan'):.2f} s, "
                 f"p99 {result['commit_latency_p99_s'] or float('nan'):.2f} s"
             )
     summary = []
-    for validators, delay in settings:
-        mine = [r for r in runs if r["validators"] == validators and r["one_way_delay_ms"] == (delay or 0)]
+    for (validators, delay), rate in ((setting, rate) for setting in settings for rate in args.rates):
+        mine = [
+            r
+            for r in runs
+            if r["validators"] == validators and r["one_way_delay_ms"] == (delay or 0) and r["offered_tx_per_s"] == rate
+        ]
         for key in ("decided_tx_per_s", "commit_latency_p50_s", "commit_latency_p99_s"):
             values = [r[key] for r in mine if r[key] is not None]
             summary.append(
                 {
                     "validators": validators,
                     "one_way_delay_ms": delay or 0,
+                    "offered_tx_per_s": rate,
                     "metric": key,
                     "median": statistics.median(values) if values else None,
                     "min": min(values) if values else None,
@@ -416,7 +422,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for delay in sorted({r["one_way_delay_ms"] for r in results["consensus"]["runs"]}):
+    runs = results["consensus"]["runs"]
+    for delay, rate in sorted({(r["one_way_delay_ms"], r["offered_tx_per_s"]) for r in runs}):
         for axis, metric, label in (
             (axes[0], "decided_tx_per_s", "decided transactions/s"),
             (axes[1], "commit_latency_p50_s", "commit latency p50 (s)"),
@@ -424,7 +431,10 @@ def plot(results: dict[str, Any], path: Path) -> None:
             rows = [
                 s
                 for s in results["consensus"]["summary"]
-                if s["one_way_delay_ms"] == delay and s["metric"] == metric and s["median"] is not None
+                if s["one_way_delay_ms"] == delay
+                and s["offered_tx_per_s"] == rate
+                and s["metric"] == metric
+                and s["median"] is not None
             ]
             xs = [s["validators"] for s in rows]
             axis.errorbar(
@@ -433,7 +443,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
                 yerr=[[s["median"] - s["min"] for s in rows], [s["max"] - s["median"] for s in rows]],
                 marker="o",
                 capsize=4,
-                label=f"{delay} ms one way" if delay else "loopback",
+                label=f"{rate:.0f} tx/s offered, " + (f"{delay} ms one way" if delay else "loopback"),
             )
             axis.set_xlabel("validators")
             axis.set_ylabel(label)
@@ -447,8 +457,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run that writes nothing")
     parser.add_argument("--validators", type=int, nargs="+", default=[4, 7, 10])
-    parser.add_argument("--rate", type=float, default=400.0, help="offered transfers/s over all validators")
-    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument(
+        "--rates",
+        type=float,
+        nargs="+",
+        default=[300.0, 1200.0],
+        help="offered transfers/s over all validators: below and above what blocks of 256 every 500 ms hold",
+    )
+    parser.add_argument("--rate", type=float, help=argparse.SUPPRESS)  # a worker's share
+    parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     for hidden in ("--spec", "--storage", "--out"):
@@ -460,7 +477,7 @@ def main() -> None:
         worker(args)
         return
     if args.quick:
-        args.validators, args.seconds, args.repeats = [4], 6.0, 1
+        args.validators, args.seconds, args.repeats, args.rates = [4], 6.0, 1, [300.0]
     results = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "parameters": PARAMETERS.model_dump(),

@@ -90,3 +90,48 @@ async def test_ledger_commands_and_a_validator_killed_while_committing(tmp_path:
         db.execute("UPDATE blocks SET certificate = ? WHERE height = ?", (forged, height))
     code, report = ledger("verify", "--data-dir", str(tmp_path / "router-1"))
     assert code == 2 and not report["ok"] and f"block {height}" in report["problems"][0], report
+
+
+async def test_validators_cut_off_by_stopping_their_processes(tmp_path: Path) -> None:
+    """Relays 1-3 and router 1 validate. One cut off (SIGSTOP: its process hangs, its connections
+    open but silent): the chain goes on, and once resumed it catches up. Two cut off (more than
+    f = 1): the chain stops, without forking; resumed, it goes on, every node on one chain."""
+    swarm = LocalSwarm(tmp_path, ports_from=free_port_block(12), relays=3, inference_nodes=1)
+    await swarm.start()
+    router_dir = str(tmp_path / "router-1")
+
+    def height(node: str) -> int:
+        return int(ledger("status", "--data-dir", str(tmp_path / node))[1]["height"])
+
+    async def until(condition: Any, what: str, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not condition():
+            assert time.monotonic() < deadline, what
+            await asyncio.sleep(0.5)
+
+    try:
+        await until(lambda: height("router-1") >= 2, "no block decided")
+        swarm.signal("relay-1", signal.SIGSTOP)
+        stopped_at = height("relay-1")
+        await until(lambda: height("router-1") >= stopped_at + 8, "the chain stopped with one validator cut off")
+        swarm.signal("relay-1", signal.SIGCONT)
+        await until(lambda: height("relay-1") >= height("router-1") - 1, "the resumed validator did not catch up")
+
+        swarm.signal("relay-1", signal.SIGSTOP)
+        swarm.signal("relay-2", signal.SIGSTOP)
+        await asyncio.sleep(3)  # in-flight views end
+        halted = height("router-1")
+        await asyncio.sleep(5)
+        assert height("router-1") <= halted + 1, "the chain went on without a quorum"
+        swarm.signal("relay-1", signal.SIGCONT)
+        swarm.signal("relay-2", signal.SIGCONT)
+        await until(lambda: height("router-1") >= halted + 8, "the chain did not resume")
+    finally:
+        await swarm.stop()
+    roots = {}
+    for node in ("relay-1", "relay-2", "relay-3", "router-1", "inference-1"):
+        code, report = ledger("verify", "--data-dir", str(tmp_path / node))
+        assert code == 0 and report["ok"], (node, report)
+        with sqlite3.connect(tmp_path / node / "chain.sqlite3") as db:
+            roots[node] = dict(db.execute("SELECT height, state_root FROM blocks WHERE height <= ?", (halted,)))
+    assert all(r == roots[router_dir.rsplit("/", 1)[1]] for r in roots.values()), "one chain on every node"
