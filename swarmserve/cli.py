@@ -165,6 +165,7 @@ async def _demo(data_dir: Path, ports_from: int, prompt: str) -> None:
     try:
         print(f"==> swarm ready in {time.monotonic() - started:.1f} s", flush=True)
         await _demo_chain(swarm)
+        before = _settled(swarm)  # a data directory kept from an earlier run holds its settlements
         print(f"==> prompt, through a 3-relay onion circuit: {prompt!r}\n", flush=True)
         result = await generate(
             router,
@@ -177,7 +178,7 @@ async def _demo(data_dir: Path, ports_from: int, prompt: str) -> None:
         print()
         _print_summary(result, sys.stdout)
         await _demo_verification(swarm, prompt, result)
-        await _demo_credits(swarm)
+        await _demo_credits(swarm, before)
     finally:
         print("==> stopping the swarm", flush=True)
         await swarm.stop()
@@ -232,10 +233,19 @@ async def _demo_chain(swarm: LocalSwarm) -> None:
     )
 
 
-async def _demo_credits(swarm: LocalSwarm) -> None:
+def _settled(swarm: LocalSwarm) -> dict[tuple[bytes, bytes], int]:
+    """Credits settled so far per (payer, payee), in router 1's replica."""
+    state = ChainState.open_replica(swarm.data_dir / swarm.routers[0].name)
+    try:
+        return {(payer, payee): credits for payer, payee, credits, _ in state.settlements()}
+    finally:
+        state.close()
+
+
+async def _demo_credits(swarm: LocalSwarm, before: dict[tuple[bytes, bytes], int]) -> None:
     """Each router sends two short requests (round-robin: one to each operator's node): serving
     one's own account is free, the other operator is paid by cheque, and the cheques settle on
-    the chain at the next epoch. Shows the settlements and the operators' accounts."""
+    the chain at the next epoch. Shows what this run settled and the operators' accounts."""
     names = {swarm.identity_key(node): node for nodes in swarm.operators.values() for node in nodes}
     by_node_id = {native.node_id(key): name for key, name in names.items()}
     print("==> credits: each router sends two short requests; its own operator's node serves for free,", flush=True)
@@ -248,14 +258,22 @@ async def _demo_credits(swarm: LocalSwarm) -> None:
             print(f"    {router.name} -> {served_by}: {answer.text.strip()!r}", flush=True)
     state = ChainState.open_replica(swarm.data_dir / swarm.routers[0].name)
     try:
+
+        def paid_now() -> list[tuple[bytes, bytes, int, int]]:
+            return [
+                (payer, payee, credits - before.get((payer, payee), 0), epoch)
+                for payer, payee, credits, epoch in state.settlements()
+                if credits > before.get((payer, payee), 0)
+            ]
+
         deadline = time.monotonic() + 60
-        while len(state.settlements()) < len(swarm.routers) and time.monotonic() < deadline:
+        while len(paid_now()) < len(swarm.routers) and time.monotonic() < deadline:
             await asyncio.sleep(0.5)
         print(f"==> settled on the chain (height {state.height}, epoch {state.epoch_of(state.height)}):", flush=True)
-        for payer, payee, credits, epoch in state.settlements():
+        for payer, payee, credits, epoch in paid_now():
             print(
                 f"    {names.get(payer, payer.hex()[:16])} paid {names.get(payee, payee.hex()[:16])}"
-                f" {credits} credits (last settled in epoch {epoch})",
+                f" {credits} credits (settled in epoch {epoch})",
                 flush=True,
             )
         verdicts = state.reputation_events(0)[1]
