@@ -12,7 +12,8 @@
    settlement per payer and provider per epoch on it) against the per-author ledger this
    replaced (a ServedWork entry carrying the co-signed receipt, per request, replicated to and
    checked by every node; its size from that entry's format, with a real receipt).
-3. Settlement at scale: 10,000 providers, 200 routers, requests by a Zipf-like popularity: the
+3. Settlement at scale: 10,000 providers, 200 routers, requests by a Zipf-like popularity, each
+   provider settling all its payers' cheques in one transaction per epoch (as nodes do): the
    settlement transactions per epoch, the time the state machine takes to apply them (real
    ChainState, real signatures), and whether one epoch's settlements fit in one epoch of blocks.
 
@@ -45,6 +46,7 @@ from rich.console import Console  # noqa: E402
 from swarmserve import native  # noqa: E402
 from swarmserve.chain import ChainParameters, ChainState, Genesis, GenesisAccount, GenesisValidator  # noqa: E402
 from swarmserve.chain.cheques import open_cheque, sign_cheque  # noqa: E402
+from swarmserve.chain.replica import CHEQUES_PER_SETTLEMENT  # noqa: E402
 from swarmserve.chain.state import genesis_block  # noqa: E402
 from swarmserve.chain.transactions import sign_transaction  # noqa: E402
 from swarmserve.receipts import ReceiptWriter  # noqa: E402
@@ -300,7 +302,7 @@ def consensus(args: argparse.Namespace) -> dict[str, Any]:
 # --- 2. bytes and CPU per served request -------------------------------------------------------
 
 
-def per_request(replicas: int, requests_per_pair_epoch: float) -> dict[str, Any]:
+def per_request(replicas: int, requests_per_pair_epoch: float, cheques_per_settlement: int) -> dict[str, Any]:
     provider, router = native.Identity.generate(), native.Identity.generate()
     writer = ReceiptWriter(
         provider, "a" * 32, b"\x01" * 32, list(range(40)), common_pb2.SamplingParams(max_new_tokens=64)
@@ -315,7 +317,10 @@ def per_request(replicas: int, requests_per_pair_epoch: float) -> dict[str, Any]
     old_entry_bytes = receipt.ByteSize() + 32 + 8 + 8 + 32 + 8 + 16 + 64 + 32
     chain_id = b"\x02" * 32
     cheque = sign_cheque(router, chain_id, provider.public_key, 1234)
-    settlement = sign_transaction(provider, chain_id, 1, settle=chain_pb2.SettleCheque(cheque=cheque))
+    settlement = sign_transaction(
+        provider, chain_id, 1, settle=chain_pb2.SettleCheques(cheques=[cheque] * cheques_per_settlement)
+    )
+    per_cheque = len(settlement) / cheques_per_settlement  # a payee settles all its payers at once
     rounds = 2000
     started = time.process_time()
     for i in range(rounds):
@@ -335,8 +340,8 @@ def per_request(replicas: int, requests_per_pair_epoch: float) -> dict[str, Any]
         "assumed": {"replicas": replicas, "requests_per_payer_provider_pair_per_epoch": requests_per_pair_epoch},
         "cheque": {
             "bytes_off_chain_per_request": cheque.ByteSize(),
-            "chain_bytes_per_request": len(settlement) / requests_per_pair_epoch,
-            "replicated_bytes_per_request": len(settlement) * replicas / requests_per_pair_epoch,
+            "chain_bytes_per_request": per_cheque / requests_per_pair_epoch,
+            "replicated_bytes_per_request": per_cheque * replicas / requests_per_pair_epoch,
             "cpu_s_per_request": sign_s + verify_s + old_check_s / 2 * replicas / requests_per_pair_epoch,
         },
         "per_request_entry": {
@@ -344,8 +349,9 @@ def per_request(replicas: int, requests_per_pair_epoch: float) -> dict[str, Any]
             "replicated_bytes_per_request": old_entry_bytes * replicas,
             "cpu_s_per_request": sign_s + old_check_s * replicas,
         },
-        "ratio_replicated_bytes": old_entry_bytes * replicas / (len(settlement) * replicas / requests_per_pair_epoch),
-        "settlement_transaction_bytes": len(settlement),
+        "ratio_replicated_bytes": old_entry_bytes * requests_per_pair_epoch / per_cheque,
+        "settlement_bytes_per_cheque": per_cheque,
+        "cheques_per_settlement": cheques_per_settlement,
         "receipt_bytes": receipt.ByteSize(),
     }
 
@@ -372,14 +378,15 @@ def settlement(providers: int, routers: int, requests_per_epoch: int, quick: boo
     )
     state = ChainState(None, genesis, genesis.encode())
     state.apply(genesis_block(genesis.encode()))
-    nonces: dict[int, int] = {}
-    transactions = []
+    by_provider: dict[int, list[chain_pb2.SignedCheque]] = {}
     for (r, p), n in pairs.items():
-        nonces[p] = nonces.get(p, 0) + 1
         cheque = sign_cheque(router_keys[r], state.chain_id, provider_keys[p].public_key, n)
-        transactions.append(
-            sign_transaction(provider_keys[p], state.chain_id, nonces[p], settle=chain_pb2.SettleCheque(cheque=cheque))
-        )
+        by_provider.setdefault(p, []).append(cheque)
+    transactions = []
+    for p, cheques in by_provider.items():  # each provider settles all its payers at once, as nodes do
+        for nonce, start in enumerate(range(0, len(cheques), CHEQUES_PER_SETTLEMENT), 1):
+            batch = chain_pb2.SettleCheques(cheques=cheques[start : start + CHEQUES_PER_SETTLEMENT])
+            transactions.append(sign_transaction(provider_keys[p], state.chain_id, nonce, settle=batch))
     block_size = 256
     apply_s: list[float] = []
     parent = state.block_digest
@@ -399,8 +406,10 @@ def settlement(providers: int, routers: int, requests_per_epoch: int, quick: boo
         "providers": providers,
         "routers": routers,
         "requests_per_epoch": requests_per_epoch,
-        "settlements_per_epoch": len(transactions),
-        "requests_per_settlement": requests_per_epoch / len(transactions),
+        "pairs_settled_per_epoch": len(pairs),
+        "requests_per_pair": requests_per_epoch / len(pairs),
+        "settlement_transactions_per_epoch": len(transactions),
+        "cheques_per_transaction": len(pairs) / len(transactions),
         "blocks_needed_per_epoch": blocks_needed,
         "blocks_per_epoch": PARAMETERS.epoch_blocks,
         "epoch_s": epoch_s,
@@ -467,6 +476,11 @@ def main() -> None:
     parser.add_argument("--rate", type=float, help=argparse.SUPPRESS)  # a worker's share
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--keep-consensus",
+        action="store_true",
+        help="reuse the consensus runs of the last results/ledger.json (re-measure the rest)",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     for hidden in ("--spec", "--storage", "--out"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
@@ -481,15 +495,19 @@ def main() -> None:
     results = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "parameters": PARAMETERS.model_dump(),
-        "consensus": consensus(args),
+        "consensus": (
+            json.loads((RESULTS / "ledger.json").read_text())["consensus"] if args.keep_consensus else consensus(args)
+        ),
         "settlement": settlement(10_000, 200, 100_000, args.quick),
     }
     # Per request, for a busy pair (20 requests per epoch) and for the sparse traffic of the
     # settlement simulation (its requests per settlement).
-    sparse = results["settlement"]["requests_per_settlement"]
+    simulated: dict[str, Any] = results["settlement"]
+    sparse = float(simulated["requests_per_pair"])
+    batch = round(simulated["cheques_per_transaction"])
     results["per_request"] = {
-        "busy_pairs": per_request(replicas=10, requests_per_pair_epoch=20),
-        "simulated_traffic": per_request(replicas=10, requests_per_pair_epoch=sparse),
+        "busy_pairs": per_request(replicas=10, requests_per_pair_epoch=20, cheques_per_settlement=batch),
+        "simulated_traffic": per_request(replicas=10, requests_per_pair_epoch=sparse, cheques_per_settlement=batch),
     }
     console.print_json(json.dumps({k: v for k, v in results.items() if k != "consensus"}))
     if args.quick:

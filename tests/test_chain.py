@@ -281,7 +281,7 @@ async def test_random_transactions_to_random_nodes_leave_one_state_everywhere(
                     return {"unbond": chain_pb2.UnbondStake(credits=credits)}
                 case 4:
                     cheque = sign_cheque(other, swarm.chain_id, rng.choice(people).public_key, credits)
-                    return {"settle": chain_pb2.SettleCheque(cheque=cheque)}
+                    return {"settle": chain_pb2.SettleCheques(cheques=[cheque])}
                 case 5:
                     consent = other.sign(MEMBER_CONSENT + swarm.chain_id + who.public_key)
                     return {"add_member": chain_pb2.AddMember(member_key=other.public_key, consent=consent)}

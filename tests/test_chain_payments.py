@@ -1,8 +1,8 @@
 """Cheques and shared accounts in the ledger's state machine (swarmserve/chain/state.py,
 cheques.py), on blocks built here: a cheque settles once per epoch per pair and pays only what
 it adds to the last settlement (an old or replayed cheque pays nothing); a payer that cannot
-afford a cheque pays what it has and owes the rest; forged, altered and other chains' cheques
-pay nothing; an operator's nodes spend from and earn into one account, cheques among them are
+afford a cheque pays what it has and owes the rest; one transaction settles many cheques, each
+judged alone; forged, altered and other chains' cheques pay nothing; an operator's nodes spend from and earn into one account, cheques among them are
 refused (own users are free), and nobody joins an account without both signatures."""
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ GENESIS = Genesis(
 
 
 def settle(submitter: native.Identity, nonce: int, cheque: chain_pb2.SignedCheque, chain_id: bytes) -> bytes:
-    return sign_transaction(submitter, chain_id, nonce, settle=chain_pb2.SettleCheque(cheque=cheque))
+    return sign_transaction(submitter, chain_id, nonce, settle=chain_pb2.SettleCheques(cheques=[cheque]))
 
 
 def available(chain: Chain, identity: native.Identity) -> int:
@@ -161,4 +161,28 @@ def test_members_spend_and_earn_for_their_account_and_join_only_with_both_signat
     assert state.account_of(NODE_B.public_key) == OPERATOR_B.public_key
     chain.block([sign_transaction(OPERATOR_B, chain.chain_id, 5, remove_member=leave)])
     assert state.account_of(NODE_B.public_key) == NODE_B.public_key and available(chain, NODE_B) == 0
+    assert len(chain.roots()) == 1
+
+
+def test_one_transaction_settles_many_cheques_each_judged_alone() -> None:
+    chain = Chain(GENESIS)
+    payee = NODE_B.public_key
+    forged = sign_cheque(STRANGER, chain.chain_id, payee, 50)
+    forged.cheque = chain_pb2.Cheque(
+        chain_id=chain.chain_id, payer_key=ROUTER_A.public_key, payee_key=payee, cumulative_credits=50
+    ).SerializeToString()
+    batch = [
+        forged,  # pays nothing, spoils nothing
+        sign_cheque(ROUTER_A, chain.chain_id, payee, 6),
+        sign_cheque(ROUTER_A, chain.chain_id, payee, 9),  # the same pair again this epoch: refused
+        sign_cheque(ROUTER_B, chain.chain_id, payee, 4),
+    ]
+    settle = chain_pb2.SettleCheques(cheques=batch)
+    chain.block([sign_transaction(NODE_B, chain.chain_id, 1, settle=settle)])
+    assert available(chain, NODE_B) == 10
+    assert chain.state.settled(ROUTER_A.public_key, payee) == (6, 0)
+    assert chain.state.settled(ROUTER_B.public_key, payee) == (4, 0)
+    # A batch of which nothing pays fails (the nonce is spent, nothing else moves).
+    chain.block([sign_transaction(NODE_B, chain.chain_id, 2, settle=chain_pb2.SettleCheques(cheques=[forged]))])
+    assert available(chain, NODE_B) == 10 and chain.state.account(NODE_B.public_key).nonce == 2
     assert len(chain.roots()) == 1

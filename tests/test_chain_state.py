@@ -184,7 +184,7 @@ def test_random_streams_give_one_state_root_and_conserve_credits(seed: int, bloc
                 raw = transfer(who, nonce, other, credits)
             elif kind == "settle":  # a cheque from someone to someone, settled by a third
                 cheque = sign_cheque(other, CHAIN_ID, rng.choice(PEOPLE).public_key, credits)
-                raw = sign_transaction(who, CHAIN_ID, nonce, settle=chain_pb2.SettleCheque(cheque=cheque))
+                raw = sign_transaction(who, CHAIN_ID, nonce, settle=chain_pb2.SettleCheques(cheques=[cheque]))
             elif kind == "add_member":
                 consent = other.sign(MEMBER_CONSENT + CHAIN_ID + who.public_key)
                 join = chain_pb2.AddMember(member_key=other.public_key, consent=consent)

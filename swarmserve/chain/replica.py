@@ -47,6 +47,7 @@ log = get_logger("swarmserve.chain")
 MAX_BLOCKS_PER_FETCH = 256
 _TIMEOUT_S = 5.0
 _LOST_AFTER_S = 20.0  # a transaction of ours not applied by then never will be
+CHEQUES_PER_SETTLEMENT = 128  # about 23 KiB: under the 32 KiB a transaction may take
 
 
 class ChainReplica:
@@ -199,20 +200,16 @@ class ChainReplica:
                 log.warning("cheques not settled this time", reason=str(error))
 
     async def settle_due(self) -> int:
-        """Submits a settlement for every received cheque that would pay something now (once per
-        payer and epoch); returns how many."""
+        """Submits the received cheques that would pay something now (once per payer and epoch),
+        as few transactions as their size allows; returns how many cheques."""
         epoch = self.state.epoch_of(self.state.height + 1)
         due = [c for c in self.inbox.due(self.state) if self._settling.get(c.payer) != epoch]
-        for cheque in due:
-            self._settling[cheque.payer] = epoch
-            await self.submit(
-                sign_transaction(
-                    self.identity,
-                    self.chain_id,
-                    self.next_nonce(),
-                    settle=chain_pb2.SettleCheque(cheque=cheque.signed),
-                )
-            )
+        for start in range(0, len(due), CHEQUES_PER_SETTLEMENT):
+            batch = due[start : start + CHEQUES_PER_SETTLEMENT]
+            for cheque in batch:
+                self._settling[cheque.payer] = epoch
+            settle = chain_pb2.SettleCheques(cheques=[c.signed for c in batch])
+            await self.submit(sign_transaction(self.identity, self.chain_id, self.next_nonce(), settle=settle))
         if due:
             log.info("cheques submitted for settlement", cheques=len(due), credits=sum(c.cumulative for c in due))
         return len(due)

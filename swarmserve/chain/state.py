@@ -33,7 +33,8 @@ the member's consent). Spending, earning and stake go to the account; nonces sta
 
 Payments: a cheque settles once per epoch per (payer, payee); it pays what its cumulative
 amount exceeds the settled one by, as far as the payer's account affords it. Paying a member of
-one's own account is refused (serving one's own users is free).
+one's own account is refused (serving one's own users is free). One transaction settles many
+cheques, each judged alone; it fails only if none pays anything.
 
 Verdicts (one per receipt) are recorded only from an account the lottery drew for that receipt
 (:func:`swarmserve.chain.lottery.draw`, seeded by an epoch's first block over the stakes as they
@@ -485,7 +486,7 @@ class ChainState:
                 self._db.execute("DELETE FROM members WHERE member = ?", (member,))
                 return True
             case "settle":
-                return self._settle(body.settle.cheque, height)
+                return sum(self._settle(cheque, height) for cheque in body.settle.cheques) > 0
             case "verdict":
                 return self._record_verdict(signer, body.verdict, height)
             case "appeal":
