@@ -122,7 +122,7 @@ def start_node(workdir: Path, threads: int) -> tuple[subprocess.Popen[str], str]
         [
             sys.executable,
             "-m",
-            "swarmserve.cli",
+            "services.cli",
             "inference",
             "--config",
             str(config),

@@ -158,7 +158,7 @@ class LocalSwarm:
         }
         with (logs / f"{node.name}.log").open("ab") as log:
             self._processes[node.name] = subprocess.Popen(
-                [sys.executable, "-m", "swarmserve.cli", node.command, "--listen", node.listen],
+                [sys.executable, "-m", "services.cli", node.command, "--listen", node.listen],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

@@ -330,7 +330,7 @@ async def test_bad_score_requests_get_precise_errors(inference_node: NodeFactory
 def test_cli_serves_with_json_logs_and_drains_on_sigterm(tmp_path: Path) -> None:
     """`swarmserve inference` with no config file: defaults, JSON logs, health, SIGTERM."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "swarmserve.cli", "inference", "--listen", "127.0.0.1:0"],
+        [sys.executable, "-m", "services.cli", "inference", "--listen", "127.0.0.1:0"],
         cwd=tmp_path,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -372,7 +372,7 @@ def test_cli_refuses_a_bad_config_clearly(tmp_path: Path) -> None:
     config = tmp_path / "node.yaml"
     config.write_text("policy:\n  max_concurrent: 0\n")
     result = subprocess.run(
-        [sys.executable, "-m", "swarmserve.cli", "inference", "--config", str(config)],
+        [sys.executable, "-m", "services.cli", "inference", "--config", str(config)],
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
@@ -381,7 +381,7 @@ def test_cli_refuses_a_bad_config_clearly(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "policy.max_concurrent" in result.stderr and "greater than or equal to 1" in result.stderr
     result = subprocess.run(
-        [sys.executable, "-m", "swarmserve.cli", "inference", "--listen", "nowhere"],
+        [sys.executable, "-m", "services.cli", "inference", "--listen", "nowhere"],
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT)},

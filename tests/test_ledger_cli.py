@@ -23,7 +23,7 @@ from swarmserve.swarm import OPERATOR_CREDITS, LocalSwarm, free_port_block
 def ledger(*args: str) -> tuple[int, Any]:
     """Runs `swarmserve ledger ARGS --json`; returns its exit status and its JSON (or stderr)."""
     done = subprocess.run(
-        [sys.executable, "-m", "swarmserve.cli", "ledger", *args, "--json"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "services.cli", "ledger", *args, "--json"], capture_output=True, text=True, timeout=120
     )
     return done.returncode, json.loads(done.stdout) if done.returncode in (0, 2) and done.stdout else done.stderr
 

@@ -307,7 +307,7 @@ def test_swarmserve_up_and_generate_as_processes(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "swarmserve.cli",
+            "services.cli",
             "up",
             "--data-dir",
             str(tmp_path / "swarm"),
@@ -331,7 +331,7 @@ def test_swarmserve_up_and_generate_as_processes(tmp_path: Path) -> None:
             [
                 sys.executable,
                 "-m",
-                "swarmserve.cli",
+                "services.cli",
                 "generate",
                 "Name a color.",
                 "--router",

@@ -3,8 +3,9 @@
 A cheque is the payer's signed statement of everything it owes one payee so far (cumulative),
 handed to the payee off-chain as work is served; each new one replaces the last, so losing or
 replaying one costs nothing. The payee settles the latest on the chain at most once per epoch
-(``SettleCheques``, many in one transaction); the chain pays the part not settled before. A cheque names no request, prompt
-or receipt: the chain learns only that a payer paid a payee so much per epoch.
+(``SettleCheques``, many in one transaction); the chain pays the part not settled before. A
+cheque names no request, prompt or receipt: the chain learns only that a payer paid a payee so
+much per epoch.
 """
 
 from __future__ import annotations
