@@ -16,13 +16,13 @@ as many prompt tokens as the prompt it sent can have.
 from __future__ import annotations
 
 import math
-import sqlite3
 import threading
 from pathlib import Path
 
 from swarmserve import native
 from swarmserve.chain.cheques import ChequeError, OpenCheque, open_cheque, sign_cheque
 from swarmserve.chain.state import ChainState
+from swarmserve.chain.storage import open_database
 from swarmserve.v1 import chain_pb2, common_pb2
 
 __all__ = ["ChequeBook", "ChequeInbox", "most_prompt_tokens", "price_credits"]
@@ -54,12 +54,7 @@ def most_prompt_tokens(prompt_bytes: int, messages: int) -> int:
 
 class _Store:
     def __init__(self, path: Path | None) -> None:
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(path or ":memory:", isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(_SCHEMA)
+        self.db = open_database(path, _SCHEMA)
         self.lock = threading.Lock()
 
     def close(self) -> None:

@@ -69,6 +69,7 @@ from swarmserve.chain.cheques import ChequeError, open_cheque
 from swarmserve.chain.evidence import EvidenceError, check_evidence, verdict_id
 from swarmserve.chain.genesis import Genesis, chain_id
 from swarmserve.chain.lottery import draw
+from swarmserve.chain.storage import open_database
 from swarmserve.chain.transactions import Transaction, TransactionError, decode_transaction
 from swarmserve.telemetry import get_logger
 from swarmserve.v1 import chain_pb2, verifier_pb2
@@ -200,12 +201,7 @@ class ChainState:
         self.genesis_bytes = genesis_bytes
         self.chain_id = chain_id(genesis_bytes)
         self.committee = [bytes.fromhex(v.key) for v in genesis.validators]
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path or ":memory:", isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # an applied block survives a crash
-        self._db.executescript(_SCHEMA)
+        self._db = open_database(path, _SCHEMA)  # an applied block survives a crash
         self._lock = threading.RLock()
         stored = self._meta("chain_id")
         if stored is not None and stored != self.chain_id:
