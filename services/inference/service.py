@@ -4,6 +4,7 @@ status. The servicer (``servicer.py``) only converts protobuf to these types and
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import math
 import secrets
@@ -293,8 +294,8 @@ class InferenceService:
                 total_ms=timing.total_us // 1000,
             )
             summary = GenerationSummary(finish, receipt.sign(_FINISH[finish], timing))
-            if self.billing is not None:
-                self.billing.charge(request.caller_key, len(prepared.prompt_ids), sent)
+            if self.billing is not None:  # a durable write: off the event loop
+                await asyncio.to_thread(self.billing.charge, request.caller_key, len(prepared.prompt_ids), sent)
         # Sent once the slot is free: a client that sees the summary sees the node's load without it.
         yield summary
 
