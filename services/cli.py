@@ -18,12 +18,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 from grpc import aio
 from pydantic import BaseModel
 
 from swarmserve import __version__, native
 from swarmserve.chain import ChainState, sign_transaction
 from swarmserve.chain.audit import audit_replica
+from swarmserve.chain.committee import valid_consensus_address
 from swarmserve.client import GenerationResult, generate
 from swarmserve.config import ENV_PREFIX, NodeConfig, load_config
 from swarmserve.keys import NodeKeys
@@ -322,16 +324,18 @@ def _ledger_status(args: argparse.Namespace) -> int:
     keys = NodeKeys.load_or_create(Path(args.data_dir))
     state = _replica(args)
     try:
-        committee = state.genesis.validators
+        epoch = state.epoch_of(state.height + 1)  # the epoch of the next block: its committee decides it
+        committee = state.committee_of(epoch)
         _output(
             args,
             {
                 "chain_id": state.chain_id.hex(),
                 "height": state.height,
-                "epoch": state.epoch_of(state.height),
+                "epoch": epoch,
                 "state_root": state.state_root.hex(),
-                "validators": [f"{v.key[:16]}@{v.address}" for v in committee],
-                "role": "validator" if keys.identity.public_key.hex() in {v.key for v in committee} else "follower",
+                "validators": [f"{key.hex()[:16]}@{address}" for key, address in committee],
+                "role": "validator" if keys.identity.public_key in dict(committee) else "follower",
+                "candidacy": state.candidates().get(keys.identity.public_key),
                 "account": state.account_of(keys.identity.public_key).hex(),
             },
         )
@@ -379,6 +383,25 @@ def _ledger_balance(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _submit_and_wait(
+    stub: chain_pb2_grpc.ChainAsyncStub, identity: native.Identity, timeout_s: float, **action: Message
+) -> tuple[chain_pb2.GetAccountResponse, chain_pb2.GetAccountResponse]:
+    """Signs one transaction of ``identity``'s, submits it and waits until its nonce is spent in
+    a block; returns the account before and after."""
+    status = await stub.GetStatus(chain_pb2.GetChainStatusRequest(), timeout=10)
+    before = await stub.GetAccount(chain_pb2.GetAccountRequest(account_key=identity.public_key), timeout=10)
+    raw = sign_transaction(identity, status.chain_id, before.nonce + 1, **action)
+    await stub.Submit(chain_pb2.SubmitTransactionRequest(transaction=chain_pb2.SignedTransaction.FromString(raw)))
+    deadline = time.monotonic() + timeout_s
+    while True:
+        after = await stub.GetAccount(chain_pb2.GetAccountRequest(account_key=identity.public_key), timeout=10)
+        if after.nonce > before.nonce:
+            return before, after
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the transaction was not in a block after {timeout_s:.0f} s")
+        await asyncio.sleep(0.2)
+
+
 async def _transfer(args: argparse.Namespace) -> dict[str, Any]:
     identity = NodeKeys.load_or_create(Path(args.data_dir)).identity
     recipient = _hex_key(args.to, "--to")
@@ -386,21 +409,11 @@ async def _transfer(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError("--credits must be positive")
     async with aio.insecure_channel(args.via) as channel:
         stub = chain_pb2_grpc.ChainStub(channel)
-        status = await stub.GetStatus(chain_pb2.GetChainStatusRequest(), timeout=10)
-        before = await stub.GetAccount(chain_pb2.GetAccountRequest(account_key=identity.public_key), timeout=10)
-        if before.available < args.credits:
-            raise ValueError(f"the account holds {before.available} available credits, fewer than {args.credits}")
+        held = await stub.GetAccount(chain_pb2.GetAccountRequest(account_key=identity.public_key), timeout=10)
+        if held.available < args.credits:
+            raise ValueError(f"the account holds {held.available} available credits, fewer than {args.credits}")
         transfer = chain_pb2.TransferCredits(recipient_key=recipient, credits=args.credits)
-        raw = sign_transaction(identity, status.chain_id, before.nonce + 1, transfer=transfer)
-        await stub.Submit(chain_pb2.SubmitTransactionRequest(transaction=chain_pb2.SignedTransaction.FromString(raw)))
-        deadline = time.monotonic() + args.timeout
-        while True:
-            after = await stub.GetAccount(chain_pb2.GetAccountRequest(account_key=identity.public_key), timeout=10)
-            if after.nonce > before.nonce:
-                break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the transfer was not in a block after {args.timeout:.0f} s")
-            await asyncio.sleep(0.2)
+        before, after = await _submit_and_wait(stub, identity, args.timeout, transfer=transfer)
     applied = after.available <= before.available - args.credits
     return {
         "from": identity.public_key.hex(),
@@ -416,6 +429,24 @@ def _ledger_transfer(args: argparse.Namespace) -> int:
     result = asyncio.run(_transfer(args))
     _output(args, result)
     return 0 if result["applied"] else 2
+
+
+async def _candidacy(args: argparse.Namespace) -> dict[str, Any]:
+    identity = NodeKeys.load_or_create(Path(args.data_dir)).identity
+    address = "" if args.withdraw else args.address
+    if not args.withdraw and not valid_consensus_address(args.address or ""):
+        raise ValueError("give --address IP:PORT (an IP literal and the consensus port), or --withdraw")
+    async with aio.insecure_channel(args.via) as channel:
+        stub = chain_pb2_grpc.ChainStub(channel)
+        _, after = await _submit_and_wait(
+            stub, identity, args.timeout, candidacy=chain_pb2.ValidatorCandidacy(address=address)
+        )
+    return {"node": identity.public_key.hex(), "address": address, "height": after.height}
+
+
+def _ledger_validate(args: argparse.Namespace) -> int:
+    _output(args, asyncio.run(_candidacy(args)))
+    return 0
 
 
 def _ledger_verify(args: argparse.Namespace) -> int:
@@ -507,6 +538,15 @@ def build_parser() -> argparse.ArgumentParser:
     transfer.add_argument("--credits", type=int, required=True)
     transfer.add_argument("--via", default=DEFAULT_ROUTER, help=f"a node of the swarm (default: {DEFAULT_ROUTER})")
     transfer.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the block")
+    validate = ledger_command(
+        "validate",
+        "offer this node as a validator from the next epoch on (its account's bonded stake decides), or withdraw",
+        _ledger_validate,
+    )
+    validate.add_argument("--address", help="this node's consensus address, IP:PORT")
+    validate.add_argument("--withdraw", action="store_true", help="withdraw the offer")
+    validate.add_argument("--via", default=DEFAULT_ROUTER, help=f"a node of the swarm (default: {DEFAULT_ROUTER})")
+    validate.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the block")
     ledger_command("verify", "replay the chain, checking every block's certificate and state root", _ledger_verify)
     return parser
 

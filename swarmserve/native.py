@@ -16,10 +16,11 @@ Everything that runs per token or per cell is here. Import from this module, nev
   :data:`SAMPLING_LOGIT_TOLERANCE` (greedy) of numerical jitter.
 
 - :class:`ConsensusNode`, :class:`ChainBlock`, :func:`decode_chain_block`, :func:`encode_chain_block`,
-  :func:`verify_finalization`, :func:`verify_equivocation`: the ledger's chain. A validator
-  (Commonware's simplex BFT consensus, marshal and authenticated p2p on its own thread) orders
-  opaque transactions into blocks; anyone checks a block's finalization certificate, or a
-  validator's conflicting votes, from bytes and the committee's keys.
+  :func:`verify_finalization`, :func:`verify_equivocation`, :func:`equivocation_epoch`: the ledger's
+  chain. A validator (Commonware's simplex BFT consensus, marshal and authenticated p2p on its own
+  thread) orders opaque transactions into blocks, one simplex engine per epoch among that epoch's
+  committee; anyone checks a block's finalization certificate, or a validator's conflicting
+  votes, from bytes and the committee's keys.
   :func:`sign_conflicting_votes` makes such evidence with a validator's own key, as an
   equivocating validator would (for adversarial tests).
 
@@ -61,6 +62,7 @@ from swarmserve._native import (
     TokenStreamHasher,
     decode_chain_block,
     encode_chain_block,
+    equivocation_epoch,
     node_id,
     sampling_uniform,
     sign_conflicting_votes,
@@ -104,6 +106,7 @@ __all__ = [
     "TokenStreamHasher",
     "decode_chain_block",
     "encode_chain_block",
+    "equivocation_epoch",
     "node_id",
     "sampling_uniform",
     "sign_conflicting_votes",

@@ -25,6 +25,7 @@ from services.relay.config import RelayConfig
 from services.relay.node import RelayNode
 from swarmserve import native
 from swarmserve.chain import Genesis, GenesisAccount, GenesisValidator, sign_transaction
+from swarmserve.chain.audit import audit_replica
 from swarmserve.chain.cheques import sign_cheque
 from swarmserve.chain.genesis import ChainParameters
 from swarmserve.chain.state import MEMBER_CONSENT
@@ -34,6 +35,7 @@ from swarmserve.v1 import chain_pb2, chain_pb2_grpc
 from tests.conftest import FAST_GOSSIP, joining
 
 ALICE, BOB, CAROL = (native.Identity.generate() for _ in range(3))
+FAST_CHAIN = ChainParameters(block_interval_ms=100, leader_timeout_ms=500)
 
 
 def free_port() -> int:
@@ -71,7 +73,7 @@ class ChainSwarm:
 @pytest.fixture
 def chain_swarm(tmp_path: Path) -> Callable[[], object]:
     @asynccontextmanager
-    async def start() -> AsyncIterator[ChainSwarm]:
+    async def start(parameters: ChainParameters = FAST_CHAIN, follower_bonded: int = 0) -> AsyncIterator[ChainSwarm]:
         identities = [NodeKeys.load_or_create(tmp_path / f"relay{i}").identity for i in range(5)]
         genesis = Genesis(
             name="test-chain",
@@ -83,8 +85,11 @@ def chain_swarm(tmp_path: Path) -> Callable[[], object]:
             accounts=[
                 GenesisAccount(key=ALICE.public_key.hex(), credits=100),
                 *(GenesisAccount(key=i.public_key.hex(), credits=10, bonded=50) for i in identities[:4]),
+                *[GenesisAccount(key=identities[4].public_key.hex(), credits=10, bonded=follower_bonded)][
+                    : 1 if follower_bonded else 0
+                ],
             ],
-            parameters=ChainParameters(block_interval_ms=100, leader_timeout_ms=500),
+            parameters=parameters,
         )
         genesis_file = tmp_path / "genesis.json"
         genesis_file.write_bytes(genesis.encode())
@@ -252,6 +257,89 @@ async def test_a_validator_that_signs_conflicting_votes_is_slashed_once_and_the_
         assert len({n.chain.state.root_at(height) for n in swarm.nodes}) == 1
         before = height
         await swarm.wait(lambda: min(n.chain.state.height for n in swarm.nodes) > before + 3, "the chain going on")
+
+
+async def test_a_validator_equivocating_inside_consensus_is_reported_by_the_others_and_slashed(
+    chain_swarm: Callable[[], object], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Validator 3 runs a consensus node that, for every notarize vote it casts, signs a second
+    one for another block in the same view and sends it to every validator (a Byzantine
+    validator trying to fork the chain: ``ConsensusNode(equivocate=True)``). Nobody hands the
+    ledger evidence: the honest validators see the conflicting votes themselves, each submits
+    them, and the chain slashes the liar (each fault once, however many report it). No fork: one
+    state root per height on every node, and the chain goes on."""
+    liar = NodeKeys.load_or_create(tmp_path / "relay3").identity.public_key
+    honest_node = native.ConsensusNode
+
+    def consensus_node(identity: native.Identity, *args: object, **kwargs: object) -> native.ConsensusNode:
+        return honest_node(identity, *args, equivocate=identity.public_key == liar, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(native, "ConsensusNode", consensus_node)
+    async with chain_swarm() as swarm:  # type: ignore[attr-defined]
+        await swarm.wait(
+            lambda: all(n.chain.state.account(liar).bonded < 50 for n in swarm.nodes), "the liar slashed everywhere"
+        )
+        slashed = min(n.chain.state.height for n in swarm.nodes)
+        await swarm.wait(lambda: min(n.chain.state.height for n in swarm.nodes) > slashed + 10, "the chain going on")
+        height = min(n.chain.state.height for n in swarm.nodes)
+        for h in range(height + 1):
+            assert len({n.chain.state.root_at(h) for n in swarm.nodes}) == 1, f"one root at height {h}"
+        ((available, bonded, _),) = swarm.accounts(liar)
+        assert available == 10 and bonded <= 25  # at least one fault punished, half each time
+        for honest in swarm.nodes[:3]:  # they reported it (their nonces moved), and lost nothing
+            assert {(a, b) for a, b, _ in swarm.accounts(honest.keys.identity.public_key)} == {(10, 50)}
+
+
+async def test_the_committee_changes_with_stake_at_an_epoch_boundary(chain_swarm: Callable[..., object]) -> None:
+    """Relay 4, a follower whose account bonded the most, offers to validate; at the next epoch
+    boundary the committee (4 seats) takes it and leaves out the genesis validator with the
+    highest key. Relay 4 starts its consensus node and validates, that validator goes back to
+    following, and the chain goes on under certificates of the new committee. Every node holds
+    one state root per height and replays its chain cleanly, each certificate checked against
+    the committee of its epoch."""
+    parameters = ChainParameters(
+        block_interval_ms=100,
+        leader_timeout_ms=500,
+        epoch_blocks=20,
+        committee_size=4,
+        validator_min_stake=50,
+        min_committee=4,
+    )
+    async with chain_swarm(parameters, follower_bonded=100) as swarm:  # type: ignore[attr-defined]
+        newcomer = swarm.nodes[4]
+        me = newcomer.keys.identity
+        address = f"127.0.0.1:{free_port()}"
+        offer = sign_transaction(me, swarm.chain_id, 1, candidacy=chain_pb2.ValidatorCandidacy(address=address))
+        await swarm.stub(4).Submit(
+            chain_pb2.SubmitTransactionRequest(transaction=chain_pb2.SignedTransaction.FromString(offer))
+        )
+        await swarm.wait(
+            lambda: all(n.chain.state.candidates().get(me.public_key) == address for n in swarm.nodes),
+            "the candidacy on every node",
+        )
+        state = newcomer.chain.state
+        epoch = state.epoch_of(state.height) + 1  # the first committee chosen after the candidacy
+        genesis_keys = {bytes.fromhex(v.key) for v in swarm.genesis.validators}
+        leaving = max(genesis_keys)
+        leaver = next(n for n in swarm.nodes if n.keys.identity.public_key == leaving)
+        await swarm.wait(lambda: newcomer.chain.validator and not leaver.chain.validator, "the roles swapped", 40)
+        committee = [key for key, _ in state.committee_of(epoch)]
+        assert set(committee) == genesis_keys - {leaving} | {me.public_key}
+        status = await swarm.stub(4).GetStatus(chain_pb2.GetChainStatusRequest())
+        assert status.validator and {v.key for v in status.validators} == set(committee)
+        # The chain goes on: the new epoch's blocks are finalized by its committee, on every node.
+        end = state.last_of_epoch(epoch)
+        await swarm.wait(lambda: min(n.chain.state.height for n in swarm.nodes) > end, "the new epoch everywhere", 60)
+        certified = [b for b in state.blocks(end + 1 - parameters.epoch_blocks, 20) if b.certificate]
+        assert certified, "blocks of the new epoch carry certificates"
+        for entry in certified:
+            assert native.verify_finalization(committee, entry.certificate)[0] == epoch
+        height = min(n.chain.state.height for n in swarm.nodes)
+        for h in range(height + 1):
+            assert len({n.chain.state.root_at(h) for n in swarm.nodes}) == 1, f"one root at height {h}"
+        for node in swarm.nodes:
+            report = audit_replica(node.chain.state)
+            assert not report.problems and report.replayed > end, report
 
 
 async def test_random_transactions_to_random_nodes_leave_one_state_everywhere(

@@ -94,6 +94,25 @@ class Committee:
             assert [b.digest for b in chain[:shortest]] == [b.digest for b in self.chains[0][:shortest]]
 
 
+@dataclass
+class Held:
+    """A replica holding the chain up to ``height`` (one epoch forever, as these nodes run)."""
+
+    height: int
+    block_digest: bytes
+    keys: list[bytes]
+    epoch: int = 0
+
+    def epoch_of(self, height: int) -> int:
+        return self.epoch
+
+    def last_of_epoch(self, epoch: int) -> int:
+        return 2**62
+
+    def committee_of(self, epoch: int) -> list[tuple[bytes, str]]:
+        return [(key, "127.0.0.1:1") for key in self.keys]
+
+
 @pytest.fixture
 def committee(tmp_path: Path) -> Iterator[Committee]:
     c = Committee(tmp_path)
@@ -222,31 +241,35 @@ def test_a_restarted_validator_is_given_again_what_it_had_not_acknowledged(commi
 
 def test_a_follower_applies_only_blocks_a_certificate_proves(committee: Committee) -> None:
     """swarmserve.chain.proof on real blocks and certificates: a served run of blocks is final up
-    to its last certified block; a run with a forged block, a certificate for another block, or a
-    gap is refused; uncertified blocks after the last certificate wait."""
+    to its last certified block; a run with a forged block, a certificate for another block or another
+    epoch, or a gap is refused; uncertified blocks after the last certificate wait."""
     committee.wait(lambda: sum(b.certificate is not None for b in committee.chains[0][1:]) >= 3, what="certificates")
     chain = committee.chains[0]
     served = [chain_pb2.FinalizedBlock(block=b.encoded, certificate=b.certificate or b"") for b in chain]
     last_certified = max(i for i, b in enumerate(chain) if b.certificate is not None)
-    proven = proven_blocks(committee.keys, 0, chain[0].digest, served[1:])
+    proven = proven_blocks(Held(0, chain[0].digest, committee.keys), served[1:])
     assert [b.height for b, _ in proven] == list(range(1, last_certified + 1))
     # Without certificates nothing is proven, however well the blocks link.
     bare = [chain_pb2.FinalizedBlock(block=b.encoded) for b in chain[1:]]
-    assert proven_blocks(committee.keys, 0, chain[0].digest, bare) == []
+    assert proven_blocks(Held(0, chain[0].digest, committee.keys), bare) == []
     # A block the committee never finalized, linked into the run, before a real certificate.
     first = chain[1]
     forged = native.encode_chain_block(first.parent, 1, first.timestamp_ms, [b"mint 1000000 to me"])
     with pytest.raises(BlockProofError, match="does not continue"):
-        proven_blocks(committee.keys, 0, chain[0].digest, [chain_pb2.FinalizedBlock(block=forged), *served[2:]])
+        proven_blocks(Held(0, chain[0].digest, committee.keys), [chain_pb2.FinalizedBlock(block=forged), *served[2:]])
     # A real certificate attached to another block.
     certified = next(b for b in chain[1:] if b.certificate is not None)
     stolen = chain_pb2.FinalizedBlock(block=forged, certificate=certified.certificate)
     with pytest.raises(BlockProofError, match="another block"):
-        proven_blocks(committee.keys, 0, chain[0].digest, [stolen])
+        proven_blocks(Held(0, chain[0].digest, committee.keys), [stolen])
     # A certificate signed by another committee.
     with pytest.raises(BlockProofError):
         strangers = [native.Identity.generate().public_key for _ in range(4)]
-        proven_blocks(strangers, 0, chain[0].digest, served[1:])
+        proven_blocks(Held(0, chain[0].digest, strangers), served[1:])
+    # A certificate of another epoch (these nodes run epoch 0 forever): the committee of the
+    # block's epoch must have finalized it.
+    with pytest.raises(BlockProofError, match="its certificate of 0"):
+        proven_blocks(Held(0, chain[0].digest, committee.keys, epoch=1), served[1:])
     # A gap.
     with pytest.raises(BlockProofError, match="does not continue"):
-        proven_blocks(committee.keys, 0, chain[0].digest, served[2:])
+        proven_blocks(Held(0, chain[0].digest, committee.keys), served[2:])

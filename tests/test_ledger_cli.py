@@ -2,7 +2,8 @@
 layout: relays and router 1 validate, each operator's nodes share an account), and a validator
 killed with SIGKILL while blocks are being committed: after its restart it has lost no decided
 block, catches up, and `swarmserve ledger verify` replays its chain clean. Also tried: a transfer
-of more than the account holds, and keys that are not keys (clear errors, exit status 1)."""
+of more than the account holds, keys that are not keys and a validator address that is a name
+(clear errors, exit status 1); a node offering to validate and withdrawing."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,13 @@ def ledger(*args: str) -> tuple[int, Any]:
         [sys.executable, "-m", "services.cli", "ledger", *args, "--json"], capture_output=True, text=True, timeout=120
     )
     return done.returncode, json.loads(done.stdout) if done.returncode in (0, 2) and done.stdout else done.stderr
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.5)
 
 
 async def test_ledger_commands_and_a_validator_killed_while_committing(tmp_path: Path) -> None:
@@ -57,6 +66,17 @@ async def test_ledger_commands_and_a_validator_killed_while_committing(tmp_path:
         assert code == 1 and "holds" in refused
         code, bad = ledger("balance", "--data-dir", router_dir, "--account", "not-a-key")
         assert code == 1 and "32-byte identity key" in bad
+        # The inference node offers to validate (its account alone qualifies: fewer than
+        # min_committee, so the committee stays), then withdraws; a name is not an address.
+        inference_dir = str(tmp_path / "inference-1")
+        code, offered = ledger("validate", "--data-dir", inference_dir, "--address", "127.0.0.1:7999", *via)
+        assert code == 0 and offered["address"] == "127.0.0.1:7999", offered
+        assert ledger("status", "--data-dir", router_dir)[1]["candidacy"]  # a genesis validator is a candidate
+        await until(lambda: ledger("status", "--data-dir", inference_dir)[1]["candidacy"] == "127.0.0.1:7999")
+        code, bad = ledger("validate", "--data-dir", inference_dir, "--address", "example.com:7999", *via)
+        assert code == 1 and "IP literal" in bad
+        assert ledger("validate", "--data-dir", inference_dir, "--withdraw", *via)[0] == 0
+        await until(lambda: ledger("status", "--data-dir", inference_dir)[1]["candidacy"] is None)
 
         swarm.restart("relay-1")
         deadline = time.monotonic() + 90

@@ -1,6 +1,7 @@
 //! Python bindings of the ledger's consensus node (`swarmserve._native`): argument conversion
 //! and error mapping only; blocking calls release the GIL.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -12,7 +13,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
 use crate::consensus::block::{decode_block, Block, BlockLimits};
-use crate::consensus::node::{FinalizedBlock, Node, NodeConfig, NodeError};
+use crate::consensus::node::{Committee, FinalizedBlock, Node, NodeConfig, NodeError, ONE_EPOCH};
 use crate::consensus::proofs::{self, ProofError as ProofFailure};
 use crate::python::Identity;
 
@@ -115,13 +116,22 @@ impl ChainBlock {
 
 /// A validator of the ledger's chain, running on its own thread (see `native/src/consensus`).
 #[pyclass(module = "swarmserve._native")]
-struct ConsensusNode(Node);
+struct ConsensusNode(Node, usize);
+
+fn committee(validators: &[(Vec<u8>, String)]) -> PyResult<Committee> {
+    validators
+        .iter()
+        .map(|(key, addr)| Ok((key32(key, "a validator key")?, address(addr)?)))
+        .collect()
+}
 
 #[pymethods]
 impl ConsensusNode {
     #[new]
     #[pyo3(signature = (
         identity, storage_directory, listen, validators, genesis, *,
+        epoch = 0, epoch_length = None, floor = None, earlier_committees = Vec::new(), max_committee = None,
+        equivocate = false,
         block_interval_ms = 500, leader_timeout_ms = 1000, max_transactions = 256,
         max_transaction_bytes = 32768, mempool_transactions = 10000, mempool_bytes = 67108864,
     ))]
@@ -133,6 +143,12 @@ impl ConsensusNode {
         listen: &str,
         validators: Vec<(Vec<u8>, String)>,
         genesis: Vec<u8>,
+        epoch: u64,
+        epoch_length: Option<u64>,
+        floor: Option<Vec<u8>>,
+        earlier_committees: Vec<(u64, Vec<(Vec<u8>, String)>)>,
+        max_committee: Option<usize>,
+        equivocate: bool,
         block_interval_ms: u64,
         leader_timeout_ms: u64,
         max_transactions: usize,
@@ -140,10 +156,13 @@ impl ConsensusNode {
         mempool_transactions: usize,
         mempool_bytes: usize,
     ) -> PyResult<Self> {
-        let validators = validators
-            .iter()
-            .map(|(key, addr)| Ok((key32(key, "a validator key")?, address(addr)?)))
-            .collect::<PyResult<Vec<_>>>()?;
+        let mut committees = BTreeMap::new();
+        for (earlier, members) in &earlier_committees {
+            committees.insert(*earlier, committee(members)?);
+        }
+        committees.insert(epoch, committee(&validators)?);
+        let max_committee = max_committee.unwrap_or_else(|| committees.values().map(Vec::len).max().unwrap_or(1));
+        let floor = floor.map(|f| key32(&f, "floor")).transpose()?;
         if leader_timeout_ms == 0 || max_transactions == 0 || max_transaction_bytes == 0 {
             return Err(PyValueError::new_err(
                 "leader_timeout_ms, max_transactions and max_transaction_bytes must be positive",
@@ -153,8 +172,13 @@ impl ConsensusNode {
             seed: *identity.0.seed(),
             storage_directory,
             listen: address(listen)?,
-            validators,
+            epoch,
+            committees,
+            epoch_length: epoch_length.unwrap_or(ONE_EPOCH),
+            floor,
+            max_committee,
             genesis,
+            equivocate,
             limits: BlockLimits {
                 max_transactions,
                 max_transaction_bytes,
@@ -165,7 +189,7 @@ impl ConsensusNode {
             mempool_bytes,
         };
         let node = py.allow_threads(|| Node::start(config)).map_err(node_error)?;
-        Ok(Self(node))
+        Ok(Self(node, max_committee))
     }
 
     #[getter]
@@ -176,6 +200,25 @@ impl ConsensusNode {
     /// Queues a transaction and passes it to the other validators; False if already queued.
     fn submit(&self, transaction: &[u8]) -> PyResult<bool> {
         self.0.submit(Bytes::copy_from_slice(transaction)).map_err(node_error)
+    }
+
+    /// Makes `validators` the committee of `epoch` (call it once the last block of the epoch
+    /// before is applied).
+    fn add_committee(&self, epoch: u64, validators: Vec<(Vec<u8>, String)>) -> PyResult<()> {
+        let validators = committee(&validators)?;
+        self.0.add_committee(epoch, &validators, self.1).map_err(node_error)
+    }
+
+    /// Moves to `epoch`, whose genesis is `floor` (the digest of the last block before it): the
+    /// old engine stops, a new one starts if this node is in the epoch's committee.
+    fn enter_epoch(&self, epoch: u64, floor: &[u8]) -> PyResult<()> {
+        self.0.enter_epoch(epoch, key32(floor, "floor")?).map_err(node_error)
+    }
+
+    /// The epoch the node is in.
+    #[getter]
+    fn epoch(&self) -> u64 {
+        self.0.epoch()
     }
 
     /// The next finalized block, in height order from genesis, or None after `timeout_s`.
@@ -286,6 +329,13 @@ fn sign_conflicting_votes<'py>(
     Ok(PyBytes::new(py, &evidence))
 }
 
+/// The epoch that evidence of conflicting votes names (unchecked: verify it against that
+/// epoch's committee with `verify_equivocation`).
+#[pyfunction]
+fn equivocation_epoch(evidence: &[u8]) -> PyResult<u64> {
+    proofs::equivocation_epoch(evidence).map_err(proof_error)
+}
+
 /// Checks evidence of conflicting votes: (kind, epoch, view, the equivocating validator's key).
 #[pyfunction]
 fn verify_equivocation<'py>(
@@ -318,6 +368,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(encode_chain_block, m)?)?;
     m.add_function(wrap_pyfunction!(verify_finalization, m)?)?;
     m.add_function(wrap_pyfunction!(verify_equivocation, m)?)?;
+    m.add_function(wrap_pyfunction!(equivocation_epoch, m)?)?;
     m.add_function(wrap_pyfunction!(sign_conflicting_votes, m)?)?;
     Ok(())
 }

@@ -3,7 +3,7 @@ machine every node applies to the finalized blocks of the validators' consensus
 (:class:`swarmserve.native.ConsensusNode`)."""
 
 from swarmserve.chain.genesis import ChainParameters, Genesis, GenesisAccount, GenesisValidator, chain_id, load_genesis
-from swarmserve.chain.proof import BlockProofError, proven_blocks
+from swarmserve.chain.proof import BlockProofError, ChainView, proven_blocks
 from swarmserve.chain.replica import ChainReplica
 from swarmserve.chain.servicer import chain_binding
 from swarmserve.chain.state import Account, AppliedBlock, ChainState, StateError, genesis_block
@@ -16,6 +16,7 @@ __all__ = [
     "ChainParameters",
     "ChainReplica",
     "ChainState",
+    "ChainView",
     "Genesis",
     "GenesisAccount",
     "GenesisValidator",

@@ -1,6 +1,6 @@
 """``swarmserve ledger verify``: replays a node's replica of the chain from its genesis on a fresh
 state, checking that every block continues the one before, that finalization certificates of
-the committee prove them (:func:`swarmserve.chain.proof.proven_blocks`), and that replaying
+the committee of their epoch prove them (:func:`swarmserve.chain.proof.proven_blocks`), and that replaying
 gives the state root the replica stored at every height."""
 
 from __future__ import annotations
@@ -38,15 +38,15 @@ def audit_replica(replica: ChainState) -> AuditReport:
         report.replayed = 1
         pending: list[chain_pb2.FinalizedBlock] = []
         next_height = 1
-        while next_height <= replica.height:
-            batch = replica.blocks(next_height, _BATCH)
-            if not batch:
+        while True:
+            batch = replica.blocks(next_height, _BATCH) if next_height <= replica.height else []
+            if next_height <= replica.height and not batch:
                 report.problems.append(f"block {next_height} is missing")
                 return report
             next_height += len(batch)
             candidates = pending + batch
             try:
-                proven = proven_blocks(fresh.committee, fresh.height, fresh.block_digest, candidates)
+                proven = proven_blocks(fresh, candidates)  # up to the end of an epoch at most
             except BlockProofError as error:
                 report.problems.append(str(error))
                 return report
@@ -58,6 +58,8 @@ def audit_replica(replica: ChainState) -> AuditReport:
                     return report
                 report.replayed += 1
             pending = candidates[len(proven) :]
+            if not batch and not proven:
+                break
         report.unproven_tip = len(pending)
     except StateError as error:
         report.problems.append(str(error))

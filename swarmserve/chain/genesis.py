@@ -67,7 +67,20 @@ class ChainParameters(StrictModel):
         500, ge=0, le=1000, description="thousandths of a validator's stake burned for proven conflicting votes"
     )
     epoch_blocks: int = Field(
-        100, ge=1, description="blocks per epoch: cheques settle once per epoch per pair; lotteries reseed"
+        100,
+        ge=2,
+        description="blocks per epoch: cheques settle once per epoch per pair; lotteries reseed; the committee "
+        "is chosen again",
+    )
+    committee_size: int = Field(10, ge=1, le=100, description="most validators in an epoch's committee")
+    min_committee: int = Field(
+        4,
+        ge=1,
+        description="fewest qualifying candidates for a new committee; with fewer, the committee stays as it is "
+        "(4 = 3f+1 for one faulty validator)",
+    )
+    validator_min_stake: int = Field(
+        100, ge=1, description="bonded credits a candidate's account needs for a seat in the committee"
     )
     lottery_epochs: int = Field(
         4,
@@ -109,10 +122,13 @@ class Genesis(StrictModel):
         ):
             if len(set(keys)) != len(keys):
                 raise ValueError(f"a {what} key is listed twice")
+        if len(self.validators) > self.parameters.committee_size:
+            raise ValueError(f"more validators than parameters.committee_size ({self.parameters.committee_size})")
         return self
 
     def committee(self) -> list[tuple[bytes, str]]:
-        """(identity key, consensus address) of every validator, as the consensus node takes them."""
+        """(identity key, consensus address) of every genesis validator (epoch 0's committee), as
+        the consensus node takes them."""
         return [(bytes.fromhex(v.key), v.address) for v in self.validators]
 
     def encode(self) -> bytes:

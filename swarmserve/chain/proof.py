@@ -1,16 +1,36 @@
-"""How a follower decides that blocks served by a peer it does not trust are final: they must
-continue its own chain (consecutive heights, each naming its predecessor's digest), and a
-block among them must carry a finalization certificate of the committee over its digest. That
-block is final, and so is every block it descends from; blocks after the last certified one
-wait for a later certificate. A peer can withhold blocks; it cannot make a follower accept one
-the committee did not finalize."""
+"""How a replica decides that blocks served by a peer it does not trust are final: they must
+continue its own chain (consecutive heights, each naming its predecessor's digest), and a block
+among them must carry a finalization certificate, of the committee of the block's epoch, over
+its digest. That block is final, and so is every block it descends from; blocks after the last
+certified one wait for a later certificate. Only blocks of the epoch of the replica's next block
+are proven at once: the next epoch's committee is known only once this epoch's last block is
+applied. A peer can withhold blocks; it cannot make a replica accept one the committee did not
+finalize."""
 
 from __future__ import annotations
+
+from typing import Protocol
 
 from swarmserve import native
 from swarmserve.v1 import chain_pb2
 
-__all__ = ["BlockProofError", "proven_blocks"]
+__all__ = ["BlockProofError", "ChainView", "proven_blocks"]
+
+
+class ChainView(Protocol):
+    """What proving needs of a replica (:class:`swarmserve.chain.state.ChainState` has it)."""
+
+    @property
+    def height(self) -> int: ...
+
+    @property
+    def block_digest(self) -> bytes: ...
+
+    def epoch_of(self, height: int) -> int: ...
+
+    def last_of_epoch(self, epoch: int) -> int: ...
+
+    def committee_of(self, epoch: int) -> list[tuple[bytes, str]]: ...
 
 
 class BlockProofError(ValueError):
@@ -18,16 +38,16 @@ class BlockProofError(ValueError):
 
 
 def proven_blocks(
-    committee: list[bytes],
-    held_height: int,
-    held_digest: bytes,
-    served: list[chain_pb2.FinalizedBlock],
+    state: ChainView, served: list[chain_pb2.FinalizedBlock]
 ) -> list[tuple[native.ChainBlock, bytes | None]]:
-    """The served blocks proven final, in order (possibly none), each with its certificate."""
+    """The served blocks proven final after ``state``'s last block, in order (possibly none),
+    each with its certificate; served blocks past the current epoch are left for later."""
+    parent, height = state.block_digest, state.height
+    epoch = state.epoch_of(height + 1)
+    committee = [key for key, _ in state.committee_of(epoch)]
     blocks: list[tuple[native.ChainBlock, bytes | None]] = []
     last_proven = 0
-    parent, height = held_digest, held_height
-    for entry in served:
+    for entry in served[: state.last_of_epoch(epoch) - height]:
         try:
             block = native.decode_chain_block(entry.block)
         except native.ProofError as error:
@@ -37,11 +57,13 @@ def proven_blocks(
         blocks.append((block, entry.certificate or None))
         if entry.certificate:
             try:
-                _, _, digest = native.verify_finalization(committee, entry.certificate)
+                certified_epoch, _, digest = native.verify_finalization(committee, entry.certificate)
             except native.ProofError as error:
                 raise BlockProofError(f"block {block.height}: {error}") from error
             if digest != block.digest:
                 raise BlockProofError(f"block {block.height}: the certificate finalizes another block")
+            if certified_epoch != epoch:
+                raise BlockProofError(f"block {block.height} is in epoch {epoch}, its certificate of {certified_epoch}")
             last_proven = len(blocks)
         parent, height = block.digest, block.height
     return blocks[:last_proven]

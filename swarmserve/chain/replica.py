@@ -1,12 +1,16 @@
-"""A node's copy of the ledger's chain, kept current in one of two ways:
+"""A node's copy of the ledger's chain, kept current in one of two ways, by epoch:
 
-- a **validator** (its identity key is in the genesis committee) runs the consensus node
-  (:class:`swarmserve.native.ConsensusNode`) and applies each block it finalizes, acknowledging
-  it only once the state is durable; evidence of a validator's conflicting votes is turned into
-  a transaction, so the ledger slashes it;
-- a **follower** asks a random live member for the blocks after its own, every
-  ``sync_interval_s``, and applies those proven final (:func:`proven_blocks`): whoever serves
-  them, only blocks the committee finalized are applied.
+- while the node is in the committee of the epoch of the chain's next block, it is a
+  **validator**: it runs the consensus node (:class:`swarmserve.native.ConsensusNode`) and
+  applies each block it finalizes, acknowledging it only once the state is durable; after the
+  last block of an epoch it hands the consensus node the next epoch's committee (chosen by the
+  state machine), and stops it if it is not in it; evidence of a validator's conflicting votes is
+  turned into a transaction, so the ledger slashes it;
+- otherwise it is a **follower**: it asks a random live member for the blocks after its own,
+  every ``sync_interval_s``, and applies those proven final (:func:`proven_blocks`): whoever
+  serves them, only blocks the epoch's committee finalized are applied. A follower that finds
+  itself in the next epoch's committee starts its consensus node. A validator whose consensus
+  node delivers nothing for a while (it was down, or cut off) catches up the same way.
 
 Either way the node's state is :class:`ChainState`, derived from finalized blocks only. Its own
 transactions (and those submitted to it) go to the consensus node if it is a validator, else
@@ -47,6 +51,7 @@ log = get_logger("swarmserve.chain")
 MAX_BLOCKS_PER_FETCH = 256
 _TIMEOUT_S = 5.0
 _LOST_AFTER_S = 20.0  # a transaction of ours not applied by then never will be
+_STALLED_BLOCKS = 20  # a validator that applied nothing for this many block intervals catches up from peers
 CHEQUES_PER_SETTLEMENT = 128  # about 23 KiB: under the 32 KiB a transaction may take
 
 
@@ -68,10 +73,8 @@ class ChainReplica:
         self.state = ChainState(data_dir / "chain.sqlite3", genesis, genesis_bytes)
         self.book = ChequeBook(data_dir / "payments.sqlite3", identity, self.state.chain_id)
         self.inbox = ChequeInbox(data_dir / "payments.sqlite3", identity.public_key, self.state.chain_id)
-        self.committee = [key for key, _ in genesis.committee()]
-        self.validator = identity.public_key in self.committee
         self._consensus_dir = data_dir / "consensus"
-        self._listen = consensus_listen or dict(genesis.committee()).get(identity.public_key, "")
+        self._listen = consensus_listen
         self._directory = directory
         self._channels = channels
         self._sync_interval_s = sync_interval_s
@@ -80,14 +83,26 @@ class ChainReplica:
         self._unapplied: dict[int, float] = {}  # nonces this node signed -> when
         self._settling: dict[bytes, int] = {}  # payer -> epoch its cheque was last submitted in
         self.consensus: native.ConsensusNode | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._consensus_lock = threading.Lock()
+        self._consensus_epoch = -1  # the latest epoch the consensus node was told about
+        self._applying: threading.Thread | None = None
+        self._stop_applying = threading.Event()
+        self._last_applied = time.monotonic()
         self._task: asyncio.Task[None] | None = None
         self._settler: asyncio.Task[None] | None = None
 
     @property
     def chain_id(self) -> bytes:
         return self.state.chain_id
+
+    @property
+    def validator(self) -> bool:
+        """True while this node runs the consensus node (it is in the current committee)."""
+        return self.consensus is not None
+
+    def committee(self) -> list[tuple[bytes, str]]:
+        """The committee of the epoch of the chain's next block, as this replica knows it."""
+        return self.state.committee_of(self.state.epoch_of(self.state.height + 1))
 
     def same_account(self, key: bytes) -> bool:
         """True if ``key`` spends from this node's account (serving it is free)."""
@@ -98,22 +113,8 @@ class ChainReplica:
     async def start(self) -> None:
         if self.state.height < 0:
             self.state.apply(genesis_block(self.state.genesis_bytes))
-        if self.validator:
-            parameters = self.genesis.parameters
-            self.consensus = await asyncio.to_thread(
-                native.ConsensusNode,
-                self.identity,
-                self._consensus_dir,
-                self._listen,
-                self.genesis.committee(),
-                self.state.genesis_bytes,
-                block_interval_ms=parameters.block_interval_ms,
-                leader_timeout_ms=parameters.leader_timeout_ms,
-            )
-            self._thread = threading.Thread(target=self._follow_consensus, name="chain-apply", daemon=True)
-            self._thread.start()
-        else:
-            self._task = asyncio.get_running_loop().create_task(self._follow_peers())
+        await self._take_role()
+        self._task = asyncio.get_running_loop().create_task(self._keep_current())
         self._settler = asyncio.get_running_loop().create_task(self._settle_every_epoch())
         log.info(
             "chain replica started",
@@ -122,14 +123,86 @@ class ChainReplica:
             chain_id=self.chain_id.hex()[:16],
         )
 
-    def _follow_consensus(self) -> None:
-        consensus = self.consensus
-        assert consensus is not None
-        while not self._stop.is_set():
+    async def _keep_current(self) -> None:
+        stalled_after_s = _STALLED_BLOCKS * self.genesis.parameters.block_interval_ms / 1000
+        while True:
+            await asyncio.sleep(self._sync_interval_s * self._rng.uniform(0.5, 1.5))
+            if self.consensus is None or time.monotonic() - self._last_applied > stalled_after_s:
+                with contextlib.suppress(TimeoutError, aio.AioRpcError):
+                    await self.sync_once()
+            await self._take_role()
+
+    async def _take_role(self) -> None:
+        """Starts or stops the consensus node as this node enters or leaves the committee."""
+        epoch = self.state.epoch_of(self.state.height + 1)
+        member = any(key == self.identity.public_key for key, _ in self.state.committee_of(epoch))
+        if self.consensus is not None and (not member or not self.consensus.is_running()):
+            await self._stop_consensus()
+            log.info("left the committee; following the chain", epoch=epoch)
+        elif member and self.consensus is None:
+            await self._start_consensus(epoch)
+            log.info("joined the committee; validating", epoch=epoch)
+        elif self.consensus is not None:
+            await asyncio.to_thread(self._tell_consensus)  # it may have been behind the state
+
+    async def _start_consensus(self, epoch: int) -> None:
+        committee = self.state.committee_of(epoch)
+        parameters = self.genesis.parameters
+        earlier = [(e, members) for e, members in self.state.committees().items() if e < epoch]
+        self.consensus = await asyncio.to_thread(
+            native.ConsensusNode,
+            self.identity,
+            self._consensus_dir,
+            self._listen or dict(committee)[self.identity.public_key],
+            committee,
+            self.state.genesis_bytes,
+            epoch=epoch,
+            epoch_length=parameters.epoch_blocks,
+            floor=self.state.digest_at(self.state.last_of_epoch(epoch - 1)) if epoch > 0 else None,
+            earlier_committees=earlier,
+            max_committee=parameters.committee_size,
+            block_interval_ms=parameters.block_interval_ms,
+            leader_timeout_ms=parameters.leader_timeout_ms,
+        )
+        self._consensus_epoch = epoch
+        self._last_applied = time.monotonic()
+        self._stop_applying.clear()
+        self._applying = threading.Thread(
+            target=self._follow_consensus, args=(self.consensus,), name="chain-apply", daemon=True
+        )
+        self._applying.start()
+
+    async def _stop_consensus(self) -> None:
+        self._stop_applying.set()
+        if self._applying is not None:
+            await asyncio.to_thread(self._applying.join)
+        consensus, self.consensus = self.consensus, None
+        if consensus is not None:
+            await asyncio.to_thread(consensus.stop)
+
+    def _tell_consensus(self) -> None:
+        """Hands the consensus node every committee the state chose since it was last told, and
+        moves it to the epoch of the chain's next block."""
+        with self._consensus_lock:
+            consensus = self.consensus
+            epoch = self.state.epoch_of(self.state.height + 1)
+            if consensus is None or epoch <= self._consensus_epoch:
+                return
+            try:
+                for later in range(self._consensus_epoch + 1, epoch + 1):
+                    consensus.add_committee(later, self.state.committee_of(later))
+                consensus.enter_epoch(epoch, self.state.digest_at(self.state.last_of_epoch(epoch - 1)))
+            except native.ConsensusStoppedError:
+                return
+            self._consensus_epoch = epoch
+            log.info("entered epoch", epoch=epoch, validators=len(self.state.committee_of(epoch)))
+
+    def _follow_consensus(self, consensus: native.ConsensusNode) -> None:
+        while not self._stop_applying.is_set():
             try:
                 block = consensus.next_finalized(0.2)
             except native.ConsensusStoppedError as error:
-                if not self._stop.is_set():
+                if not self._stop_applying.is_set():
                     log.error("the consensus node stopped", reason=str(error))
                 return
             if block is not None:
@@ -138,12 +211,15 @@ class ChainReplica:
                 except StateError as error:  # a fork or another genesis: never merged
                     log.error("finalized block refused", height=block.height, reason=str(error))
                     return
+                self._last_applied = time.monotonic()
                 consensus.acknowledge(block.height)
+                if block.height == self.state.last_of_epoch(self.state.epoch_of(block.height)):
+                    self._tell_consensus()
             evidence = consensus.next_evidence(0.0)
             if evidence is not None:
-                self._report_equivocation(evidence)
+                self._report_equivocation(consensus, evidence)
 
-    def _report_equivocation(self, evidence: bytes) -> None:
+    def _report_equivocation(self, consensus: native.ConsensusNode, evidence: bytes) -> None:
         raw = sign_transaction(
             self.identity,
             self.chain_id,
@@ -151,17 +227,10 @@ class ChainReplica:
             equivocation=chain_pb2.EquivocationEvidence(evidence=evidence),
         )
         try:
-            assert self.consensus is not None
-            self.consensus.submit(raw)
+            consensus.submit(raw)
             log.warning("a validator signed conflicting votes; evidence submitted")
         except native.ConsensusError as error:
             log.error("could not submit equivocation evidence", reason=str(error))
-
-    async def _follow_peers(self) -> None:
-        while True:
-            await asyncio.sleep(self._sync_interval_s * self._rng.uniform(0.5, 1.5))
-            with contextlib.suppress(TimeoutError, aio.AioRpcError):
-                await self.sync_once()
 
     async def sync_once(self) -> int:
         """Fetches and applies the blocks a random live member holds beyond this replica's;
@@ -173,12 +242,14 @@ class ChainReplica:
         stub = chain_pb2_grpc.ChainStub(self._channels.get(peer.descriptor.address))
         applied = 0
         while True:
-            held_height, held_digest = self.state.height, self.state.block_digest
+            # Up to the end of the epoch: the next one's committee is known only after it.
+            held = self.state.height
+            wanted = min(MAX_BLOCKS_PER_FETCH, self.state.last_of_epoch(self.state.epoch_of(held + 1)) - held)
             answer = await stub.GetBlocks(
-                chain_pb2.GetBlocksRequest(from_height=held_height + 1, limit=MAX_BLOCKS_PER_FETCH), timeout=_TIMEOUT_S
+                chain_pb2.GetBlocksRequest(from_height=held + 1, limit=wanted), timeout=_TIMEOUT_S
             )
             try:
-                proven = proven_blocks(self.committee, held_height, held_digest, list(answer.blocks))
+                proven = proven_blocks(self.state, list(answer.blocks))
             except BlockProofError as error:
                 log.warning("a member served blocks that are not proven final", peer=peer.node_id, reason=str(error))
                 return applied
@@ -187,7 +258,7 @@ class ChainReplica:
             for block, certificate in proven:
                 await asyncio.to_thread(self.state.apply, block, certificate)
                 applied += 1
-            if len(answer.blocks) < MAX_BLOCKS_PER_FETCH:
+            if len(answer.blocks) < wanted or len(proven) < wanted:
                 return applied
 
     async def _settle_every_epoch(self) -> None:
@@ -215,16 +286,12 @@ class ChainReplica:
         return len(due)
 
     async def close(self) -> None:
-        self._stop.set()
         for task in (self._task, self._settler):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
-        if self.consensus is not None:
-            await asyncio.to_thread(self.consensus.stop)
+        await self._stop_consensus()
         self.state.close()
         self.book.close()
         self.inbox.close()
@@ -261,7 +328,8 @@ class ChainReplica:
                 raise ResourceExhausted(str(error)) from error
             except native.ConsensusStoppedError as error:
                 raise Unavailable(str(error)) from error
-        validators = [p for p in self._directory.members() if p.alive and p.descriptor.identity_key in self.committee]
+        committee = {key for key, _ in self.committee()}
+        validators = [p for p in self._directory.members() if p.alive and p.descriptor.identity_key in committee]
         self._rng.shuffle(validators)
         request = chain_pb2.SubmitTransactionRequest(transaction=chain_pb2.SignedTransaction.FromString(raw))
         for peer in validators:

@@ -31,9 +31,9 @@ class ChainServicer(chain_pb2_grpc.ChainServicer):
             height=max(state.height, 0),
             block_digest=state.block_digest,
             state_root=state.state_root,
-            validators=[chain_pb2.Validator(key=k, address=a) for k, a in self.replica.genesis.committee()],
+            validators=[chain_pb2.Validator(key=k, address=a) for k, a in self.replica.committee()],
             validator=self.replica.validator,
-            epoch=0,
+            epoch=state.epoch_of(state.height + 1),
         )
 
     async def GetBlocks(

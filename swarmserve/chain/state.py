@@ -23,9 +23,15 @@ A transaction, in block order:
 - otherwise consumes its nonce, then applies if the account can afford it, or fails;
 - transfer: credits move from available to the recipient; bond: available to bonded; unbond:
   bonded to unbonding, released to available ``unbonding_blocks`` later, slashable until then;
-- equivocation evidence: if it proves against the committee that a validator signed
-  conflicting votes, and that fault was not already punished, burns
-  ``equivocation_slash_permille`` of the validator's bonded and unbonding stake.
+- equivocation evidence: if it proves against the committee of the epoch it names that a
+  validator signed conflicting votes, and that fault was not already punished, burns
+  ``equivocation_slash_permille`` of the validator's bonded and unbonding stake;
+- candidacy: the signing node offers to validate at an IP:port address (or withdraws).
+
+Committees: epoch 0's is the genesis file's; after the last block of epoch e (and its
+transactions), the committee of epoch e+1 is chosen from the candidates by their accounts'
+bonded stake (:func:`swarmserve.chain.committee.choose_committee`). A block of epoch e is final
+only with a certificate of epoch e's committee.
 
 Accounts and their members: a key's credits are those of its account, which is the key itself
 unless it was made a member of another account (an operator's nodes sharing one account, with
@@ -66,6 +72,7 @@ from blake3 import blake3
 
 from swarmserve import native
 from swarmserve.chain.cheques import ChequeError, open_cheque
+from swarmserve.chain.committee import Candidate, choose_committee, valid_consensus_address
 from swarmserve.chain.evidence import EvidenceError, check_evidence, verdict_id
 from swarmserve.chain.genesis import Genesis, chain_id
 from swarmserve.chain.lottery import draw
@@ -138,6 +145,13 @@ CREATE TABLE IF NOT EXISTS duels (
     result BLOB NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS organisers (key BLOB PRIMARY KEY, duels INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS candidates (key BLOB PRIMARY KEY, address TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS committees (
+    epoch INTEGER NOT NULL,
+    key BLOB NOT NULL,
+    address TEXT NOT NULL,
+    PRIMARY KEY (epoch, key)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS blocks (
     height INTEGER PRIMARY KEY,
     digest BLOB NOT NULL,
@@ -200,7 +214,6 @@ class ChainState:
         self.genesis = genesis
         self.genesis_bytes = genesis_bytes
         self.chain_id = chain_id(genesis_bytes)
-        self.committee = [bytes.fromhex(v.key) for v in genesis.validators]
         self._db = open_database(path, _SCHEMA)  # an applied block survives a crash
         self._lock = threading.RLock()
         stored = self._meta("chain_id")
@@ -279,6 +292,32 @@ class ChainState:
     def epoch_of(self, height: int) -> int:
         return height // self.genesis.parameters.epoch_blocks
 
+    def last_of_epoch(self, epoch: int) -> int:
+        """The height of the epoch's last block (its committee's last to finalize)."""
+        return (epoch + 1) * self.genesis.parameters.epoch_blocks - 1
+
+    def committee_of(self, epoch: int) -> list[tuple[bytes, str]]:
+        """(key, consensus address) of the epoch's validators in key order; [] while the epoch
+        before it is not fully applied here."""
+        with self._lock:
+            rows = self._db.execute("SELECT key, address FROM committees WHERE epoch = ? ORDER BY key", (epoch,))
+            return [(bytes(key), address) for key, address in rows]
+
+    def committees(self) -> dict[int, list[tuple[bytes, str]]]:
+        """Every epoch's committee this replica knows."""
+        known: dict[int, list[tuple[bytes, str]]] = {}
+        with self._lock:
+            for epoch, key, address in self._db.execute(
+                "SELECT epoch, key, address FROM committees ORDER BY epoch, key"
+            ):
+                known.setdefault(epoch, []).append((bytes(key), address))
+        return known
+
+    def candidates(self) -> dict[bytes, str]:
+        """Nodes that offered to validate, with their consensus addresses."""
+        with self._lock:
+            return {bytes(key): address for key, address in self._db.execute("SELECT key, address FROM candidates")}
+
     def lottery(self, epoch: int, subject: bytes, count: int, excluded: set[bytes]) -> list[bytes]:
         """The accounts drawn for ``subject`` with the seed and stakes of ``epoch`` ([] if this
         replica has not applied that epoch's first block)."""
@@ -356,6 +395,14 @@ class ChainState:
             row = self._db.execute("SELECT duels FROM organisers WHERE key = ?", (organiser,)).fetchone()
         return row[0] if row else 0
 
+    def digest_at(self, height: int) -> bytes:
+        """The digest of the applied block at ``height``."""
+        with self._lock:
+            row = self._db.execute("SELECT digest FROM blocks WHERE height = ?", (height,)).fetchone()
+        if row is None:
+            raise StateError(f"block {height} is not applied here")
+        return bytes(row[0])
+
     def root_at(self, height: int) -> bytes | None:
         """The state root after the block at ``height``, if applied here."""
         with self._lock:
@@ -409,6 +456,9 @@ class ChainState:
                         "INSERT INTO members (member, account) VALUES (?, ?)",
                         (bytes.fromhex(member), bytes.fromhex(funded.key)),
                     )
+            validators = [(bytes.fromhex(v.key), v.address) for v in self.genesis.validators]
+            self._db.executemany("INSERT INTO candidates (key, address) VALUES (?, ?)", validators)
+            self._db.executemany("INSERT INTO committees (epoch, key, address) VALUES (0, ?, ?)", validators)
             self._snapshot_stakes(0)
         else:
             self._release_unbonded(block.height)
@@ -431,6 +481,8 @@ class ChainState:
                     applied += 1
                 else:
                     failed += 1
+        if block.height == self.last_of_epoch(self.epoch_of(block.height)):
+            self._choose_committee(self.epoch_of(block.height) + 1)
         root = self._root(block.height, block.digest)
         self._db.execute(
             "INSERT INTO blocks (height, digest, encoded, certificate, state_root) VALUES (?, ?, ?, ?, ?)",
@@ -491,6 +543,8 @@ class ChainState:
                 return self._vote(signer, body.appeal_vote, height)
             case "duel":
                 return self._record_duel(body.duel, height)
+            case "candidacy":
+                return self._candidacy(signer, body.candidacy.address)
         return False
 
     # --- credits ----------------------------------------------------------------------------
@@ -726,11 +780,40 @@ class ChainState:
         self._slash(self._account_of(tally.loser), self.genesis.parameters.duel_slash_permille)
         return True
 
+    # --- committees -------------------------------------------------------------------------
+
+    def _candidacy(self, node: bytes, address: str) -> bool:
+        if not address:
+            return self._db.execute("DELETE FROM candidates WHERE key = ?", (node,)).rowcount > 0
+        if not valid_consensus_address(address):
+            return False
+        self._db.execute("INSERT OR REPLACE INTO candidates (key, address) VALUES (?, ?)", (node, address))
+        return True
+
+    def _choose_committee(self, epoch: int) -> None:
+        parameters = self.genesis.parameters
+        candidates = []
+        for key, address in self._db.execute("SELECT key, address FROM candidates ORDER BY key").fetchall():
+            account = self._account_of(bytes(key))
+            candidates.append(Candidate(bytes(key), address, account, self._load(account).bonded))
+        current = self._db.execute("SELECT key, address FROM committees WHERE epoch = ?", (epoch - 1,)).fetchall()
+        chosen = choose_committee(
+            candidates,
+            [(bytes(key), address) for key, address in current],
+            size=parameters.committee_size,
+            min_stake=parameters.validator_min_stake,
+            min_committee=parameters.min_committee,
+        )
+        self._db.executemany(
+            "INSERT INTO committees (epoch, key, address) VALUES (?, ?, ?)", [(epoch, k, a) for k, a in chosen]
+        )
+
     # --- stake ------------------------------------------------------------------------------
 
     def _punish_equivocation(self, evidence: bytes) -> bool:
         try:
-            kind, epoch, view, validator = native.verify_equivocation(self.committee, evidence)
+            committee = self._committee_keys(native.equivocation_epoch(evidence))
+            kind, epoch, view, validator = native.verify_equivocation(committee, evidence)
         except (native.ProofError, ValueError):
             return False
         fault = blake3(validator + kind.encode() + epoch.to_bytes(8, "big") + view.to_bytes(8, "big")).digest()
@@ -762,6 +845,10 @@ class ChainState:
         self._db.execute("DELETE FROM unbonding WHERE release_height <= ?", (height,))
 
     # --- storage ----------------------------------------------------------------------------
+
+    def _committee_keys(self, epoch: int) -> list[bytes]:
+        rows = self._db.execute("SELECT key FROM committees WHERE epoch = ? ORDER BY key", (epoch,))
+        return [bytes(key) for (key,) in rows]
 
     def _account_of(self, key: bytes) -> bytes:
         row = self._db.execute("SELECT account FROM members WHERE member = ?", (key,)).fetchone()
@@ -808,6 +895,8 @@ _STATE_TABLES = (
     ("jurors", "verdict, account, uphold"),
     ("duels", "id, organiser, winner, loser, recorded_height, result"),
     ("organisers", "key, duels"),
+    ("candidates", "key, address"),
+    ("committees", "epoch, key, address"),
 )
 
 

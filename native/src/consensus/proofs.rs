@@ -73,6 +73,17 @@ pub fn verify_finalization(validators: &[[u8; 32]], certificate: &[u8]) -> Resul
     })
 }
 
+/// The epoch evidence of conflicting votes names, read without checking it (to pick the
+/// committee to check it against).
+pub fn equivocation_epoch(evidence: &[u8]) -> Result<u64, ProofError> {
+    let activity = Activity::<Scheme, Digest>::read_cfg(
+        &mut Copying(evidence),
+        &<Scheme as commonware_cryptography::certificate::Verifier>::certificate_codec_config_unbounded(),
+    )
+    .map_err(|e| ProofError::Malformed(e.to_string()))?;
+    Ok(activity.epoch().get())
+}
+
 /// Checks evidence of conflicting votes against the committee and names the validator.
 pub fn verify_equivocation(validators: &[[u8; 32]], evidence: &[u8]) -> Result<Equivocation, ProofError> {
     let participants = committee(validators)?;
