@@ -27,6 +27,7 @@ class Chain:
         block = native.decode_chain_block(encoded)
         for replica in self.replicas:
             replica.apply(block)
+        assert self.state.recount_state_set(), "the kept state hash is that of the rows, counted afresh"
         self.parent = block.digest
         return block
 

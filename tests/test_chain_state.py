@@ -10,6 +10,7 @@ conserved, and a transaction that raises cannot stop the chain."""
 from __future__ import annotations
 
 import random
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -153,6 +154,10 @@ def test_forks_gaps_and_strangers_blocks_are_refused(tmp_path: Path) -> None:
     assert (reopened.height, reopened.state_root) == (height, root)
     assert reopened.blocks(0, 10)[2].block == other.encoded
     reopened.close()
+    with sqlite3.connect(tmp_path / "chain.sqlite3") as db:  # as a replica of an older version
+        db.execute("DELETE FROM meta WHERE name = 'state_set'")
+    with pytest.raises(StateError, match="older swarmserve"):
+        ChainState(tmp_path / "chain.sqlite3", GENESIS, GENESIS_BYTES)
     stranger = GENESIS.model_copy(update={"name": "another"})
     with pytest.raises(StateError, match="another chain"):
         ChainState(tmp_path / "chain.sqlite3", stranger, stranger.encode())
@@ -199,6 +204,7 @@ def test_random_streams_give_one_state_root_and_conserve_credits(seed: int, bloc
             nonces[person.public_key] = chain.replicas[0].account(person.public_key).nonce
         assert len(chain.roots()) == 1
         state = chain.replicas[0]
+        assert state.recount_state_set(), "the kept hash is that of the rows, counted afresh"
         accounts = {state.account(p.public_key).account_key: state.account(p.public_key) for p in PEOPLE}
         assert sum(a.available + a.bonded + a.unbonding for a in accounts.values()) == total
 
@@ -225,4 +231,5 @@ def test_a_transaction_that_raises_is_undone_and_the_block_goes_on(monkeypatch: 
     for state in chain.replicas:
         alice = state.account(ALICE.public_key)
         assert (alice.available, alice.bonded, alice.nonce) == (99, 0, 2)
+        assert state.recount_state_set()  # the undone rows left the kept hash too
     assert len(chain.roots()) == 1

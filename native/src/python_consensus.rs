@@ -118,6 +118,9 @@ impl ChainBlock {
 #[pyclass(module = "swarmserve._native")]
 struct ConsensusNode(Node, usize);
 
+/// A committee as Python passes it: (key, "IP:port") pairs.
+type PyCommittee = Vec<(Vec<u8>, String)>;
+
 fn committee(validators: &[(Vec<u8>, String)]) -> PyResult<Committee> {
     validators
         .iter()
@@ -146,7 +149,7 @@ impl ConsensusNode {
         epoch: u64,
         epoch_length: Option<u64>,
         floor: Option<Vec<u8>>,
-        earlier_committees: Vec<(u64, Vec<(Vec<u8>, String)>)>,
+        earlier_committees: Vec<(u64, PyCommittee)>,
         max_committee: Option<usize>,
         equivocate: bool,
         block_interval_ms: u64,

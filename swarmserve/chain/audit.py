@@ -1,7 +1,8 @@
 """``swarmserve ledger verify``: replays a node's replica of the chain from its genesis on a fresh
 state, checking that every block continues the one before, that finalization certificates of
-the committee of their epoch prove them (:func:`swarmserve.chain.proof.proven_blocks`), and that replaying
-gives the state root the replica stored at every height."""
+the committee of their epoch prove them (:func:`swarmserve.chain.proof.proven_blocks`), that
+replaying gives the state root the replica stored at every height, and that the replayed
+state's incrementally kept hash is that of its rows counted afresh."""
 
 from __future__ import annotations
 
@@ -61,6 +62,8 @@ def audit_replica(replica: ChainState) -> AuditReport:
             if not batch and not proven:
                 break
         report.unproven_tip = len(pending)
+        if not fresh.recount_state_set():
+            report.problems.append("the replayed state's rows do not match its kept hash")
     except StateError as error:
         report.problems.append(str(error))
     finally:

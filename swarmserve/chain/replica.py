@@ -127,10 +127,13 @@ class ChainReplica:
         stalled_after_s = _STALLED_BLOCKS * self.genesis.parameters.block_interval_ms / 1000
         while True:
             await asyncio.sleep(self._sync_interval_s * self._rng.uniform(0.5, 1.5))
-            if self.consensus is None or time.monotonic() - self._last_applied > stalled_after_s:
-                with contextlib.suppress(TimeoutError, aio.AioRpcError):
-                    await self.sync_once()
-            await self._take_role()
+            try:
+                if self.consensus is None or time.monotonic() - self._last_applied > stalled_after_s:
+                    with contextlib.suppress(TimeoutError, aio.AioRpcError):
+                        await self.sync_once()
+                await self._take_role()
+            except (StateError, ValueError, native.ConsensusError) as error:  # tried again next time
+                log.error("could not keep the chain current", reason=str(error))
 
     async def _take_role(self) -> None:
         """Starts or stops the consensus node as this node enters or leaves the committee."""

@@ -76,6 +76,7 @@ from swarmserve.chain.committee import Candidate, choose_committee, valid_consen
 from swarmserve.chain.evidence import EvidenceError, check_evidence, verdict_id
 from swarmserve.chain.genesis import Genesis, chain_id
 from swarmserve.chain.lottery import draw
+from swarmserve.chain.state_hash import MultisetHash, encode_row
 from swarmserve.chain.storage import open_database
 from swarmserve.chain.transactions import Transaction, TransactionError, decode_transaction
 from swarmserve.telemetry import get_logger
@@ -152,6 +153,7 @@ CREATE TABLE IF NOT EXISTS committees (
     address TEXT NOT NULL,
     PRIMARY KEY (epoch, key)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS state_changes (added INTEGER NOT NULL, row BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS blocks (
     height INTEGER PRIMARY KEY,
     digest BLOB NOT NULL,
@@ -215,10 +217,18 @@ class ChainState:
         self.genesis_bytes = genesis_bytes
         self.chain_id = chain_id(genesis_bytes)
         self._db = open_database(path, _SCHEMA)  # an applied block survives a crash
+        self._db.create_function("state_row", -1, encode_row, deterministic=True)
+        self._db.execute("PRAGMA recursive_triggers = ON")  # INSERT OR REPLACE reports the row it replaces
+        self._db.executescript(_TRIGGERS)
         self._lock = threading.RLock()
         stored = self._meta("chain_id")
         if stored is not None and stored != self.chain_id:
             raise StateError(f"{path} holds another chain's state (its genesis differs)")
+        if self.height >= 0 and self._meta("state_set") is None:
+            raise StateError(
+                f"{path} was written by an older swarmserve, whose state root is computed differently; "
+                "remove the node's data directory to start it over"
+            )
 
     @classmethod
     def open_replica(cls, data_dir: Path) -> ChainState:
@@ -868,15 +878,25 @@ class ChainState:
         self._db.execute("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)", (name, value))
 
     def _root(self, height: int, digest: bytes) -> bytes:
-        """BLAKE3 over the block and every row of the state's tables, each table in key order."""
-        hasher = blake3(b"swarmserve-state-v2")
-        hasher.update(height.to_bytes(8, "big") + digest)
-        for table, columns in _STATE_TABLES:
-            hasher.update(b"\x00" + table.encode())
-            for row in self._db.execute(f"SELECT {columns} FROM {table} ORDER BY {columns}"):
-                for value in row:
-                    hasher.update(_canonical(value))
-        return hasher.digest()
+        """BLAKE3 over the block and the multiset hash of every row of the state's tables, brought
+        up to date with the rows this block added and removed (the triggers log them)."""
+        accumulator = MultisetHash(self._meta("state_set"))
+        for added, row in self._db.execute("SELECT added, row FROM state_changes").fetchall():
+            (accumulator.add if added else accumulator.remove)(bytes(row))
+        self._db.execute("DELETE FROM state_changes")
+        self._set_meta("state_set", accumulator.value)
+        return blake3(b"swarmserve-state-v3" + height.to_bytes(8, "big") + digest + accumulator.value).digest()
+
+    def recount_state_set(self) -> bool:
+        """True if the kept multiset hash is that of the rows the tables hold now (recomputed
+        from every row: what ``ledger verify`` checks, and what the root cost before it was
+        kept incrementally)."""
+        recount = MultisetHash()
+        with self._lock:
+            for table, columns in _STATE_TABLES:
+                for row in self._db.execute(f"SELECT {columns} FROM {table}"):
+                    recount.add(encode_row(table, *row))
+            return recount.value == (self._meta("state_set") or MultisetHash().value)
 
 
 # Every table the state root covers (blocks and meta are the chain itself, not its state).
@@ -900,15 +920,26 @@ _STATE_TABLES = (
 )
 
 
-def _canonical(value: object) -> bytes:
-    if value is None:
-        return b"n"
-    if isinstance(value, int):
-        return b"i" + value.to_bytes(8, "big", signed=True)
-    if isinstance(value, str):
-        value = value.encode()
-    assert isinstance(value, bytes)
-    return b"b" + len(value).to_bytes(4, "big") + value
+def _row(table: str, columns: str, which: str) -> str:
+    values = ", ".join(f"{which}.{c.strip()}" for c in columns.split(","))
+    return f"state_row('{table}', {values})"
+
+
+# Every change to a state table logs the rows it added and removed, for the next root.
+_TRIGGERS = "".join(
+    f"""
+CREATE TRIGGER IF NOT EXISTS {t}_inserted AFTER INSERT ON {t} BEGIN
+    INSERT INTO state_changes (added, row) VALUES (1, {_row(t, c, "NEW")});
+END;
+CREATE TRIGGER IF NOT EXISTS {t}_deleted AFTER DELETE ON {t} BEGIN
+    INSERT INTO state_changes (added, row) VALUES (0, {_row(t, c, "OLD")});
+END;
+CREATE TRIGGER IF NOT EXISTS {t}_updated AFTER UPDATE ON {t} BEGIN
+    INSERT INTO state_changes (added, row) VALUES (0, {_row(t, c, "OLD")}), (1, {_row(t, c, "NEW")});
+END;
+"""
+    for t, c in _STATE_TABLES
+)
 
 
 def _verdict_record(row: tuple[bytes, bytes, bytes, str, int, int, int]) -> VerdictRecord:
