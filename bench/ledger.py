@@ -391,6 +391,17 @@ def settlement(providers: int, routers: int, requests_per_epoch: int, quick: boo
             transactions.append(sign_transaction(provider_keys[p], state.chain_id, nonce, settle=batch))
     block_size = 256
     apply_s: list[float] = []
+    root_s: list[float] = []  # the state root's share of each block (a probe around ChainState._root)
+    kept_root = ChainState._root
+
+    def timed_root(self: ChainState, height: int, digest: bytes) -> bytes:
+        started = time.perf_counter()
+        try:
+            return kept_root(self, height, digest)
+        finally:
+            root_s.append(time.perf_counter() - started)
+
+    ChainState._root = timed_root  # type: ignore[method-assign]
     parent = state.block_digest
     limit = len(transactions) if not quick else min(len(transactions), 4 * block_size)
     for height, start in enumerate(range(0, limit, block_size), 1):
@@ -402,6 +413,7 @@ def settlement(providers: int, routers: int, requests_per_epoch: int, quick: boo
         apply_s.append(time.perf_counter() - started)
         parent = block.digest
         assert applied.void == (), applied.void[:3]
+    ChainState._root = kept_root  # type: ignore[method-assign]
     # The same run's baseline: the root recomputed from every row (what each block paid before
     # the root was kept incrementally, there with a cheaper per-row hash), at the final state.
     recount_s = []
@@ -424,10 +436,10 @@ def settlement(providers: int, routers: int, requests_per_epoch: int, quick: boo
         "epoch_s": epoch_s,
         "apply_s_per_block_median": statistics.median(apply_s),
         "apply_s_per_block_max": max(apply_s),
+        "root_s_per_block_median": statistics.median(root_s),
+        "root_s_per_block_max": max(root_s),
         "root_from_every_row_s": statistics.median(recount_s),
-        "apply_with_root_from_every_row_s_median": statistics.median(apply_s) + statistics.median(recount_s),
-        "incremental_root_speedup": (statistics.median(apply_s) + statistics.median(recount_s))
-        / statistics.median(apply_s),
+        "root_from_every_row_over_incremental_median": statistics.median(recount_s) / statistics.median(root_s),
         "blocks_applied": len(apply_s),
         "fits_in_an_epoch": blocks_needed <= PARAMETERS.epoch_blocks
         and statistics.median(apply_s) < PARAMETERS.block_interval_ms / 1000,

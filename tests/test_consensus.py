@@ -38,6 +38,7 @@ class Committee:
     addresses: list[str] = field(default_factory=list)
     nodes: list[native.ConsensusNode | None] = field(default_factory=list)
     chains: list[list[native.ChainBlock]] = field(default_factory=list)
+    genesis: bytes = GENESIS
 
     @property
     def validators(self) -> list[tuple[bytes, str]]:
@@ -53,7 +54,7 @@ class Committee:
             self.directory / f"validator{index}",
             self.addresses[index],
             self.validators,
-            GENESIS,
+            self.genesis,
             block_interval_ms=100,
             leader_timeout_ms=500,
         )
@@ -113,9 +114,8 @@ class Held:
         return [(key, "127.0.0.1:1") for key in self.keys]
 
 
-@pytest.fixture
-def committee(tmp_path: Path) -> Iterator[Committee]:
-    c = Committee(tmp_path)
+def four(tmp_path: Path, genesis: bytes = GENESIS) -> Committee:
+    c = Committee(tmp_path, genesis=genesis)
     for _ in range(4):
         c.identities.append(native.Identity.generate())
         c.addresses.append(f"127.0.0.1:{free_port()}")
@@ -123,10 +123,35 @@ def committee(tmp_path: Path) -> Iterator[Committee]:
         c.chains.append([])
     for index in range(4):
         c.start(index)
+    return c
+
+
+@pytest.fixture
+def committee(tmp_path: Path) -> Iterator[Committee]:
+    c = four(tmp_path)
     yield c
     for node in c.nodes:
         if node is not None:
             node.stop()
+
+
+def test_a_genesis_file_larger_than_a_transaction_starts_and_restarts_the_chain(tmp_path: Path) -> None:
+    """Block 0 carries the whole genesis file (here 100 KB; a transaction may have 32 KiB): the
+    validators finalize on it, and one restarted reads it back from its own storage."""
+    big = b'{"accounts": "' + b"a" * 100_000 + b'"}'
+    c = four(tmp_path, big)
+    try:
+        c.wait(lambda: min(c.heights()) >= 3, what="blocks on a large genesis")
+        assert all(chain[0].transactions == [big] for chain in c.chains)
+        c.stop(0)
+        c.start(0)
+        after = max(c.heights())
+        c.wait(lambda: c.heights()[0] > after, what="the restarted validator going on")
+        c.assert_one_chain()
+    finally:
+        for node in c.nodes:
+            if node is not None:
+                node.stop()
 
 
 def test_four_validators_finalize_one_chain_carrying_submitted_transactions(committee: Committee) -> None:

@@ -141,7 +141,10 @@ class ChainReplica:
         member = any(key == self.identity.public_key for key, _ in self.state.committee_of(epoch))
         if self.consensus is not None and (not member or not self.consensus.is_running()):
             await self._stop_consensus()
-            log.info("left the committee; following the chain", epoch=epoch)
+            if member:
+                log.warning("the consensus node stopped; starting it again", epoch=epoch)
+            else:
+                log.info("left the committee; following the chain", epoch=epoch)
         elif member and self.consensus is None:
             await self._start_consensus(epoch)
             log.info("joined the committee; validating", epoch=epoch)

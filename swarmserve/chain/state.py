@@ -65,6 +65,7 @@ import contextlib
 import hashlib
 import sqlite3
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,7 +77,7 @@ from swarmserve.chain.committee import Candidate, choose_committee, valid_consen
 from swarmserve.chain.evidence import EvidenceError, check_evidence, verdict_id
 from swarmserve.chain.genesis import Genesis, chain_id
 from swarmserve.chain.lottery import draw
-from swarmserve.chain.state_hash import MultisetHash, encode_row
+from swarmserve.chain.state_hash import LatticeHash, row_expression
 from swarmserve.chain.storage import open_database
 from swarmserve.chain.transactions import Transaction, TransactionError, decode_transaction
 from swarmserve.telemetry import get_logger
@@ -153,7 +154,7 @@ CREATE TABLE IF NOT EXISTS committees (
     address TEXT NOT NULL,
     PRIMARY KEY (epoch, key)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS state_changes (added INTEGER NOT NULL, row BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS state_changes (added INTEGER NOT NULL, row TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS blocks (
     height INTEGER PRIMARY KEY,
     digest BLOB NOT NULL,
@@ -217,7 +218,6 @@ class ChainState:
         self.genesis_bytes = genesis_bytes
         self.chain_id = chain_id(genesis_bytes)
         self._db = open_database(path, _SCHEMA)  # an applied block survives a crash
-        self._db.create_function("state_row", -1, encode_row, deterministic=True)
         self._db.execute("PRAGMA recursive_triggers = ON")  # INSERT OR REPLACE reports the row it replaces
         self._db.executescript(_TRIGGERS)
         self._lock = threading.RLock()
@@ -880,9 +880,16 @@ class ChainState:
     def _root(self, height: int, digest: bytes) -> bytes:
         """BLAKE3 over the block and the multiset hash of every row of the state's tables, brought
         up to date with the rows this block added and removed (the triggers log them)."""
-        accumulator = MultisetHash(self._meta("state_set"))
-        for added, row in self._db.execute("SELECT added, row FROM state_changes").fetchall():
-            (accumulator.add if added else accumulator.remove)(bytes(row))
+        # A row changed many times in one block (a payee paid by many cheques) nets out to its
+        # first and last versions: only those are hashed.
+        net: Counter[str] = Counter()
+        for added, row in self._db.execute("SELECT added, row FROM state_changes"):
+            net[row] += 1 if added else -1
+        accumulator = LatticeHash(self._meta("state_set"))
+        accumulator.update(
+            [row.encode() for row, n in net.items() for _ in range(n)],
+            [row.encode() for row, n in net.items() for _ in range(-n)],
+        )
         self._db.execute("DELETE FROM state_changes")
         self._set_meta("state_set", accumulator.value)
         return blake3(b"swarmserve-state-v3" + height.to_bytes(8, "big") + digest + accumulator.value).digest()
@@ -891,12 +898,12 @@ class ChainState:
         """True if the kept multiset hash is that of the rows the tables hold now (recomputed
         from every row: what ``ledger verify`` checks, and what the root cost before it was
         kept incrementally)."""
-        recount = MultisetHash()
+        recount = LatticeHash()
         with self._lock:
             for table, columns in _STATE_TABLES:
-                for row in self._db.execute(f"SELECT {columns} FROM {table}"):
-                    recount.add(encode_row(table, *row))
-            return recount.value == (self._meta("state_set") or MultisetHash().value)
+                rows = self._db.execute(f"SELECT {row_expression(table, columns)} FROM {table}").fetchall()
+                recount.update([row.encode() for (row,) in rows], [])
+            return recount.value == (self._meta("state_set") or LatticeHash().value)
 
 
 # Every table the state root covers (blocks and meta are the chain itself, not its state).
@@ -920,22 +927,18 @@ _STATE_TABLES = (
 )
 
 
-def _row(table: str, columns: str, which: str) -> str:
-    values = ", ".join(f"{which}.{c.strip()}" for c in columns.split(","))
-    return f"state_row('{table}', {values})"
-
-
 # Every change to a state table logs the rows it added and removed, for the next root.
 _TRIGGERS = "".join(
     f"""
 CREATE TRIGGER IF NOT EXISTS {t}_inserted AFTER INSERT ON {t} BEGIN
-    INSERT INTO state_changes (added, row) VALUES (1, {_row(t, c, "NEW")});
+    INSERT INTO state_changes (added, row) VALUES (1, {row_expression(t, c, "NEW.")});
 END;
 CREATE TRIGGER IF NOT EXISTS {t}_deleted AFTER DELETE ON {t} BEGIN
-    INSERT INTO state_changes (added, row) VALUES (0, {_row(t, c, "OLD")});
+    INSERT INTO state_changes (added, row) VALUES (0, {row_expression(t, c, "OLD.")});
 END;
 CREATE TRIGGER IF NOT EXISTS {t}_updated AFTER UPDATE ON {t} BEGIN
-    INSERT INTO state_changes (added, row) VALUES (0, {_row(t, c, "OLD")}), (1, {_row(t, c, "NEW")});
+    INSERT INTO state_changes (added, row)
+    VALUES (0, {row_expression(t, c, "OLD.")}), (1, {row_expression(t, c, "NEW.")});
 END;
 """
     for t, c in _STATE_TABLES

@@ -1,65 +1,54 @@
 """The state root's accumulator: a multiset hash over every row of the state's tables, kept up to
-date row by row as blocks change the state, so a block's root costs what the block changed, not
-what the state holds (rehashing every row per block took 245 ms a block at 10,000 providers).
+date with the rows each block adds and removes, so a block's root costs what the block changed,
+not what the state holds.
 
-The hash is MuHash (as Bitcoin's UTXO-set hash): each row maps to a number modulo the prime
-2^3072 - 1103717 (BLAKE3 of the row, extended to 384 bytes), and the set to the product of its
-rows' numbers. Adding a row multiplies by its number, removing one divides by it, in any order:
-two replicas holding the same rows hold the same value, however they got there. Finding two
-different sets with one product is a discrete-logarithm problem in that group. Numerator and
-denominator are kept apart while a block applies, so a block costs one modular inverse.
+The hash is LtHash16 (Bellare-Micciancio's lattice hash as Facebook and Solana's accounts
+lattice hash use it): each row is BLAKE3 of the row extended to 2,048 bytes, read as 1,024
+16-bit lanes, and the set is the lane-wise sum of its rows modulo 2^16. Adding a row adds its
+lanes, removing one subtracts them, in any order: two replicas holding the same rows hold the
+same value, however they got there; finding two different sets with one sum is a short-vector
+problem in a lattice of dimension 1,024. A block's changes are summed in one vectorized pass.
 
-A row is its table's name and its values, each encoded with a type tag and, for strings and
-bytes, a length (:func:`encode_row`), so no row of one table reads as a row of another.
+Rows arrive as text: the table's name and SQLite's ``quote()`` of each value, comma-separated
+(:func:`row_expression`), which is unambiguous (strings quoted, blobs in hex) and computed by
+SQLite itself, in the triggers that log every change.
 """
 
 from __future__ import annotations
 
+import numpy as np
 from blake3 import blake3
 
-__all__ = ["PRIME", "MultisetHash", "encode_row"]
+__all__ = ["LANES", "LatticeHash", "row_expression"]
 
-PRIME = 2**3072 - 1103717
-_BYTES = 384
-
-
-def encode_row(table: str, *values: object) -> bytes:
-    return b"".join(_canonical(v) for v in (table, *values))
+LANES = 1024
+_DOMAIN = b"swarmserve-state-row-v1"
 
 
-def _canonical(value: object) -> bytes:
-    if value is None:
-        return b"n"
-    if isinstance(value, int):
-        return b"i" + value.to_bytes(8, "big", signed=True)
-    if isinstance(value, str):
-        value = value.encode()
-    if not isinstance(value, bytes):
-        raise TypeError(f"a state row holds ints, strings and bytes, not {type(value).__name__}")
-    return b"b" + len(value).to_bytes(4, "big") + value
+def row_expression(table: str, columns: str, prefix: str = "") -> str:
+    """SQL for a row's text: ``prefix`` is ``NEW.``, ``OLD.`` (in a trigger) or empty."""
+    values = " || ',' || ".join(f"quote({prefix}{column.strip()})" for column in columns.split(","))
+    return f"'{table},' || {values}"
 
 
-def _element(row: bytes) -> int:
-    value = int.from_bytes(blake3(b"swarmserve-state-row-v1" + row).digest(length=_BYTES), "big") % PRIME
-    return value or 1
+def _lanes(rows: list[bytes]) -> np.ndarray:
+    if not rows:
+        return np.zeros(LANES, dtype=np.uint16)
+    expanded = b"".join(blake3(_DOMAIN + row).digest(length=2 * LANES) for row in rows)
+    lanes: np.ndarray = np.frombuffer(expanded, dtype="<u2").reshape(len(rows), LANES).sum(axis=0, dtype=np.uint16)
+    return lanes
 
 
-class MultisetHash:
-    """The product of the rows' numbers: ``value`` (384 bytes) names the set."""
+class LatticeHash:
+    """The lane-wise sum of a multiset of rows; ``value`` (2,048 bytes) names the set."""
 
     def __init__(self, value: bytes | None = None) -> None:
-        self._numerator = int.from_bytes(value, "big") if value else 1
-        self._denominator = 1
+        self._lanes = np.frombuffer(value, dtype="<u2").copy() if value else np.zeros(LANES, dtype=np.uint16)
 
-    def add(self, row: bytes) -> None:
-        self._numerator = self._numerator * _element(row) % PRIME
-
-    def remove(self, row: bytes) -> None:
-        self._denominator = self._denominator * _element(row) % PRIME
+    def update(self, added: list[bytes], removed: list[bytes]) -> None:
+        self._lanes += _lanes(added)  # uint16 lanes: modulo 2^16
+        self._lanes -= _lanes(removed)
 
     @property
     def value(self) -> bytes:
-        if self._denominator != 1:
-            self._numerator = self._numerator * pow(self._denominator, -1, PRIME) % PRIME
-            self._denominator = 1
-        return self._numerator.to_bytes(_BYTES, "big")
+        return self._lanes.astype("<u2").tobytes()

@@ -9,6 +9,10 @@ use commonware_codec::{varint::UInt, Buf, EncodeSize, Error as CodecError, Range
 use commonware_consensus::{types::Height, Block as ConsensusBlock, Heightable};
 use commonware_cryptography::{sha256::Digest, Digestible, Hasher, Sha256};
 
+/// The largest genesis file: block 0 carries it whole, whatever the limits on transactions (no
+/// peer can pass off another block 0: its digest is the chain's first).
+pub const MAX_GENESIS_BYTES: usize = 16 << 20;
+
 /// Bounds every node applies when it decodes a block from a peer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BlockLimits {
@@ -94,11 +98,16 @@ impl Read for Block {
         if !RangeCfg::from(0..=limits.max_transactions).contains(&count) {
             return Err(CodecError::InvalidLength(count));
         }
+        let max_transaction_bytes = if height.get() == 0 {
+            MAX_GENESIS_BYTES
+        } else {
+            limits.max_transaction_bytes
+        };
         let mut transactions = Vec::with_capacity(count);
         for _ in 0..count {
             let length: u64 = UInt::<u64>::read(buf)?.into();
             let length = usize::try_from(length).map_err(|_| CodecError::InvalidLength(usize::MAX))?;
-            if length > limits.max_transaction_bytes {
+            if length > max_transaction_bytes {
                 return Err(CodecError::InvalidLength(length));
             }
             if buf.remaining() < length {
@@ -180,6 +189,17 @@ mod tests {
         other = original.clone();
         other.timestamp_ms += 1;
         assert_ne!(other.digest(), original.digest());
+    }
+
+    #[test]
+    fn a_genesis_file_larger_than_a_transaction_fits_block_zero_only() {
+        let limits = BlockLimits::default();
+        let file = vec![b'x'; limits.max_transaction_bytes * 3];
+        let genesis = Block::genesis(&file);
+        assert_eq!(decode_block(&encode_block(&genesis), &limits).unwrap(), genesis);
+        let mut later = genesis.clone();
+        later.height = Height::new(1);
+        assert!(decode_block(&encode_block(&later), &limits).is_err());
     }
 
     #[test]
