@@ -29,6 +29,7 @@ class Peer:
     state: overlay_pb2.MemberState.ValueType = ALIVE
     state_since: float = 0.0  # time.monotonic() of the last state change
     claimed_incarnation: int = 0  # the incarnation a SUSPECT or DEAD claim was about
+    leave_signature: bytes = b""  # its own goodbye, if it left (passed on with the news)
 
     @property
     def alive(self) -> bool:
@@ -73,15 +74,19 @@ class PeerDirectory:
         current.descriptor, current.signed, current.last_seen = descriptor, signed, now
         if current.state != ALIVE and descriptor.incarnation > current.claimed_incarnation:
             log.info("member alive again", node_id=node_id[:16], was=overlay_pb2.MemberState.Name(current.state))
-            current.state, current.state_since = ALIVE, now
+            current.state, current.state_since, current.leave_signature = ALIVE, now, b""
         return current
 
-    def set_state(self, node_id: str, state: overlay_pb2.MemberState.ValueType, incarnation: int) -> Peer | None:
+    def set_state(
+        self, node_id: str, state: overlay_pb2.MemberState.ValueType, incarnation: int, leave_signature: bytes = b""
+    ) -> Peer | None:
         """Applies a SUSPECT or DEAD claim about ``incarnation`` of a member. Ignored (None) for
-        unknown members, for claims about an incarnation the member has already moved past, and
-        for claims that change nothing (suspecting a member already suspect or dead)."""
+        unknown members, for claims about any incarnation but the member's current one (one it
+        moved past, or one it never signed), and for claims that change nothing (suspecting a
+        member already suspect or dead). Whether a DEAD claim may apply is the caller's to
+        decide (only the member's signed leave, or this node's own timer)."""
         peer = self._peers.get(node_id)
-        if peer is None or incarnation < peer.descriptor.incarnation:
+        if peer is None or incarnation != peer.descriptor.incarnation:
             return None
         # Dead stays dead (until the member refutes), and a claim already applied is no news.
         if state < peer.state or (state == peer.state and incarnation <= peer.claimed_incarnation):
@@ -89,6 +94,7 @@ class PeerDirectory:
         peer.state = state
         peer.state_since = time.monotonic()
         peer.claimed_incarnation = incarnation
+        peer.leave_signature = leave_signature if state == DEAD else b""
         log.info("member " + ("suspected" if state == SUSPECT else "declared dead"), node_id=node_id[:16])
         return peer
 

@@ -8,7 +8,11 @@ A probe that is not acknowledged within ``probe_timeout_s`` is retried indirectl
 is suspected, and declared dead after the suspicion timeout (``suspicion_mult`` x max(1, log10 n)
 periods) unless a newer descriptor of it arrives first: every packet a member sends carries its
 own freshly signed descriptor, so any contact refutes a false suspicion, and nobody can refute
-for it. News (alive with the descriptor, suspect, dead) rides on probes and their answers, at most
+for it. Only a member ends its own membership at once (a signed leave); anyone else's SUSPECT
+or DEAD claim, about its current incarnation only, makes it at most suspect here, and this
+node's own suspicion timer decides: a liar cannot remove a live node, whose next packet
+refutes, nor push its incarnation anywhere (claims about other incarnations are ignored).
+News (alive with the descriptor, suspect, dead) rides on probes and their answers, at most
 ``max_piggyback`` pieces per packet, each sent ``retransmit_mult`` x ceil(log10(n+1)) times, least
 sent first. So a node sends one probe per period (plus ``indirect_probes`` when one fails) of
 bounded size, however large the swarm. A joining node needs one seed that answers: a push-pull
@@ -36,7 +40,7 @@ from swarmserve import native
 from swarmserve.config import GossipSettings
 from swarmserve.overlay.descriptors import DescriptorError
 from swarmserve.overlay.directory import ALIVE, DEAD, SUSPECT, Peer, PeerDirectory
-from swarmserve.overlay.publisher import DescriptorPublisher
+from swarmserve.overlay.publisher import DescriptorPublisher, leave_message
 from swarmserve.rpc.channels import ChannelPool
 from swarmserve.rpc.errors import Unavailable
 from swarmserve.telemetry import get_logger
@@ -45,6 +49,16 @@ from swarmserve.v1 import common_pb2, overlay_pb2, overlay_pb2_grpc
 __all__ = ["Membership"]
 
 log = get_logger("swarmserve.overlay")
+
+
+def _signed_leave(update: overlay_pb2.MemberUpdate) -> bool:
+    try:
+        native.verify_signature(
+            update.identity_key, leave_message(update.identity_key, update.incarnation), update.leave_signature
+        )
+    except (native.SignatureError, native.InvalidKeyError, ValueError, OverflowError):
+        return False
+    return True
 
 
 @dataclass
@@ -114,7 +128,10 @@ class Membership:
                 if update.descriptor.descriptor:
                     self._learn(update.descriptor)
             elif update.state in (SUSPECT, DEAD):
-                self._claim(update.identity_key, update.state, update.incarnation)
+                # Only the member's own signed goodbye makes it dead at once; anyone else's death
+                # claim is a suspicion, which this node's own timer decides.
+                left = update.state == DEAD and _signed_leave(update)
+                self._claim(update.identity_key, DEAD if left else SUSPECT, update.incarnation, update.leave_signature)
         return sender
 
     def _learn(self, signed: common_pb2.SignedDescriptor) -> Peer | None:
@@ -132,12 +149,14 @@ class Membership:
                 self._order.insert(self._rng.randint(0, len(self._order)), peer.node_id)
         return peer
 
-    def _claim(self, key: bytes, state: overlay_pb2.MemberState.ValueType, incarnation: int) -> None:
+    def _claim(
+        self, key: bytes, state: overlay_pb2.MemberState.ValueType, incarnation: int, leave_signature: bytes = b""
+    ) -> None:
         if key == self.own_key:
-            if self._left:
-                return
+            if self._left or incarnation != self.publisher.incarnation:
+                return  # a claim about a past (or a made-up future) incarnation needs no answer
             # Refute: only this node can sign a descriptor with a higher incarnation.
-            self.publisher.refute(incarnation)
+            self.publisher.refute()
             signed = self.describe()
             self._enqueue(
                 overlay_pb2.MemberUpdate(
@@ -148,14 +167,17 @@ class Membership:
             return
         if len(key) != 32:
             return
-        peer = self.directory.set_state(native.node_id(key), state, incarnation)
+        peer = self.directory.set_state(native.node_id(key), state, incarnation, leave_signature)
         if peer is not None:
             self._enqueue(self._claim_news(peer))
 
     @staticmethod
     def _claim_news(peer: Peer) -> overlay_pb2.MemberUpdate:
         return overlay_pb2.MemberUpdate(
-            identity_key=peer.descriptor.identity_key, state=peer.state, incarnation=peer.claimed_incarnation
+            identity_key=peer.descriptor.identity_key,
+            state=peer.state,
+            incarnation=peer.claimed_incarnation,
+            leave_signature=peer.leave_signature,
         )
 
     def _enqueue(self, update: overlay_pb2.MemberUpdate) -> None:
@@ -283,7 +305,12 @@ class Membership:
         """Tells a few members this node is leaving, so they need not wait for the suspicion;
         from then on it answers no gossip (until :meth:`start` rejoins)."""
         self._left = True
-        update = overlay_pb2.MemberUpdate(identity_key=self.own_key, state=DEAD, incarnation=self.publisher.incarnation)
+        update = overlay_pb2.MemberUpdate(
+            identity_key=self.own_key,
+            state=DEAD,
+            incarnation=self.publisher.incarnation,
+            leave_signature=self.publisher.leave_signature(),
+        )
         packet = overlay_pb2.SwimPacket(updates=[update])
         members = [p for p in self.directory.members() if p.alive]
         targets = self._rng.sample(members, min(self.settings.indirect_probes + 1, len(members)))
@@ -292,7 +319,7 @@ class Membership:
     def start(self) -> None:
         if self._left:  # rejoining: a new incarnation outranks the goodbye
             self._left = False
-            self.publisher.refute(self.publisher.incarnation)
+            self.publisher.refute()
 
         async def run() -> None:
             next_sync = time.monotonic() + self.settings.sync_interval_s

@@ -11,7 +11,14 @@ from swarmserve import native
 from swarmserve.overlay.descriptors import sign_descriptor
 from swarmserve.v1 import common_pb2
 
-__all__ = ["DescriptorPublisher"]
+__all__ = ["DescriptorPublisher", "leave_message"]
+
+LEAVE_DOMAIN = b"swarmserve-leave-v1"
+
+
+def leave_message(identity_key: bytes, incarnation: int) -> bytes:
+    """What a member signs to leave: only it can declare itself dead at once."""
+    return LEAVE_DOMAIN + identity_key + incarnation.to_bytes(8, "big")
 
 
 class DescriptorPublisher:
@@ -35,9 +42,15 @@ class DescriptorPublisher:
     def identity_key(self) -> bytes:
         return self._identity.public_key
 
-    def refute(self, claimed_incarnation: int) -> None:
-        """Moves past a suspicion or death claimed about ``claimed_incarnation``."""
-        self.incarnation = max(self.incarnation, claimed_incarnation) + 1
+    def refute(self) -> None:
+        """Moves past a suspicion or death claimed about the current incarnation (claims about
+        any other incarnation are ignored before they get here, so a claim cannot push the
+        counter anywhere: it grows by one per refutation)."""
+        self.incarnation += 1
+
+    def leave_signature(self) -> bytes:
+        """This node's goodbye at its current incarnation (see :func:`leave_message`)."""
+        return self._identity.sign(leave_message(self._identity.public_key, self.incarnation))
 
     def describe(self) -> common_pb2.SignedDescriptor:
         now_ms = int(time.time() * 1000)

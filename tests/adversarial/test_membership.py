@@ -1,0 +1,76 @@
+"""Issue 14, attack 1: removing a live node from the swarm with forged gossip, through the public
+``Overlay.Swim`` of real nodes. Tried, at every other member and at the victim itself: DEAD and
+SUSPECT claims without the victim's signature at its current incarnation, at the next one and
+at 2^64-1 (which used to be irrefutable and to overflow the victim's refutation); a goodbye
+signed by another key; the victim's own goodbye from an earlier incarnation, replayed. The
+victim stays alive in every member's view, is never declared dead, keeps answering gossip and
+health checks, and its incarnation moves by refutations only (one each), never to where a claim
+pointed. The control: its own signed goodbye still takes it out at once."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from swarmserve import native
+from swarmserve.overlay import ALIVE, DEAD
+from swarmserve.overlay.publisher import leave_message
+from swarmserve.v1 import overlay_pb2, overlay_pb2_grpc
+from tests.test_membership import Nodes, everyone_knows_everyone, nodes, state_of, until  # noqa: F401
+
+MAX_U64 = 2**64 - 1
+
+
+async def test_forged_death_claims_never_remove_a_live_node(nodes: Nodes) -> None:  # noqa: F811
+    async with nodes(4) as group:
+        await until(lambda: everyone_knows_everyone(group), 5.0, "full membership")
+        victim = group[1]
+        key = victim.keys.identity.public_key
+        attacker = native.Identity.generate()
+        incarnation = victim.membership.publisher.incarnation
+        DEAD_, SUSPECT_ = overlay_pb2.MEMBER_STATE_DEAD, overlay_pb2.MEMBER_STATE_SUSPECT
+        lies = [
+            overlay_pb2.MemberUpdate(identity_key=key, state=state, incarnation=claimed)
+            for state in (DEAD_, SUSPECT_)
+            for claimed in (incarnation, incarnation + 1, MAX_U64)
+        ] + [
+            overlay_pb2.MemberUpdate(
+                identity_key=key,
+                state=DEAD_,
+                incarnation=incarnation,
+                leave_signature=attacker.sign(leave_message(key, incarnation)),
+            ),
+            overlay_pb2.MemberUpdate(  # a goodbye from the victim's earlier life, replayed
+                identity_key=key,
+                state=DEAD_,
+                incarnation=incarnation - 1,
+                leave_signature=victim.keys.identity.sign(leave_message(key, incarnation - 1)),
+            ),
+        ]
+        for target in group:
+            async with aio.insecure_channel(target.address) as channel:
+                stub = overlay_pb2_grpc.OverlayStub(channel)
+                for lie in lies:
+                    await stub.Swim(overlay_pb2.SwimPacket(updates=[lie]))
+        # For three suspicion timeouts, nobody ever holds the victim dead.
+        watch = 3 * group[0].membership.suspicion_timeout_s()
+        deadline = time.monotonic() + watch
+        while time.monotonic() < deadline:
+            assert all(state_of(o, victim) != DEAD for o in group if o is not victim)
+            await asyncio.sleep(0.02)
+        await until(lambda: everyone_knows_everyone(group), 5.0, "the victim alive everywhere")
+        refutations = victim.membership.publisher.incarnation - incarnation
+        assert 0 <= refutations <= 3, refutations  # only claims about its current incarnation are answered
+        async with aio.insecure_channel(victim.address) as channel:
+            answer = await overlay_pb2_grpc.OverlayStub(channel).Swim(overlay_pb2.SwimPacket())
+            assert answer.sender.descriptor
+            health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+        # The control: the node's own goodbye, signed at its current incarnation, is final at once.
+        leaving = group[3]
+        await leaving.membership.close(leave=True)
+        await until(lambda: all(state_of(o, leaving) == DEAD for o in group[:3]), 2.0, "a genuine leave")
+        assert all(state_of(o, victim) == ALIVE for o in (group[0], group[2]))
