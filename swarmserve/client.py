@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from grpc import aio
 
 from swarmserve import native
-from swarmserve.receipts import ReceiptError, verify_receipt
+from swarmserve.receipts import ReceiptError, sampling_mismatch, verify_receipt
 from swarmserve.v1 import common_pb2, router_pb2, router_pb2_grpc
 
 __all__ = ["GenerationResult", "generate"]
@@ -77,6 +77,9 @@ async def generate(
     if result.summary is None:
         raise ReceiptError("the stream ended without a summary")
     receipt = verify_receipt(result.summary.receipt, result.token_ids, result.token_texts)
+    mismatch = sampling_mismatch(sampling, receipt.sampling)
+    if mismatch:
+        raise ReceiptError(f"the serving node did not sample as asked: {mismatch}")
     if native.node_id(receipt.node_key) != result.summary.served_by:
         raise ReceiptError("the receipt is signed by another node than the one the router named")
     cosignatures = result.summary.receipt.cosignatures

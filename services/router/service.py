@@ -35,7 +35,7 @@ from swarmserve.dispatch import (
     reported_state,
 )
 from swarmserve.overlay import Membership, Peer
-from swarmserve.receipts import ReceiptError, verify_receipt
+from swarmserve.receipts import ReceiptError, sampling_mismatch, verify_receipt
 from swarmserve.rpc import (
     ChannelPool,
     DataLoss,
@@ -326,6 +326,9 @@ class RouterService:
                     signed_body = verify_receipt(summary.receipt, ids, texts)
                 except ReceiptError as error:
                     raise DataLoss(f"the serving node's receipt does not match the tokens relayed: {error}") from None
+                mismatch = sampling_mismatch(request.sampling, signed_body.sampling)
+                if mismatch:  # served otherwise than asked: not paid, not co-signed
+                    raise DataLoss(f"the serving node did not sample as asked: {mismatch}")
                 server = self._server_of(signed_body, exit_, request.model)
                 receipt = common_pb2.SignedReceipt()
                 receipt.CopyFrom(summary.receipt)

@@ -20,6 +20,7 @@ __all__ = [
     "ReceiptWriter",
     "prompt_digest",
     "sampling_bytes",
+    "sampling_mismatch",
     "verify_receipt",
 ]
 
@@ -117,3 +118,34 @@ def verify_receipt(
     if expected != receipt.commitment:
         raise ReceiptError("receipt commitment does not match the tokens received")
     return receipt
+
+
+def sampling_mismatch(requested: common_pb2.SamplingParams, applied: common_pb2.SamplingParams) -> str:
+    """Why a receipt's sampling (``applied``) is not what was asked ("" if it is): a provider
+    that claims stop strings, a shorter limit, greedy decoding or another seed than requested
+    served something else than was asked, and its check fails. Unset fields leave the node its
+    policy (the length limit) or its choice (the seed); "0 or 1" fields mean "off" either way."""
+
+    def off_is_one(value: float) -> float:
+        return 1.0 if value in (0.0, 1.0) else value
+
+    problems = []
+    if requested.max_new_tokens and applied.max_new_tokens != requested.max_new_tokens:
+        problems.append(f"max_new_tokens {applied.max_new_tokens}, asked {requested.max_new_tokens}")
+    if not applied.max_new_tokens:
+        problems.append("no length limit")
+    if applied.temperature != requested.temperature:
+        problems.append(f"temperature {applied.temperature:g}, asked {requested.temperature:g}")
+    if off_is_one(applied.top_p) != off_is_one(requested.top_p):
+        problems.append(f"top_p {applied.top_p:g}, asked {requested.top_p:g}")
+    if applied.top_k != requested.top_k:
+        problems.append(f"top_k {applied.top_k}, asked {requested.top_k}")
+    if off_is_one(applied.repetition_penalty) != off_is_one(requested.repetition_penalty):
+        problems.append(f"repetition_penalty {applied.repetition_penalty:g}, asked {requested.repetition_penalty:g}")
+    if requested.HasField("seed") and applied.seed != requested.seed:
+        problems.append(f"seed {applied.seed}, asked {requested.seed}")
+    if not applied.HasField("seed"):
+        problems.append("no seed (nobody could replay the sampling)")
+    if list(applied.stop) != list(requested.stop):
+        problems.append(f"stop strings {list(applied.stop)}, asked {list(requested.stop)}")
+    return "; ".join(problems)
