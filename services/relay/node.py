@@ -21,7 +21,6 @@ class RelayNode(ServiceNode):
         self.config = config
         self.keys = NodeKeys.load_or_create(config.data_dir)
         self.channels = ChannelPool(config.server.max_message_bytes)
-        self.relay = RelayServicer(self.keys.onion, config.circuits, self.channels)
         self.publisher = DescriptorPublisher(
             self.keys.identity,
             [common_pb2.NODE_ROLE_RELAY],
@@ -29,6 +28,7 @@ class RelayNode(ServiceNode):
             onion_key=self.keys.onion,
         )
         self.membership = Membership(self.publisher, self.channels, config.gossip)
+        self.relay = RelayServicer(self.keys.onion, config.circuits, self.channels, directory=self.membership.directory)
         self.server = RpcServer(
             config.server,
             [

@@ -22,6 +22,7 @@ from services.relay.circuit import CIRCUIT_READY, create_cell, created_cell, dat
 from services.relay.config import CircuitSettings
 from swarmserve import native
 from swarmserve.config import parse_listen_address
+from swarmserve.overlay import PeerDirectory
 from swarmserve.rpc import STREAM_EOF, ChannelPool, InvalidArgument, ResourceExhausted, open_stream
 from swarmserve.telemetry import get_logger
 from swarmserve.v1 import relay_pb2, relay_pb2_grpc
@@ -57,8 +58,10 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
         channels: ChannelPool,
         terminus: Terminus | None = None,
         forwards: bool = True,
+        directory: PeerDirectory | None = None,
     ) -> None:
         self._onion_key = onion_key
+        self._directory = directory  # next hops only among its members (None: any address)
         self._settings = settings
         self._channels = channels
         self._terminus = terminus
@@ -132,6 +135,12 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
             parse_listen_address(address)
         except ValueError:
             raise InvalidArgument("the set-up names no valid next hop") from None
+        if self._directory is not None and self._directory.member_at(address) is None:
+            # A relay is no open proxy: a set-up naming anything but a known member (an internal
+            # service, a victim to flood) is refused as an unreachable hop, and nothing is dialled.
+            log.warning("set-up names a next hop that is not a member; refused")
+            yield destroy_cell(relay_pb2.DESTROY_REASON_HOP_UNREACHABLE)
+            return
         hop = peeled.hop
         assert peeled.next_cell is not None
         call = open_stream(relay_pb2_grpc.RelayStub(self._channels.get(address)).Circuit)

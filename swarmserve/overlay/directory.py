@@ -111,5 +111,9 @@ class PeerDirectory:
     def alive(self, role: common_pb2.NodeRole.ValueType) -> list[Peer]:
         return [p for p in self._peers.values() if p.alive and p.has_role(role)]
 
+    def member_at(self, address: str) -> Peer | None:
+        """The member (not declared dead) that publishes ``address``, if any."""
+        return next((p for p in self._peers.values() if p.state != DEAD and p.descriptor.address == address), None)
+
     def get(self, node_id: str) -> Peer | None:
         return self._peers.get(node_id)

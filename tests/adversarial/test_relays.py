@@ -1,0 +1,58 @@
+"""Issue 14, attack 4 (in part): a relay used as an open proxy. A set-up is a valid onion layer
+for the relay's key (anyone can build one) naming any address as the next hop; the relay used to
+dial it. Tried through the public Relay.Circuit of a real relay: a set-up naming a listener that
+is no member of the swarm is refused as an unreachable hop and the listener sees no connection;
+the control, a set-up naming a member, is passed on to it."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from grpc import aio
+
+from services.relay.circuit import create_cell
+from swarmserve import native
+from swarmserve.v1 import relay_pb2, relay_pb2_grpc
+from tests.test_membership import Nodes, everyone_knows_everyone, nodes, until  # noqa: F401
+
+
+async def set_up(relay_address: str, onion_key: bytes, next_hop: str) -> relay_pb2.RelayCell:
+    onion, _ = native.Circuit.build([(onion_key, next_hop.encode()), (native.OnionKey.generate().public_key, b"")])
+    async with aio.insecure_channel(relay_address) as channel:
+        call = relay_pb2_grpc.RelayStub(channel).Circuit()
+        await call.write(create_cell(onion))
+        reply: relay_pb2.RelayCell = await call.read()
+        call.cancel()
+        return reply
+
+
+async def test_a_relay_never_dials_a_non_member(nodes: Nodes) -> None:  # noqa: F811
+    dialled = 0
+
+    async def count(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal dialled
+        dialled += 1
+        writer.close()
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    listener = await asyncio.start_server(count, "127.0.0.1", port)
+    try:
+        async with nodes(2) as group:
+            await until(lambda: everyone_knows_everyone(group), 5.0, "full membership")
+            relay, member = group
+            key = relay.keys.onion.public_key
+            refused = await set_up(relay.address, key, f"127.0.0.1:{port}")
+            assert refused.WhichOneof("cell") == "destroy"
+            assert refused.destroy.reason == relay_pb2.DESTROY_REASON_HOP_UNREACHABLE
+            await asyncio.sleep(0.3)
+            assert dialled == 0, "the relay connected to an address no member publishes"
+            # The control: a member as next hop is dialled (it refuses to terminate: a relay).
+            passed = await set_up(relay.address, key, member.address)
+            assert passed.WhichOneof("cell") == "destroy"
+            assert passed.destroy.reason != relay_pb2.DESTROY_REASON_HOP_UNREACHABLE
+    finally:
+        listener.close()
+        await listener.wait_closed()
