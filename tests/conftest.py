@@ -196,6 +196,8 @@ def swarm(tmp_path: Path) -> SwarmFactory:
             await router_node.start()
             started.append(router_node)
             await wait_for_members(router_node, relays + len(inference_nodes_started))
+            for relay in relay_nodes:  # relays dial only members they know as next hops
+                await wait_for_members(relay, relays - 1 + len(inference_nodes_started))
             yield Swarm(router_node, relay_nodes, inference_nodes_started, genesis)
         finally:
             for node in reversed(started):
@@ -204,8 +206,9 @@ def swarm(tmp_path: Path) -> SwarmFactory:
     return start
 
 
-async def wait_for_members(router: RouterNode, count: int, timeout_s: float = 10.0) -> None:
+async def wait_for_members(node: RouterNode | RelayNode, count: int, timeout_s: float = 10.0) -> None:
+    directory = node.directory if isinstance(node, RouterNode) else node.membership.directory
     deadline = time.monotonic() + timeout_s
-    while len([p for p in router.directory.members() if p.alive]) < count:
-        assert time.monotonic() < deadline, "gossip did not bring every member to the router"
+    while len([p for p in directory.members() if p.alive]) < count:
+        assert time.monotonic() < deadline, "gossip did not bring every member to the node"
         await asyncio.sleep(0.05)
