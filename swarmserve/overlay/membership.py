@@ -42,13 +42,24 @@ from swarmserve.overlay.descriptors import DescriptorError
 from swarmserve.overlay.directory import ALIVE, DEAD, SUSPECT, Peer, PeerDirectory
 from swarmserve.overlay.publisher import DescriptorPublisher, leave_message
 from swarmserve.rpc.channels import ChannelPool
-from swarmserve.rpc.errors import Unavailable
+from swarmserve.rpc.errors import ResourceExhausted, Unavailable
 from swarmserve.telemetry import get_logger
 from swarmserve.v1 import common_pb2, overlay_pb2, overlay_pb2_grpc
 
 __all__ = ["Membership"]
 
 log = get_logger("swarmserve.overlay")
+
+
+# What one sender may push at once: honest packets carry at most max_piggyback pieces of news and
+# honest exchanges push only the sender's own descriptor, so a flood is refused before any
+# signature is checked (each costs the receiver a verification on its event loop).
+MAX_PUSHED = 64
+
+
+def _bounded(count: int, what: str) -> None:
+    if count > MAX_PUSHED:
+        raise ResourceExhausted(f"{count} {what}; at most {MAX_PUSHED}")
 
 
 def _signed_leave(update: overlay_pb2.MemberUpdate) -> bool:
@@ -95,6 +106,7 @@ class Membership:
         """Answers a probe (the answer is the acknowledgement) or an indirect probe request."""
         if self._left:  # answering would carry a fresh descriptor and undo the goodbye
             raise Unavailable("this node has left the swarm")
+        _bounded(len(packet.updates), "updates in one packet")
         sender = self._absorb(packet)
         acked = False
         if packet.probe_target:
@@ -111,6 +123,7 @@ class Membership:
     def on_exchange(self, request: overlay_pb2.ExchangeRequest) -> overlay_pb2.ExchangeResponse:
         if self._left:
             raise Unavailable("this node has left the swarm")
+        _bounded(len(request.updates), "descriptors pushed in one exchange")
         for signed in [request.sender, *request.updates]:
             if signed.descriptor:
                 self._learn(signed)

@@ -1,5 +1,5 @@
-"""Issue 14, attack 1: removing a live node from the swarm with forged gossip, through the public
-``Overlay.Swim`` of real nodes. Tried, at every other member and at the victim itself: DEAD and
+"""Issue 14, attacks 1 and 6 (in part) on membership, through the public ``Overlay`` service of
+real nodes. Attack 1, removing a live node from the swarm with forged gossip. Tried, at every other member and at the victim itself: DEAD and
 SUSPECT claims without the victim's signature at its current incarnation, at the next one and
 at 2^64-1 (which used to be irrefutable and to overflow the victim's refutation); a goodbye
 signed by another key; the victim's own goodbye from an earlier incarnation, replayed. The
@@ -12,13 +12,16 @@ from __future__ import annotations
 import asyncio
 import time
 
+import grpc
+import pytest
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from swarmserve import native
-from swarmserve.overlay import ALIVE, DEAD
+from swarmserve.overlay import ALIVE, DEAD, DescriptorPublisher
+from swarmserve.overlay.membership import MAX_PUSHED
 from swarmserve.overlay.publisher import leave_message
-from swarmserve.v1 import overlay_pb2, overlay_pb2_grpc
+from swarmserve.v1 import common_pb2, overlay_pb2, overlay_pb2_grpc
 from tests.test_membership import Nodes, everyone_knows_everyone, nodes, state_of, until  # noqa: F401
 
 MAX_U64 = 2**64 - 1
@@ -74,3 +77,39 @@ async def test_forged_death_claims_never_remove_a_live_node(nodes: Nodes) -> Non
         await leaving.membership.close(leave=True)
         await until(lambda: all(state_of(o, leaving) == DEAD for o in group[:3]), 2.0, "a genuine leave")
         assert all(state_of(o, victim) == ALIVE for o in (group[0], group[2]))
+
+
+async def test_a_flood_of_descriptors_from_one_sender_is_bounded(nodes: Nodes) -> None:  # noqa: F811
+    """Issue 14, attack 6 (in part): one sender pushes 1,000 genuinely signed descriptors of fresh
+    identities (free to make) in one exchange, and 1,000 pieces of news in one probe: both are
+    refused with RESOURCE_EXHAUSTED before any is verified, and the directory does not grow; a
+    push within the bound is taken."""
+    async with nodes(2) as group:
+        await until(lambda: everyone_knows_everyone(group), 5.0, "full membership")
+        target = group[0]
+        before = len(target.membership.directory.peers())
+
+        def fresh(i: int) -> common_pb2.SignedDescriptor:
+            publisher = DescriptorPublisher(
+                native.Identity.generate(), [common_pb2.NODE_ROLE_RELAY], lambda: f"127.0.0.1:{20000 + i}"
+            )
+            return publisher.describe()
+
+        flood = [fresh(i) for i in range(1000)]
+        async with aio.insecure_channel(target.address) as channel:
+            stub = overlay_pb2_grpc.OverlayStub(channel)
+            for push in (
+                stub.Exchange(overlay_pb2.ExchangeRequest(sender=flood[0], updates=flood)),
+                stub.Swim(
+                    overlay_pb2.SwimPacket(
+                        updates=[overlay_pb2.MemberUpdate(identity_key=b"", state=ALIVE, descriptor=d) for d in flood]
+                    )
+                ),
+            ):
+                with pytest.raises(aio.AioRpcError) as refused:
+                    await push
+                assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert f"at most {MAX_PUSHED}" in (refused.value.details() or "")
+            assert len(target.membership.directory.peers()) == before
+            await stub.Exchange(overlay_pb2.ExchangeRequest(sender=flood[0], updates=flood[1:MAX_PUSHED]))
+            assert len(target.membership.directory.peers()) == before + MAX_PUSHED
