@@ -116,7 +116,7 @@ impl ChainBlock {
 
 /// A validator of the ledger's chain, running on its own thread (see `native/src/consensus`).
 #[pyclass(module = "swarmserve._native")]
-struct ConsensusNode(Node, usize);
+struct ConsensusNode(Node);
 
 /// A committee as Python passes it: (key, "IP:port") pairs.
 type PyCommittee = Vec<(Vec<u8>, String)>;
@@ -192,7 +192,7 @@ impl ConsensusNode {
             mempool_bytes,
         };
         let node = py.allow_threads(|| Node::start(config)).map_err(node_error)?;
-        Ok(Self(node, max_committee))
+        Ok(Self(node))
     }
 
     #[getter]
@@ -209,7 +209,7 @@ impl ConsensusNode {
     /// before is applied).
     fn add_committee(&self, epoch: u64, validators: Vec<(Vec<u8>, String)>) -> PyResult<()> {
         let validators = committee(&validators)?;
-        self.0.add_committee(epoch, &validators, self.1).map_err(node_error)
+        self.0.add_committee(epoch, &validators).map_err(node_error)
     }
 
     /// Moves to `epoch`, whose genesis is `floor` (the digest of the last block before it): the

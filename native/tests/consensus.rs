@@ -95,7 +95,7 @@ fn validators_finalize_one_chain_across_epochs_and_committees() {
                 chains[i].push(block.digest);
                 node.acknowledge(block.height);
                 if block.height % EPOCH == EPOCH - 1 {
-                    node.add_committee(epoch + 1, &committee(epoch + 1), 4).unwrap();
+                    node.add_committee(epoch + 1, &committee(epoch + 1)).unwrap();
                     node.enter_epoch(epoch + 1, block.digest).unwrap();
                 }
             }

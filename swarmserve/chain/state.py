@@ -806,10 +806,9 @@ class ChainState:
         for key, address in self._db.execute("SELECT key, address FROM candidates ORDER BY key").fetchall():
             account = self._account_of(bytes(key))
             candidates.append(Candidate(bytes(key), address, account, self._load(account).bonded))
-        current = self._db.execute("SELECT key, address FROM committees WHERE epoch = ?", (epoch - 1,)).fetchall()
         chosen = choose_committee(
             candidates,
-            [(bytes(key), address) for key, address in current],
+            self.committee_of(epoch - 1),
             size=parameters.committee_size,
             min_stake=parameters.validator_min_stake,
             min_committee=parameters.min_committee,
@@ -822,7 +821,7 @@ class ChainState:
 
     def _punish_equivocation(self, evidence: bytes) -> bool:
         try:
-            committee = self._committee_keys(native.equivocation_epoch(evidence))
+            committee = [key for key, _ in self.committee_of(native.equivocation_epoch(evidence))]
             kind, epoch, view, validator = native.verify_equivocation(committee, evidence)
         except (native.ProofError, ValueError):
             return False
@@ -855,10 +854,6 @@ class ChainState:
         self._db.execute("DELETE FROM unbonding WHERE release_height <= ?", (height,))
 
     # --- storage ----------------------------------------------------------------------------
-
-    def _committee_keys(self, epoch: int) -> list[bytes]:
-        rows = self._db.execute("SELECT key FROM committees WHERE epoch = ? ORDER BY key", (epoch,))
-        return [bytes(key) for (key,) in rows]
 
     def _account_of(self, key: bytes) -> bytes:
         row = self._db.execute("SELECT account FROM members WHERE member = ?", (key,)).fetchone()

@@ -151,6 +151,7 @@ pub struct Node {
     evidence: flume::Receiver<Vec<u8>>,
     control: flume::Sender<Control>,
     epoch: Arc<AtomicU64>,
+    max_committee: usize,
     stop: Option<flume::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -269,6 +270,7 @@ impl Node {
         let (stop, stopped) = flume::bounded(1);
         let (ready_in, ready) = flume::bounded(1);
         let (control, control_out) = flume::unbounded();
+        let max_committee = config.max_committee;
         let epoch = Arc::new(AtomicU64::new(config.epoch));
         let channels = Channels {
             mempool: mempool.clone(),
@@ -294,6 +296,7 @@ impl Node {
             evidence,
             control,
             epoch,
+            max_committee,
             stop: Some(stop),
             thread: Some(thread),
         };
@@ -324,8 +327,8 @@ impl Node {
 
     /// Makes `validators` the committee of `epoch` (known from then on: marshal checks that
     /// epoch's certificates with it). Call it once the last block of the epoch before is applied.
-    pub fn add_committee(&self, epoch: u64, validators: &Committee, max_committee: usize) -> Result<(), NodeError> {
-        let (participants, addresses) = committee(validators, max_committee)?;
+    pub fn add_committee(&self, epoch: u64, validators: &Committee) -> Result<(), NodeError> {
+        let (participants, addresses) = committee(validators, self.max_committee)?;
         self.check_running()?;
         self.control
             .send(Control::Committee {
