@@ -58,7 +58,7 @@ def native_path() -> tuple[native.Circuit, list[native.CircuitHop]]:
     cell, circuit = native.Circuit.build([(k.public_key, b"127.0.0.1:7000") for k in keys])
     hops = []
     for key in keys:
-        peeled = key.peel_setup(cell, native.ReplayCache(16, 60.0))
+        peeled = key.peel_setup(cell)
         hops.append(peeled.hop)
         cell = peeled.next_cell or b""
     return circuit, hops

@@ -300,8 +300,8 @@ def _keys(args: argparse.Namespace) -> int:
     keys = NodeKeys.load_or_create(Path(args.data_dir))
     print(f"node id:       {keys.identity.node_id}")
     print(f"identity key:  {keys.identity.public_key.hex()}")
-    print(f"onion key:     {keys.onion.public_key.hex()}")
-    print(f"key files in:  {keys.directory}")
+    print(f"key file in:   {keys.directory}")
+    print("onion keys:    made at every start, kept in memory only, replaced every hour")
     return 0
 
 

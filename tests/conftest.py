@@ -166,7 +166,9 @@ def swarm(tmp_path: Path) -> SwarmFactory:
                     )
                 )
                 if relay_class is not None:
-                    node.relay = relay_class(node.keys.onion, node.config.circuits, node.channels)
+                    node.relay = relay_class(
+                        node.onion_keys, node.config.circuits, node.channels, directory=node.membership.directory
+                    )
                 await node.start()
                 started.append(node)
                 relay_nodes.append(node)

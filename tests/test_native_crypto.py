@@ -26,10 +26,6 @@ cells = st.lists(st.binary(min_size=0, max_size=2048), min_size=1, max_size=4)
 relaxed = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def fresh_cache() -> native.ReplayCache:
-    return native.ReplayCache(1024, 600.0)
-
-
 # --- onion circuits: native <-> reference ---------------------------------------------------
 
 
@@ -38,7 +34,7 @@ def native_build(hops: list[tuple[bytes, bytes]], payload: bytes) -> tuple[bytes
 
 
 def native_peel(key: native.OnionKey, cell: bytes) -> Any:
-    return key.peel_setup(cell, fresh_cache())
+    return key.peel_setup(cell)
 
 
 def reference_peel(key: native.OnionKey, cell: bytes) -> Any:
@@ -93,7 +89,7 @@ def test_onions_interoperate_with_the_reference(
 def test_replay_tags_agree_between_implementations() -> None:
     key = native.OnionKey.generate()
     cell, _ = native.Circuit.build([(key.public_key, b"")])
-    assert key.peel_setup(cell, fresh_cache()).replay_tag == ref.peel_setup(key.secret_bytes(), cell).replay_tag
+    assert key.peel_setup(cell).replay_tag == ref.peel_setup(key.secret_bytes(), cell).replay_tag
 
 
 def establish(
@@ -104,7 +100,7 @@ def establish(
     cell = first_cell
     hops = []
     for key in keys:
-        peeled = key.peel_setup(cell, fresh_cache())
+        peeled = key.peel_setup(cell)
         hops.append(peeled.hop)
         cell = peeled.next_cell or b""
     return circuit, hops, keys, first_cell
@@ -124,11 +120,11 @@ def test_any_flipped_setup_byte_at_any_hop_is_rejected(position: int, flip: int,
     keys = [native.OnionKey.generate() for _ in range(3)]
     cell, _ = native.Circuit.build([(k.public_key, b"x") for k in keys])
     for key in keys[:hop]:
-        cell = key.peel_setup(cell, fresh_cache()).next_cell or b""
+        cell = key.peel_setup(cell).next_cell or b""
     tampered = bytearray(cell)
     tampered[position] ^= flip
     with pytest.raises(native.CellAuthenticationError):
-        keys[hop].peel_setup(bytes(tampered), fresh_cache())
+        keys[hop].peel_setup(bytes(tampered))
 
 
 @pytest.mark.parametrize("size", [0, 1, 47, 48, native.SETUP_CELL_SIZE - 1, native.SETUP_CELL_SIZE + 1])
@@ -138,34 +134,34 @@ def test_wrong_size_setup_cell_is_malformed(size: int) -> None:
     cell, _ = native.Circuit.build([(key.public_key, b"")])
     wrong = (cell * 2)[:size]
     with pytest.raises(native.MalformedCellError, match="set-up cell"):
-        key.peel_setup(wrong, fresh_cache())
+        key.peel_setup(wrong)
 
 
 def test_setup_under_the_wrong_key_fails_authentication() -> None:
     key = native.OnionKey.generate()
     cell, _ = native.Circuit.build([(key.public_key, b"")])
     with pytest.raises(native.CellAuthenticationError):
-        native.OnionKey.generate().peel_setup(cell, fresh_cache())
+        native.OnionKey.generate().peel_setup(cell)
 
 
 def test_replayed_setup_is_refused_and_distinct_setups_are_not() -> None:
     key = native.OnionKey.generate()
-    cache = fresh_cache()
+    cache = native.ReplayCache(1024, 600.0)
     cell, _ = native.Circuit.build([(key.public_key, b"")])
-    key.peel_setup(cell, cache)
+    cache.check_and_remember(key.peel_setup(cell).replay_tag)
     with pytest.raises(native.ReplayError):
-        key.peel_setup(cell, cache)
+        cache.check_and_remember(key.peel_setup(cell).replay_tag)
     other, _ = native.Circuit.build([(key.public_key, b"")])
-    key.peel_setup(other, cache)  # a new set-up to the same relay is fine
+    cache.check_and_remember(key.peel_setup(other).replay_tag)  # a new set-up to the same relay is fine
     assert len(cache) == 2
 
 
 def test_full_replay_cache_refuses_instead_of_forgetting() -> None:
     key = native.OnionKey.generate()
     cache = native.ReplayCache(1, 600.0)
-    key.peel_setup(native.Circuit.build([(key.public_key, b"")])[0], cache)
+    cache.check_and_remember(key.peel_setup(native.Circuit.build([(key.public_key, b"")])[0]).replay_tag)
     with pytest.raises(native.ReplayCacheFullError):
-        key.peel_setup(native.Circuit.build([(key.public_key, b"")])[0], cache)
+        cache.check_and_remember(key.peel_setup(native.Circuit.build([(key.public_key, b"")])[0]).replay_tag)
 
 
 def test_expired_replay_tags_are_forgotten() -> None:
@@ -403,7 +399,7 @@ def test_arbitrary_bytes_raise_only_crypto_errors(garbage: bytes) -> None:
     only acceptable outcome is a CryptoError subclass (a pyo3 PanicException is not one)."""
     key = native.OnionKey.generate()
     with pytest.raises(native.CryptoError):
-        key.peel_setup(garbage, fresh_cache())
+        key.peel_setup(garbage)
     circuit, hops, _, _ = establish(2)
     with pytest.raises(native.CryptoError):
         hops[0].peel_forward(garbage)

@@ -412,9 +412,10 @@ pub struct PeeledSetup {
 }
 
 impl OnionKey {
-    /// Peels exactly one set-up layer. The set-up is refused if its replay tag is already in
-    /// `replay_cache`; otherwise the tag is remembered there.
-    pub fn peel_setup(&self, cell: &[u8], replay_cache: &mut ReplayCache) -> Result<PeeledSetup> {
+    /// Peels exactly one set-up layer. Nothing is remembered: the caller checks `replay_tag`
+    /// against its [`ReplayCache`] once it accepts the set-up, so that set-ups it refuses
+    /// (a next hop it will not dial, a limit reached) leave nothing behind to fill the cache.
+    pub fn peel_setup(&self, cell: &[u8]) -> Result<PeeledSetup> {
         if cell.len() != SETUP_CELL_SIZE {
             return Err(Error::Malformed {
                 what: "set-up cell",
@@ -472,9 +473,6 @@ impl OnionKey {
                 });
             }
         };
-        // Remember the tag only once the set-up has authenticated: forged cells cannot fill
-        // the cache, and a refused replay leaves nothing behind.
-        replay_cache.check_and_remember(secrets.replay_tag)?;
         Ok(PeeledSetup {
             next,
             hop: CircuitHop {
@@ -562,10 +560,6 @@ mod tests {
         (0..n).map(|_| OnionKey::generate()).collect()
     }
 
-    fn cache() -> ReplayCache {
-        ReplayCache::new(1024, Duration::from_secs(600)).unwrap()
-    }
-
     /// Builds and fully peels an `n`-layer circuit; returns the router side and the hops.
     fn establish(keys: &[OnionKey], payload: &[u8]) -> (Circuit, Vec<CircuitHop>) {
         let routing: Vec<Vec<u8>> = (0..keys.len()).map(|i| format!("hop-{i}").into_bytes()).collect();
@@ -581,7 +575,7 @@ mod tests {
         let mut hops = Vec::new();
         for (i, key) in keys.iter().enumerate() {
             assert_eq!(cell.len(), SETUP_CELL_SIZE, "every hop sees the same size");
-            let peeled = key.peel_setup(&cell, &mut cache()).unwrap();
+            let peeled = key.peel_setup(&cell).unwrap();
             hops.push(peeled.hop);
             match peeled.next {
                 SetupNext::Forward {
@@ -640,10 +634,7 @@ mod tests {
         for position in (0..SETUP_CELL_SIZE).step_by(61) {
             let mut bad = cell.clone();
             bad[position] ^= 0x01;
-            let err = keys[0]
-                .peel_setup(&bad, &mut cache())
-                .err()
-                .expect("tampering must be caught");
+            let err = keys[0].peel_setup(&bad).err().expect("tampering must be caught");
             assert!(matches!(err, Error::Authentication { .. }), "byte {position}: {err}");
         }
     }
@@ -659,9 +650,12 @@ mod tests {
             b"",
         )
         .unwrap();
-        let mut replay = cache();
-        key.peel_setup(&cell, &mut replay).unwrap();
-        assert_eq!(key.peel_setup(&cell, &mut replay).err(), Some(Error::Replay));
+        let mut replay = ReplayCache::new(1024, Duration::from_secs(600)).unwrap();
+        let tag = key.peel_setup(&cell).unwrap().replay_tag;
+        replay.check_and_remember(tag).unwrap();
+        // The same cell peels to the same tag: the cache refuses it.
+        let again = key.peel_setup(&cell).unwrap().replay_tag;
+        assert_eq!(replay.check_and_remember(again), Err(Error::Replay));
     }
 
     #[test]
@@ -694,13 +688,10 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(
-            OnionKey::generate().peel_setup(&cell, &mut cache()),
+            OnionKey::generate().peel_setup(&cell),
             Err(Error::Authentication { .. })
         ));
-        assert!(matches!(
-            key.peel_setup(&cell[..100], &mut cache()),
-            Err(Error::Malformed { .. })
-        ));
+        assert!(matches!(key.peel_setup(&cell[..100]), Err(Error::Malformed { .. })));
     }
 
     #[test]

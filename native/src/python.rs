@@ -219,10 +219,10 @@ impl OnionKey {
         PyBytes::new(py, &self.0.public_key())
     }
 
-    /// Peels exactly one layer of a set-up cell. Raises ReplayError for a set-up already in
-    /// `replay_cache` (and remembers new ones there).
-    fn peel_setup(&self, py: Python<'_>, cell: &[u8], replay_cache: &mut ReplayCache) -> PyResult<PeeledSetup> {
-        let peeled = self.0.peel_setup(cell, &mut replay_cache.0)?;
+    /// Peels exactly one layer of a set-up cell. Remembers nothing: check `replay_tag` against
+    /// a ReplayCache once the set-up is accepted.
+    fn peel_setup(&self, py: Python<'_>, cell: &[u8]) -> PyResult<PeeledSetup> {
+        let peeled = py.allow_threads(|| self.0.peel_setup(cell))?;
         let (is_final, routing_info, next_cell, payload) = match peeled.next {
             onion::SetupNext::Forward { routing_info, cell } => (false, routing_info, Some(cell), None),
             onion::SetupNext::Final { routing_info, payload } => (true, routing_info, None, Some(payload)),

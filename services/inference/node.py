@@ -76,6 +76,7 @@ class InferenceNode(ServiceNode):
     def __init__(self, config: InferenceConfig) -> None:
         self.config = config
         self.keys = NodeKeys.load_or_create(config.data_dir)
+        self.onion_keys = config.circuits.onion_keys()
         self.servicer = InferenceServicer()
         self.verifier = VerifierServicer()
         self.challenger: Challenger | None = None  # verifier nodes, once the models are loaded
@@ -85,7 +86,7 @@ class InferenceNode(ServiceNode):
             self.keys.identity,
             [common_pb2.NODE_ROLE_INFERENCE, *([common_pb2.NODE_ROLE_VERIFIER] if config.verifier else [])],
             lambda: config.advertise or self.server.address,
-            onion_key=self.keys.onion,
+            onion_keys=self.onion_keys,
             fill=self._describe,
         )
         self.membership = Membership(self.publisher, self.channels, config.gossip)
@@ -104,11 +105,12 @@ class InferenceNode(ServiceNode):
         # The node terminates onion circuits (never forwards them): requests arrive through
         # relays, and only this node sees their plaintext.
         self.exit = RelayServicer(
-            self.keys.onion,
+            self.onion_keys,
             config.circuits,
             self.channels,
             terminus=InferenceExit(lambda: self.servicer.service, self.offloader),
             forwards=False,
+            directory=self.membership.directory,  # members' addresses get a larger set-up allowance
         )
         self.server = RpcServer(
             config.server,

@@ -69,7 +69,7 @@ class Offloader:
             for peer in self._membership.directory.alive(common_pb2.NODE_ROLE_INFERENCE)
             if peer.serves(request.model)
             and peer.descriptor.identity_key not in visited
-            and len(peer.descriptor.onion_key) == 32
+            and peer.onion_key_usable()
             and (state := self._state(peer)).running + state.queued < state.slots
         ]
         if not free:

@@ -20,15 +20,16 @@ class RelayNode(ServiceNode):
     def __init__(self, config: RelayConfig) -> None:
         self.config = config
         self.keys = NodeKeys.load_or_create(config.data_dir)
+        self.onion_keys = config.circuits.onion_keys()
         self.channels = ChannelPool(config.server.max_message_bytes)
         self.publisher = DescriptorPublisher(
             self.keys.identity,
             [common_pb2.NODE_ROLE_RELAY],
             lambda: config.advertise or self.server.address,
-            onion_key=self.keys.onion,
+            onion_keys=self.onion_keys,
         )
         self.membership = Membership(self.publisher, self.channels, config.gossip)
-        self.relay = RelayServicer(self.keys.onion, config.circuits, self.channels, directory=self.membership.directory)
+        self.relay = RelayServicer(self.onion_keys, config.circuits, self.channels, directory=self.membership.directory)
         self.server = RpcServer(
             config.server,
             [

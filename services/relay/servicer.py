@@ -20,8 +20,10 @@ from grpc import aio
 
 from services.relay.circuit import CIRCUIT_READY, create_cell, created_cell, data_cell, destroy_cell
 from services.relay.config import CircuitSettings
+from services.relay.limits import SourceLimits, host_of, source_of
 from swarmserve import native
 from swarmserve.config import parse_listen_address
+from swarmserve.keys import OnionKeyRing
 from swarmserve.overlay import PeerDirectory
 from swarmserve.rpc import STREAM_EOF, ChannelPool, InvalidArgument, ResourceExhausted, open_stream
 from swarmserve.telemetry import get_logger
@@ -51,22 +53,29 @@ class Terminus(Protocol):
 
 
 class RelayServicer(relay_pb2_grpc.RelayServicer):
+    """Admits a set-up in this order, so that refused ones cost the relay as little as possible:
+    the relay-wide circuit limit, the source's own allowance (:class:`SourceLimits`, charged for
+    junk too), the onion layer, the next hop (a known member), and only then the replay tag
+    (:class:`OnionKeyRing`), which is remembered for accepted set-ups alone."""
+
     def __init__(
         self,
-        onion_key: native.OnionKey,
+        onion_keys: OnionKeyRing,
         settings: CircuitSettings,
         channels: ChannelPool,
         terminus: Terminus | None = None,
         forwards: bool = True,
         directory: PeerDirectory | None = None,
     ) -> None:
-        self._onion_key = onion_key
+        self._onion_keys = onion_keys
         self._directory = directory  # next hops only among its members (None: any address)
         self._settings = settings
         self._channels = channels
         self._terminus = terminus
         self._forwards = forwards
-        self._replay = native.ReplayCache(settings.replay_cache_capacity, settings.replay_ttl_s)
+        self._sources = SourceLimits(
+            settings.setups_per_source_per_s, settings.setup_burst_per_source, settings.circuits_per_source
+        )
         self.active = 0
 
     async def Circuit(
@@ -83,27 +92,59 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
             raise InvalidArgument("the first cell of a circuit must be create")
         if self.active >= self._settings.max_circuits:
             raise ResourceExhausted(f"this relay holds its maximum of {self._settings.max_circuits} circuits")
-        peeled = self._onion_key.peel_setup(first.create.onion, self._replay)
-        self.active += 1
-        started = time.monotonic()
+        peer = context.peer()
+        source = source_of(peer)
+        self._sources.admit(
+            source, lambda: self._directory is not None and self._directory.member_on_host(host_of(peer))
+        )
         try:
+            opened = self._onion_keys.open(first.create.onion)
+            peeled = opened.peeled
+            address = None
             if peeled.is_final:
                 if self._terminus is None:
                     raise InvalidArgument("this relay does not terminate circuits")
-                cells = self._terminate(peeled.hop, upstream)
             else:
                 if not self._forwards:
                     raise InvalidArgument("this node terminates circuits and does not forward them")
-                cells = self._forward(peeled, upstream)
-            async for cell in cells:
-                yield cell
+                address = self._next_hop(peeled)
+                if address is None:
+                    yield destroy_cell(relay_pb2.DESTROY_REASON_HOP_UNREACHABLE)
+                    return
+            self._onion_keys.accept(opened)
+            self.active += 1
+            started = time.monotonic()
+            try:
+                cells = (
+                    self._terminate(peeled.hop, upstream)
+                    if address is None
+                    else self._forward(peeled, address, upstream)
+                )
+                async for cell in cells:
+                    yield cell
+            finally:
+                self.active -= 1
+                log.info(
+                    "circuit closed",
+                    role="exit" if peeled.is_final else "relay",
+                    seconds=round(time.monotonic() - started, 3),
+                )
         finally:
-            self.active -= 1
-            log.info(
-                "circuit closed",
-                role="exit" if peeled.is_final else "relay",
-                seconds=round(time.monotonic() - started, 3),
-            )
+            self._sources.release(source)
+
+    def _next_hop(self, peeled: native.PeeledSetup) -> str | None:
+        """The member address a forward set-up names; None for an address that is no member."""
+        try:
+            address = peeled.routing_info.decode()
+            parse_listen_address(address)
+        except ValueError:
+            raise InvalidArgument("the set-up names no valid next hop") from None
+        if self._directory is not None and self._directory.member_at(address) is None:
+            # A relay is no open proxy: a set-up naming anything but a known member (an internal
+            # service, a victim to flood) is refused as an unreachable hop, and nothing is dialled.
+            log.warning("set-up names a next hop that is not a member; refused")
+            return None
+        return address
 
     async def _receive(self, call: Any) -> Any:
         """The next cell from the next hop (or STREAM_EOF)."""
@@ -128,19 +169,8 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
             yield data_cell(hop.wrap_backward(plaintext))
 
     async def _forward(
-        self, peeled: native.PeeledSetup, upstream: AsyncIterator[relay_pb2.RelayCell]
+        self, peeled: native.PeeledSetup, address: str, upstream: AsyncIterator[relay_pb2.RelayCell]
     ) -> AsyncIterator[relay_pb2.RelayCell]:
-        try:
-            address = peeled.routing_info.decode()
-            parse_listen_address(address)
-        except ValueError:
-            raise InvalidArgument("the set-up names no valid next hop") from None
-        if self._directory is not None and self._directory.member_at(address) is None:
-            # A relay is no open proxy: a set-up naming anything but a known member (an internal
-            # service, a victim to flood) is refused as an unreachable hop, and nothing is dialled.
-            log.warning("set-up names a next hop that is not a member; refused")
-            yield destroy_cell(relay_pb2.DESTROY_REASON_HOP_UNREACHABLE)
-            return
         hop = peeled.hop
         assert peeled.next_cell is not None
         call = open_stream(relay_pb2_grpc.RelayStub(self._channels.get(address)).Circuit)
@@ -164,7 +194,9 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
             return
         yield created_cell(hop.wrap_backward(reply.created.confirmation))
 
-        outbound: asyncio.Queue[relay_pb2.RelayCell | None] = asyncio.Queue()
+        # Bounded: when the previous hop reads slowly, the backward pump stops reading from the
+        # next hop and gRPC's flow control pushes back along the path instead of memory growing.
+        outbound: asyncio.Queue[relay_pb2.RelayCell | None] = asyncio.Queue(self._settings.cell_queue)
         last_activity = time.monotonic()
 
         async def pump_forward() -> None:

@@ -124,7 +124,9 @@ class RouterService:
     def _candidates(self, model: str) -> list[Peer]:
         """Live nodes serving the model; providers the chain's verdicts put below the trust
         threshold (or convicted) get no traffic, whatever the policy."""
-        serving = [p for p in self.directory.alive(common_pb2.NODE_ROLE_INFERENCE) if p.serves(model)]
+        serving = [
+            p for p in self.directory.alive(common_pb2.NODE_ROLE_INFERENCE) if p.serves(model) and p.onion_key_usable()
+        ]
         book = self.trust.book()
         trusted = [p for p in serving if book.standing(p.descriptor.identity_key).trusted]
         if serving and not trusted:
@@ -264,7 +266,11 @@ class RouterService:
         raise AssertionError("unreachable")
 
     def choose_relays(self, hops: int, exit_: Peer) -> list[Peer]:
-        relays = [p for p in self.directory.alive(common_pb2.NODE_ROLE_RELAY) if p.node_id != exit_.node_id]
+        relays = [
+            p
+            for p in self.directory.alive(common_pb2.NODE_ROLE_RELAY)
+            if p.node_id != exit_.node_id and p.onion_key_usable()
+        ]
         if len(relays) < hops:
             raise Unavailable(f"{hops} hops asked for, but only {len(relays)} live relays are known")
         return self._random.sample(relays, hops)

@@ -41,6 +41,14 @@ class Peer:
     def serves(self, model: str) -> bool:
         return any(m.name == model for m in self.descriptor.models)
 
+    def onion_key_usable(self, margin_s: float = 30.0) -> bool:
+        """Whether a circuit set-up built now with its published onion key will still be
+        accepted ``margin_s`` from now (the key rotates; descriptors say until when)."""
+        expires_ms = self.descriptor.onion_key_expires_unix_ms
+        return len(self.descriptor.onion_key) == 32 and (
+            expires_ms == 0 or expires_ms > (time.time() + margin_s) * 1000
+        )
+
 
 class PeerDirectory:
     def __init__(self, own_key: bytes = b"") -> None:
@@ -114,6 +122,13 @@ class PeerDirectory:
     def member_at(self, address: str) -> Peer | None:
         """The member (not declared dead) that publishes ``address``, if any."""
         return next((p for p in self._peers.values() if p.state != DEAD and p.descriptor.address == address), None)
+
+    def member_on_host(self, host: str) -> bool:
+        """Whether a member (not declared dead) publishes an address on ``host`` (an IP)."""
+        return bool(host) and any(
+            p.state != DEAD and p.descriptor.address.rpartition(":")[0].strip("[]") == host
+            for p in self._peers.values()
+        )
 
     def get(self, node_id: str) -> Peer | None:
         return self._peers.get(node_id)

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from swarmserve import native
+from swarmserve.keys import OnionKeyRing
 from swarmserve.overlay.descriptors import sign_descriptor
 from swarmserve.v1 import common_pb2
 
@@ -27,13 +28,13 @@ class DescriptorPublisher:
         identity: native.Identity,
         roles: Sequence[common_pb2.NodeRole.ValueType],
         address: Callable[[], str],
-        onion_key: native.OnionKey | None = None,
+        onion_keys: OnionKeyRing | None = None,
         fill: Callable[[common_pb2.NodeDescriptor], None] | None = None,
     ) -> None:
         self._identity = identity
         self._roles = list(roles)
         self._address = address
-        self._onion_key = onion_key
+        self._onion_keys = onion_keys
         self._fill = fill
         self._version = 0
         self.incarnation = int(time.time() * 1000)
@@ -60,7 +61,8 @@ class DescriptorPublisher:
             version=self._version,
             address=self._address(),
             roles=self._roles,
-            onion_key=self._onion_key.public_key if self._onion_key else b"",
+            onion_key=self._onion_keys.public_key if self._onion_keys else b"",
+            onion_key_expires_unix_ms=self._onion_keys.expires_unix_ms if self._onion_keys else 0,
             issued_unix_ms=now_ms,
             incarnation=self.incarnation,
         )

@@ -2,7 +2,8 @@
 for the relay's key (anyone can build one) naming any address as the next hop; the relay used to
 dial it. Tried through the public Relay.Circuit of a real relay: a set-up naming a listener that
 is no member of the swarm is refused as an unreachable hop and the listener sees no connection;
-the control, a set-up naming a member, is passed on to it."""
+the control, a set-up naming a member, is passed on to it. Only the accepted set-up's replay tag
+is remembered (a refused one must not fill the relay's replay cache)."""
 
 from __future__ import annotations
 
@@ -43,16 +44,18 @@ async def test_a_relay_never_dials_a_non_member(nodes: Nodes) -> None:  # noqa: 
         async with nodes(2) as group:
             await until(lambda: everyone_knows_everyone(group), 5.0, "full membership")
             relay, member = group
-            key = relay.keys.onion.public_key
+            key = relay.onion_keys.public_key
             refused = await set_up(relay.address, key, f"127.0.0.1:{port}")
             assert refused.WhichOneof("cell") == "destroy"
             assert refused.destroy.reason == relay_pb2.DESTROY_REASON_HOP_UNREACHABLE
             await asyncio.sleep(0.3)
             assert dialled == 0, "the relay connected to an address no member publishes"
+            assert relay.onion_keys.remembered == 0, "a refused set-up left its replay tag behind"
             # The control: a member as next hop is dialled (it refuses to terminate: a relay).
             passed = await set_up(relay.address, key, member.address)
             assert passed.WhichOneof("cell") == "destroy"
             assert passed.destroy.reason != relay_pb2.DESTROY_REASON_HOP_UNREACHABLE
+            assert relay.onion_keys.remembered == 1
     finally:
         listener.close()
         await listener.wait_closed()

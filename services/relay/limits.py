@@ -1,0 +1,112 @@
+"""Per-source limits on circuit set-ups: a token bucket of set-ups and a count of open circuits
+for every source, so one source flooding a relay spends its own allowance and nobody else's.
+
+A source is the address the previous hop connects from: an IPv4 address, or an IPv6 /64 (one
+customer's usual allocation, so a flooder cannot rotate through its own 2^64 addresses). A
+source that is the address of a swarm member (a relay passing on many users' circuits, a router)
+gets ``member_factor`` times the allowance, as Tor exempts relays from its client limits; being a
+member costs only a descriptor today, so the factor is bounded, not unlimited. Pure logic: the
+relay's servicer calls :meth:`SourceLimits.admit` before it peels a set-up (junk costs tokens
+too) and :meth:`SourceLimits.release` when the circuit ends.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from swarmserve.rpc import ResourceExhausted
+
+__all__ = ["SourceLimits", "host_of", "source_of"]
+
+
+def host_of(peer: str) -> str:
+    """The IP address in a gRPC peer string (empty for a unix socket)."""
+    kind, _, rest = peer.partition(":")
+    if kind in ("ipv4", "ipv6"):
+        return rest.rpartition(":")[0].strip("[]").partition("%")[0]
+    return ""
+
+
+def source_of(peer: str) -> str:
+    """The source a gRPC peer string (``ipv4:1.2.3.4:5``, ``ipv6:[::1]:5``, ``unix:...``) counts as."""
+    kind = peer.partition(":")[0]
+    if kind == "ipv4":
+        return host_of(peer)
+    if kind == "ipv6":
+        host = host_of(peer)
+        try:
+            return str(ipaddress.IPv6Network(f"{host}/64", strict=False))
+        except ValueError:
+            return peer
+    return kind  # unix sockets and anything else: one local source
+
+
+@dataclass
+class _Source:
+    tokens: float
+    updated: float
+    factor: int  # member_factor for a member's address, else 1 (decided when first seen)
+    open: int = 0
+
+
+class SourceLimits:
+    def __init__(
+        self,
+        setups_per_s: float,
+        setup_burst: int,
+        circuits_per_source: int,
+        member_factor: int = 16,
+        max_sources: int = 65_536,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._rate = setups_per_s
+        self._burst = float(setup_burst)
+        self._circuits = circuits_per_source
+        self._member_factor = member_factor
+        self._max_sources = max_sources
+        self._clock = clock
+        self._sources: dict[str, _Source] = {}
+
+    def admit(self, source: str, is_member: Callable[[], bool] = lambda: False) -> None:
+        """Spends one set-up of ``source``'s allowance and counts a circuit open for it;
+        raises ResourceExhausted (spending nothing) when either limit is reached.
+        ``is_member`` is asked only when the source is first seen (it may be slow)."""
+        now = self._clock()
+        state = self._sources.get(source)
+        if state is None:
+            if len(self._sources) >= self._max_sources:
+                self._forget_idle(now)
+            if len(self._sources) >= self._max_sources:
+                raise ResourceExhausted("this relay tracks its maximum number of sources; try later")
+            factor = self._member_factor if is_member() else 1
+            state = self._sources[source] = _Source(self._burst * factor, now, factor)
+        burst = self._burst * state.factor
+        state.tokens = min(burst, state.tokens + (now - state.updated) * self._rate * state.factor)
+        state.updated = now
+        if state.open >= self._circuits * state.factor:
+            raise ResourceExhausted(
+                f"this source holds its maximum of {self._circuits * state.factor} circuits on this relay"
+            )
+        if state.tokens < 1.0:
+            raise ResourceExhausted("this source opens circuits faster than this relay allows; slow down")
+        state.tokens -= 1.0
+        state.open += 1
+
+    def release(self, source: str) -> None:
+        """The circuit :meth:`admit` counted for ``source`` has ended (or was refused)."""
+        state = self._sources.get(source)
+        if state is not None and state.open > 0:
+            state.open -= 1
+
+    def open_circuits(self, source: str) -> int:
+        state = self._sources.get(source)
+        return state.open if state else 0
+
+    def _forget_idle(self, now: float) -> None:
+        # A source with nothing open whose bucket has refilled is the same as a new one.
+        refill_s = self._burst / self._rate
+        for source in [s for s, st in self._sources.items() if st.open == 0 and now - st.updated >= refill_s]:
+            del self._sources[source]
