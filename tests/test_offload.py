@@ -22,6 +22,7 @@ from services.router.config import RouterConfig
 from services.router.node import RouterNode
 from swarmserve import native
 from swarmserve.chain import Genesis, GenesisAccount, GenesisValidator
+from swarmserve.chain.callers import sign_as_caller
 from swarmserve.config import LedgerSettings, ServerSettings
 from swarmserve.keys import NodeKeys
 from swarmserve.overlay import Peer
@@ -113,13 +114,19 @@ def router_request(prompt: str, tokens: int) -> router_pb2.GenerateRequest:
     return message
 
 
-def request(tokens: int, budget: int, visited: list[bytes] | None = None) -> inference_pb2.InferenceGenerateRequest:
-    return inference_pb2.InferenceGenerateRequest(
+def request(
+    tokens: int, budget: int, visited: list[bytes] | None = None, caller: native.Identity | None = None
+) -> inference_pb2.InferenceGenerateRequest:
+    """With ``caller``, signed as its paying caller (what nodes that bill their callers ask)."""
+    message = inference_pb2.InferenceGenerateRequest(
         model=MODEL,
         prompt="Offload me, please.",
         sampling=common_pb2.SamplingParams(max_new_tokens=tokens),
         forwarding=inference_pb2.ForwardingState(hop_budget=budget, visited=visited or []),
     )
+    if caller is not None:
+        sign_as_caller(caller, message)
+    return message
 
 
 async def serve(
@@ -185,12 +192,13 @@ async def test_offload_targets_are_drawn_in_proportion_to_stake(tmp_path: Path) 
         assert (nodes[0].stake_of(staked), nodes[0].stake_of(unstaked)) == (50, 10)  # from the genesis
         a = router.directory.get(nodes[0].keys.identity.node_id)
         assert a is not None and nodes[0].offloader is not None and nodes[0].servicer.service is not None
-        busy = asyncio.ensure_future(serve(router.channels, a, request(60, budget=0)))  # holds a's only slot
+        payer = router.keys.identity  # with a ledger, nodes bill their callers: requests are signed
+        busy = asyncio.ensure_future(serve(router.channels, a, request(60, budget=0, caller=payer)))  # holds a's slot
         await asyncio.sleep(0.3)
         picks = Counter(
             target.descriptor.identity_key
             for _ in range(400)
-            if (target := nodes[0].offloader.target(nodes[0].servicer.service, request(5, budget=2))) is not None
+            if (target := nodes[0].offloader.target(nodes[0].servicer.service, request(5, 2, caller=payer))) is not None
         )
         # Weights stake + 1: 51 to 11, so 329 of 400 (sd 7.6) go to the more staked peer; a
         # deterministic choice (400 or 0) or a uniform one (200) is far outside.

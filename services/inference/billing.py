@@ -29,6 +29,15 @@ class Billing:
         self.price = price
         self.policy = policy
 
+    @property
+    def requires_caller(self) -> bool:
+        """Whether requests must name their paying caller: only when there is something to bill
+        or a balance to check. Otherwise no caller identity is asked for (or sent by routers)."""
+        price = self.price
+        return self.policy.accept_callers == "min_balance" or bool(
+            price.credits_per_1k_prompt_tokens or price.credits_per_1k_completion_tokens
+        )
+
     def admit(self, caller: bytes) -> None:
         """Raises PermissionDenied if this node does not serve ``caller`` now."""
         if self.policy.accept_callers == "min_balance":
@@ -40,6 +49,9 @@ class Billing:
             balance = self.chain.state.account(caller).available
             if balance < minimum and not self.chain.same_account(caller):
                 raise PermissionDenied(f"the caller holds {balance} credits; this node's minimum is {minimum}")
+        if not caller and self.requires_caller:
+            # Serving an unsigned request would bill nobody: a router could ride for free.
+            raise PermissionDenied("this node bills its callers: the request must be signed by the caller that pays")
         if caller and not self.chain.same_account(caller):
             unpaid = self.chain.inbox.unpaid(caller)
             if unpaid > self.policy.max_unpaid_credits:

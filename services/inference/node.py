@@ -150,7 +150,7 @@ class InferenceNode(ServiceNode):
         descriptor.models.extend(model_info(engine.identity) for engine in service.engines.values())
         descriptor.capacity.CopyFrom(capacity(service.policy))
         descriptor.load.CopyFrom(load_report(service.load()))
-        descriptor.policy.CopyFrom(policy_summary(service.policy))
+        descriptor.policy.CopyFrom(policy_summary(service.policy, service.requires_caller))
         descriptor.price.CopyFrom(common_pb2.Price(**self.config.price.model_dump()))
 
     async def start(self) -> None:

@@ -70,6 +70,8 @@ class Offloader:
             if peer.serves(request.model)
             and peer.descriptor.identity_key not in visited
             and peer.onion_key_usable()
+            # a peer that bills its callers cannot take a request that names none
+            and (bool(request.caller_key) or not peer.descriptor.policy.requires_caller)
             and (state := self._state(peer)).running + state.queued < state.slots
         ]
         if not free:

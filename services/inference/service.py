@@ -130,6 +130,11 @@ class InferenceService:
             windows = ", ".join(f"{w.start}-{w.end}" for w in self.policy.serving_hours)
             raise Unavailable(f"outside this node's serving hours ({windows} UTC)")
 
+    @property
+    def requires_caller(self) -> bool:
+        """Whether requests must be signed by the caller that pays (published in the policy)."""
+        return self.billing is not None and self.billing.requires_caller
+
     def _check_caller(self, caller_key: bytes) -> None:
         if self.billing is not None:
             self.billing.admit(caller_key)

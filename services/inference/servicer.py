@@ -64,8 +64,9 @@ def capacity(policy: ProviderPolicy) -> common_pb2.Capacity:
     return common_pb2.Capacity(max_concurrent=policy.max_concurrent, max_queue=policy.max_queue)
 
 
-def policy_summary(policy: ProviderPolicy) -> common_pb2.PolicySummary:
+def policy_summary(policy: ProviderPolicy, requires_caller: bool) -> common_pb2.PolicySummary:
     return common_pb2.PolicySummary(
+        requires_caller=requires_caller,
         max_prompt_tokens=policy.max_prompt_tokens,
         max_new_tokens=policy.max_new_tokens,
         serving_now=policy.serving_at(dt.datetime.now(dt.UTC)),
@@ -162,5 +163,5 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             models=[model_info(engine.identity) for engine in service.engines.values()],
             load=load_report(service.load()),
             capacity=capacity(service.policy),
-            policy=policy_summary(service.policy),
+            policy=policy_summary(service.policy, service.requires_caller),
         )

@@ -203,9 +203,13 @@ class RouterService:
         prompt can have, at the provider's published price. Serving this router's own account is
         free; without a ledger everything is."""
         chain = self.chain
-        if chain is None or chain.same_account(body.node_key):
-            return
         peer = self.directory.get(server)
+        if (
+            chain is None
+            or chain.same_account(body.node_key)
+            or (peer is not None and not peer.descriptor.policy.requires_caller)
+        ):
+            return
         price = peer.descriptor.price if peer is not None else common_pb2.Price()
         if request.WhichOneof("input") == "prompt":
             prompt_bytes, messages = len(request.prompt.encode()), 1
@@ -246,6 +250,12 @@ class RouterService:
             self._in_flight.setdefault(exit_.node_id, []).append(started)
             circuit: OpenCircuit | None = None
             try:
+                # The exit learns who pays only if it bills its callers (then this router signs as
+                # the payer); otherwise the request names nobody.
+                forwarded.ClearField("caller_key")
+                forwarded.ClearField("caller_signature")
+                if exit_.descriptor.policy.requires_caller:
+                    sign_as_caller(self.identity, forwarded)
                 circuit = await OpenCircuit.open(
                     self.channels, self.choose_relays(hops, exit_), exit_, self.config.setup_timeout_s,
                     self.config.cell_timeout_s,
@@ -298,7 +308,6 @@ class RouterService:
             forwarded.prompt = request.prompt
         else:
             forwarded.chat.CopyFrom(request.chat)
-        sign_as_caller(self.identity, forwarded)  # this router pays: providers may check its balance
         exit_, started, circuit, message = await self._start(request, forwarded, hops, set(excluded))
         completed = False
         try:
