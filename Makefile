@@ -93,6 +93,7 @@ bench: install
 	$(PY) bench/overlay.py
 	$(PY) bench/verification.py
 	$(PY) bench/ledger.py
+	$(PY) bench/adversary_sim.py
 
 clean:
 	rm -rf $(VENV) native/target swarmserve/_native*.so swarmserve/v1/*_pb2*.py swarmserve/v1/*_pb2*.pyi $(PROTO_STAMP)

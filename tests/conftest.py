@@ -199,7 +199,9 @@ def swarm(tmp_path: Path) -> SwarmFactory:
             started.append(router_node)
             await wait_for_members(router_node, relays + len(inference_nodes_started))
             for relay in relay_nodes:  # relays dial only members they know as next hops
-                await wait_for_members(relay, relays - 1 + len(inference_nodes_started))
+                # Every other member, the router included (counting fewer could count the router
+                # in place of an inference node the relay does not know yet).
+                await wait_for_members(relay, relays - 1 + len(inference_nodes_started) + 1)
             yield Swarm(router_node, relay_nodes, inference_nodes_started, genesis)
         finally:
             for node in reversed(started):

@@ -26,12 +26,16 @@ from swarmserve.chain.callers import sign_as_caller
 from swarmserve.chain.payments import most_prompt_tokens, price_credits
 from swarmserve.dispatch import (
     CentralOraclePolicy,
+    Hop,
     LocalOnlyPolicy,
     NodeState,
+    NoDiversePath,
     OverlayPolicy,
     Policy,
     RandomPolicy,
     RoundRobinPolicy,
+    choose_path,
+    network_of,
     reported_state,
 )
 from swarmserve.overlay import Membership, Peer
@@ -275,15 +279,29 @@ class RouterService:
                 excluded.add(exit_.node_id)
         raise AssertionError("unreachable")
 
+    def _hop(self, peer: Peer) -> Hop:
+        """A relay or exit as path choice sees it: its operator and stake from the chain."""
+        key = peer.descriptor.identity_key
+        operator, stake = key, 0
+        if self.chain is not None:
+            account = self.chain.state.account(key)
+            operator, stake = account.account_key, account.bonded
+        return Hop(peer.node_id, operator, network_of(peer.descriptor.address), stake)
+
     def choose_relays(self, hops: int, exit_: Peer) -> list[Peer]:
-        relays = [
-            p
+        """Relays drawn by stake, no two hops of one operator or network (``dispatch/paths.py``)."""
+        relays = {
+            p.node_id: p
             for p in self.directory.alive(common_pb2.NODE_ROLE_RELAY)
             if p.node_id != exit_.node_id and p.onion_key_usable()
-        ]
+        }
         if len(relays) < hops:
             raise Unavailable(f"{hops} hops asked for, but only {len(relays)} live relays are known")
-        return self._random.sample(relays, hops)
+        try:
+            path = choose_path([self._hop(p) for p in relays.values()], hops, self._hop(exit_), self._random)
+        except NoDiversePath as error:
+            raise Unavailable(str(error)) from None
+        return [relays[hop.node_id] for hop in path]
 
     async def generate(
         self, request: router_pb2.GenerateRequest, *, excluded: Collection[str] = (), duel: bool = True
