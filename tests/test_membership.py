@@ -10,7 +10,9 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
 from grpc import aio
 
@@ -48,6 +50,24 @@ def nodes(tmp_path: Path) -> Nodes:
                 await node.stop(0)
 
     return start
+
+
+class Stranger:
+    """A member as a hostile one acts: its own identity, signing what it sends (it must, to be
+    heard at all), at an address where nothing answers."""
+
+    def __init__(self, address: str = "127.0.0.1:9") -> None:
+        self.identity = native.Identity.generate()
+        self.publisher = DescriptorPublisher(self.identity, [common_pb2.NODE_ROLE_RELAY], lambda: address)
+
+    def packet(self, **fields: Any) -> overlay_pb2.SwimPacket:
+        return self.publisher.sign(overlay_pb2.SwimPacket(sender=self.publisher.describe(), **fields))
+
+    def exchange(self, **fields: Any) -> overlay_pb2.ExchangeRequest:
+        return self.publisher.sign(overlay_pb2.ExchangeRequest(sender=self.publisher.describe(), **fields))
+
+    def claim(self, key: bytes, state: int, incarnation: int) -> overlay_pb2.MemberUpdate:
+        return self.publisher.claim(key, state, incarnation)  # type: ignore[arg-type]
 
 
 def state_of(observer: RelayNode, node: RelayNode) -> int | None:
@@ -101,14 +121,13 @@ async def test_a_false_death_claim_is_refuted_by_the_living_node(nodes: Nodes) -
         victim, liar_target = group[1], group[2]
         claimed = liar_target.membership.directory.get(victim.keys.identity.node_id)
         assert claimed is not None
-        # A malicious member tells node 2 that node 1 is dead (an unsigned claim: it counts as a
-        # suspicion only; tests/adversarial/test_membership.py tries the rest).
-        lie = overlay_pb2.SwimPacket(
+        # A malicious member tells node 2 that node 1 is dead (its own claim, not the victim's
+        # leave: it counts as a suspicion only; tests/adversarial/test_membership.py tries the rest).
+        liar = Stranger()
+        lie = liar.packet(
             updates=[
-                overlay_pb2.MemberUpdate(
-                    identity_key=victim.keys.identity.public_key,
-                    state=overlay_pb2.MEMBER_STATE_DEAD,
-                    incarnation=claimed.descriptor.incarnation,
+                liar.claim(
+                    victim.keys.identity.public_key, overlay_pb2.MEMBER_STATE_DEAD, claimed.descriptor.incarnation
                 )
             ]
         )
@@ -144,28 +163,35 @@ async def test_forged_stale_and_malformed_gossip_is_dropped(nodes: Nodes) -> Non
             # The victim's own, genuinely signed, but older descriptor (a replay): no rollback.
             "replayed": common_pb2.SignedDescriptor(descriptor=held.signed.descriptor, signature=held.signed.signature),
         }
+        stranger = Stranger()
         async with aio.insecure_channel(target.address) as channel:
             stub = overlay_pb2_grpc.OverlayStub(channel)
             for signed in attempts.values():
-                await stub.Swim(overlay_pb2.SwimPacket(sender=signed))
-                await stub.Swim(
-                    overlay_pb2.SwimPacket(
-                        updates=[
-                            overlay_pb2.MemberUpdate(
-                                identity_key=victim.keys.identity.public_key, state=ALIVE, descriptor=signed
-                            )
-                        ]
-                    )
+                # As the sender of a message: the whole message is refused.
+                for message in (overlay_pb2.SwimPacket(sender=signed), overlay_pb2.ExchangeRequest(sender=signed)):
+                    call = stub.Swim if isinstance(message, overlay_pb2.SwimPacket) else stub.Exchange
+                    with pytest.raises(aio.AioRpcError) as refused:
+                        await call(message)  # type: ignore[operator]
+                    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                # As news inside a message from a member that signs it: that piece is dropped.
+                news = overlay_pb2.MemberUpdate(
+                    identity_key=victim.keys.identity.public_key, state=ALIVE, descriptor=signed
                 )
-                await stub.Exchange(overlay_pb2.ExchangeRequest(sender=signed, updates=[signed]))
-            # Claims about keys of the wrong length, about unknown members, and probe targets
-            # that are not keys: answered, ignored.
+                await stub.Swim(stranger.packet(updates=[news]))
+                await stub.Exchange(stranger.exchange(updates=[signed]))
+            # Claims about keys of the wrong length, about unknown members, unsigned claims, and
+            # probe targets that are not keys: answered, ignored.
             answer = await stub.Swim(
-                overlay_pb2.SwimPacket(
+                stranger.packet(
                     probe_target=b"short",
                     updates=[
-                        overlay_pb2.MemberUpdate(identity_key=b"x", state=DEAD, incarnation=1),
-                        overlay_pb2.MemberUpdate(identity_key=attacker.public_key, state=DEAD, incarnation=1),
+                        stranger.claim(b"x", DEAD, 1),
+                        stranger.claim(attacker.public_key, DEAD, 1),
+                        overlay_pb2.MemberUpdate(
+                            identity_key=victim.keys.identity.public_key,
+                            state=DEAD,
+                            incarnation=held.descriptor.incarnation,
+                        ),
                     ],
                 )
             )

@@ -76,10 +76,11 @@ async def member_state(router: str, node_id: str) -> int | None:
 async def node_id(address: str) -> str:
     from swarmserve.overlay import node_id_of, open_descriptor
     from swarmserve.v1 import overlay_pb2_grpc
+    from tests.test_membership import Stranger
 
     async with aio.insecure_channel(address) as channel:
-        reply = await overlay_pb2_grpc.OverlayStub(channel).Exchange(overlay_pb2.ExchangeRequest(), timeout=2)
-    return node_id_of(open_descriptor(reply.updates[0]))
+        reply = await overlay_pb2_grpc.OverlayStub(channel).Exchange(Stranger().exchange(), timeout=2)
+    return node_id_of(open_descriptor(reply.sender))
 
 
 async def wait_for_state(router: str, node: str, state: int, timeout_s: float) -> float:

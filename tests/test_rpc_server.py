@@ -195,3 +195,17 @@ def test_sigterm_drains_and_exits_cleanly(tmp_path: Path) -> None:
     events = [line["event"] for line in lines]
     assert {"serving", "signal received", "draining", "stopped"} <= set(events)
     assert all("timestamp" in line and "level" in line for line in lines)
+
+
+async def test_the_channel_pool_evicts_the_least_recently_used() -> None:
+    from swarmserve.rpc import ChannelPool
+
+    pool = ChannelPool(max_channels=2, grace_s=0.1)
+    a, b = pool.get("127.0.0.1:1"), pool.get("127.0.0.1:2")
+    assert pool.get("127.0.0.1:1") is a  # used again: b is now the oldest
+    pool.get("127.0.0.1:3")
+    assert len(pool) == 2
+    assert pool.get("127.0.0.1:1") is a  # kept
+    assert pool.get("127.0.0.1:2") is not b  # evicted (and closed), so a new one
+    assert len(pool) == 2
+    await pool.close()

@@ -163,8 +163,9 @@ impl Identity {
 
 /// Raises SignatureError unless `signature` is `public_key`'s Ed25519 signature of `message`.
 #[pyfunction]
-fn verify_signature(public_key: &[u8], message: &[u8], signature: &[u8]) -> PyResult<()> {
-    Ok(identity::verify(public_key, message, signature)?)
+fn verify_signature(py: Python<'_>, public_key: &[u8], message: &[u8], signature: &[u8]) -> PyResult<()> {
+    // Without the GIL: gossip checks descriptors in a worker thread, off the event loop.
+    Ok(py.allow_threads(|| identity::verify(public_key, message, signature))?)
 }
 
 /// The node id of an Ed25519 public key.

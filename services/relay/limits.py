@@ -15,9 +15,9 @@ from __future__ import annotations
 import ipaddress
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from swarmserve.rpc import ResourceExhausted
+from swarmserve.rpc.limits import TokenBuckets
 
 __all__ = ["SourceLimits", "host_of", "source_of"]
 
@@ -44,14 +44,6 @@ def source_of(peer: str) -> str:
     return kind  # unix sockets and anything else: one local source
 
 
-@dataclass
-class _Source:
-    tokens: float
-    updated: float
-    factor: int  # member_factor for a member's address, else 1 (decided when first seen)
-    open: int = 0
-
-
 class SourceLimits:
     def __init__(
         self,
@@ -62,51 +54,34 @@ class SourceLimits:
         max_sources: int = 65_536,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._rate = setups_per_s
-        self._burst = float(setup_burst)
+        self._setups = TokenBuckets(setups_per_s, setup_burst, max_sources, clock)
         self._circuits = circuits_per_source
         self._member_factor = member_factor
-        self._max_sources = max_sources
-        self._clock = clock
-        self._sources: dict[str, _Source] = {}
+        self._open: dict[str, int] = {}
 
     def admit(self, source: str, is_member: Callable[[], bool] = lambda: False) -> None:
         """Spends one set-up of ``source``'s allowance and counts a circuit open for it;
         raises ResourceExhausted (spending nothing) when either limit is reached.
         ``is_member`` is asked only when the source is first seen (it may be slow)."""
-        now = self._clock()
-        state = self._sources.get(source)
-        if state is None:
-            if len(self._sources) >= self._max_sources:
-                self._forget_idle(now)
-            if len(self._sources) >= self._max_sources:
-                raise ResourceExhausted("this relay tracks its maximum number of sources; try later")
-            factor = self._member_factor if is_member() else 1
-            state = self._sources[source] = _Source(self._burst * factor, now, factor)
-        burst = self._burst * state.factor
-        state.tokens = min(burst, state.tokens + (now - state.updated) * self._rate * state.factor)
-        state.updated = now
-        if state.open >= self._circuits * state.factor:
+        most = int(self._circuits * self._setups.factor(source))
+        if self._open.get(source, 0) >= most:
+            raise ResourceExhausted(f"this source holds its maximum of {most} circuits on this relay")
+        if not self._setups.take(
+            source, lambda: self._member_factor if is_member() else 1, busy=lambda s: self._open.get(s, 0) > 0
+        ):
             raise ResourceExhausted(
-                f"this source holds its maximum of {self._circuits * state.factor} circuits on this relay"
+                "this source opens circuits faster than this relay allows (or the relay tracks its maximum of "
+                "sources); slow down"
             )
-        if state.tokens < 1.0:
-            raise ResourceExhausted("this source opens circuits faster than this relay allows; slow down")
-        state.tokens -= 1.0
-        state.open += 1
+        self._open[source] = self._open.get(source, 0) + 1
 
     def release(self, source: str) -> None:
         """The circuit :meth:`admit` counted for ``source`` has ended (or was refused)."""
-        state = self._sources.get(source)
-        if state is not None and state.open > 0:
-            state.open -= 1
+        count = self._open.get(source, 0)
+        if count > 1:
+            self._open[source] = count - 1
+        else:
+            self._open.pop(source, None)
 
     def open_circuits(self, source: str) -> int:
-        state = self._sources.get(source)
-        return state.open if state else 0
-
-    def _forget_idle(self, now: float) -> None:
-        # A source with nothing open whose bucket has refilled is the same as a new one.
-        refill_s = self._burst / self._rate
-        for source in [s for s, st in self._sources.items() if st.open == 0 and now - st.updated >= refill_s]:
-            del self._sources[source]
+        return self._open.get(source, 0)

@@ -90,6 +90,16 @@ class GossipSettings(StrictModel):
     suspicion_mult: float = Field(
         4.0, gt=0, description="suspicion lasts suspicion_mult x max(1, log10 n) protocol periods before 'dead'"
     )
+    suspicion_max_mult: float = Field(
+        6.0,
+        ge=1,
+        description="an unconfirmed suspicion lasts this many times longer; independent confirmations shorten it "
+        "(Lifeguard)",
+    )
+    sender_packets_per_s: float = Field(
+        20.0, gt=0, description="gossip messages one sender may send this node per second, sustained"
+    )
+    sender_burst: int = Field(60, ge=1, description="gossip messages one sender may send at once")
     retransmit_mult: int = Field(
         4, ge=1, description="each piece of news is sent retransmit_mult x ceil(log10(n+1)) times"
     )

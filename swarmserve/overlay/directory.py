@@ -55,18 +55,21 @@ class PeerDirectory:
         self._own_key = own_key
         self._peers: dict[str, Peer] = {}
 
-    def offer(self, signed: common_pb2.SignedDescriptor) -> Peer | None:
+    def offer(
+        self, signed: common_pb2.SignedDescriptor, descriptor: common_pb2.NodeDescriptor | None = None
+    ) -> Peer | None:
         """Takes a signed descriptor if its version is newer than the one held (returns the
         member, else None). A suspect or dead member becomes alive again only if the descriptor's
         incarnation is above the one the claim was about: only the node itself signs those, so
         only it can refute. Descriptors that do not verify, this node's own, and versions not
         newer than held are dropped, so nobody can overwrite another node's descriptor or roll
-        it back."""
-        try:
-            descriptor = open_descriptor(signed)
-        except DescriptorError as error:
-            log.warning("descriptor refused", reason=str(error))
-            return None
+        it back. ``descriptor``: ``signed`` already opened (verified) by the caller."""
+        if descriptor is None:
+            try:
+                descriptor = open_descriptor(signed)
+            except DescriptorError as error:
+                log.warning("descriptor refused", reason=str(error))
+                return None
         if descriptor.identity_key == self._own_key:
             return None
         node_id = node_id_of(descriptor)

@@ -12,6 +12,11 @@ for it. Only a member ends its own membership at once (a signed leave); anyone e
 or DEAD claim, about its current incarnation only, makes it at most suspect here, and this
 node's own suspicion timer decides: a liar cannot remove a live node, whose next packet
 refutes, nor push its incarnation anywhere (claims about other incarnations are ignored).
+Every message is signed by its sender and every suspicion by its claimant (``packets.py``,
+checked off the event loop); a sender gets ``sender_packets_per_s`` messages a second. A
+suspicion lasts up to ``suspicion_max_mult`` times the timeout below and shortens with each
+independent confirmation (Lifeguard, ``suspicion.py``), so one member that cannot reach another
+cannot get it declared dead fast.
 News (alive with the descriptor, suspect, dead) rides on probes and their answers, at most
 ``max_piggyback`` pieces per packet, each sent ``retransmit_mult`` x ceil(log10(n+1)) times, least
 sent first. So a node sends one probe per period (plus ``indirect_probes`` when one fails) of
@@ -38,11 +43,14 @@ from grpc import aio
 
 from swarmserve import native
 from swarmserve.config import GossipSettings
-from swarmserve.overlay.descriptors import DescriptorError
+from swarmserve.overlay.descriptors import DescriptorError, node_id_of
 from swarmserve.overlay.directory import ALIVE, DEAD, SUSPECT, Peer, PeerDirectory
-from swarmserve.overlay.publisher import DescriptorPublisher, leave_message
+from swarmserve.overlay.packets import Message, OpenedMessage, PacketError, open_message
+from swarmserve.overlay.publisher import DescriptorPublisher
+from swarmserve.overlay.suspicion import Suspicion, expected_confirmations
 from swarmserve.rpc.channels import ChannelPool
-from swarmserve.rpc.errors import ResourceExhausted, Unavailable
+from swarmserve.rpc.errors import ResourceExhausted, Unauthenticated, Unavailable
+from swarmserve.rpc.limits import TokenBuckets
 from swarmserve.telemetry import get_logger
 from swarmserve.v1 import common_pb2, overlay_pb2, overlay_pb2_grpc
 
@@ -55,21 +63,14 @@ log = get_logger("swarmserve.overlay")
 # honest exchanges push only the sender's own descriptor, so a flood is refused before any
 # signature is checked (each costs the receiver a verification on its event loop).
 MAX_PUSHED = 64
+# What one exchange may list or answer: a whole swarm's descriptors (PlanetServe's 10,000 with
+# room to spare), no more.
+MAX_EXCHANGED = 16_384
 
 
-def _bounded(count: int, what: str) -> None:
-    if count > MAX_PUSHED:
-        raise ResourceExhausted(f"{count} {what}; at most {MAX_PUSHED}")
-
-
-def _signed_leave(update: overlay_pb2.MemberUpdate) -> bool:
-    try:
-        native.verify_signature(
-            update.identity_key, leave_message(update.identity_key, update.incarnation), update.leave_signature
-        )
-    except (native.SignatureError, native.InvalidKeyError, ValueError, OverflowError):
-        return False
-    return True
+def _bounded(count: int, what: str, most: int = MAX_PUSHED) -> None:
+    if count > most:
+        raise ResourceExhausted(f"{count} {what}; at most {most}")
 
 
 @dataclass
@@ -95,6 +96,8 @@ class Membership:
         self._channels = channels
         self._rng = rng or random.SystemRandom()
         self._news: dict[bytes, _News] = {}  # newest news per member (identity key)
+        self._suspicions: dict[str, Suspicion] = {}  # per suspect member (node id)
+        self._senders = TokenBuckets(settings.sender_packets_per_s, settings.sender_burst)
         self._order: list[str] = []  # probe order for this pass over the members
         self._task: asyncio.Task[None] | None = None
         self.packets_sent = 0  # probes, indirect probe requests and exchanges sent (for benchmarks)
@@ -102,12 +105,25 @@ class Membership:
 
     # --- what arrives ------------------------------------------------------------------------
 
+    async def _open(self, message: Message) -> OpenedMessage:
+        """Every signature in ``message`` checked off the event loop; raises Unauthenticated."""
+        try:
+            return await asyncio.to_thread(open_message, message)
+        except PacketError as error:
+            raise Unauthenticated(str(error)) from None
+
+    def _admit(self, sender: common_pb2.NodeDescriptor) -> None:
+        if not self._senders.take(node_id_of(sender)):
+            raise ResourceExhausted("this sender gossips faster than this node allows; slow down")
+
     async def on_swim(self, packet: overlay_pb2.SwimPacket) -> overlay_pb2.SwimPacket:
         """Answers a probe (the answer is the acknowledgement) or an indirect probe request."""
         if self._left:  # answering would carry a fresh descriptor and undo the goodbye
             raise Unavailable("this node has left the swarm")
         _bounded(len(packet.updates), "updates in one packet")
-        sender = self._absorb(packet)
+        opened = await self._open(packet)
+        self._admit(opened.sender)
+        sender = self._absorb(opened)
         acked = False
         if packet.probe_target:
             target = self.directory.get(native.node_id(packet.probe_target)) if len(packet.probe_target) == 32 else None
@@ -117,40 +133,44 @@ class Membership:
         # A member we hold suspect or dead that talks to us (back from a partition, say) is told
         # so directly: the news may have stopped circulating long ago, and it must refute.
         if sender is not None and not sender.alive:
-            answer.updates.append(self._claim_news(sender))
-        return answer
+            answer.updates.append(
+                self.publisher.claim(sender.descriptor.identity_key, SUSPECT, sender.claimed_incarnation)
+            )
+        return self.publisher.sign(answer)
 
-    def on_exchange(self, request: overlay_pb2.ExchangeRequest) -> overlay_pb2.ExchangeResponse:
+    async def on_exchange(self, request: overlay_pb2.ExchangeRequest) -> overlay_pb2.ExchangeResponse:
         if self._left:
             raise Unavailable("this node has left the swarm")
         _bounded(len(request.updates), "descriptors pushed in one exchange")
-        for signed in [request.sender, *request.updates]:
-            if signed.descriptor:
-                self._learn(signed)
+        _bounded(len(request.known), "digests in one exchange", MAX_EXCHANGED)
+        opened = await self._open(request)
+        self._admit(opened.sender)
+        self._absorb(opened)
         known = {(d.identity_key, d.version) for d in request.known}
-        updates = [self.describe()] + [
+        updates = [
             p.signed for p in self.directory.members() if (p.descriptor.identity_key, p.descriptor.version) not in known
         ]
-        return overlay_pb2.ExchangeResponse(updates=updates)
+        return self.publisher.sign(
+            overlay_pb2.ExchangeResponse(sender=self.describe(), updates=updates[:MAX_EXCHANGED])
+        )
 
-    def _absorb(self, packet: overlay_pb2.SwimPacket) -> Peer | None:
-        """Takes in a packet's news; returns its sender, if its descriptor was new to us."""
-        sender = self._learn(packet.sender) if packet.sender.descriptor else None
-        for update in packet.updates:
-            if update.state == ALIVE:
-                if update.descriptor.descriptor:
-                    self._learn(update.descriptor)
-            elif update.state in (SUSPECT, DEAD):
-                # Only the member's own signed goodbye makes it dead at once; anyone else's death
-                # claim is a suspicion, which this node's own timer decides.
-                left = update.state == DEAD and _signed_leave(update)
-                self._claim(update.identity_key, DEAD if left else SUSPECT, update.incarnation, update.leave_signature)
+    def _absorb(self, opened: OpenedMessage) -> Peer | None:
+        """Takes in a verified message's news; returns its sender, if its descriptor was new to us."""
+        sender = None
+        for signed, descriptor in opened.descriptors:
+            peer = self._learn(signed, descriptor)
+            if descriptor is opened.sender:
+                sender = peer
+        for update, left in opened.claims:
+            if update.state in (SUSPECT, DEAD):
+                self._on_claim(update, left)
         return sender
 
-    def _learn(self, signed: common_pb2.SignedDescriptor) -> Peer | None:
-        peer = self.directory.offer(signed)
+    def _learn(self, signed: common_pb2.SignedDescriptor, descriptor: common_pb2.NodeDescriptor) -> Peer | None:
+        peer = self.directory.offer(signed, descriptor)
         if peer is not None:
             if peer.alive:  # a newer descriptor of a member still suspect or dead is no news
+                self._suspicions.pop(peer.node_id, None)
                 update = overlay_pb2.MemberUpdate(
                     identity_key=peer.descriptor.identity_key,
                     state=ALIVE,
@@ -162,36 +182,53 @@ class Membership:
                 self._order.insert(self._rng.randint(0, len(self._order)), peer.node_id)
         return peer
 
-    def _claim(
-        self, key: bytes, state: overlay_pb2.MemberState.ValueType, incarnation: int, leave_signature: bytes = b""
-    ) -> None:
-        if key == self.own_key:
-            if self._left or incarnation != self.publisher.incarnation:
-                return  # a claim about a past (or a made-up future) incarnation needs no answer
-            # Refute: only this node can sign a descriptor with a higher incarnation.
-            self.publisher.refute()
-            signed = self.describe()
-            self._enqueue(
-                overlay_pb2.MemberUpdate(
-                    identity_key=key, state=ALIVE, incarnation=self.publisher.incarnation, descriptor=signed
-                )
+    def _refute(self, incarnation: int, state: overlay_pb2.MemberState.ValueType) -> None:
+        if self._left or incarnation != self.publisher.incarnation:
+            return  # a claim about a past (or a made-up future) incarnation needs no answer
+        # Only this node can sign a descriptor with a higher incarnation.
+        self.publisher.refute()
+        signed = self.describe()
+        self._enqueue(
+            overlay_pb2.MemberUpdate(
+                identity_key=self.own_key, state=ALIVE, incarnation=self.publisher.incarnation, descriptor=signed
             )
-            log.info("refuting a claim about this node", claimed=overlay_pb2.MemberState.Name(state))
+        )
+        log.info("refuting a claim about this node", claimed=overlay_pb2.MemberState.Name(state))
+
+    def _on_claim(self, update: overlay_pb2.MemberUpdate, left: bool) -> None:
+        """A verified claim: the member's own leave (``left``: dead at once) or a claimant's
+        suspicion (a DEAD claim without a leave counts as one), about its current incarnation."""
+        key, incarnation = update.identity_key, update.incarnation
+        if key == self.own_key:
+            self._refute(incarnation, update.state)
             return
         if len(key) != 32:
             return
-        peer = self.directory.set_state(native.node_id(key), state, incarnation, leave_signature)
-        if peer is not None:
-            self._enqueue(self._claim_news(peer))
-
-    @staticmethod
-    def _claim_news(peer: Peer) -> overlay_pb2.MemberUpdate:
-        return overlay_pb2.MemberUpdate(
-            identity_key=peer.descriptor.identity_key,
-            state=peer.state,
-            incarnation=peer.claimed_incarnation,
-            leave_signature=peer.leave_signature,
-        )
+        node_id = native.node_id(key)
+        if left:
+            if self.directory.set_state(node_id, DEAD, incarnation, update.leave_signature) is not None:
+                self._suspicions.pop(node_id, None)
+                self._enqueue(update)
+            return
+        claimant = update.claimant
+        if claimant == key or (claimant != self.own_key and self.directory.get(native.node_id(claimant)) is None):
+            return  # only members' suspicions count (and nobody suspects itself)
+        peer = self.directory.get(node_id)
+        if peer is None or incarnation != peer.descriptor.incarnation:
+            return
+        if peer.state == ALIVE:
+            if self.directory.set_state(node_id, SUSPECT, incarnation) is not None:
+                minimum = self.suspicion_timeout_s()
+                self._suspicions[node_id] = Suspicion(
+                    claimant,
+                    expected_confirmations(self.settings.suspicion_mult, len(self.directory.members())),
+                    minimum,
+                    minimum * self.settings.suspicion_max_mult,
+                    time.monotonic(),
+                )
+                self._enqueue(update)
+        elif peer.state == SUSPECT and (suspicion := self._suspicions.get(node_id)) and suspicion.confirm(claimant):
+            self._enqueue(update)  # pass the confirmation on: others count it too
 
     def _enqueue(self, update: overlay_pb2.MemberUpdate) -> None:
         self._news[update.identity_key] = _News(update)
@@ -213,16 +250,20 @@ class Membership:
             updates=[n.update for n in news],
             probe_target=probe_target,
             probe_acked=probe_acked,
-        )
+        )  # signed by the caller, once complete
 
     async def _send(self, peer: Peer, packet: overlay_pb2.SwimPacket, timeout: float) -> overlay_pb2.SwimPacket | None:
         self.packets_sent += 1
         stub = overlay_pb2_grpc.OverlayStub(self._channels.get(peer.descriptor.address))
         try:
-            answer: overlay_pb2.SwimPacket = await stub.Swim(packet, timeout=timeout)
+            answer: overlay_pb2.SwimPacket = await stub.Swim(self.publisher.sign(packet), timeout=timeout)
+            opened = await self._open(answer)
         except aio.AioRpcError:
             return None
-        self._absorb(answer)
+        except Unauthenticated as error:
+            log.warning("gossip answer refused", peer=peer.node_id[:16], reason=str(error))
+            return None
+        self._absorb(opened)
         return answer
 
     async def _ping(self, peer: Peer, timeout: float) -> bool:
@@ -261,23 +302,36 @@ class Membership:
         self.suspect(target.node_id)
 
     def suspect(self, node_id: str) -> None:
-        """Starts the suspicion of a member (also used by callers whose requests to it failed);
-        it is declared dead unless it refutes within the suspicion timeout."""
+        """This node suspects a member (its probe failed, or a caller's request to it did): a
+        new suspicion, or a confirmation of one; it is declared dead unless it refutes in time."""
         peer = self.directory.get(node_id)
-        if peer is not None and peer.alive:
-            self._claim(peer.descriptor.identity_key, SUSPECT, peer.descriptor.incarnation)
+        if peer is not None and peer.state != DEAD:
+            incarnation = peer.descriptor.incarnation
+            self._on_claim(self.publisher.claim(peer.descriptor.identity_key, SUSPECT, incarnation), left=False)
 
     def suspicion_timeout_s(self) -> float:
+        """The shortest suspicion (fully confirmed); an unconfirmed one lasts suspicion_max_mult times more."""
         members = max(len(self.directory.members()), 1)
         return self.settings.suspicion_mult * max(1.0, math.log10(members)) * self.settings.probe_interval_s
 
     def expire(self, now: float | None = None) -> None:
         """Declares dead the suspects whose suspicion timed out; forgets long-dead members."""
         now = time.monotonic() if now is None else now
-        timeout = self.suspicion_timeout_s()
         for peer in self.directory.peers():
-            if peer.state == SUSPECT and now - peer.state_since >= timeout:
-                self._claim(peer.descriptor.identity_key, DEAD, peer.claimed_incarnation)
+            if peer.state == SUSPECT:
+                suspicion = self._suspicions.get(peer.node_id)
+                expired = (
+                    suspicion.expired(now)
+                    if suspicion is not None
+                    else now - peer.state_since >= self.suspicion_timeout_s()  # made suspect by hand
+                )
+                if expired:
+                    self._suspicions.pop(peer.node_id, None)
+                    if self.directory.set_state(peer.node_id, DEAD, peer.claimed_incarnation) is not None:
+                        # Others take this as this node's suspicion (only a leave is dead at once).
+                        self._enqueue(
+                            self.publisher.claim(peer.descriptor.identity_key, DEAD, peer.claimed_incarnation)
+                        )
             elif peer.state == DEAD and now - peer.state_since >= self.settings.dead_retention_s:
                 self.directory.forget(peer.node_id)
 
@@ -295,11 +349,15 @@ class Membership:
         )
         stub = overlay_pb2_grpc.OverlayStub(self._channels.get(address))
         try:
-            reply = await stub.Exchange(request, timeout=max(self.settings.probe_interval_s, 1.0))
+            reply = await stub.Exchange(self.publisher.sign(request), timeout=max(self.settings.probe_interval_s, 1.0))
+            _bounded(len(reply.updates), "descriptors in an exchange's answer", MAX_EXCHANGED)
+            opened = await self._open(reply)
         except aio.AioRpcError:
             return False
-        for signed in reply.updates:
-            self._learn(signed)
+        except (Unauthenticated, ResourceExhausted) as error:
+            log.warning("exchange answer refused", address=address, reason=str(error))
+            return False
+        self._absorb(opened)
         return True
 
     async def join(self) -> int:
@@ -324,7 +382,7 @@ class Membership:
             incarnation=self.publisher.incarnation,
             leave_signature=self.publisher.leave_signature(),
         )
-        packet = overlay_pb2.SwimPacket(updates=[update])
+        packet = overlay_pb2.SwimPacket(sender=self.describe(), updates=[update])
         members = [p for p in self.directory.members() if p.alive]
         targets = self._rng.sample(members, min(self.settings.indirect_probes + 1, len(members)))
         await asyncio.gather(*(self._send(p, packet, self.settings.probe_timeout_s) for p in targets))

@@ -10,16 +10,10 @@ from collections.abc import Callable, Sequence
 from swarmserve import native
 from swarmserve.keys import OnionKeyRing
 from swarmserve.overlay.descriptors import sign_descriptor
-from swarmserve.v1 import common_pb2
+from swarmserve.overlay.packets import Message, leave_message, sign_claim, sign_message
+from swarmserve.v1 import common_pb2, overlay_pb2
 
-__all__ = ["DescriptorPublisher", "leave_message"]
-
-LEAVE_DOMAIN = b"swarmserve-leave-v1"
-
-
-def leave_message(identity_key: bytes, incarnation: int) -> bytes:
-    """What a member signs to leave: only it can declare itself dead at once."""
-    return LEAVE_DOMAIN + identity_key + incarnation.to_bytes(8, "big")
+__all__ = ["DescriptorPublisher"]
 
 
 class DescriptorPublisher:
@@ -52,6 +46,18 @@ class DescriptorPublisher:
     def leave_signature(self) -> bytes:
         """This node's goodbye at its current incarnation (see :func:`leave_message`)."""
         return self._identity.sign(leave_message(self._identity.public_key, self.incarnation))
+
+    def sign(self, message: Message) -> Message:
+        """Signs a gossip message this node sends (see ``packets.py``)."""
+        return sign_message(self._identity, message)
+
+    def claim(
+        self, identity_key: bytes, state: overlay_pb2.MemberState.ValueType, incarnation: int
+    ) -> overlay_pb2.MemberUpdate:
+        """This node's own signed claim that a member is suspect (or dead, by its timer)."""
+        return sign_claim(
+            self._identity, overlay_pb2.MemberUpdate(identity_key=identity_key, state=state, incarnation=incarnation)
+        )
 
     def describe(self) -> common_pb2.SignedDescriptor:
         now_ms = int(time.time() * 1000)

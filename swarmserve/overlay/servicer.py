@@ -20,7 +20,7 @@ class OverlayServicer(overlay_pb2_grpc.OverlayServicer):
     async def Exchange(
         self, request: overlay_pb2.ExchangeRequest, context: aio.ServicerContext[Any, Any]
     ) -> overlay_pb2.ExchangeResponse:
-        return self.membership.on_exchange(request)
+        return await self.membership.on_exchange(request)
 
     async def Swim(
         self, request: overlay_pb2.SwimPacket, context: aio.ServicerContext[Any, Any]

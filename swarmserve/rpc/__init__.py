@@ -10,11 +10,13 @@ from swarmserve.rpc.errors import (
     PermissionDenied,
     ResourceExhausted,
     ServiceError,
+    Unauthenticated,
     Unavailable,
     Unimplemented,
     status_for,
 )
 from swarmserve.rpc.interceptor import ErrorInterceptor
+from swarmserve.rpc.limits import TokenBuckets
 from swarmserve.rpc.server import RpcServer, ServiceBinding
 
 __all__ = [
@@ -30,6 +32,8 @@ __all__ = [
     "RpcServer",
     "ServiceBinding",
     "ServiceError",
+    "TokenBuckets",
+    "Unauthenticated",
     "Unavailable",
     "Unimplemented",
     "open_stream",

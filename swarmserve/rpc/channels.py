@@ -1,8 +1,13 @@
 """Client channels to other nodes, one per address, with keepalive so that a peer that stops
-answering (not just one that closes its connection) is noticed within seconds."""
+answering (not just one that closes its connection) is noticed within seconds. The pool holds at
+most ``max_channels``: the least recently used is closed (its calls get a grace period) when a
+new address needs room, so peers that come and go (or addresses a liar names) cannot make a
+node hold connections without end."""
 
 from __future__ import annotations
 
+import asyncio
+from collections import OrderedDict
 from typing import Any
 
 from grpc import aio
@@ -34,22 +39,39 @@ KEEPALIVE_SERVER_OPTIONS = [
 
 
 class ChannelPool:
-    def __init__(self, max_message_bytes: int = 16 * 1024 * 1024) -> None:
+    def __init__(
+        self, max_message_bytes: int = 16 * 1024 * 1024, max_channels: int = 512, grace_s: float = 30.0
+    ) -> None:
         self._options = [
             *_CLIENT_OPTIONS,
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
         ]
-        self._channels: dict[str, aio.Channel] = {}
+        self._max_channels = max_channels
+        self._grace_s = grace_s
+        self._channels: OrderedDict[str, aio.Channel] = OrderedDict()
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def __len__(self) -> int:
+        return len(self._channels)
 
     def get(self, address: str) -> aio.Channel:
         channel = self._channels.get(address)
-        if channel is None:
-            channel = aio.insecure_channel(address, options=self._options)
-            self._channels[address] = channel
+        if channel is not None:
+            self._channels.move_to_end(address)
+            return channel
+        while len(self._channels) >= self._max_channels:
+            _, evicted = self._channels.popitem(last=False)
+            task = asyncio.get_running_loop().create_task(evicted.close(self._grace_s))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+        channel = aio.insecure_channel(address, options=self._options)
+        self._channels[address] = channel
         return channel
 
     async def close(self) -> None:
         for channel in self._channels.values():
             await channel.close(None)
         self._channels.clear()
+        for task in list(self._closing):
+            task.cancel()

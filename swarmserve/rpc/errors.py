@@ -18,6 +18,7 @@ __all__ = [
     "PermissionDenied",
     "ResourceExhausted",
     "ServiceError",
+    "Unauthenticated",
     "Unavailable",
     "Unimplemented",
     "status_for",
@@ -50,6 +51,10 @@ class ResourceExhausted(ServiceError):
 
 class PermissionDenied(ServiceError):
     code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class Unauthenticated(ServiceError):
+    code = grpc.StatusCode.UNAUTHENTICATED
 
 
 class FailedPrecondition(ServiceError):

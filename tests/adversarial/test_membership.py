@@ -20,9 +20,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from swarmserve import native
 from swarmserve.overlay import ALIVE, DEAD, DescriptorPublisher
 from swarmserve.overlay.membership import MAX_PUSHED
-from swarmserve.overlay.publisher import leave_message
+from swarmserve.overlay.packets import leave_message
 from swarmserve.v1 import common_pb2, overlay_pb2, overlay_pb2_grpc
-from tests.test_membership import Nodes, everyone_knows_everyone, nodes, state_of, until  # noqa: F401
+from tests.test_membership import Nodes, Stranger, everyone_knows_everyone, nodes, state_of, until  # noqa: F401
 
 MAX_U64 = 2**64 - 1
 
@@ -32,11 +32,12 @@ async def test_forged_death_claims_never_remove_a_live_node(nodes: Nodes) -> Non
         await until(lambda: everyone_knows_everyone(group), 5.0, "full membership")
         victim = group[1]
         key = victim.keys.identity.public_key
-        attacker = native.Identity.generate()
+        liar = Stranger()  # a member: it signs its packets and its claims, as it must to be heard
+        attacker = liar.identity
         incarnation = victim.membership.publisher.incarnation
         DEAD_, SUSPECT_ = overlay_pb2.MEMBER_STATE_DEAD, overlay_pb2.MEMBER_STATE_SUSPECT
         lies = [
-            overlay_pb2.MemberUpdate(identity_key=key, state=state, incarnation=claimed)
+            liar.claim(key, state, claimed)
             for state in (DEAD_, SUSPECT_)
             for claimed in (incarnation, incarnation + 1, MAX_U64)
         ] + [
@@ -57,7 +58,7 @@ async def test_forged_death_claims_never_remove_a_live_node(nodes: Nodes) -> Non
             async with aio.insecure_channel(target.address) as channel:
                 stub = overlay_pb2_grpc.OverlayStub(channel)
                 for lie in lies:
-                    await stub.Swim(overlay_pb2.SwimPacket(updates=[lie]))
+                    await stub.Swim(liar.packet(updates=[lie]))
         # For three suspicion timeouts, nobody ever holds the victim dead.
         watch = 3 * group[0].membership.suspicion_timeout_s()
         deadline = time.monotonic() + watch
@@ -68,7 +69,7 @@ async def test_forged_death_claims_never_remove_a_live_node(nodes: Nodes) -> Non
         refutations = victim.membership.publisher.incarnation - incarnation
         assert 0 <= refutations <= 3, refutations  # only claims about its current incarnation are answered
         async with aio.insecure_channel(victim.address) as channel:
-            answer = await overlay_pb2_grpc.OverlayStub(channel).Swim(overlay_pb2.SwimPacket())
+            answer = await overlay_pb2_grpc.OverlayStub(channel).Swim(liar.packet())
             assert answer.sender.descriptor
             health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
             assert health.status == health_pb2.HealthCheckResponse.SERVING
@@ -96,12 +97,13 @@ async def test_a_flood_of_descriptors_from_one_sender_is_bounded(nodes: Nodes) -
             return publisher.describe()
 
         flood = [fresh(i) for i in range(1000)]
+        sender = Stranger()
         async with aio.insecure_channel(target.address) as channel:
             stub = overlay_pb2_grpc.OverlayStub(channel)
             for push in (
-                stub.Exchange(overlay_pb2.ExchangeRequest(sender=flood[0], updates=flood)),
+                stub.Exchange(sender.exchange(updates=flood)),
                 stub.Swim(
-                    overlay_pb2.SwimPacket(
+                    sender.packet(
                         updates=[overlay_pb2.MemberUpdate(identity_key=b"", state=ALIVE, descriptor=d) for d in flood]
                     )
                 ),
@@ -111,5 +113,5 @@ async def test_a_flood_of_descriptors_from_one_sender_is_bounded(nodes: Nodes) -
                 assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                 assert f"at most {MAX_PUSHED}" in (refused.value.details() or "")
             assert len(target.membership.directory.peers()) == before
-            await stub.Exchange(overlay_pb2.ExchangeRequest(sender=flood[0], updates=flood[1:MAX_PUSHED]))
-            assert len(target.membership.directory.peers()) == before + MAX_PUSHED
+            await stub.Exchange(sender.exchange(updates=flood[: MAX_PUSHED - 1]))
+            assert len(target.membership.directory.peers()) == before + MAX_PUSHED  # the sender and its 63
