@@ -38,7 +38,7 @@ from swarmserve.verdicts import VerdictError, decide_duel, open_verdict, sign_ve
 if TYPE_CHECKING:
     from services.router.service import RouterService, TokenDelta
 
-__all__ = ["DUEL_METHOD", "DuelOrganiser", "DuelOutcome"]
+__all__ = ["DUEL_METHOD", "DuelOrganiser", "DuelOutcome", "duel_copy"]
 
 log = get_logger("swarmserve.router")
 
@@ -51,6 +51,15 @@ class DuelOutcome:
     duel_id: str
     result: verifier_pb2.SignedVerdict | None  # None: undecided (a tie, or no judge answered)
     votes: list[verifier_pb2.Verdict]
+
+
+def duel_copy(request: router_pb2.GenerateRequest, duel_id: str) -> router_pb2.GenerateRequest:
+    """The duel's second request: the user's own, named ``duel_id`` at this router only (the
+    provider gets a fresh random id, as for any request: ``service.forward_request``)."""
+    again = router_pb2.GenerateRequest()
+    again.CopyFrom(request)
+    again.request_id = duel_id
+    return again
 
 
 class DuelOrganiser:
@@ -84,9 +93,7 @@ class DuelOrganiser:
     async def run(self, request: router_pb2.GenerateRequest, first: DuelSide) -> DuelOutcome:
         """Gets a second provider's answer, collects the votes, records a decided result."""
         duel_id = uuid.uuid4().hex
-        again = router_pb2.GenerateRequest()
-        again.CopyFrom(request)
-        again.request_id = f"{duel_id}-b"
+        again = duel_copy(request, duel_id)
         first_key = _body(first).node_key
         second = await self._collect(self._router.generate(again, excluded={native.node_id(first_key)}, duel=False))
         second_key = _body(second).node_key

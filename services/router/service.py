@@ -60,7 +60,7 @@ from swarmserve.v1 import (
     router_pb2,
 )
 
-__all__ = ["RouterService", "TokenDelta", "affinity_key"]
+__all__ = ["RouterService", "TokenDelta", "affinity_key", "forward_request"]
 
 log = get_logger("swarmserve.router")
 
@@ -309,23 +309,13 @@ class RouterService:
         """Serves one request. ``excluded``: nodes not to send it to; ``duel``: whether it may be
         sampled for a duel (not the duel's own second request)."""
         hops = self._check(request)  # every refusal happens before a circuit exists
-        request_id = request.request_id or uuid.uuid4().hex
+        request_id = request.request_id or uuid.uuid4().hex  # the client's name for it
         structlog.contextvars.bind_contextvars(request_id=request_id)
         accepted = time.monotonic()
         accepted_unix_ms = int(time.time() * 1000)
-        forwarded = inference_pb2.InferenceGenerateRequest(
-            request_id=request_id,
-            model=request.model,
-            sampling=request.sampling,
-            # Only our overlay lets busy nodes pass work on; the baselines measure dispatch alone.
-            forwarding=inference_pb2.ForwardingState(
-                hop_budget=self.config.offload_hops if self.config.dispatch == "overlay" else 0
-            ),
+        forwarded = forward_request(
+            request, self._random, self.config.offload_hops if self.config.dispatch == "overlay" else 0
         )
-        if request.WhichOneof("input") == "prompt":
-            forwarded.prompt = request.prompt
-        else:
-            forwarded.chat.CopyFrom(request.chat)
         exit_, started, circuit, message = await self._start(request, forwarded, hops, set(excluded))
         completed = False
         try:
@@ -408,6 +398,28 @@ class RouterService:
         ):
             raise DataLoss("the receipt is signed by a node that is not known to serve this model")
         return server.node_id
+
+
+def forward_request(
+    request: router_pb2.GenerateRequest, rng: random.Random, offload_hops: int
+) -> inference_pb2.InferenceGenerateRequest:
+    """What the provider is sent for ``request``: nothing but the request itself, with a fresh
+    random id (never the client's, a duel's or a challenge's) and always a seed (drawn here when
+    the client left it to chance), so that nothing tells a check from a user, or one user from
+    another. ``offload_hops``: how far busy nodes may pass it on (only our overlay does)."""
+    forwarded = inference_pb2.InferenceGenerateRequest(
+        request_id=uuid.UUID(int=rng.getrandbits(128), version=4).hex,
+        model=request.model,
+        sampling=request.sampling,
+        forwarding=inference_pb2.ForwardingState(hop_budget=offload_hops),
+    )
+    if not forwarded.sampling.HasField("seed"):
+        forwarded.sampling.seed = rng.getrandbits(63)
+    if request.WhichOneof("input") == "prompt":
+        forwarded.prompt = request.prompt
+    else:
+        forwarded.chat.CopyFrom(request.chat)
+    return forwarded
 
 
 def affinity_key(request: router_pb2.GenerateRequest) -> list[int]:

@@ -8,29 +8,39 @@ something else. Each wraps a real loaded engine; nothing here is used by a servi
 - :class:`EarlyStopEngine`: the honest answer, cut after a few tokens as if the model had ended it.
 - :class:`BiasedJudge`: a judge that votes by a rule of its own (always for one provider, or
   always for the answer shown first) instead of by its judgement.
+- :func:`check_score`: the strongest detector of checks we could build from the public source and
+  what a provider sees of a request, and :class:`ChallengeAwareEngine`, a provider that serves the
+  claimed model to what the detector takes for a check and random tokens to everyone else.
 """
 
 from __future__ import annotations
 
 import ctypes
 import random
+import re
 from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
+from dataclasses import dataclass
 from pathlib import Path
 
 import llama_cpp
 
+from services.inference.config import ChallengeSettings
 from services.inference.engine import ChatTurn, Engine, GeneratedToken, ModelIdentity, PositionScore, Replay, Sampling
+from services.verifier.challenges import TEMPLATES, TOPICS
 from services.verifier.service import DuelSide, VerifierService
-from swarmserve.v1 import common_pb2, verifier_pb2
+from swarmserve.v1 import common_pb2, inference_pb2, verifier_pb2
 from swarmserve.verdicts import open_verdict, sign_verdict
 
 __all__ = [
     "BiasedJudge",
+    "ChallengeAwareEngine",
     "ClaimingEngine",
     "EarlyStopEngine",
     "RandomTokensEngine",
     "ReplayingEngine",
+    "Seen",
+    "check_score",
     "requantize_q2k",
 ]
 
@@ -148,3 +158,102 @@ class BiasedJudge(VerifierService):
         vote.provider_key, vote.opponent_key = voted, shown[1] if voted == shown[0] else shown[0]
         vote.outcome = verifier_pb2.VERDICT_OUTCOME_PASS
         return sign_verdict(self._identity, vote)
+
+
+# --- telling checks from users, as a provider would try -------------------------------------
+
+_TEMPLATE_RE = re.compile("|".join(re.escape(t).replace(re.escape("{topic}"), ".+") for t in TEMPLATES))
+_CHALLENGE_TOKENS = ChallengeSettings().max_new_tokens
+
+
+@dataclass(frozen=True)
+class Seen:
+    """What a provider sees of one request (besides its timing and the circuit it came on)."""
+
+    text: str  # the last user message, or the raw prompt
+    messages: int
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    repetition_penalty: float
+    has_seed: bool
+    stops: int
+    request_id: str
+
+    @classmethod
+    def of(cls, request: inference_pb2.InferenceGenerateRequest) -> Seen:
+        users = [m.content for m in request.chat.messages if m.role == common_pb2.CHAT_ROLE_USER]
+        text = request.prompt if request.WhichOneof("input") == "prompt" else (users[-1] if users else "")
+        sampling = request.sampling
+        return cls(
+            text,
+            len(request.chat.messages) or 1,
+            sampling.max_new_tokens,
+            sampling.temperature,
+            sampling.top_p,
+            sampling.top_k,
+            sampling.repetition_penalty,
+            sampling.HasField("seed"),
+            len(sampling.stop),
+            request.request_id,
+        )
+
+
+def check_score(seen: Seen) -> float:
+    """How much ``seen`` looks like a check (higher: more), from everything the public source
+    says about how checks are made: the challenge templates and topics, their one-message shape,
+    length and temperatures, the explicit seed, and how the request id looks (a duel's suffix, or
+    a router's uuid rather than a client's own name)."""
+    score = 0.0
+    if _TEMPLATE_RE.fullmatch(seen.text.strip()):
+        score += 8.0
+    if any(topic in seen.text for topic in TOPICS):
+        score += 1.0
+    if seen.request_id.endswith("-b"):
+        score += 8.0
+    if re.fullmatch("[0-9a-f]{32}", seen.request_id):
+        score += 0.5  # named by a router (a duel's copy), not by a client
+    if seen.messages == 1:
+        score += 0.5
+    if seen.max_new_tokens == _CHALLENGE_TOKENS:
+        score += 1.0
+    if seen.temperature in (0.0, 0.7):
+        score += 0.5
+    if seen.has_seed:
+        score += 1.0
+    if seen.stops == 0 and seen.top_p in (0.0, 1.0) and seen.top_k == 0 and seen.repetition_penalty in (0.0, 1.0):
+        score += 0.5
+    return score
+
+
+class ChallengeAwareEngine(ClaimingEngine):
+    """Serves ``inner`` (the claimed model) to prompts the detector takes for checks and random
+    tokens to all others. It sees what an engine sees (the prompt's tokens and the sampling), so
+    it scores the decoded prompt; ``threshold`` on :func:`check_score`."""
+
+    def __init__(self, inner: Engine, claimed: ModelIdentity, threshold: float = 8.0) -> None:
+        super().__init__(inner, claimed)
+        self.threshold = threshold
+        self.served_honestly = 0
+        self.cheated = 0
+
+    async def generate(
+        self, prompt_ids: Sequence[int], sampling: Sampling, resume: Sequence[int] = ()
+    ) -> AsyncGenerator[GeneratedToken, None]:
+        text = self.detokenize(prompt_ids).decode(errors="replace")
+        # The chat template wraps the user's message; the detector looks for a template inside.
+        user = next((m.group(0) for m in [_TEMPLATE_RE.search(text)] if m), text)
+        seen = Seen(user, 1, sampling.max_new_tokens, sampling.temperature, sampling.top_p, sampling.top_k,
+                    sampling.repetition_penalty, sampling.seed is not None, len(sampling.stop), "")  # fmt: skip
+        if check_score(seen) >= self.threshold:
+            self.served_honestly += 1
+            async with aclosing(self.inner.generate(prompt_ids, sampling, resume)) as stream:
+                async for generated in stream:
+                    yield generated
+            return
+        self.cheated += 1
+        chooser = random.Random(sampling.seed)
+        for _ in range(len(resume), sampling.max_new_tokens):
+            token = chooser.randrange(self.vocab_size)
+            yield GeneratedToken(token, self.detokenize([token]), -10.0)

@@ -27,11 +27,11 @@ from swarmserve.rpc import ChannelPool, ServiceError
 from swarmserve.telemetry import get_logger
 from swarmserve.v1 import common_pb2, router_pb2, router_pb2_grpc, verifier_pb2
 
-__all__ = ["Challenger", "challenge_prompt"]
+__all__ = ["TEMPLATES", "TOPICS", "Challenger", "challenge_prompt", "challenge_request"]
 
 log = get_logger("swarmserve.verifier")
 
-_TEMPLATES = (
+TEMPLATES = (
     "Write a short paragraph about {topic}.",
     "Explain {topic} to a curious child.",
     "List three facts about {topic}.",
@@ -41,7 +41,7 @@ _TEMPLATES = (
     "Describe the history of {topic} briefly.",
     "What are common mistakes people make with {topic}?",
 )
-_TOPICS = (
+TOPICS = (
     "the water cycle", "bread baking", "volcanoes", "the moon", "chess openings", "photosynthesis",
     "bicycles", "honey bees", "the printing press", "rainbows", "compound interest", "glaciers",
     "jazz music", "the human heart", "recycling plastic", "coffee", "lighthouses", "tides",
@@ -50,7 +50,22 @@ _TOPICS = (
 
 
 def challenge_prompt(rng: random.Random) -> str:
-    return rng.choice(_TEMPLATES).format(topic=rng.choice(_TOPICS))
+    return rng.choice(TEMPLATES).format(topic=rng.choice(TOPICS))
+
+
+def challenge_request(model: str, settings: ChallengeSettings, rng: random.Random) -> router_pb2.GenerateRequest:
+    """One challenge, as the verifier hands it to a router."""
+    return router_pb2.GenerateRequest(
+        model=model,
+        chat=common_pb2.ChatMessages(
+            messages=[common_pb2.ChatMessage(role=common_pb2.CHAT_ROLE_USER, content=challenge_prompt(rng))]
+        ),
+        sampling=common_pb2.SamplingParams(
+            max_new_tokens=settings.max_new_tokens,
+            temperature=rng.choice((0.0, 0.7)),
+            seed=rng.getrandbits(63),
+        ),
+    )
 
 
 class Challenger:
@@ -111,18 +126,8 @@ class Challenger:
             return None
         name, digest = self._random.choice(offered)
         engine = held[digest]
-        prompt = challenge_prompt(self._random)
-        request = router_pb2.GenerateRequest(
-            model=name,
-            chat=common_pb2.ChatMessages(
-                messages=[common_pb2.ChatMessage(role=common_pb2.CHAT_ROLE_USER, content=prompt)]
-            ),
-            sampling=common_pb2.SamplingParams(
-                max_new_tokens=self._settings.max_new_tokens,
-                temperature=self._random.choice((0.0, 0.7)),
-                seed=self._random.getrandbits(63),
-            ),
-        )
+        request = challenge_request(name, self._settings, self._random)
+        prompt = request.chat.messages[0].content
         stub = router_pb2_grpc.RouterStub(self._channels.get(self._random.choice(routers).descriptor.address))
         token_ids: list[int] = []
         token_texts: list[bytes] = []

@@ -51,6 +51,8 @@ async def test_an_exit_that_bills_nobody_learns_no_caller(
         request = seen_at_exit[0]
         assert request.caller_key == b"" and request.caller_signature == b""
         assert s.router.keys.identity.public_key not in request.SerializeToString()
+        # Nor anything that tells one request's source from another's: a fresh random id, a seed.
+        assert len(request.request_id) == 32 and request.sampling.HasField("seed")
 
 
 async def test_an_exit_that_bills_gets_a_signed_request_and_refuses_an_unsigned_one(
