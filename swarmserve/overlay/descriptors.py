@@ -4,12 +4,19 @@ checked that signature against the identity key inside it."""
 
 from __future__ import annotations
 
+import time
+
 from google.protobuf.message import DecodeError
 
 from swarmserve import native
 from swarmserve.v1 import common_pb2
 
 __all__ = ["DescriptorError", "node_id_of", "open_descriptor", "sign_descriptor"]
+
+# Versions, incarnations and issue times start at the clock in milliseconds and grow by one per
+# update or refutation. One a day ahead of the clock (or near 2^64) is no honest node's: taking it
+# would let a node's own counter be pushed where it can no longer grow.
+_AHEAD_MS = 24 * 3600 * 1000
 
 
 class DescriptorError(Exception):
@@ -37,6 +44,10 @@ def open_descriptor(signed: common_pb2.SignedDescriptor) -> common_pb2.NodeDescr
         raise DescriptorError("descriptor onion key is not 32 bytes")
     if not descriptor.address:
         raise DescriptorError("descriptor has no address")
+    limit = int(time.time() * 1000) + _AHEAD_MS
+    for name in ("version", "incarnation", "issued_unix_ms"):
+        if getattr(descriptor, name) > limit:
+            raise DescriptorError(f"descriptor {name} is more than a day ahead of the clock")
     return descriptor
 
 

@@ -15,6 +15,8 @@ from swarmserve.v1 import common_pb2, overlay_pb2
 
 __all__ = ["DescriptorPublisher"]
 
+_MAX_COUNTER = 2**64 - 1  # the wire's uint64: checked, never wrapped
+
 
 class DescriptorPublisher:
     def __init__(
@@ -41,6 +43,8 @@ class DescriptorPublisher:
         """Moves past a suspicion or death claimed about the current incarnation (claims about
         any other incarnation are ignored before they get here, so a claim cannot push the
         counter anywhere: it grows by one per refutation)."""
+        if self.incarnation >= _MAX_COUNTER:
+            raise OverflowError("this node's incarnation cannot grow any more")
         self.incarnation += 1
 
     def leave_signature(self) -> bytes:
@@ -61,6 +65,8 @@ class DescriptorPublisher:
 
     def describe(self) -> common_pb2.SignedDescriptor:
         now_ms = int(time.time() * 1000)
+        if self._version >= _MAX_COUNTER:
+            raise OverflowError("this node's descriptor version cannot grow any more")
         self._version = max(self._version + 1, now_ms)
         descriptor = common_pb2.NodeDescriptor(
             identity_key=self._identity.public_key,

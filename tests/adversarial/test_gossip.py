@@ -87,3 +87,34 @@ async def test_one_sender_flooding_probes_is_limited_and_others_are_not(nodes: N
             await stub.Swim(bystander.packet())  # another sender has its own allowance
         assert everyone_knows_everyone(group)
         assert native.node_id(flooder.identity.public_key) in {p.node_id for p in target.membership.directory.peers()}
+
+
+async def test_counters_far_ahead_of_the_clock_are_refused(nodes: Nodes) -> None:  # noqa: F811
+    """A member's own, genuinely signed descriptor whose version, incarnation or issue time is a
+    year ahead (or at 2^64-1) is refused: as a message's sender (UNAUTHENTICATED) and as news (not
+    taken). The control: the same member with honest counters joins."""
+    async with nodes(1) as group:
+        target = group[0]
+        year_ms = 365 * 24 * 3600 * 1000
+        async with aio.insecure_channel(target.address) as channel:
+            stub = overlay_pb2_grpc.OverlayStub(channel)
+            for field, value in (
+                ("incarnation", 2**64 - 1),
+                ("incarnation", int(time.time() * 1000) + year_ms),
+                ("version", 2**64 - 1),
+            ):
+                liar = Stranger("127.0.0.1:15")
+                if field == "incarnation":
+                    liar.publisher.incarnation = value
+                else:
+                    liar.publisher._version = value - 3
+                assert await refused(stub.Swim, liar.packet()) == grpc.StatusCode.UNAUTHENTICATED
+                carrier = Stranger("127.0.0.1:16")
+                news = overlay_pb2.MemberUpdate(
+                    state=overlay_pb2.MEMBER_STATE_ALIVE, descriptor=liar.publisher.describe()
+                )
+                await stub.Swim(carrier.packet(updates=[news]))
+                assert target.membership.directory.get(liar.identity.node_id) is None, field
+            honest = Stranger("127.0.0.1:17")
+            await stub.Swim(honest.packet())
+            assert target.membership.directory.get(honest.identity.node_id) is not None
