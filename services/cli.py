@@ -246,12 +246,16 @@ def _settled(swarm: LocalSwarm) -> dict[tuple[bytes, bytes], int]:
 
 async def _demo_credits(swarm: LocalSwarm, before: dict[tuple[bytes, bytes], int]) -> None:
     """Each router sends two short requests (round-robin: one to each operator's node): serving
-    one's own account is free, the other operator is paid by cheque, and the cheques settle on
-    the chain at the next epoch. Shows what this run settled and the operators' accounts."""
+    one's own account is free, the other operator is paid in tokens bought by cheque, and the
+    cheques settle on the chain at the next epoch. Shows what this run settled and the accounts."""
     names = {swarm.identity_key(node): node for nodes in swarm.operators.values() for node in nodes}
     by_node_id = {native.node_id(key): name for key, name in names.items()}
     print("==> credits: each router sends two short requests; its own operator's node serves for free,", flush=True)
-    print("    the other operator's is paid by cheque (a credit a token), settled on the chain per epoch", flush=True)
+    print(
+        "    the other operator's is paid in unlinkable tokens, bought 32 at a time by cheque (a credit each),"
+        " settled on the chain per epoch",
+        flush=True,
+    )
     for index, router in enumerate(swarm.routers):
         for question in ("Name a colour.", "Name a fruit."):
             answer = await generate(router.listen, question, model=DEFAULT_MODEL, hops=1, max_tokens=8 * (index + 1))

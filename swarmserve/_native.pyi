@@ -15,6 +15,7 @@ __all__ = [
     "SETUP_CELL_SIZE",
     "SETUP_PAYLOAD_MAX",
     "TAG_SIZE",
+    "TOKEN_BATCH_MAX",
     "CellAuthenticationError",
     "ChainBlock",
     "Circuit",
@@ -37,6 +38,8 @@ __all__ = [
     "ReplayError",
     "Sampler",
     "SignatureError",
+    "TokenIssuer",
+    "TokenRequest",
     "TokenStreamHasher",
     "decode_chain_block",
     "encode_chain_block",
@@ -55,6 +58,7 @@ MAX_LAYERS: int
 ROUTING_INFO_MAX: int
 SETUP_PAYLOAD_MAX: int
 TAG_SIZE: int
+TOKEN_BATCH_MAX: int
 SAMPLING_CDF_TOLERANCE: float
 SAMPLING_LOGIT_TOLERANCE: float
 SAMPLING_PENALTY_WINDOW: int
@@ -141,6 +145,21 @@ class Circuit:
     def layers(self) -> int: ...
     def wrap_forward(self, plaintext: bytes) -> bytes: ...
     def unwrap_backward(self, cell: bytes) -> bytes: ...
+
+@final
+class TokenIssuer:
+    def __new__(cls, seed: bytes) -> TokenIssuer: ...
+    @property
+    def public_key(self) -> bytes: ...
+    def issue(self, blinded: Sequence[bytes]) -> tuple[list[bytes], bytes]: ...
+    def check(self, nonce: bytes, output: bytes) -> bool: ...
+
+@final
+class TokenRequest:
+    def __new__(cls, count: int) -> TokenRequest: ...
+    @property
+    def blinded(self) -> list[bytes]: ...
+    def finalize(self, evaluated: Sequence[bytes], proof: bytes, public_key: bytes) -> list[tuple[bytes, bytes]]: ...
 
 @final
 class TokenStreamHasher:

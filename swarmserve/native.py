@@ -8,6 +8,8 @@ Everything that runs per token or per cell is here. Import from this module, nev
 - :class:`OnionKey`, :class:`Circuit`, :class:`CircuitHop`, :class:`ReplayCache`: X25519 +
   HKDF-SHA256 + ChaCha20-Poly1305 onion layers. Set-up cells are always
   :data:`SETUP_CELL_SIZE` bytes at every hop, so a relay cannot tell its position on the path.
+- :class:`TokenIssuer`, :class:`TokenRequest`: payment tokens (Privacy Pass style, RFC 9497 VOPRF):
+  a provider issues blinded tokens and checks redeemed ones, which it cannot link to the payer.
 - :class:`TokenStreamHasher`, :func:`token_stream_commitment`: the BLAKE3 hash chain an
   inference node signs over the tokens it serves.
 - :class:`Sampler`, :func:`sampling_uniform`: verifiable sampling. The choice at every position
@@ -37,6 +39,7 @@ from swarmserve._native import (
     SETUP_CELL_SIZE,
     SETUP_PAYLOAD_MAX,
     TAG_SIZE,
+    TOKEN_BATCH_MAX,
     CellAuthenticationError,
     ChainBlock,
     Circuit,
@@ -59,6 +62,8 @@ from swarmserve._native import (
     ReplayError,
     Sampler,
     SignatureError,
+    TokenIssuer,
+    TokenRequest,
     TokenStreamHasher,
     decode_chain_block,
     encode_chain_block,
@@ -81,6 +86,7 @@ __all__ = [
     "SETUP_CELL_SIZE",
     "SETUP_PAYLOAD_MAX",
     "TAG_SIZE",
+    "TOKEN_BATCH_MAX",
     "CellAuthenticationError",
     "ChainBlock",
     "Circuit",
@@ -103,6 +109,8 @@ __all__ = [
     "ReplayError",
     "Sampler",
     "SignatureError",
+    "TokenIssuer",
+    "TokenRequest",
     "TokenStreamHasher",
     "decode_chain_block",
     "encode_chain_block",

@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from services.inference.config import EmulatedSettings, InferenceConfig, ModelSettings, ProviderPolicy
+from services.inference.config import EmulatedSettings, InferenceConfig, ModelSettings, PriceSettings, ProviderPolicy
 from services.inference.node import InferenceNode
 from services.relay.client import OpenCircuit
 from services.router.config import RouterConfig
@@ -72,6 +72,9 @@ async def emulated_swarm(
                     challenges=NO_CHALLENGES,
                     ledger=ledger,
                     stake=0,
+                    # Free, so that offloading may pass requests on: a billing peer wants tokens of
+                    # its own (services/inference/offload.py); stake still weighs the draw.
+                    price=PriceSettings(credits_per_1k_prompt_tokens=0, credits_per_1k_completion_tokens=0),
                 )
             )
             await node.start()

@@ -1,9 +1,10 @@
 """Payments in a real swarm with the ledger's chain (relays and the router validating, real
-llama.cpp, real sockets): the router pays a provider of another account by cheque for exactly
-what it checked, the cheques settle on the chain at the next epoch with the same state on every
-replica, one's own account is served for free, and what was tried and must fail: a router whose
-cheques stop coming is refused, a forged, altered, misaddressed or stale cheque credits nothing,
-and under ``accept_callers: min_balance`` a caller without credits (a fresh key) is refused."""
+llama.cpp, real sockets): the router buys payment tokens from a provider of another account by
+cheque and spends them on requests, the cheques settle on the chain at the next epoch with the
+same state on every replica, one's own account is served for free, and what was tried and must
+fail: a router whose cheques stop growing is sold no more tokens, a forged, altered, misaddressed
+or stale cheque credits nothing, and under ``accept_callers: min_balance`` a caller without
+credits (a fresh key) is refused."""
 
 from __future__ import annotations
 
@@ -15,13 +16,14 @@ import grpc
 import pytest
 from grpc import aio
 
+import services.router.wallet as wallet_module
 from services.inference.config import ProviderPolicy
+from services.router.wallet import BATCH
 from swarmserve import native
 from swarmserve.chain import sign_transaction
 from swarmserve.chain.cheques import sign_cheque
-from swarmserve.chain.payments import price_credits
 from swarmserve.client import generate
-from swarmserve.v1 import chain_pb2, chain_pb2_grpc, common_pb2, inference_pb2, inference_pb2_grpc
+from swarmserve.v1 import chain_pb2, chain_pb2_grpc, inference_pb2, inference_pb2_grpc
 from tests.conftest import MODEL, PROVIDER_CREDITS, PROVIDER_STAKE, ROUTER_CREDITS, Swarm, SwarmFactory
 
 PROMPT = "Name three colours."
@@ -39,22 +41,24 @@ def replicas(s: Swarm) -> list:  # type: ignore[type-arg]
     return [n.chain for n in nodes]
 
 
-async def test_the_router_pays_by_cheque_for_checked_tokens_and_the_chain_settles_it(swarm: SwarmFactory) -> None:
+async def test_the_router_buys_tokens_by_cheque_spends_them_and_the_chain_settles_it(swarm: SwarmFactory) -> None:
     async with swarm(relays=3, ledger=True) as s:
         provider, router = s.inference[0], s.router
         provider_key, router_key = provider.keys.identity.public_key, router.keys.identity.public_key
-        results = [await generate(router.address, p, model=MODEL, max_tokens=16) for p in (PROMPT, "Hi")]
-        # At the published default price (1 credit per 1k prompt tokens, 10 per 1k generated),
-        # rounded up per request: what the router checked is what both sides count.
-        price = common_pb2.Price(credits_per_1k_prompt_tokens=1, credits_per_1k_completion_tokens=10)
-        owed = sum(price_credits(price, r.receipt.timing.prompt_tokens, len(r.token_ids)) for r in results)  # type: ignore[union-attr]
-        assert router.chain.book.issued(provider_key) == owed  # type: ignore[union-attr]
+        for prompt in (PROMPT, "Hi"):
+            await generate(router.address, prompt, model=MODEL, max_tokens=16)
+        # One batch bought by one cheque (32 tokens of 1 credit); each request paid its bound
+        # (at most 26 prompt tokens and 16 generated, at 1 and 10 credits per 1k: 1 credit).
+        assert router.chain.book.issued(provider_key) == BATCH  # type: ignore[union-attr]
+        desk = provider.servicer.service.billing.desk  # type: ignore[union-attr]
+        assert desk.spent() == 2
+        assert router.service.wallet.held(router.directory.get(provider.keys.identity.node_id)) == BATCH - 2  # type: ignore[union-attr,arg-type]
         inbox = provider.chain.inbox  # type: ignore[union-attr]
-        await eventually(lambda: inbox.unpaid(router_key) == 0, "the provider holds a cheque for all it served")
+        assert inbox.unpaid(router_key) == 0  # the cheque came with the purchase
         state = router.chain.state  # type: ignore[union-attr]
-        await eventually(lambda: state.settled(router_key, provider_key)[0] == owed, "the cheque settled", 30)
-        assert state.account(provider_key).available == PROVIDER_CREDITS + owed
-        assert state.account(router_key).available == ROUTER_CREDITS - owed
+        await eventually(lambda: state.settled(router_key, provider_key)[0] == BATCH, "the cheque settled", 30)
+        assert state.account(provider_key).available == PROVIDER_CREDITS + BATCH
+        assert state.account(router_key).available == ROUTER_CREDITS - BATCH
         # Every replica, validator or not, holds the same state at the same height.
         height = min(r.state.height for r in replicas(s))  # type: ignore[union-attr]
         assert len({r.state.root_at(height) for r in replicas(s)}) == 1  # type: ignore[union-attr]
@@ -73,27 +77,30 @@ async def test_an_operators_own_users_are_served_for_free(swarm: SwarmFactory) -
 
 async def test_a_router_whose_cheques_stop_is_refused(swarm: SwarmFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     strict = ProviderPolicy(max_concurrent=1, max_queue=4, max_unpaid_credits=3)
+    monkeypatch.setattr(wallet_module, "BATCH", 2)
     async with swarm(relays=3, ledger=True, inference=[{"policy": strict}]) as s:
+        book = s.router.chain.book  # type: ignore[union-attr]
+        honest_pay = book.pay
+        first: list[chain_pb2.SignedCheque] = []
 
-        async def keep_the_cheque(*args: object) -> None:
-            return None  # the router signs cheques but never hands them over
+        def stale_cheque(payee: bytes, credits: int) -> chain_pb2.SignedCheque:
+            if not first:
+                first.append(honest_pay(payee, credits))
+            return first[0]  # the router's cheques stop growing: it pays nothing more
 
-        monkeypatch.setattr(s.router.service, "_deliver", keep_the_cheque)
-        # 16 tokens at 10 credits per 1k: 1 credit each request; the fourth owes 4 > 3.
+        monkeypatch.setattr(book, "pay", stale_cheque)
+        # Tokens of 1 credit, bought 2 at a time: the first pair is paid; the second is sold on
+        # credit (2 unpaid <= 3); the third would leave 4 unpaid and is refused.
         for _ in range(4):
             await generate(s.router.address, "Hi", model=MODEL, max_tokens=16, hops=0)
         with pytest.raises(aio.AioRpcError) as refused:
             await generate(s.router.address, "Hi", model=MODEL, max_tokens=16, hops=0)
         assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        assert "cheques do not cover" in (refused.value.details() or "")
-        monkeypatch.undo()  # cheques flow again: the next one covers everything, and it is served
-        inbox = s.inference[0].chain.inbox  # type: ignore[union-attr]
-        router_key = s.router.keys.identity.public_key
-        cheque = s.router.chain.book.pay(s.inference[0].keys.identity.public_key, 1)  # type: ignore[union-attr]
-        async with aio.insecure_channel(s.inference[0].address) as channel:
-            await chain_pb2_grpc.ChainStub(channel).DepositCheque(chain_pb2.DepositChequeRequest(cheque=cheque))
-        assert inbox.unpaid(router_key) == 0
+        assert "unpaid" in (refused.value.details() or "")
+        monkeypatch.setattr(book, "pay", honest_pay)  # cheques grow again: new tokens are paid for
         await generate(s.router.address, "Hi", model=MODEL, max_tokens=16, hops=0)
+        inbox = s.inference[0].chain.inbox  # type: ignore[union-attr]
+        assert inbox.unpaid(s.router.keys.identity.public_key) == 2  # what it took on credit, still owed
 
 
 async def test_forged_altered_misaddressed_and_stale_cheques_credit_nothing(swarm: SwarmFactory) -> None:

@@ -16,6 +16,7 @@ use crate::error::Error;
 use crate::identity;
 use crate::onion;
 use crate::sampling;
+use crate::tokens;
 
 create_exception!(
     swarmserve._native,
@@ -529,6 +530,76 @@ fn token_stream_commitment<'py>(
     Ok(PyBytes::new(py, &commitment))
 }
 
+/// A provider's payment-token key: issues blinded tokens and checks redeemed ones
+/// (RFC 9497 VOPRF, ristretto255-SHA512). Derived from a 32-byte secret seed.
+#[pyclass(module = "swarmserve._native", frozen)]
+struct TokenIssuer(tokens::TokenIssuer);
+
+#[pymethods]
+impl TokenIssuer {
+    #[new]
+    fn new(seed: &[u8]) -> PyResult<Self> {
+        Ok(Self(tokens::TokenIssuer::from_seed(seed)?))
+    }
+
+    #[getter]
+    fn public_key<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.0.public_key())
+    }
+
+    /// Evaluates blinded tokens: (evaluated elements, proof).
+    fn issue<'py>(
+        &self,
+        py: Python<'py>,
+        blinded: Vec<Vec<u8>>,
+    ) -> PyResult<(Vec<Bound<'py, PyBytes>>, Bound<'py, PyBytes>)> {
+        let (evaluated, proof) = py.allow_threads(|| self.0.issue(&blinded))?;
+        Ok((
+            evaluated.iter().map(|e| PyBytes::new(py, e)).collect(),
+            PyBytes::new(py, &proof),
+        ))
+    }
+
+    /// Whether (nonce, output) is a token of this key (spent or not).
+    fn check(&self, py: Python<'_>, nonce: &[u8], output: &[u8]) -> bool {
+        py.allow_threads(|| self.0.check(nonce, output))
+    }
+}
+
+/// The payer's side of one token issuance: random nonces, blinded.
+#[pyclass(module = "swarmserve._native", frozen)]
+struct TokenRequest(tokens::TokenRequest);
+
+#[pymethods]
+impl TokenRequest {
+    #[new]
+    fn new(count: usize) -> PyResult<Self> {
+        Ok(Self(tokens::TokenRequest::new(count)?))
+    }
+
+    /// The blinded elements to send to the issuer.
+    #[getter]
+    fn blinded<'py>(&self, py: Python<'py>) -> Vec<Bound<'py, PyBytes>> {
+        self.0.blinded().iter().map(|b| PyBytes::new(py, b)).collect()
+    }
+
+    /// The tokens as (nonce, output) pairs; raises CellAuthenticationError if the proof does not
+    /// verify under `public_key`.
+    fn finalize<'py>(
+        &self,
+        py: Python<'py>,
+        evaluated: Vec<Vec<u8>>,
+        proof: &[u8],
+        public_key: &[u8],
+    ) -> PyResult<Vec<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)>> {
+        let tokens = py.allow_threads(|| self.0.finalize(&evaluated, proof, public_key))?;
+        Ok(tokens
+            .iter()
+            .map(|(n, o)| (PyBytes::new(py, n), PyBytes::new(py, o)))
+            .collect())
+    }
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
@@ -555,6 +626,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<CircuitHop>()?;
     m.add_class::<Circuit>()?;
     m.add_class::<TokenStreamHasher>()?;
+    m.add_class::<TokenIssuer>()?;
+    m.add_class::<TokenRequest>()?;
+    m.add("TOKEN_BATCH_MAX", tokens::MAX_BATCH)?;
     m.add_class::<Sampler>()?;
     m.add_function(wrap_pyfunction!(sampling_uniform, m)?)?;
     m.add("SAMPLING_CDF_TOLERANCE", sampling::CDF_TOLERANCE)?;

@@ -88,6 +88,9 @@ class PriceSettings(StrictModel):
 
     credits_per_1k_prompt_tokens: int = Field(1, ge=0)
     credits_per_1k_completion_tokens: int = Field(10, ge=0)
+    credits_per_token: int = Field(
+        1, ge=1, description="what one payment token is worth (callers pay each request's bound in tokens)"
+    )
 
 
 class ProviderPolicy(StrictModel):
@@ -108,8 +111,8 @@ class ProviderPolicy(StrictModel):
     max_unpaid_credits: int = Field(
         100,
         ge=0,
-        description="with a ledger: serve a paying caller (a router of another account) while its cheques cover "
-        "all but this many credits of the work served to it",
+        description="with a ledger: sell payment tokens to a buyer (a router of another account) while its "
+        "cheques cover all but this many credits of the tokens sold to it",
     )
 
     @model_validator(mode="after")

@@ -19,6 +19,7 @@ from services.inference.models import default_model_path
 from services.inference.offload import Offloader
 from services.inference.service import InferenceService
 from services.inference.servicer import InferenceServicer, capacity, load_report, model_info, policy_summary
+from services.inference.tokens import TokenDesk
 from services.relay.servicer import RelayServicer
 from services.verifier.appeals import AppealDuties
 from services.verifier.challenges import Challenger
@@ -152,6 +153,8 @@ class InferenceNode(ServiceNode):
         descriptor.load.CopyFrom(load_report(service.load()))
         descriptor.policy.CopyFrom(policy_summary(service.policy, service.requires_caller))
         descriptor.price.CopyFrom(common_pb2.Price(**self.config.price.model_dump()))
+        if service.billing is not None and service.billing.bills:
+            descriptor.token_key = service.billing.desk.public_key
 
     async def start(self) -> None:
         await self.server.start(serving=False)
@@ -181,7 +184,16 @@ class InferenceNode(ServiceNode):
             await self.server.stop(0)
             raise
         price = common_pb2.Price(**self.config.price.model_dump())
-        billing = Billing(self.chain, price, self.config.policy) if self.chain is not None else None
+        billing = (
+            Billing(
+                self.chain,
+                price,
+                self.config.policy,
+                TokenDesk(self.config.data_dir, self.config.price.credits_per_token),
+            )
+            if self.chain is not None
+            else None
+        )
         service = InferenceService(self.keys.identity, engines, self.config.policy, billing)
         self.servicer.service = service
         self.verifier.service = VerifierService(
@@ -252,3 +264,5 @@ class InferenceNode(ServiceNode):
         if service is not None:
             for engine in service.engines.values():
                 await engine.close()
+            if service.billing is not None:
+                service.billing.desk.close()

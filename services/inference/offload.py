@@ -70,7 +70,9 @@ class Offloader:
             if peer.serves(request.model)
             and peer.descriptor.identity_key not in visited
             and peer.onion_key_usable()
-            # a peer that bills its callers cannot take a request that names none
+            # A peer that bills wants tokens of its own key (the request carries this node's, or
+            # none); one that checks callers' balances wants a caller. Only others can take it.
+            and len(peer.descriptor.token_key) != 32
             and (bool(request.caller_key) or not peer.descriptor.policy.requires_caller)
             and (state := self._state(peer)).running + state.queued < state.slots
         ]

@@ -78,6 +78,7 @@ class GenerateRequest:
     sampling: SamplingRequest = field(default_factory=SamplingRequest)
     request_id: str = ""
     caller_key: bytes = b""  # only when its signature over the request checked out
+    tokens: tuple[tuple[bytes, bytes], ...] = ()  # payment tokens: (nonce, output)
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ class _Prepared:
     engine: Engine
     prompt_ids: list[int]
     sampling: Sampling
+    payment: tuple[tuple[bytes, bytes], ...] = ()  # tokens to spend once a slot is granted
 
 
 class InferenceService:
@@ -239,7 +241,13 @@ class InferenceService:
                 f"prompt is {len(prompt_ids)} tokens; this node accepts at most {self.policy.max_prompt_tokens}"
             )
         sampling = self._sampling(request.sampling, engine, len(prompt_ids))
-        return _Prepared(request.request_id or uuid.uuid4().hex, engine, prompt_ids, sampling)
+        payment: tuple[tuple[bytes, bytes], ...] = ()
+        if self.billing is not None:
+            needed = self.billing.tokens_needed(request.caller_key, len(prompt_ids), sampling.max_new_tokens)
+            if needed:
+                self.billing.desk.check(request.tokens, needed)
+                payment = request.tokens
+        return _Prepared(request.request_id or uuid.uuid4().hex, engine, prompt_ids, sampling, payment)
 
     # --- generation -----------------------------------------------------------------------
 
@@ -252,6 +260,9 @@ class InferenceService:
         accepted_unix_ms = int(time.time() * 1000)
         accepted = time.monotonic()
         async with self.admission.slot(len(prepared.prompt_ids) + sampling.max_new_tokens) as waited:
+            if prepared.payment:  # spent once the request is sure to be served (a durable write)
+                assert self.billing is not None
+                await asyncio.to_thread(self.billing.desk.spend, prepared.payment)
             receipt = ReceiptWriter(
                 self.identity,
                 prepared.request_id,
@@ -299,8 +310,6 @@ class InferenceService:
                 total_ms=timing.total_us // 1000,
             )
             summary = GenerationSummary(finish, receipt.sign(_FINISH[finish], timing))
-            if self.billing is not None:  # a durable write: off the event loop
-                await asyncio.to_thread(self.billing.charge, request.caller_key, len(prepared.prompt_ids), sent)
         # Sent once the slot is free: a client that sees the summary sees the node's load without it.
         yield summary
 

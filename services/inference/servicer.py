@@ -3,6 +3,7 @@ protobuf out. No behaviour lives here; errors are mapped by the shared intercept
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -21,7 +22,7 @@ from services.inference.service import (
     TokenEvent,
 )
 from swarmserve.chain.callers import authenticated_caller
-from swarmserve.rpc import Unavailable
+from swarmserve.rpc import FailedPrecondition, Unavailable
 from swarmserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 __all__ = ["InferenceServicer", "capacity", "load_report", "model_info", "policy_summary", "to_chat_turns"]
@@ -67,6 +68,7 @@ def capacity(policy: ProviderPolicy) -> common_pb2.Capacity:
 def policy_summary(policy: ProviderPolicy, requires_caller: bool) -> common_pb2.PolicySummary:
     return common_pb2.PolicySummary(
         requires_caller=requires_caller,
+        default_new_tokens=policy.default_new_tokens,
         max_prompt_tokens=policy.max_prompt_tokens,
         max_new_tokens=policy.max_new_tokens,
         serving_now=policy.serving_at(dt.datetime.now(dt.UTC)),
@@ -97,6 +99,7 @@ def to_generate_request(message: inference_pb2.InferenceGenerateRequest) -> Gene
         ),
         request_id=message.request_id,
         caller_key=authenticated_caller(message),
+        tokens=tuple((t.nonce, t.output) for t in message.tokens),
     )
 
 
@@ -165,3 +168,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             capacity=capacity(service.policy),
             policy=policy_summary(service.policy, service.requires_caller),
         )
+
+    async def BuyTokens(
+        self, request: inference_pb2.BuyTokensRequest, context: aio.ServicerContext[Any, Any]
+    ) -> inference_pb2.BuyTokensResponse:
+        billing = self._ready().billing
+        if billing is None:
+            raise FailedPrecondition("this node follows no ledger and sells no tokens")
+        evaluated, proof = await asyncio.to_thread(billing.sell, request.cheque, list(request.blinded))
+        return inference_pb2.BuyTokensResponse(evaluated=evaluated, proof=proof)

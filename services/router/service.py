@@ -14,11 +14,12 @@ from dataclasses import dataclass, replace
 
 import grpc
 import structlog
-from grpc import aio
 
+from services.inference.tokens import tokens_for
 from services.relay.client import OpenCircuit
 from services.router.config import RouterConfig
 from services.router.duels import DuelOrganiser
+from services.router.wallet import TokenWallet
 from services.verifier.service import DuelSide
 from swarmserve import native
 from swarmserve.chain import ChainReplica
@@ -51,8 +52,6 @@ from swarmserve.rpc import (
 from swarmserve.telemetry import get_logger
 from swarmserve.trust import ChainReputation
 from swarmserve.v1 import (
-    chain_pb2,
-    chain_pb2_grpc,
     common_pb2,
     inference_pb2,
     inference_pb2_grpc,
@@ -100,12 +99,10 @@ class RouterService:
         # flight at a node started, and an average of the latency it observed there.
         self._in_flight: dict[str, list[float]] = {}
         self._observed_latency: dict[str, float] = {}
-        self._deliveries: set[asyncio.Task[None]] = set()  # cheques on their way to providers
+        # Payment tokens for billing providers (with a ledger): bought by cheque, spent unlinkably.
+        self.wallet = TokenWallet(chain, channels) if chain is not None else None
 
     async def close(self) -> None:
-        """Lets cheques on their way arrive (briefly), then stops the duels."""
-        if self._deliveries:
-            await asyncio.wait(self._deliveries, timeout=2)
         await self.duels.close()
 
     def _check(self, request: router_pb2.GenerateRequest) -> int:
@@ -201,40 +198,44 @@ class RouterService:
         observed = self._observed_latency.get(peer.node_id)
         return state if observed is None else replace(state, recent_latency_s=observed)
 
-    async def _pay(self, request: router_pb2.GenerateRequest, body: common_pb2.Receipt, server: str) -> None:
-        """Pays the provider with a cheque for what this router checked itself: the tokens it
-        relayed (the receipt commits to exactly those) and at most as many prompt tokens as its
-        prompt can have, at the provider's published price. Serving this router's own account is
-        free; without a ledger everything is."""
-        chain = self.chain
-        peer = self.directory.get(server)
-        if (
-            chain is None
-            or chain.same_account(body.node_key)
-            or (peer is not None and not peer.descriptor.policy.requires_caller)
-        ):
-            return
-        price = peer.descriptor.price if peer is not None else common_pb2.Price()
+    def _payment(self, request: router_pb2.GenerateRequest, exit_: Peer) -> int:
+        """Credits to pay ``exit_`` for ``request`` (0: it bills nobody, or serves this router's own
+        account free): the bound this router can check itself: at most as many prompt tokens as the
+        prompt's bytes allow, and the longest answer the node may give, at its published price."""
+        descriptor = exit_.descriptor
+        if len(descriptor.token_key) != 32 or not descriptor.price.credits_per_token:
+            return 0
+        if self.chain is not None and self.chain.same_account(descriptor.identity_key):
+            return 0
         if request.WhichOneof("input") == "prompt":
             prompt_bytes, messages = len(request.prompt.encode()), 1
         else:
             prompt_bytes = sum(len(m.content.encode()) for m in request.chat.messages)
             messages = len(request.chat.messages)
-        prompt_tokens = min(body.timing.prompt_tokens, most_prompt_tokens(prompt_bytes, messages))
-        credits = price_credits(price, prompt_tokens, body.token_count)
-        cheque = await asyncio.to_thread(chain.book.pay, body.node_key, credits)
-        if peer is not None:
-            task = asyncio.get_running_loop().create_task(self._deliver(peer, cheque, credits))
-            self._deliveries.add(task)
-            task.add_done_callback(self._deliveries.discard)
+        policy = descriptor.policy
+        longest = request.sampling.max_new_tokens or policy.default_new_tokens or policy.max_new_tokens
+        if policy.max_new_tokens:
+            longest = min(longest, policy.max_new_tokens)
+        return price_credits(descriptor.price, most_prompt_tokens(prompt_bytes, messages), longest)
 
-    async def _deliver(self, peer: Peer, cheque: chain_pb2.SignedCheque, credits: int) -> None:
-        """Hands the provider its cheque; one lost on the way is covered by the next (cumulative)."""
-        stub = chain_pb2_grpc.ChainStub(self.channels.get(peer.descriptor.address))
-        try:
-            await stub.DepositCheque(chain_pb2.DepositChequeRequest(cheque=cheque), timeout=5)
-        except (aio.AioRpcError, TimeoutError) as error:
-            log.warning("cheque not delivered", provider=peer.node_id[:16], credits=credits, reason=str(error))
+    async def _address(
+        self, request: router_pb2.GenerateRequest, forwarded: inference_pb2.InferenceGenerateRequest, exit_: Peer
+    ) -> None:
+        """What ``exit_`` learns of who pays: this router's identity only if it is of the same
+        account (served free) or checks callers' balances (min_balance); otherwise tokens that
+        name nobody, for a node that bills, or nothing."""
+        forwarded.ClearField("caller_key")
+        forwarded.ClearField("caller_signature")
+        forwarded.ClearField("tokens")
+        descriptor = exit_.descriptor
+        own = self.chain is not None and self.chain.same_account(descriptor.identity_key)
+        if own or descriptor.policy.requires_caller:
+            sign_as_caller(self.identity, forwarded)
+        credits = self._payment(request, exit_)
+        if credits and self.wallet is not None:
+            forwarded.tokens.extend(
+                await self.wallet.take(exit_, tokens_for(credits, descriptor.price.credits_per_token))
+            )
 
     async def _start(
         self,
@@ -254,12 +255,7 @@ class RouterService:
             self._in_flight.setdefault(exit_.node_id, []).append(started)
             circuit: OpenCircuit | None = None
             try:
-                # The exit learns who pays only if it bills its callers (then this router signs as
-                # the payer); otherwise the request names nobody.
-                forwarded.ClearField("caller_key")
-                forwarded.ClearField("caller_signature")
-                if exit_.descriptor.policy.requires_caller:
-                    sign_as_caller(self.identity, forwarded)
+                await self._address(request, forwarded, exit_)
                 circuit = await OpenCircuit.open(
                     self.channels, self.choose_relays(hops, exit_), exit_, self.config.setup_timeout_s,
                     self.config.cell_timeout_s,
@@ -359,7 +355,6 @@ class RouterService:
                     signer_key=self.identity.public_key,
                     signature=self.identity.sign(receipt.receipt),
                 )
-                await self._pay(request, signed_body, server)
                 if duel:
                     self.duels.maybe_start(request, DuelSide(receipt, ids, texts))
                 tail = decoder.decode(b"", final=True)

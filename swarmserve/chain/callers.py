@@ -1,8 +1,8 @@
-"""Caller authentication: the node that pays for a request (the router) names its identity key
-and signs the request, so that a provider knows whose cheques must cover it and, under
-``accept_callers: min_balance``, whose balance on the ledger's chain to check. The signature
-covers the request without its forwarding state (which changes when a busy node offloads it)
-and without the signature itself.
+"""Caller authentication, for the two cases where a provider must know who sends a request: a
+router of the provider's own account (served free) and a provider under ``accept_callers:
+min_balance`` (whose balance on the ledger's chain to check). Otherwise routers send no caller
+at all and pay in tokens that name nobody. The signature covers the request without its
+forwarding state (which changes when a busy node offloads it), its payment tokens, and itself.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ def _signed_bytes(request: inference_pb2.InferenceGenerateRequest) -> bytes:
     core.CopyFrom(request)
     core.ClearField("forwarding")
     core.ClearField("caller_signature")
+    core.ClearField("tokens")
     return _CONTEXT + core.SerializeToString(deterministic=True)
 
 
