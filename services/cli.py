@@ -252,8 +252,8 @@ async def _demo_credits(swarm: LocalSwarm, before: dict[tuple[bytes, bytes], int
     by_node_id = {native.node_id(key): name for key, name in names.items()}
     print("==> credits: each router sends two short requests; its own operator's node serves for free,", flush=True)
     print(
-        "    the other operator's is paid in unlinkable tokens, bought 32 at a time by cheque (a credit each),"
-        " settled on the chain per epoch",
+        "    the other operator's is paid in unlinkable tokens worth each request's bound (a credit per token"
+        " it may generate), bought by cheque, settled on the chain per epoch",
         flush=True,
     )
     for index, router in enumerate(swarm.routers):
