@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from services.inference.tokens import TokenDesk, tokens_for
+from services.inference.tokens import TokenDesk
 from swarmserve import native
+from swarmserve.chain.payments import tokens_for
 from swarmserve.rpc import PermissionDenied
 
 

@@ -12,11 +12,11 @@ import threading
 from collections.abc import Sequence
 
 from services.inference.config import ProviderPolicy
-from services.inference.tokens import TokenDesk, tokens_for
+from services.inference.tokens import TokenDesk
 from swarmserve import native
 from swarmserve.chain import ChainReplica
 from swarmserve.chain.cheques import ChequeError, open_cheque
-from swarmserve.chain.payments import price_credits
+from swarmserve.chain.payments import price_credits, tokens_for
 from swarmserve.rpc import FailedPrecondition, InvalidArgument, PermissionDenied
 from swarmserve.v1 import chain_pb2, common_pb2
 

@@ -13,7 +13,6 @@ Invariants:
 
 from __future__ import annotations
 
-import math
 import os
 import secrets
 import sqlite3
@@ -25,15 +24,10 @@ from swarmserve import native
 from swarmserve.chain.storage import open_database
 from swarmserve.rpc import PermissionDenied
 
-__all__ = ["TokenDesk", "tokens_for"]
+__all__ = ["TokenDesk"]
 
 SEED_FILE = "token.key"
 _SCHEMA = "CREATE TABLE IF NOT EXISTS spent (nonce BLOB PRIMARY KEY) WITHOUT ROWID;"
-
-
-def tokens_for(credits: int, credits_per_token: int) -> int:
-    """How many tokens pay ``credits``."""
-    return math.ceil(credits / credits_per_token) if credits > 0 else 0
 
 
 def _load_seed(directory: Path) -> bytes:

@@ -15,7 +15,6 @@ from dataclasses import dataclass, replace
 import grpc
 import structlog
 
-from services.inference.tokens import tokens_for
 from services.relay.client import OpenCircuit
 from services.router.config import RouterConfig
 from services.router.duels import DuelOrganiser
@@ -24,7 +23,7 @@ from services.verifier.service import DuelSide
 from swarmserve import native
 from swarmserve.chain import ChainReplica
 from swarmserve.chain.callers import sign_as_caller
-from swarmserve.chain.payments import most_prompt_tokens, price_credits
+from swarmserve.chain.payments import most_prompt_tokens, price_credits, tokens_for
 from swarmserve.dispatch import (
     CentralOraclePolicy,
     Hop,

@@ -25,7 +25,7 @@ from swarmserve.chain.state import ChainState
 from swarmserve.chain.storage import open_database
 from swarmserve.v1 import chain_pb2, common_pb2
 
-__all__ = ["ChequeBook", "ChequeInbox", "most_prompt_tokens", "price_credits"]
+__all__ = ["ChequeBook", "ChequeInbox", "most_prompt_tokens", "price_credits", "tokens_for"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS issued (payee BLOB PRIMARY KEY, cumulative INTEGER NOT NULL) WITHOUT ROWID;
@@ -44,6 +44,11 @@ def price_credits(price: common_pb2.Price, prompt_tokens: int, completion_tokens
         prompt_tokens * price.credits_per_1k_prompt_tokens + completion_tokens * price.credits_per_1k_completion_tokens
     )
     return max(1, math.ceil(owed / 1000))
+
+
+def tokens_for(credits: int, credits_per_token: int) -> int:
+    """How many payment tokens of ``credits_per_token`` each pay ``credits``."""
+    return math.ceil(credits / credits_per_token) if credits > 0 else 0
 
 
 def most_prompt_tokens(prompt_bytes: int, messages: int) -> int:
