@@ -4,6 +4,8 @@ cannot capture traffic by claiming to be idle)."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from services.router.config import RouterConfig
@@ -19,13 +21,21 @@ MODEL = "m"
 SYSTEM = "You are a careful assistant who answers in one short paragraph. " * 4
 
 
-def add_node(directory: PeerDirectory, name: str, latency_s: float = 0.1, queued: int = 0) -> str:
+def add_node(
+    directory: PeerDirectory,
+    name: str,
+    latency_s: float = 0.1,
+    queued: int = 0,
+    role: common_pb2.NodeRole.ValueType = common_pb2.NODE_ROLE_INFERENCE,
+    key_expires_unix_ms: int = 0,
+) -> str:
     identity = native.Identity.generate()
     descriptor = common_pb2.NodeDescriptor(
         identity_key=identity.public_key,
         version=1,
         address=f"127.0.0.1:{abs(hash(name)) % 50000 + 1000}",
-        roles=[common_pb2.NODE_ROLE_INFERENCE],
+        roles=[role],
+        onion_key_expires_unix_ms=key_expires_unix_ms,
         onion_key=native.OnionKey.generate().public_key,
         models=[common_pb2.ModelInfo(name=MODEL)],
         capacity=common_pb2.Capacity(max_concurrent=4, max_queue=8),
@@ -95,3 +105,20 @@ async def test_what_the_router_observed_outweighs_what_a_node_claims() -> None:
     newcomer = add_node(directory, "newcomer", latency_s=0.0)
     picks = {(await service.choose_exit(request(f"n {i}", system=f"other system {i} " * 8))).node_id for i in range(10)}
     assert picks == {honest} and newcomer not in picks
+
+
+async def test_nodes_whose_onion_key_is_about_to_expire_carry_no_circuit() -> None:
+    """Onion keys rotate: a set-up built with a key that expires before it arrives is refused,
+    so the router draws neither relays nor exits whose published key expires within 30 s."""
+    soon = int((time.time() + 10) * 1000)
+    directory = PeerDirectory()
+    # The stale exit is the faster one: only its key keeps it out.
+    fresh_exit = add_node(directory, "fresh", latency_s=2.0)
+    add_node(directory, "stale", latency_s=0.01, key_expires_unix_ms=soon)
+    fresh_relay = add_node(directory, "r1", role=common_pb2.NODE_ROLE_RELAY)
+    add_node(directory, "r2", role=common_pb2.NODE_ROLE_RELAY, key_expires_unix_ms=soon)
+    service = router(directory)
+    for _ in range(20):
+        exit_ = await service.choose_exit(request("Hello?"))
+        assert exit_.node_id == fresh_exit
+        assert [r.node_id for r in service.choose_relays(1, exit_)] == [fresh_relay]

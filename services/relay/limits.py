@@ -16,6 +16,7 @@ import ipaddress
 import time
 from collections.abc import Callable
 
+from swarmserve.config import host_of as address_host
 from swarmserve.rpc import ResourceExhausted
 from swarmserve.rpc.limits import TokenBuckets
 
@@ -25,9 +26,7 @@ __all__ = ["SourceLimits", "host_of", "source_of"]
 def host_of(peer: str) -> str:
     """The IP address in a gRPC peer string (empty for a unix socket)."""
     kind, _, rest = peer.partition(":")
-    if kind in ("ipv4", "ipv6"):
-        return rest.rpartition(":")[0].strip("[]").partition("%")[0]
-    return ""
+    return address_host(rest) if kind in ("ipv4", "ipv6") else ""
 
 
 def source_of(peer: str) -> str:
@@ -82,6 +81,10 @@ class SourceLimits:
             self._open[source] = count - 1
         else:
             self._open.pop(source, None)
+
+    def factor(self, source: str) -> float:
+        """How many times the base allowance ``source`` gets (member_factor for a member's address)."""
+        return self._setups.factor(source)
 
     def open_circuits(self, source: str) -> int:
         return self._open.get(source, 0)

@@ -73,7 +73,7 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
         self._channels = channels
         self._terminus = terminus
         self._forwards = forwards
-        self._sources = SourceLimits(
+        self.sources = SourceLimits(
             settings.setups_per_source_per_s, settings.setup_burst_per_source, settings.circuits_per_source
         )
         self.active = 0
@@ -94,7 +94,7 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
             raise ResourceExhausted(f"this relay holds its maximum of {self._settings.max_circuits} circuits")
         peer = context.peer()
         source = source_of(peer)
-        self._sources.admit(
+        self.sources.admit(
             source, lambda: self._directory is not None and self._directory.member_on_host(host_of(peer))
         )
         try:
@@ -130,7 +130,7 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
                     seconds=round(time.monotonic() - started, 3),
                 )
         finally:
-            self._sources.release(source)
+            self.sources.release(source)
 
     def _next_hop(self, peeled: native.PeeledSetup) -> str | None:
         """The member address a forward set-up names; None for an address that is no member."""

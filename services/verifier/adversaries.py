@@ -227,7 +227,7 @@ def check_score(seen: Seen) -> float:
     return score
 
 
-class ChallengeAwareEngine(ClaimingEngine):
+class ChallengeAwareEngine(RandomTokensEngine):
     """Serves ``inner`` (the claimed model) to prompts the detector takes for checks and random
     tokens to all others. It sees what an engine sees (the prompt's tokens and the sampling), so
     it scores the decoded prompt; ``threshold`` on :func:`check_score`."""
@@ -248,12 +248,10 @@ class ChallengeAwareEngine(ClaimingEngine):
                     sampling.repetition_penalty, sampling.seed is not None, len(sampling.stop), "")  # fmt: skip
         if check_score(seen) >= self.threshold:
             self.served_honestly += 1
-            async with aclosing(self.inner.generate(prompt_ids, sampling, resume)) as stream:
-                async for generated in stream:
-                    yield generated
-            return
-        self.cheated += 1
-        chooser = random.Random(sampling.seed)
-        for _ in range(len(resume), sampling.max_new_tokens):
-            token = chooser.randrange(self.vocab_size)
-            yield GeneratedToken(token, self.detokenize([token]), -10.0)
+            stream = ClaimingEngine.generate(self, prompt_ids, sampling, resume)  # the claimed model
+        else:
+            self.cheated += 1
+            stream = super().generate(prompt_ids, sampling, resume)  # random tokens
+        async with aclosing(stream) as tokens:
+            async for token in tokens:
+                yield token

@@ -25,6 +25,7 @@ __all__ = [
     "NodeConfig",
     "ServerSettings",
     "StrictModel",
+    "host_of",
     "load_config",
     "parse_listen_address",
 ]
@@ -45,6 +46,12 @@ def parse_listen_address(value: str) -> tuple[str, int]:
     if not 0 <= port <= 65535:
         raise ValueError(f"port {port} is outside 0..65535")
     return host, port
+
+
+def host_of(address: str) -> str:
+    """The host of ``HOST:PORT`` (or of a bare host), without IPv6 brackets or zone."""
+    host = address.rpartition(":")[0] if ":" in address else address
+    return host.strip("[]").partition("%")[0]
 
 
 class StrictModel(BaseModel):

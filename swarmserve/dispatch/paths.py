@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 
+from swarmserve.config import host_of
+
 __all__ = ["Hop", "NoDiversePath", "PathChooser", "choose_path", "network_of"]
 
 
@@ -33,9 +35,8 @@ class NoDiversePath(Exception):
 
 def network_of(address: str) -> str | None:
     """The network a ``host:port`` address counts as for diversity (None: exempt)."""
-    host = address.rpartition(":")[0].strip("[]") if ":" in address else address
     try:
-        ip = ipaddress.ip_address(host)
+        ip = ipaddress.ip_address(host_of(address))
     except ValueError:
         return None  # a host name
     if ip.is_loopback:

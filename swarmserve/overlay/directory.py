@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from swarmserve.config import host_of
 from swarmserve.overlay.descriptors import DescriptorError, node_id_of, open_descriptor
 from swarmserve.telemetry import get_logger
 from swarmserve.v1 import common_pb2, overlay_pb2
@@ -129,8 +130,7 @@ class PeerDirectory:
     def member_on_host(self, host: str) -> bool:
         """Whether a member (not declared dead) publishes an address on ``host`` (an IP)."""
         return bool(host) and any(
-            p.state != DEAD and p.descriptor.address.rpartition(":")[0].strip("[]") == host
-            for p in self._peers.values()
+            p.state != DEAD and host_of(p.descriptor.address) == host for p in self._peers.values()
         )
 
     def get(self, node_id: str) -> Peer | None:

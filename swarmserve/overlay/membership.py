@@ -61,7 +61,7 @@ log = get_logger("swarmserve.overlay")
 
 # What one sender may push at once: honest packets carry at most max_piggyback pieces of news and
 # honest exchanges push only the sender's own descriptor, so a flood is refused before any
-# signature is checked (each costs the receiver a verification on its event loop).
+# signature is checked (each costs the receiver a signature verification).
 MAX_PUSHED = 64
 # What one exchange may list or answer: a whole swarm's descriptors (PlanetServe's 10,000 with
 # room to spare), no more.

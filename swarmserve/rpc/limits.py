@@ -55,9 +55,6 @@ class TokenBuckets:
         bucket = self._buckets.get(key)
         return bucket.factor if bucket else 1.0
 
-    def tracked(self, key: str) -> bool:
-        return key in self._buckets
-
     def _forget_idle(self, now: float, busy: Callable[[str], bool]) -> None:
         # A bucket that has refilled is the same as a new one: forgetting it gifts nothing.
         refill_s = self._burst / self._rate

@@ -117,6 +117,8 @@ async def test_junk_setups_from_one_source_do_not_stop_a_legitimate_circuit(swar
         # refused was remembered, so the 50-tag cache never filled and the key never changed.
         assert relay.onion_keys.remembered <= 20 + 2 + 2  # the flood's, plus the router's two circuits
         assert relay.onion_keys.public_key == key
+        # The router (a member's address) got the member allowance; the attacker the base one.
+        assert relay.relay.sources.factor("127.0.0.1") == 16 and relay.relay.sources.factor(ATTACKER_SOURCE) == 1
 
 
 async def test_a_setup_replayed_after_a_relay_restart_is_refused(tmp_path: Path) -> None:
