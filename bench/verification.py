@@ -11,12 +11,12 @@ SmolLM2 model) on loopback, real signatures and a real ledger chain, in one run.
    votes for the answer shown first, then one that always votes for the cheater. Reported: the
    share of duels the cheater lost, and duels until each biased judge is untrusted.
 3. Cost: serving time against check and judging time per request, and the verification compute
-   share at the default rates (``CHECK_RATE`` of requests challenged, the router's default duel
+   share at the default rates (``AUDIT_RATE`` of requests audited, the router's default duel
    rate, three judges). Target: at most 10%.
 4. Credits over time: a router, a verifier and three providers (fast honest, slow honest, Q2_K
    cheater), each its own account on a ledger chain, duels on a quarter of the requests and
-   challenges; each provider's credits (available + bonded) on the chain after every request
-   (paid by cheque, settled per epoch; PNG).
+   audits of a quarter (the users consent); each provider's credits (available + bonded) on the
+   chain after every request (paid by cheque, settled per epoch; PNG).
 
 Writes bench/results/verification.json and verification.png. Run: `make bench`
 (``--quick`` for a smoke run that writes nothing).
@@ -45,11 +45,11 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from services.inference.config import ChallengeSettings, InferenceConfig, ModelSettings, ProviderPolicy  # noqa: E402
+from services.inference.config import InferenceConfig, ModelSettings, ProviderPolicy  # noqa: E402
 from services.inference.engine import ChatTurn, Engine, GeneratedToken, Sampling  # noqa: E402
 from services.inference.models import DEFAULT_MODEL_NAME, default_model_path  # noqa: E402
 from services.inference.node import InferenceNode  # noqa: E402
-from services.router.config import DuelSettings, RouterConfig  # noqa: E402
+from services.router.config import AuditSettings, DuelSettings, RouterConfig  # noqa: E402
 from services.router.node import RouterNode  # noqa: E402
 from services.verifier.adversaries import (  # noqa: E402
     BiasedJudge,
@@ -57,9 +57,9 @@ from services.verifier.adversaries import (  # noqa: E402
     EarlyStopEngine,
     RandomTokensEngine,
     ReplayingEngine,
+    challenge_prompt,
     requantize_q2k,
 )
-from services.verifier.challenges import challenge_prompt  # noqa: E402
 from services.verifier.service import DuelSide, VerifierService  # noqa: E402
 from swarmserve import native  # noqa: E402
 from swarmserve.chain import ChainParameters, Genesis, GenesisAccount, GenesisValidator  # noqa: E402
@@ -73,7 +73,7 @@ from swarmserve.verdicts import decide_duel, open_verdict  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 NEW_TOKENS = 16
-CHECK_RATE = 0.02  # share of requests a verifier challenges at the default settings (see the note)
+AUDIT_RATE = 0.02  # share of all requests audited (consenting users x audits.rate), assumed
 TRIALS = 10
 MAX_REQUESTS = 20
 GOSSIP = GossipSettings(probe_interval_s=0.2, probe_timeout_s=0.1, suspicion_mult=3, sync_interval_s=2)
@@ -107,7 +107,6 @@ async def start_node(stack: AsyncExitStack, data_dir: Path, seeds: list[str], **
         "models": [ModelSettings(name=DEFAULT_MODEL_NAME, context_length=1024)],
         "policy": ProviderPolicy(max_concurrent=1, max_queue=8, max_new_tokens=256),
         "gossip": GOSSIP.model_copy(update={"seeds": seeds}),
-        "challenges": ChallengeSettings(interval_s=0),
     }
     node = InferenceNode(InferenceConfig(**(settings | overrides)))
     await node.start()
@@ -311,7 +310,6 @@ async def credits_over_time(directory: Path, q2k: Path, requests: int, progress:
             [],
             ledger=ledger,
             models=[ModelSettings(name="reference-copy", context_length=1024)],
-            challenges=ChallengeSettings(interval_s=3, max_new_tokens=NEW_TOKENS),
         )
         seeds = [verifier.address]
         fast = await start_node(stack, directory / "fast", seeds, ledger=ledger)
@@ -333,13 +331,12 @@ async def credits_over_time(directory: Path, q2k: Path, requests: int, progress:
                 gossip=GOSSIP.model_copy(update={"seeds": seeds}),
                 default_hops=0,
                 duels=DuelSettings(rate=0.25),
+                audits=AuditSettings(rate=0.25),
                 ledger=ledger,
             )
         )
         await router.start()
         stack.push_async_callback(router.stop, 0)
-        assert verifier.challenger is not None
-        verifier.challenger.start()
         providers = {"fast honest": fast, "slow honest": slow, "Q2_K cheater": cheater}
         await asyncio.sleep(3)  # gossip and the ledgers' first anti-entropy rounds
         series: dict[str, list[int]] = {name: [] for name in providers}
@@ -348,7 +345,14 @@ async def credits_over_time(directory: Path, q2k: Path, requests: int, progress:
         for _ in range(0, requests, 2):  # two users at a time, so a busy provider is passed over
             await asyncio.gather(
                 *(
-                    generate(router.address, prompt, model=DEFAULT_MODEL_NAME, max_tokens=NEW_TOKENS, temperature=0.7)
+                    generate(
+                        router.address,
+                        prompt,
+                        model=DEFAULT_MODEL_NAME,
+                        max_tokens=NEW_TOKENS,
+                        temperature=0.7,
+                        allow_audit=True,
+                    )
                     for prompt in (challenge_prompt(rng), challenge_prompt(rng))
                 )
             )
@@ -406,15 +410,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         judge_s = judged["always-first"]["judge_s_per_vote"] or 0.0
         duel_rate = DuelSettings().rate
         judges = ChainParameters().judges_per_duel
-        # A challenge is a request served plus its check; a duel a second request served plus
-        # the judges' votes.
-        share = CHECK_RATE * (serve_s + check_s) / serve_s + duel_rate * (serve_s + judges * judge_s) / serve_s
+        # An audit is a check of a request served anyway; a duel a second request served plus
+        # the judges' votes (each re-executing both answers).
+        share = AUDIT_RATE * check_s / serve_s + duel_rate * (serve_s + judges * judge_s) / serve_s
         cost = {
             "serve_s_per_request": round(serve_s, 4),
             "check_s_per_request": round(check_s, 4),
             "judge_s_per_vote": round(judge_s, 4),
             "check_to_serve_ratio": round(check_s / serve_s, 3),
-            "check_rate": CHECK_RATE,
+            "audit_rate": AUDIT_RATE,
             "duel_rate": duel_rate,
             "judges_per_duel": judges,
             "verification_share_of_serving": round(share, 4),

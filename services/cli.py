@@ -109,6 +109,7 @@ def _generate(args: argparse.Namespace) -> int:
             temperature=args.temperature,
             seed=args.seed,
             raw=args.raw,
+            allow_audit=args.allow_audit,
             on_text=show,
         )
     )
@@ -500,6 +501,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--raw", action="store_true", help="complete the prompt as text, not as a chat turn")
+    gen.add_argument(
+        "--allow-audit",
+        action="store_true",
+        help="let a verifier re-execute the answer (it sees the prompt; if the provider cheated, the prompt is "
+        "published on the ledger as the evidence)",
+    )
     gen.set_defaults(run=_generate)
 
     up = commands.add_parser("up", help="run a local swarm on loopback until Ctrl-C")

@@ -43,6 +43,7 @@ async def generate(
     temperature: float = 0.0,
     seed: int | None = None,
     raw: bool = False,
+    allow_audit: bool = False,
     on_text: Callable[[str], None] | None = None,
 ) -> GenerationResult:
     """Streams one generation (``prompt`` as a user's chat turn, or as raw text to complete
@@ -58,6 +59,7 @@ async def generate(
         request.chat.messages.add(role=common_pb2.CHAT_ROLE_USER, content=prompt)
     if hops is not None:
         request.privacy.hops = hops
+    request.privacy.allow_audit = allow_audit  # see PrivacyOptions in router.proto
     result = GenerationResult()
     started = time.monotonic()
     async with aio.insecure_channel(router) as channel:

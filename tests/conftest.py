@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from services.inference.config import ChallengeSettings, InferenceConfig, ModelSettings, ProviderPolicy
+from services.inference.config import InferenceConfig, ModelSettings, ProviderPolicy
 from services.inference.models import default_model_path
 from services.inference.node import InferenceNode
 from services.relay.config import CircuitSettings, RelayConfig
@@ -28,8 +28,6 @@ from swarmserve.node import ServiceNode
 from swarmserve.swarm import free_port_block
 
 MODEL = "smollm2-135m-instruct"
-# Tests send challenges themselves, when they are about challenges; none in the background.
-NO_CHALLENGES = ChallengeSettings(interval_s=0)
 NO_DUELS = DuelSettings(rate=0)
 # Gossip at test speed: a 0.2 s protocol period, so failures are noticed in about a second.
 FAST_GOSSIP = GossipSettings(probe_interval_s=0.2, probe_timeout_s=0.1, suspicion_mult=3, sync_interval_s=2)
@@ -62,7 +60,6 @@ def inference_node(tmp_path: Path) -> NodeFactory:
             "server": ServerSettings(listen="127.0.0.1:0", grace_period_s=2),
             "models": [ModelSettings(name=MODEL, context_length=1024)],
             "policy": ProviderPolicy(max_concurrent=1, max_queue=4, max_new_tokens=256, default_new_tokens=16),
-            "challenges": NO_CHALLENGES,
         }
         settings.update(overrides)
         node = InferenceNode(InferenceConfig(**settings))
@@ -179,7 +176,6 @@ def swarm(tmp_path: Path) -> SwarmFactory:
                     "models": [ModelSettings(name=MODEL, context_length=1024)],
                     "policy": ProviderPolicy(max_concurrent=1, max_queue=4),
                     "gossip": joining(started, gossip),
-                    "challenges": NO_CHALLENGES,
                     "ledger": chain,
                 }
                 inference_node = InferenceNode(InferenceConfig(**(settings | overrides)))

@@ -30,7 +30,7 @@ from swarmserve.receipts import verify_receipt
 from swarmserve.rpc import ChannelPool
 from swarmserve.swarm import free_port_block
 from swarmserve.v1 import common_pb2, inference_pb2, relay_pb2, router_pb2
-from tests.conftest import NO_CHALLENGES, TEST_CHAIN, joining, wait_for_members
+from tests.conftest import TEST_CHAIN, joining, wait_for_members
 from tests.test_private_path import chat_request, run
 
 MODEL = "emulated-1b"
@@ -69,7 +69,6 @@ async def emulated_swarm(
                     models=[ModelSettings(name=MODEL, engine="emulated", emulated=SLOW)],
                     policy=ProviderPolicy(max_concurrent=1, max_queue=4),
                     gossip=joining(nodes),
-                    challenges=NO_CHALLENGES,
                     ledger=ledger,
                     stake=0,
                     # Free, so that offloading may pass requests on: a billing peer wants tokens of

@@ -1,11 +1,12 @@
-"""Duel-and-judge and challenges with stake on the ledger's chain, in a real swarm on loopback:
+"""Duel-and-judge and audits with stake on the ledger's chain, in a real swarm on loopback:
 a router, relays (validating with the router) and llama.cpp inference nodes with the real model.
 
 Tried: a provider serving random tokens dueling an honest one, judged by the judges the chain
 drew, two honest and one that always votes for the cheater (the cheater loses every duel and
 stake, the colluding judge loses its trust, the chain replays clean); a re-quantized (Q2_K)
-provider claiming the real model, challenged through the router and onion circuits by a
-verifier: the FAIL is recorded with its evidence, the cheater's automatic appeal goes to a
+provider claiming the real model, serving users who consent to audits (and two who do not,
+whose prompts no verifier sees): a drawn verifier re-executes each consenting request's answer
+and the FAIL is recorded with its evidence, the cheater's automatic appeal goes to a
 committee that re-executes and upholds it, and only then is it slashed and dropped from
 dispatch, for good."""
 
@@ -18,11 +19,12 @@ from pathlib import Path
 
 from services.inference.config import ModelSettings
 from services.inference.node import InferenceNode
-from services.router.config import DuelSettings
+from services.router.config import AuditSettings, DuelSettings
 from services.router.node import RouterNode
 from services.verifier.adversaries import BiasedJudge, ClaimingEngine, RandomTokensEngine
 from swarmserve.chain.audit import audit_replica
-from swarmserve.v1 import common_pb2, verifier_pb2
+from swarmserve.chain.evidence import verdict_id
+from swarmserve.v1 import common_pb2, router_pb2, verifier_pb2
 from swarmserve.verdicts import tally_duel
 from tests.conftest import MODEL, SwarmFactory
 from tests.test_private_path import chat_request, run
@@ -98,32 +100,51 @@ async def test_duels_reward_the_honest_provider_and_expose_a_judge_voting_for_on
         assert s.router.chain is not None and audit_replica(s.router.chain.state).problems == []
 
 
-async def test_challenges_through_the_router_catch_a_requantized_model(swarm: SwarmFactory, q2k_model: Path) -> None:
+async def test_audits_of_consenting_requests_catch_a_requantized_model(swarm: SwarmFactory, q2k_model: Path) -> None:
     nodes = [{}, {"models": [ModelSettings(name=MODEL, path=q2k_model, context_length=1024)]}, {"models": REFERENCE}]
-    # Round-robin: the router's choice of provider alternates, so both get challenges (with
-    # observed latency, the faster provider would take nearly all of them).
-    async with swarm(relays=2, inference=nodes, default_hops=2, dispatch="round-robin", ledger=True) as s:
-        honest, cheater, verifier = s.inference
+    # Round-robin: the router's choice of provider alternates, so both serve consenting users
+    # (with observed latency, the faster provider would take nearly all of them).
+    async with swarm(
+        relays=2,
+        inference=nodes,
+        default_hops=2,
+        dispatch="round-robin",
+        ledger=True,
+        audits=AuditSettings(rate=1.0),
+    ) as s:
+        honest, cheater, _ = s.inference
         claimed = honest.servicer.service.engines[MODEL].identity  # type: ignore[union-attr]
         swap_engine(cheater, ClaimingEngine, claimed)  # Q2_K weights, signing as the Q4_1 model
-        challenger = verifier.challenger
-        assert challenger is not None
-        await eventually(
-            lambda: verifier.membership.directory.alive(common_pb2.NODE_ROLE_ROUTER), "the verifier knows the router"
-        )
+        chain = s.router.chain
+        assert chain is not None
         cheater_key, honest_key = cheater.keys.identity.public_key, honest.keys.identity.public_key
-        outcomes: dict[bytes, list[int]] = {cheater_key: [], honest_key: []}
-        for _ in range(16):  # the router picks whom each challenge goes to
-            checked = await challenger.challenge()
-            assert checked is not None
-            verdict = verifier_pb2.Verdict.FromString(checked[1].verdict)
-            outcomes[verdict.provider_key].append(verdict.outcome)
-            if FAIL in outcomes[cheater_key] and PASS in outcomes[honest_key]:
+        await eventually(lambda: bool(chain.state.check_assignment(b"x", cheater_key)[1]), "the lottery has stakes")
+
+        def recorded(summary: router_pb2.GenerateSummary) -> bool:
+            return chain.state.verdict(verdict_id(summary.receipt)) is not None
+
+        # Without consent nobody but the provider sees the prompt: no audit.
+        unaudited = [(await run(s.router.address, chat_request(p, max_new_tokens=8)))[1] for p in PROMPTS[:2]]
+        # With consent, every request is audited (rate 1): the cheater's greedy answers fail.
+        audited: dict[bytes, list[router_pb2.GenerateSummary]] = {cheater_key: [], honest_key: []}
+        for prompt in PROMPTS * 2:
+            request = chat_request(prompt, max_new_tokens=16)
+            request.privacy.allow_audit = True
+            _, summary = await run(s.router.address, request)
+            audited[common_pb2.Receipt.FromString(summary.receipt.receipt).node_key].append(summary)
+            if audited[cheater_key] and audited[honest_key]:
                 break
-        assert FAIL in outcomes[cheater_key], outcomes
-        assert PASS in outcomes[honest_key] and FAIL not in outcomes[honest_key], (
-            outcomes
-        )  # empty answers: inconclusive
+        await eventually(
+            lambda: all(recorded(summary) for summary in (*audited[cheater_key], *audited[honest_key])),
+            "every consenting request's audit was recorded",
+            timeout_s=60,
+        )
+        assert not any(recorded(summary) for summary in unaudited)
+        outcomes = {
+            key: {chain.state.verdict(verdict_id(summary.receipt)).status for summary in summaries}  # type: ignore[union-attr]
+            for key, summaries in audited.items()
+        }
+        assert "passed" not in outcomes[cheater_key] and outcomes[honest_key] == {"passed"}, outcomes
 
         # The FAIL is on the chain with its evidence, the cheater appealed, the committee (the
         # honest node, re-executing) upheld it: decided, it slashes half the stake and convicts

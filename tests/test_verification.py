@@ -49,7 +49,7 @@ class Swarmlet:
         return engine.tokenize(engine.apply_chat_template([ChatTurn("user", text)]))
 
     async def serve(self, text: str, **sampling: object) -> verifier_pb2.CheckReceiptRequest:
-        """One request as a challenger sends it: pre-tokenized, so it knows the prompt ids."""
+        """One request as a client that audits it would send it: pre-tokenized, so it knows the prompt ids."""
         prompt_ids = self.prompt_ids(text)
         request = inference_pb2.InferenceGenerateRequest(
             model=MODEL,

@@ -19,7 +19,6 @@ from swarmserve.config import NodeConfig, ServerSettings, StrictModel
 
 __all__ = [
     "DEFAULT_LISTEN",
-    "ChallengeSettings",
     "EmulatedSettings",
     "InferenceConfig",
     "ModelSettings",
@@ -59,16 +58,6 @@ class ModelSettings(StrictModel):
         if self.engine == "tensorrt-llm" and self.path is None:
             raise ValueError("engine tensorrt-llm needs path: a Hugging Face model directory")
         return self
-
-
-class ChallengeSettings(StrictModel):
-    """The verifier's own prompts, sent through routers like a user's (``services/verifier/challenges.py``)."""
-
-    interval_s: float = Field(
-        60.0, ge=0, description="about how often this verifier sends a challenge (jittered); 0: never"
-    )
-    max_new_tokens: int = Field(32, ge=1, le=512, description="length of a challenge's answer")
-    timeout_s: float = Field(120.0, gt=0, description="how long a challenge's answer may take")
 
 
 class ServingWindow(StrictModel):
@@ -139,8 +128,8 @@ class InferenceConfig(NodeConfig):
     price: PriceSettings = PriceSettings()
     verifier: bool = Field(
         True,
-        description="also run the Verifier service: re-execute other providers' streams on this node's models, "
-        "send challenges, vote in duels",
+        description="also run the Verifier service: re-execute other providers' streams on this node's models "
+        "(audits routers ask for), vote in duels, serve on appeal committees",
     )
     stake: int = Field(
         50,
@@ -148,11 +137,11 @@ class InferenceConfig(NodeConfig):
         description="credits locked as stake at start (at most what the account holds): busy peers offload to "
         "providers in proportion to stake, and a failed check or a lost duel burns part of it",
     )
-    challenges: ChallengeSettings = ChallengeSettings()
     judge_method: Literal["likelihood", "llm"] = Field(
         "likelihood",
-        description="how this node votes in duels: the reference model's likelihood of each answer, or the "
-        "model asked which answer is better (services/verifier/judging.py)",
+        description="how this node votes in duels when its engine cannot re-execute the answers (otherwise the "
+        "side that fails re-execution loses): the reference model's likelihood of each answer, or the model "
+        "asked which answer is better (services/verifier/judging.py)",
     )
     offload: bool = Field(
         True, description="pass requests on to a peer with a free slot instead of queueing them when every slot is busy"

@@ -22,7 +22,6 @@ from services.inference.servicer import InferenceServicer, capacity, load_report
 from services.inference.tokens import TokenDesk
 from services.relay.servicer import RelayServicer
 from services.verifier.appeals import AppealDuties
-from services.verifier.challenges import Challenger
 from services.verifier.service import VerifierService
 from services.verifier.servicer import VerifierServicer
 from swarmserve.chain import sign_transaction
@@ -80,7 +79,6 @@ class InferenceNode(ServiceNode):
         self.onion_keys = config.circuits.onion_keys()
         self.servicer = InferenceServicer()
         self.verifier = VerifierServicer()
-        self.challenger: Challenger | None = None  # verifier nodes, once the models are loaded
         self.appeals: AppealDuties | None = None  # verifier nodes with a ledger
         self.channels = ChannelPool(config.server.max_message_bytes)
         self.publisher = DescriptorPublisher(
@@ -203,20 +201,9 @@ class InferenceNode(ServiceNode):
             on_verdict=self._record_verdict,
             judge_method=self.config.judge_method,
         )
-        if self.config.verifier:
-            self.challenger = Challenger(
-                self.verifier.service,
-                lambda: service.engines,
-                self.membership.directory,
-                self.channels,
-                self.config.challenges,
-                self.keys.identity.public_key,
-            )
         await self._stake()
         await self.server.mark_serving()
         await self.join_swarm()  # after loading: the first descriptor others see lists the models
-        if self.challenger is not None:
-            self.challenger.start()
         if self.chain is not None and self.config.verifier:
             self.appeals = AppealDuties(self.chain, self.verifier.service)
             self.appeals.start()
@@ -255,8 +242,6 @@ class InferenceNode(ServiceNode):
             log.warning("verdict not recorded", reason=str(error))
 
     async def close(self) -> None:
-        if self.challenger is not None:
-            await self.challenger.close()
         if self.appeals is not None:
             await self.appeals.close()
         await self.channels.close()

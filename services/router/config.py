@@ -9,7 +9,7 @@ from pydantic import Field, model_validator
 from swarmserve import native
 from swarmserve.config import NodeConfig, ServerSettings, StrictModel
 
-__all__ = ["DEFAULT_ROUTER", "DuelSettings", "RouterConfig"]
+__all__ = ["DEFAULT_ROUTER", "AuditSettings", "DuelSettings", "RouterConfig"]
 
 DEFAULT_ROUTER = "127.0.0.1:7000"
 # The inference node terminating a circuit is its last layer; the rest can be relays.
@@ -27,9 +27,24 @@ class DuelSettings(StrictModel):
         description="share of served requests also sent to a second provider and judged; the judges "
         "see that prompt and both answers (0: never). A duel costs about as much as four requests "
         "(the second answer and three votes; bench/verification.py), so 1% keeps verification "
-        "within 10% of serving together with the challenges",
+        "within 10% of serving",
     )
     timeout_s: float = Field(120.0, gt=0, description="how long the second answer and the votes may take")
+
+
+class AuditSettings(StrictModel):
+    """Audits of requests whose clients consent (``PrivacyOptions.allow_audit``;
+    ``services/router/audits.py``); needs a ledger (its lottery draws the verifier, and records
+    the verdict)."""
+
+    rate: float = Field(
+        0.25,
+        ge=0,
+        le=1,
+        description="share of the requests whose client consented that a verifier re-executes (0: never); "
+        "an audit costs about as much as serving the request again",
+    )
+    timeout_s: float = Field(120.0, gt=0, description="how long the verifier may take")
 
 
 class RouterConfig(NodeConfig):
@@ -51,6 +66,7 @@ class RouterConfig(NodeConfig):
     setup_timeout_s: float = Field(10.0, gt=0, description="how long a circuit may take to open")
     cell_timeout_s: float = Field(120.0, gt=0, description="longest wait for the next cell of an answer")
     duels: DuelSettings = DuelSettings()
+    audits: AuditSettings = AuditSettings()
 
     @model_validator(mode="after")
     def _check(self) -> RouterConfig:

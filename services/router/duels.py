@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 from grpc import aio
 
 from services.router.config import DuelSettings
+from services.router.verifiers import drawn_verifiers
 from services.verifier.service import DuelSide
 from swarmserve import native
 from swarmserve.chain import ChainReplica, sign_transaction
@@ -95,7 +96,9 @@ class DuelOrganiser:
         duel_id = uuid.uuid4().hex
         again = duel_copy(request, duel_id)
         first_key = _body(first).node_key
-        second = await self._collect(self._router.generate(again, excluded={native.node_id(first_key)}, duel=False))
+        second = await self._collect(
+            self._router.generate(again, excluded={native.node_id(first_key)}, may_check=False)
+        )
         second_key = _body(second).node_key
         if second_key == first_key:  # an offload can land on the first provider again
             return DuelOutcome(duel_id, None, [])
@@ -119,28 +122,15 @@ class DuelOrganiser:
         raise ServiceError("the second provider's stream ended without a summary")
 
     def _judges(self, chain: ChainReplica, answer: DuelSide, parties: set[bytes]) -> tuple[int, list[Peer]]:
-        """The lottery epoch and, for each account the chain draws for this router's next duel, one
-        trusted live verifier node of it holding the model."""
+        """The lottery epoch and the judges: verifier nodes of the accounts the chain draws for
+        this router's next duel."""
         state, me = chain.state, self._router.identity.public_key
         epoch = state.epoch_of(state.height)
         subject = b"duel" + me + state.duels_organised(me).to_bytes(8, "big")
         excluded = {state.account_of(key) for key in (*parties, me)}
         drawn = state.lottery(epoch, subject, state.genesis.parameters.judges_per_duel, excluded)
         digest = _body(answer).model_digest  # the router checked the receipt as it relayed it
-        book = self._router.trust.book()
-        judges: dict[bytes, Peer] = {}
-        for peer in self._router.directory.alive(common_pb2.NODE_ROLE_VERIFIER):
-            key = peer.descriptor.identity_key
-            account = state.account_of(key)
-            if (
-                account in drawn
-                and account not in judges
-                and key not in parties
-                and any(m.weights_digest == digest for m in peer.descriptor.models)
-                and book.standing(key).trusted
-            ):
-                judges[account] = peer
-        return epoch, list(judges.values())
+        return epoch, drawn_verifiers(state, self._router.directory, self._router.trust.book(), drawn, digest, parties)
 
     async def _vote(
         self,

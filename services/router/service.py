@@ -16,6 +16,7 @@ import grpc
 import structlog
 
 from services.relay.client import OpenCircuit
+from services.router.audits import Auditor
 from services.router.config import RouterConfig
 from services.router.duels import DuelOrganiser
 from services.router.wallet import TokenWallet
@@ -45,6 +46,7 @@ from swarmserve.rpc import (
     DataLoss,
     InvalidArgument,
     NotFound,
+    PayloadTooLarge,
     ServiceError,
     Unavailable,
 )
@@ -94,6 +96,7 @@ class RouterService:
         self._random = random.SystemRandom()
         self._policy = self._make_policy()
         self.duels = DuelOrganiser(self, config.duels)
+        self.audits = Auditor(self, config.audits)
         # What this router saw itself, fresher than gossip: when each of its requests still in
         # flight at a node started, and an average of the latency it observed there.
         self._in_flight: dict[str, list[float]] = {}
@@ -103,11 +106,12 @@ class RouterService:
 
     async def close(self) -> None:
         await self.duels.close()
+        await self.audits.close()
 
     def _check(self, request: router_pb2.GenerateRequest) -> int:
         size = request.ByteSize()
         if size > self.config.max_request_bytes:
-            raise InvalidArgument(
+            raise PayloadTooLarge(
                 f"request is {size} bytes; this router accepts at most {self.config.max_request_bytes}"
             )
         if not request.model:
@@ -299,10 +303,10 @@ class RouterService:
         return [relays[hop.node_id] for hop in path]
 
     async def generate(
-        self, request: router_pb2.GenerateRequest, *, excluded: Collection[str] = (), duel: bool = True
+        self, request: router_pb2.GenerateRequest, *, excluded: Collection[str] = (), may_check: bool = True
     ) -> AsyncGenerator[TokenDelta | router_pb2.GenerateSummary, None]:
-        """Serves one request. ``excluded``: nodes not to send it to; ``duel``: whether it may be
-        sampled for a duel (not the duel's own second request)."""
+        """Serves one request. ``excluded``: nodes not to send it to; ``may_check``: whether it may
+        be sampled for a duel or an audit (not a duel's own second request)."""
         hops = self._check(request)  # every refusal happens before a circuit exists
         request_id = request.request_id or uuid.uuid4().hex  # the client's name for it
         structlog.contextvars.bind_contextvars(request_id=request_id)
@@ -354,8 +358,9 @@ class RouterService:
                     signer_key=self.identity.public_key,
                     signature=self.identity.sign(receipt.receipt),
                 )
-                if duel:
+                if may_check:  # decided after serving, never told to the provider
                     self.duels.maybe_start(request, DuelSide(receipt, ids, texts))
+                    self.audits.maybe_start(request, DuelSide(receipt, ids, texts))
                 tail = decoder.decode(b"", final=True)
                 if tail:
                     yield TokenDelta(tail, None, b"", len(ids), 0.0)
@@ -398,7 +403,7 @@ def forward_request(
     request: router_pb2.GenerateRequest, rng: random.Random, offload_hops: int
 ) -> inference_pb2.InferenceGenerateRequest:
     """What the provider is sent for ``request``: nothing but the request itself, with a fresh
-    random id (never the client's, a duel's or a challenge's) and always a seed (drawn here when
+    random id (never the client's or a duel's) and always a seed (drawn here when
     the client left it to chance), so that nothing tells a check from a user, or one user from
     another. ``offload_hops``: how far busy nodes may pass it on (only our overlay does)."""
     forwarded = inference_pb2.InferenceGenerateRequest(

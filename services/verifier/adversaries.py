@@ -11,6 +11,9 @@ something else. Each wraps a real loaded engine; nothing here is used by a servi
 - :func:`check_score`: the strongest detector of checks we could build from the public source and
   what a provider sees of a request, and :class:`ChallengeAwareEngine`, a provider that serves the
   claimed model to what the detector takes for a check and random tokens to everyone else.
+- :func:`challenge_request`: the template challenges verifier nodes sent through routers until
+  issue 14 retired them (a provider could tell them from users: AUC 0.997 against this
+  detector); kept as what the detector knows and as prompts for the benchmarks.
 """
 
 from __future__ import annotations
@@ -25,11 +28,9 @@ from pathlib import Path
 
 import llama_cpp
 
-from services.inference.config import ChallengeSettings
 from services.inference.engine import ChatTurn, Engine, GeneratedToken, ModelIdentity, PositionScore, Replay, Sampling
-from services.verifier.challenges import TEMPLATES, TOPICS
 from services.verifier.service import DuelSide, VerifierService
-from swarmserve.v1 import common_pb2, inference_pb2, verifier_pb2
+from swarmserve.v1 import common_pb2, inference_pb2, router_pb2, verifier_pb2
 from swarmserve.verdicts import open_verdict, sign_verdict
 
 __all__ = [
@@ -40,6 +41,8 @@ __all__ = [
     "RandomTokensEngine",
     "ReplayingEngine",
     "Seen",
+    "challenge_prompt",
+    "challenge_request",
     "check_score",
     "requantize_q2k",
 ]
@@ -160,10 +163,50 @@ class BiasedJudge(VerifierService):
         return sign_verdict(self._identity, vote)
 
 
+# --- the retired template challenges ---------------------------------------------------------
+
+TEMPLATES = (
+    "Write a short paragraph about {topic}.",
+    "Explain {topic} to a curious child.",
+    "List three facts about {topic}.",
+    "What should a beginner know about {topic}?",
+    "Give me a one-sentence summary of {topic}.",
+    "Why do people care about {topic}?",
+    "Describe the history of {topic} briefly.",
+    "What are common mistakes people make with {topic}?",
+)
+TOPICS = (
+    "the water cycle", "bread baking", "volcanoes", "the moon", "chess openings", "photosynthesis",
+    "bicycles", "honey bees", "the printing press", "rainbows", "compound interest", "glaciers",
+    "jazz music", "the human heart", "recycling plastic", "coffee", "lighthouses", "tides",
+    "the Roman empire", "electric cars", "sleep", "octopuses", "public libraries", "wind power",
+)  # fmt: skip
+_CHALLENGE_TOKENS = 32  # a challenge's max_new_tokens
+
+
+def challenge_prompt(rng: random.Random) -> str:
+    return rng.choice(TEMPLATES).format(topic=rng.choice(TOPICS))
+
+
+def challenge_request(
+    model: str, rng: random.Random, max_new_tokens: int = _CHALLENGE_TOKENS
+) -> router_pb2.GenerateRequest:
+    """One template challenge, as verifiers handed them to routers: one user message, greedy or
+    at temperature 0.7, an explicit seed."""
+    return router_pb2.GenerateRequest(
+        model=model,
+        chat=common_pb2.ChatMessages(
+            messages=[common_pb2.ChatMessage(role=common_pb2.CHAT_ROLE_USER, content=challenge_prompt(rng))]
+        ),
+        sampling=common_pb2.SamplingParams(
+            max_new_tokens=max_new_tokens, temperature=rng.choice((0.0, 0.7)), seed=rng.getrandbits(63)
+        ),
+    )
+
+
 # --- telling checks from users, as a provider would try -------------------------------------
 
 _TEMPLATE_RE = re.compile("|".join(re.escape(t).replace(re.escape("{topic}"), ".+") for t in TEMPLATES))
-_CHALLENGE_TOKENS = ChallengeSettings().max_new_tokens
 
 
 @dataclass(frozen=True)

@@ -129,6 +129,6 @@ def _end_problem(
         return f"stream claims the length limit of {sampling.max_new_tokens} after {len(token_ids)} tokens"
     if finish == common_pb2.FINISH_REASON_STOP and not sampling.stop:
         # The tokens of a stop string itself are never sent, so the replay cannot see it; a
-        # claim is only possible when the request had stop strings (challenges send none).
+        # claim is only possible when the request had stop strings.
         return "stream claims a stop string but the request had none"
     return ""

@@ -1,7 +1,14 @@
 """How a judge decides a duel: two providers' answers to one prompt, scored on the judge's own
 copy of the model both claim (the same weights digest as both receipts).
 
-Methods (the verdict's ``method`` names the one used):
+First, each answer is re-executed under the verifiable sampler, exactly as a re-execution check
+does (``checks.py``; :data:`REPLAY_METHOD`). When exactly one side fails, it loses, by
+:data:`REPLAY_MARGIN`. When both pass, the vote is undecided: two providers that both served
+what the claimed model would have served with their seeds are both honest, and neither should
+lose stake because one sampled a likelier answer. (When both fail, it is undecided too: a duel
+convicts one side; the next duel of either convicts it.) Only when the judge's engine cannot
+replay (an engine without the verifiable sampler) does it fall back to comparing answers, by
+the node's ``judge_method``:
 
 - ``likelihood`` (the default, :data:`LIKELIHOOD_METHOD`): each answer's mean teacher-forced
   log-probability per token after the prompt, under the reference model. The margin ``d`` is the
@@ -25,11 +32,28 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from services.inference.engine import ChatTurn, Engine
+from services.inference.engine import ChatTurn, Engine, EngineUnavailable
+from services.verifier.checks import METHOD as CHECK_METHOD
+from services.verifier.checks import CheckResult, Outcome, check_stream
+from swarmserve.v1 import common_pb2
 
-__all__ = ["LIKELIHOOD_METHOD", "LLM_METHOD", "TIE_MARGIN", "JudgeMethod", "Judgement", "judge"]
+__all__ = [
+    "LIKELIHOOD_METHOD",
+    "LLM_METHOD",
+    "REPLAY_MARGIN",
+    "REPLAY_METHOD",
+    "TIE_MARGIN",
+    "JudgeMethod",
+    "Judgement",
+    "judge",
+]
 
 TIE_MARGIN = 0.02
+REPLAY_MARGIN = 10.0  # nats per token: far beyond any likelihood margin (score 1 - e^-10)
+REPLAY_METHOD = (
+    f"duel-replay-v1: each answer re-executed as a check ({CHECK_METHOD.split(':')[0]}); the side that "
+    "fails loses; both pass or both fail: undecided"
+)
 LIKELIHOOD_METHOD = f"duel-likelihood-v1: mean log-prob per answer token under the reference model, each answer scored alone; tie below {TIE_MARGIN} nats/token"  # noqa: E501
 LLM_METHOD = f"duel-llm-judge-v1: log P('1') - log P('2') for 'which answer is better', both orders averaged; tie below {TIE_MARGIN}"  # noqa: E501
 JudgeMethod = Literal["likelihood", "llm"]
@@ -44,6 +68,7 @@ _LLM_QUESTION = (
 class Judgement:
     margin: float  # > 0: the first answer is better
     method: str
+    replays: tuple[CheckResult, CheckResult] | None = None  # with REPLAY_METHOD
 
     @property
     def preferred(self) -> int | None:
@@ -58,6 +83,27 @@ class Judgement:
 
 
 async def judge(
+    engine: Engine,
+    method: JudgeMethod,
+    prompt_text: str,
+    prompt_ids: Sequence[int],
+    receipts: tuple[common_pb2.Receipt, common_pb2.Receipt],
+    answers: tuple[Sequence[int], Sequence[int]],
+) -> Judgement:
+    """``receipts``: the bodies of the answers' receipts, already verified against them."""
+    try:
+        replays = (
+            await check_stream(engine, receipts[0], prompt_ids, answers[0]),
+            await check_stream(engine, receipts[1], prompt_ids, answers[1]),
+        )
+    except EngineUnavailable:
+        return await _compare(engine, method, prompt_text, prompt_ids, answers)
+    first_failed, second_failed = (replay.outcome is Outcome.FAIL for replay in replays)
+    margin = 0.0 if first_failed == second_failed else (-REPLAY_MARGIN if first_failed else REPLAY_MARGIN)
+    return Judgement(margin, REPLAY_METHOD, replays)
+
+
+async def _compare(
     engine: Engine,
     method: JudgeMethod,
     prompt_text: str,

@@ -178,7 +178,12 @@ class VerifierService:
         if any(token >= engine.vocab_size for token in (*first.token_ids, *second.token_ids)):
             raise InvalidArgument(f"a token id is outside the model's vocabulary of {engine.vocab_size}")
         judgement = await judge(
-            engine, self._judge_method, prompt_text, prompt_ids, (first.token_ids, second.token_ids)
+            engine,
+            self._judge_method,
+            prompt_text,
+            prompt_ids,
+            (receipts[0], receipts[1]),
+            (first.token_ids, second.token_ids),
         )
         keys = [r.node_key for r in receipts]
         preferred = judgement.preferred
@@ -199,6 +204,8 @@ class VerifierService:
             duel_id=duel_id,
             winner=None if preferred is None else native.node_id(winner),
             margin=round(judgement.margin, 4),
+            method=judgement.method.split(":")[0],
+            replays=None if judgement.replays is None else [r.reason for r in judgement.replays],
         )
         return sign_verdict(self._identity, vote)
 

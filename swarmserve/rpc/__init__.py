@@ -7,12 +7,14 @@ from swarmserve.rpc.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PayloadTooLarge,
     PermissionDenied,
     ResourceExhausted,
     ServiceError,
     Unauthenticated,
     Unavailable,
     Unimplemented,
+    http_status_for,
     status_for,
 )
 from swarmserve.rpc.interceptor import ErrorInterceptor
@@ -27,6 +29,7 @@ __all__ = [
     "FailedPrecondition",
     "InvalidArgument",
     "NotFound",
+    "PayloadTooLarge",
     "PermissionDenied",
     "ResourceExhausted",
     "RpcServer",
@@ -36,6 +39,7 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",
+    "http_status_for",
     "open_stream",
     "status_for",
 ]

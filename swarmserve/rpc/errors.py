@@ -1,4 +1,5 @@
-"""Domain errors and the one place they become gRPC status codes.
+"""Domain errors and the one place they become gRPC status codes (and HTTP statuses, for the
+router's OpenAI-compatible API).
 
 Servicers raise these (or let native crypto errors and ``ValueError`` propagate);
 :class:`~swarmserve.rpc.interceptor.ErrorInterceptor` turns them into status codes.
@@ -15,12 +16,14 @@ __all__ = [
     "FailedPrecondition",
     "InvalidArgument",
     "NotFound",
+    "PayloadTooLarge",
     "PermissionDenied",
     "ResourceExhausted",
     "ServiceError",
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",
+    "http_status_for",
     "status_for",
 ]
 
@@ -39,6 +42,10 @@ class ServiceError(Exception):
 
 class InvalidArgument(ServiceError):
     code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class PayloadTooLarge(InvalidArgument):
+    """A request larger than this node accepts (HTTP 413)."""
 
 
 class NotFound(ServiceError):
@@ -92,3 +99,32 @@ def status_for(error: BaseException) -> tuple[grpc.StatusCode, str] | None:
         if isinstance(error, kind):
             return code, str(error)
     return None
+
+
+_HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.DATA_LOSS: 502,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+
+
+def http_status_for(error: BaseException) -> tuple[int, str] | None:
+    """The HTTP status and caller-safe message for ``error`` (the gRPC mapping, read as HTTP), or
+    None for an unexpected one (reported as 500 without details)."""
+    if isinstance(error, PayloadTooLarge):
+        return 413, str(error)
+    found = status_for(error)
+    if found is None:
+        return None
+    code, message = found
+    return _HTTP_STATUS.get(code, 500), message

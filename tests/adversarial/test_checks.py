@@ -1,19 +1,23 @@
 """Issue 14, attack 2: telling checks from users, and cheating only on users.
 
 The detector (``services/verifier/adversaries.py: check_score``) is the strongest we could build
-from the public source and from what a provider sees of a request: the challenge templates and
-topics, their one-message shape, length and temperatures, explicit seeds, and the duel's
-request-id suffix. It is scored on what providers are sent (``forward_request``, the router's one
-path) for ordinary user requests, for duel copies of them, and for verifier challenges; AUC is
-the probability that a check scores above a user request (ties count half).
+from the public source and from what a provider sees of a request: the (retired) challenge
+templates and topics, their one-message shape, length and temperatures, explicit seeds, and the
+duel's old request-id suffix. It is scored on what providers are sent (``forward_request``, the
+router's one path) for ordinary user requests and for each kind of check; AUC is the
+probability that a check scores above a user request (ties count half).
 
 - Duel copies (a user's own request sent to a second provider and judged): before, their id
-  ended in "-b" (AUC 0.88: users who happen to ask template-like questions score high too); now every forwarded request gets a fresh random id and a seed, and a
-  duel copy is indistinguishable from a user's request (AUC 0.5).
-- Template challenges remain recognisable (AUC near 1.0): they catch naive cheaters only.
+  ended in "-b" (AUC 0.88: users who happen to ask template-like questions score high too); now
+  every forwarded request gets a fresh random id and a seed, and a duel copy is indistinguishable
+  from a user's request (AUC 0.5).
+- Audits (a consenting user's request re-executed by a verifier after it was served): the
+  provider is sent exactly the bytes it would be sent without the consent (AUC 0.5).
+- The template challenges verifiers used to send were recognisable (AUC near 1.0): a provider
+  could serve them honestly and cheat everyone else, so they were retired.
 - A provider that serves the claimed model to what the detector takes for a check and random
   tokens to everyone else (a real swarm with the ledger, duels at rate 1): it serves template
-  challenges honestly, but the duels over users' requests convict it at the first one.
+  prompts honestly, but the duels over users' requests convict it at the first one.
 """
 
 from __future__ import annotations
@@ -21,12 +25,10 @@ from __future__ import annotations
 import random
 import uuid
 
-from services.inference.config import ChallengeSettings
 from services.router.config import DuelSettings
 from services.router.duels import duel_copy
 from services.router.service import forward_request
-from services.verifier.adversaries import ChallengeAwareEngine, Seen, check_score
-from services.verifier.challenges import challenge_request
+from services.verifier.adversaries import ChallengeAwareEngine, Seen, challenge_request, check_score
 from swarmserve.v1 import common_pb2, inference_pb2, router_pb2
 from swarmserve.verdicts import tally_duel
 from tests.conftest import MODEL, SwarmFactory
@@ -78,12 +80,26 @@ def seen(request: inference_pb2.InferenceGenerateRequest) -> float:
     return check_score(Seen.of(request))
 
 
-def test_duel_copies_cannot_be_told_from_users_and_template_challenges_can() -> None:
+def consenting(request: router_pb2.GenerateRequest) -> router_pb2.GenerateRequest:
+    audited = router_pb2.GenerateRequest()
+    audited.CopyFrom(request)
+    audited.privacy.allow_audit = True
+    return audited
+
+
+def test_the_provider_is_sent_the_same_bytes_whether_or_not_the_user_consents_to_audits() -> None:
+    for i, request in enumerate(user_request(random.Random(5), i) for i in range(50)):
+        asked = forward_request(request, random.Random(i), 2).SerializeToString()
+        assert forward_request(consenting(request), random.Random(i), 2).SerializeToString() == asked
+
+
+def test_duel_copies_and_audits_cannot_be_told_from_users_and_template_challenges_can() -> None:
     rng = random.Random(2026)
     users = [user_request(rng, i) for i in range(400)]
     user_scores = [seen(forward_request(u, rng, 0)) for u in users]
     duels = [seen(forward_request(duel_copy(u, uuid.uuid4().hex), rng, 0)) for u in users[:200]]
-    challenges = [seen(forward_request(challenge_request(MODEL, ChallengeSettings(), rng), rng, 0)) for _ in range(200)]
+    audits = [seen(forward_request(consenting(u), rng, 0)) for u in rng.sample(users, 200)]
+    challenges = [seen(forward_request(challenge_request(MODEL, rng), rng, 0)) for _ in range(200)]
 
     # Before: the router forwarded the client's id (the duel's "<id>-b") and no seed of its own.
     def forwarded_before(request: router_pb2.GenerateRequest) -> inference_pb2.InferenceGenerateRequest:
@@ -98,12 +114,14 @@ def test_duel_copies_cannot_be_told_from_users_and_template_challenges_can() -> 
     figures = {
         "duel copies, now": auc(duels, user_scores),
         "duel copies, before": auc(before_duels, before_users),
-        "template challenges": auc(challenges, user_scores),
+        "audits": auc(audits, user_scores),
+        "template challenges (retired)": auc(challenges, user_scores),
     }
     print(figures)
     assert abs(figures["duel copies, now"] - 0.5) <= 0.05, figures
+    assert abs(figures["audits"] - 0.5) <= 0.05, figures
     assert figures["duel copies, before"] >= 0.8, figures
-    assert figures["template challenges"] >= 0.95, figures  # recognisable: see the module docstring
+    assert figures["template challenges (retired)"] >= 0.95, figures  # why they were retired
 
 
 async def test_a_provider_that_cheats_only_on_users_is_convicted_by_a_duel(swarm: SwarmFactory) -> None:
@@ -115,11 +133,11 @@ async def test_a_provider_that_cheats_only_on_users_is_convicted_by_a_duel(swarm
         engine = cheater.servicer.service.engines[MODEL]  # type: ignore[union-attr]
         assert isinstance(engine, ChallengeAwareEngine)
         await eventually(lambda: staked_as_seen_by(s.router, cheater) == 50, "the cheater's stake reached the router")
-        # Template challenges, as a verifier sends them: the cheater takes them for checks and
-        # serves the real model (so challenges alone would never catch it).
+        # Template challenges, as verifiers used to send them: the cheater takes them for checks
+        # and serves the real model (so such challenges alone would never catch it).
         rng = random.Random(7)
         while engine.served_honestly == 0:
-            await run(s.router.address, challenge_request(MODEL, ChallengeSettings(max_new_tokens=8), rng))
+            await run(s.router.address, challenge_request(MODEL, rng, max_new_tokens=8))
             await eventually(lambda: not s.router.service.duels._running, "the duel finished", timeout_s=60)
         # Users' requests: it cheats on them, and a duel over one convicts it.
         for i in range(6):
