@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,7 +27,7 @@ from swarmserve import __version__, native
 from swarmserve.chain import ChainState, sign_transaction
 from swarmserve.chain.audit import audit_replica
 from swarmserve.chain.committee import valid_consensus_address
-from swarmserve.client import GenerationResult, generate
+from swarmserve.client import GenerationResult, check_openai_receipt, generate
 from swarmserve.config import ENV_PREFIX, NodeConfig, load_config
 from swarmserve.keys import NodeKeys
 from swarmserve.swarm import OPERATOR_CREDITS, OPERATOR_STAKE, LocalSwarm, SwarmError
@@ -47,6 +48,8 @@ def _service_config(model: type[ConfigT], args: argparse.Namespace) -> ConfigT:
         environ[f"{ENV_PREFIX}SERVER__LISTEN"] = args.listen
     if args.seed:
         environ[f"{ENV_PREFIX}GOSSIP__SEEDS"] = "[" + ", ".join(args.seed) + "]"
+    if getattr(args, "http", None):
+        environ[f"{ENV_PREFIX}HTTP_LISTEN"] = args.http
     config = load_config(model, Path(args.config) if args.config else None, environ)
     if isinstance(config, NodeConfig):
         configure_logging(config.log.level, config.log.format)
@@ -136,6 +139,7 @@ async def _up(data_dir: Path, ports_from: int) -> None:
     print(f"starting a local swarm: {_describe(swarm)}; logs in {data_dir / 'logs'}", flush=True)
     await swarm.start()
     print(f'router ready at {router}; try: swarmserve generate "Hello" --router {router}', flush=True)
+    print(f"OpenAI-compatible API at {swarm.url}/v1; try:\n{_curl_line(swarm.url)}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -143,6 +147,11 @@ async def _up(data_dir: Path, ports_from: int) -> None:
     await stop.wait()
     print("stopping the swarm", flush=True)
     await swarm.stop()
+
+
+def _curl_line(url: str) -> str:
+    body = json.dumps({"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 32})
+    return f"curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'"
 
 
 def _up_command(args: argparse.Namespace) -> int:
@@ -180,11 +189,37 @@ async def _demo(data_dir: Path, ports_from: int, prompt: str) -> None:
         )
         print()
         _print_summary(result, sys.stdout)
+        await _demo_openai(swarm)
         await _demo_verification(swarm, prompt, result)
         await _demo_credits(swarm, before)
     finally:
         print("==> stopping the swarm", flush=True)
         await swarm.stop()
+
+
+async def _demo_openai(swarm: LocalSwarm) -> None:
+    """One question through the router's OpenAI-compatible API, as any OpenAI client asks it."""
+    print(f"==> the same swarm through the OpenAI-compatible API at {swarm.url}/v1 (curl or any OpenAI SDK):")
+    print(f"    {_curl_line(swarm.url)}", flush=True)
+    question = [{"role": "user", "content": "Name a colour."}]
+    body = {"model": DEFAULT_MODEL, "messages": question, "max_tokens": 16, "temperature": 0}
+
+    def ask() -> dict[str, Any]:
+        request = urllib.request.Request(
+            f"{swarm.url}/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=120) as reply:
+            answer: dict[str, Any] = json.load(reply)
+            return answer
+
+    answer = await asyncio.to_thread(ask)
+    text = answer["choices"][0]["message"]["content"]
+    check_openai_receipt(answer["swarmserve"], text)
+    print(
+        f"    answer {text.strip()!r}, served by {answer['swarmserve']['served_by'][:16]}... through"
+        f" {answer['swarmserve']['hops']} relays; its receipt checked (swarmserve.client.check_openai_receipt)",
+        flush=True,
+    )
 
 
 async def _demo_verification(swarm: LocalSwarm, prompt: str, result: GenerationResult) -> None:
@@ -474,14 +509,15 @@ def _ledger_verify(args: argparse.Namespace) -> int:
     return 0 if not report.problems else 2
 
 
-def _add_service(commands: Any, name: str, help_text: str, run: Any) -> None:
-    command = commands.add_parser(name, help=help_text)
+def _add_service(commands: Any, name: str, help_text: str, run: Any) -> argparse.ArgumentParser:
+    command: argparse.ArgumentParser = commands.add_parser(name, help=help_text)
     command.add_argument("--config", help="YAML config file (default: built-in defaults)")
     command.add_argument("--listen", help="HOST:PORT to serve on (overrides the config)")
     command.add_argument(
         "--seed", action="append", help="HOST:PORT of a swarm member to join through (repeatable; overrides the config)"
     )
     command.set_defaults(run=run)
+    return command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -490,7 +526,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     _add_service(commands, "inference", "run an inference node (serves models)", _inference)
     _add_service(commands, "relay", "run an onion relay", _relay)
-    _add_service(commands, "router", "run a router (the client entry point)", _router)
+    router = _add_service(commands, "router", "run a router (the client entry point)", _router)
+    router.add_argument(
+        "--http", help="HOST:PORT for the OpenAI-compatible API, dashboard and metrics (overrides the config)"
+    )
 
     gen = commands.add_parser("generate", help="send a prompt to a router and print the tokens as they stream")
     gen.add_argument("prompt")

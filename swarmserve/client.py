@@ -4,17 +4,20 @@ committing to exactly the tokens received."""
 
 from __future__ import annotations
 
+import base64
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+from google.protobuf.message import DecodeError
 from grpc import aio
 
 from swarmserve import native
 from swarmserve.receipts import ReceiptError, sampling_mismatch, verify_receipt
 from swarmserve.v1 import common_pb2, router_pb2, router_pb2_grpc
 
-__all__ = ["GenerationResult", "generate"]
+__all__ = ["GenerationResult", "check_openai_receipt", "check_receipt", "generate"]
 
 
 @dataclass
@@ -78,19 +81,52 @@ async def generate(
     result.total_s = time.monotonic() - started
     if result.summary is None:
         raise ReceiptError("the stream ended without a summary")
-    receipt = verify_receipt(result.summary.receipt, result.token_ids, result.token_texts)
-    mismatch = sampling_mismatch(sampling, receipt.sampling)
-    if mismatch:
-        raise ReceiptError(f"the serving node did not sample as asked: {mismatch}")
-    if native.node_id(receipt.node_key) != result.summary.served_by:
+    result.receipt = check_receipt(
+        result.summary.receipt, result.summary.served_by, result.token_ids, result.token_texts, sampling
+    )
+    return result
+
+
+def check_receipt(
+    signed: common_pb2.SignedReceipt,
+    served_by: str,
+    token_ids: Sequence[int],
+    token_texts: Sequence[bytes],
+    asked: common_pb2.SamplingParams | None = None,
+) -> common_pb2.Receipt:
+    """The receipt's body, once checked: signed by ``served_by`` (the node the router named),
+    co-signed (by the router), committing to exactly these tokens, and, given what was ``asked``,
+    sampled as asked. Raises :class:`ReceiptError`."""
+    receipt = verify_receipt(signed, token_ids, token_texts)
+    if asked is not None:
+        mismatch = sampling_mismatch(asked, receipt.sampling)
+        if mismatch:
+            raise ReceiptError(f"the serving node did not sample as asked: {mismatch}")
+    if native.node_id(receipt.node_key) != served_by:
         raise ReceiptError("the receipt is signed by another node than the one the router named")
-    cosignatures = result.summary.receipt.cosignatures
-    if not cosignatures:
+    if not signed.cosignatures:
         raise ReceiptError("the router did not co-sign the receipt")
-    for cosignature in cosignatures:
+    for cosignature in signed.cosignatures:
         try:
-            native.verify_signature(cosignature.signer_key, result.summary.receipt.receipt, cosignature.signature)
+            native.verify_signature(cosignature.signer_key, signed.receipt, cosignature.signature)
         except native.CryptoError as error:
             raise ReceiptError(f"a co-signature does not verify: {error}") from None
-    result.receipt = receipt
-    return result
+    return receipt
+
+
+def check_openai_receipt(swarmserve: Mapping[str, Any], text: str | None = None) -> common_pb2.Receipt:
+    """Checks the ``swarmserve`` object of an answer from the router's OpenAI-compatible API
+    (``response.model_extra["swarmserve"]`` with the ``openai`` SDK, or the final chunk's) as
+    :func:`check_receipt` does, and, given the answer's ``text``, that the tokens spell it.
+    Raises :class:`ReceiptError`."""
+    try:
+        signed = common_pb2.SignedReceipt.FromString(base64.b64decode(swarmserve["receipt"], validate=True))
+        token_texts = [base64.b64decode(t, validate=True) for t in swarmserve["token_texts"]]
+        token_ids = [int(t) for t in swarmserve["token_ids"]]
+        served_by = str(swarmserve["served_by"])
+    except (KeyError, TypeError, ValueError, DecodeError) as error:
+        raise ReceiptError(f"the swarmserve object is malformed: {error}") from None
+    receipt = check_receipt(signed, served_by, token_ids, token_texts)
+    if text is not None and b"".join(token_texts).decode("utf-8", errors="replace") != text:
+        raise ReceiptError("the answer's text is not what the receipt's tokens spell")
+    return receipt

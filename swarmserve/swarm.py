@@ -90,9 +90,10 @@ class LocalSwarm:
         ledger: bool = True,
     ) -> None:
         """Routers listen from ``ports_from``, then relays, then inference nodes on the ports after
-        (then the validators' consensus ports). ``inference_env`` adds SWARMSERVE_* settings for
-        every inference node, ``node_env`` for single nodes by name (``router-1``, ``relay-2``,
-        ``inference-3``...). Without ``ledger``, no chain: everything is served for free."""
+        (then the validators' consensus ports); routers serve HTTP from ``ports_from + 80``.
+        ``inference_env`` adds SWARMSERVE_* settings for every inference node, ``node_env`` for
+        single nodes by name (``router-1``, ``relay-2``, ``inference-3``...). Without ``ledger``,
+        no chain: everything is served for free."""
         self.data_dir = data_dir
         self.host = host
         self.inference_env = inference_env or {}
@@ -104,6 +105,10 @@ class LocalSwarm:
             SwarmNode(f"inference-{i + 1}", "inference", f"{host}:{next(port)}") for i in range(inference_nodes)
         ]
         self.router = self.routers[0].listen
+        # HTTP (OpenAI API, dashboard, metrics) 80 ports up: clear of the node and consensus ports
+        # an existing genesis may hold.
+        self.http = {r.name: f"{host}:{ports_from + 80 + i}" for i, r in enumerate(self.routers)}
+        self.url = f"http://{self.http[self.routers[0].name]}"
         self.seed = (self.relays or self.inference)[0].listen
         self._processes: dict[str, subprocess.Popen[bytes]] = {}
         self.genesis_path: Path | None = None
@@ -153,6 +158,7 @@ class LocalSwarm:
             "SWARMSERVE_LOG__FORMAT": "json",
             **({"SWARMSERVE_GOSSIP__SEEDS": f"[{self.seed}]"} if node.listen != self.seed else {}),
             **({"SWARMSERVE_LEDGER__GENESIS": str(self.genesis_path)} if self.genesis_path else {}),
+            **({"SWARMSERVE_HTTP_LISTEN": self.http[node.name]} if node.name in self.http else {}),
             **({"SWARMSERVE_POLICY__MAX_CONCURRENT": "1", **self.inference_env} if node.command == "inference" else {}),
             **self.node_env.get(node.name, {}),
         }

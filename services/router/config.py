@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 
 from swarmserve import native
 from swarmserve.config import NodeConfig, ServerSettings, StrictModel
@@ -67,6 +67,14 @@ class RouterConfig(NodeConfig):
     cell_timeout_s: float = Field(120.0, gt=0, description="longest wait for the next cell of an answer")
     duels: DuelSettings = DuelSettings()
     audits: AuditSettings = AuditSettings()
+    http_listen: str | None = Field(
+        None, description="HOST:PORT for the OpenAI-compatible HTTP API, the dashboard and /metrics (unset: no HTTP)"
+    )
+    api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description="if any, the HTTP API asks for one of them (Authorization: Bearer KEY); set through the "
+        "environment (SWARMSERVE_API_KEYS='[\"KEY\"]'), never in a file under version control",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> RouterConfig:

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 from services.router.config import RouterConfig
+from services.router.http import create_app
 from services.router.service import RouterService
 from services.router.servicer import RouterServicer
+from swarmserve.http import HttpServer
 from swarmserve.keys import NodeKeys
 from swarmserve.node import ServiceNode
 from swarmserve.overlay import DescriptorPublisher, Membership, overlay_binding
@@ -43,18 +45,25 @@ class RouterNode(ServiceNode):
             ],
         )
 
+        self.http = HttpServer(create_app(self.service, config), config.http_listen) if config.http_listen else None
+
     async def start(self) -> None:
         await self.server.start(serving=False)
         answered = await self.join_swarm()
+        if self.http is not None:
+            await self.http.start()
         await self.server.mark_serving()
         log.info(
             "router ready",
             address=self.address,
+            http=None if self.http is None else self.http.url,
             seeds=len(self.config.gossip.seeds),
             answered=answered,
             members=len(self.directory.members()),
         )
 
     async def close(self) -> None:
+        if self.http is not None:
+            await self.http.stop()
         await self.service.close()
         await self.channels.close()

@@ -254,13 +254,14 @@ class RouterService:
         excluded = set(excluded)
         for attempt in (1, 2):
             exit_ = await self.choose_exit(request, excluded)
+            path = self.choose_relays(hops, exit_)  # too few relays is no fault of the exit's
             started = time.monotonic()
             self._in_flight.setdefault(exit_.node_id, []).append(started)
             circuit: OpenCircuit | None = None
             try:
                 await self._address(request, forwarded, exit_)
                 circuit = await OpenCircuit.open(
-                    self.channels, self.choose_relays(hops, exit_), exit_, self.config.setup_timeout_s,
+                    self.channels, path, exit_, self.config.setup_timeout_s,
                     self.config.cell_timeout_s,
                 )  # fmt: skip
                 await circuit.send(relay_pb2.CircuitMessage(request=forwarded))
