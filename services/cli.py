@@ -140,6 +140,8 @@ async def _up(data_dir: Path, ports_from: int) -> None:
     await swarm.start()
     print(f'router ready at {router}; try: swarmserve generate "Hello" --router {router}', flush=True)
     print(f"OpenAI-compatible API at {swarm.url}/v1; try:\n{_curl_line(swarm.url)}", flush=True)
+    others = ", ".join(f"http://{listen}/metrics" for listen in swarm.metrics.values())
+    print(f"dashboard at {swarm.url}/; Prometheus metrics at {swarm.url}/metrics and {others}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -220,6 +222,12 @@ async def _demo_openai(swarm: LocalSwarm) -> None:
         f" {answer['swarmserve']['hops']} relays; its receipt checked (swarmserve.client.check_openai_receipt)",
         flush=True,
     )
+    with urllib.request.urlopen(f"{swarm.url}/metrics", timeout=10) as reply:
+        served = [
+            line for line in reply.read().decode().splitlines() if line.startswith("swarmserve_router_requests_total")
+        ]
+    print(f"    the router's Prometheus metrics ({swarm.url}/metrics): {'; '.join(served)}", flush=True)
+    print(f"    `swarmserve up` keeps a swarm running with its live dashboard at {swarm.url}/", flush=True)
 
 
 async def _demo_verification(swarm: LocalSwarm, prompt: str, result: GenerationResult) -> None:

@@ -17,7 +17,7 @@ from swarmserve import native
 from swarmserve.receipts import ReceiptError, sampling_mismatch, verify_receipt
 from swarmserve.v1 import common_pb2, router_pb2, router_pb2_grpc
 
-__all__ = ["GenerationResult", "check_openai_receipt", "check_receipt", "generate"]
+__all__ = ["GenerationResult", "ReceiptError", "check_openai_receipt", "check_receipt", "generate"]
 
 
 @dataclass

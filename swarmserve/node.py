@@ -3,13 +3,19 @@ leave, drain, release."""
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import TYPE_CHECKING
+
+from starlette.applications import Starlette
 
 from swarmserve import native
 from swarmserve.chain import ChainReplica, chain_binding, load_genesis
+from swarmserve.http import HttpServer
 from swarmserve.rpc.channels import ChannelPool
 from swarmserve.rpc.server import RpcServer, ServiceBinding
+from swarmserve.telemetry.metrics import NodeMetrics, metrics_route
 from swarmserve.trust import ChainReputation
+from swarmserve.v1 import overlay_pb2
 
 if TYPE_CHECKING:
     from swarmserve.config import NodeConfig
@@ -29,6 +35,65 @@ class ServiceNode:
     membership: Membership
     chain: ChainReplica | None = None
     trust: ChainReputation
+    metrics_http: HttpServer | None = None  # with ``metrics_listen``
+
+    @cached_property
+    def metrics(self) -> NodeMetrics:
+        """This node's metrics; the first use (in the subclass's ``__init__``, after
+        :meth:`open_ledger`) registers what every node reports: gossip and the ledger."""
+        metrics = NodeMetrics()
+        membership, chain = self.membership, self.chain
+        counters = membership.counters
+        metrics.read(
+            "swarmserve_gossip_members",
+            "members this node knows, by state",
+            lambda: {
+                (overlay_pb2.MemberState.Name(state).removeprefix("MEMBER_STATE_").lower(),): float(
+                    sum(1 for peer in membership.directory.peers() if peer.state == state)
+                )
+                for state in overlay_pb2.MemberState.values()
+                if state
+            },
+            ["state"],
+        )
+        metrics.read_counter(
+            "swarmserve_gossip_probes", "protocol periods that probed a member", lambda: counters.probes
+        )
+        metrics.read_counter(
+            "swarmserve_gossip_probe_failures",
+            "probes neither the member nor any helper answered (the member became suspect)",
+            lambda: counters.probe_failures,
+        )
+        metrics.read_counter(
+            "swarmserve_gossip_messages_sent", "Swim and Exchange messages sent", lambda: counters.messages_sent
+        )
+        metrics.read_counter(
+            "swarmserve_gossip_bytes",
+            "gossip bytes sent and received (rate() gives bytes per period)",
+            lambda: {("sent",): counters.bytes_sent, ("received",): counters.bytes_received},
+            ["direction"],
+        )
+        if chain is not None:
+            self_key = chain.identity.public_key
+            metrics.read(
+                "swarmserve_ledger_height", "the height of this node's replica of the chain", lambda: chain.state.height
+            )
+            metrics.read(
+                "swarmserve_ledger_balance_credits",
+                "this node's account: credits available and bonded (staked)",
+                lambda: {
+                    ("available",): (account := chain.state.account(self_key)).available,
+                    ("bonded",): account.bonded,
+                },
+                ["kind"],
+            )
+            metrics.read_counter(
+                "swarmserve_ledger_rejected_transactions",
+                "transactions refused at submission here, or void or failed in applied blocks",
+                lambda: {(reason,): float(count) for reason, count in chain.rejected.items()},
+                ["reason"],
+            )
+        return metrics
 
     def open_ledger(self, config: NodeConfig, channels: ChannelPool, identity: native.Identity) -> list[ServiceBinding]:
         """With a genesis file configured, opens this node's replica of the ledger's chain
@@ -60,8 +125,15 @@ class ServiceNode:
         await self.server.start()
         await self.join_swarm()
 
+    def serve_metrics(self, listen: str | None) -> None:
+        """Serves ``/metrics`` on ``listen`` (HOST:PORT) from :meth:`join_swarm` on."""
+        if listen:
+            self.metrics_http = HttpServer(Starlette(routes=[metrics_route(self.metrics)]), listen)
+
     async def join_swarm(self) -> int:
         """Joins through the configured seeds and starts gossiping; returns how many answered."""
+        if self.metrics_http is not None:
+            await self.metrics_http.start()
         answered = await self.membership.join()
         self.membership.start()
         if self.chain is not None:
@@ -72,6 +144,8 @@ class ServiceNode:
         """Releases resources once the server has stopped."""
 
     async def _release(self) -> None:
+        if self.metrics_http is not None:
+            await self.metrics_http.stop()
         if self.chain is not None:
             await self.chain.close()
         await self.close()

@@ -90,7 +90,8 @@ class LocalSwarm:
         ledger: bool = True,
     ) -> None:
         """Routers listen from ``ports_from``, then relays, then inference nodes on the ports after
-        (then the validators' consensus ports); routers serve HTTP from ``ports_from + 80``.
+        (then the validators' consensus ports); routers serve HTTP (the OpenAI API, the dashboard,
+        metrics) from ``ports_from + 80``, the other nodes metrics from ``ports_from + 90``.
         ``inference_env`` adds SWARMSERVE_* settings for every inference node, ``node_env`` for
         single nodes by name (``router-1``, ``relay-2``, ``inference-3``...). Without ``ledger``,
         no chain: everything is served for free."""
@@ -109,6 +110,7 @@ class LocalSwarm:
         # an existing genesis may hold.
         self.http = {r.name: f"{host}:{ports_from + 80 + i}" for i, r in enumerate(self.routers)}
         self.url = f"http://{self.http[self.routers[0].name]}"
+        self.metrics = {n.name: f"{host}:{ports_from + 90 + i}" for i, n in enumerate(self.relays + self.inference)}
         self.seed = (self.relays or self.inference)[0].listen
         self._processes: dict[str, subprocess.Popen[bytes]] = {}
         self.genesis_path: Path | None = None
@@ -159,6 +161,7 @@ class LocalSwarm:
             **({"SWARMSERVE_GOSSIP__SEEDS": f"[{self.seed}]"} if node.listen != self.seed else {}),
             **({"SWARMSERVE_LEDGER__GENESIS": str(self.genesis_path)} if self.genesis_path else {}),
             **({"SWARMSERVE_HTTP_LISTEN": self.http[node.name]} if node.name in self.http else {}),
+            **({"SWARMSERVE_METRICS_LISTEN": self.metrics[node.name]} if node.name in self.metrics else {}),
             **({"SWARMSERVE_POLICY__MAX_CONCURRENT": "1", **self.inference_env} if node.command == "inference" else {}),
             **self.node_env.get(node.name, {}),
         }

@@ -137,12 +137,15 @@ def swarm(tmp_path: Path) -> SwarmFactory:
         gossip: GossipSettings = FAST_GOSSIP,
         ledger: bool = False,
         shared: Sequence[Sequence[str]] = (),
+        metrics: bool = False,
         **router: Any,
     ) -> AsyncIterator[Swarm]:
         """Starts the nodes in turn; the first is the seed everyone else joins through.
         ``inference``: per-node InferenceConfig overrides, one node each (instead of
         ``inference_nodes`` identical ones). With ``ledger``, the swarm runs the ledger's chain
-        (see :func:`write_genesis`; ``shared`` groups nodes into one account)."""
+        (see :func:`write_genesis`; ``shared`` groups nodes into one account). With ``metrics``,
+        every node serves ``/metrics`` on a port of its own (``node.metrics_http``)."""
+        metrics_listen = "127.0.0.1:0" if metrics else None
         genesis: Genesis | None = None
         chain = LedgerSettings()
         if ledger:
@@ -160,6 +163,7 @@ def swarm(tmp_path: Path) -> SwarmFactory:
                         circuits=circuits or CircuitSettings(),
                         gossip=joining(started, gossip),
                         ledger=chain,
+                        metrics_listen=metrics_listen,
                     )
                 )
                 if relay_class is not None:
@@ -177,6 +181,7 @@ def swarm(tmp_path: Path) -> SwarmFactory:
                     "policy": ProviderPolicy(max_concurrent=1, max_queue=4),
                     "gossip": joining(started, gossip),
                     "ledger": chain,
+                    "metrics_listen": metrics_listen,
                 }
                 inference_node = InferenceNode(InferenceConfig(**(settings | overrides)))
                 await inference_node.start()
@@ -188,6 +193,7 @@ def swarm(tmp_path: Path) -> SwarmFactory:
                     server=ServerSettings(listen="127.0.0.1:0"),
                     gossip=joining(started, gossip),
                     ledger=chain,
+                    metrics_listen=metrics_listen,
                     **({"duels": NO_DUELS} | router),
                 )
             )

@@ -219,11 +219,11 @@ async def test_traffic_per_node_per_round_is_bounded(nodes: Nodes) -> None:
     gossip = FAST_GOSSIP.model_copy(update={"max_piggyback": 3, "sync_interval_s": 100.0})
     async with nodes(7, gossip) as group:
         await until(lambda: everyone_knows_everyone(group), 8.0, "full membership")
-        before = [n.membership.packets_sent for n in group]
+        before = [n.membership.counters.messages_sent for n in group]
         started = time.monotonic()
         await asyncio.sleep(20 * gossip.probe_interval_s)
         rounds = (time.monotonic() - started) / gossip.probe_interval_s + 1
-        sent = [n.membership.packets_sent - b for n, b in zip(group, before, strict=True)]
+        sent = [n.membership.counters.messages_sent - b for n, b in zip(group, before, strict=True)]
         # One probe per period, plus indirect probes only after a missed answer (which a loaded
         # machine causes now and then): bounded by the settings, not by the swarm's size.
         assert max(sent) <= rounds * (1 + gossip.indirect_probes) + 1, sent

@@ -5,6 +5,7 @@ every slot is busy, the request may be passed on to a peer instead (``offload.py
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 
 import grpc
@@ -38,6 +39,7 @@ class InferenceExit:
     def __init__(self, service: Callable[[], InferenceService | None], offloader: Offloader | None = None) -> None:
         self._service = service
         self._offloader = offloader
+        self.offloads: Counter[str] = Counter({"sent": 0, "received": 0})  # read by /metrics
 
     async def handle(self, forward: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         try:
@@ -56,6 +58,8 @@ class InferenceExit:
         if service is None:
             yield _error(Unavailable("the node is still loading its models"))
             return
+        if message.request.forwarding.visited:  # a busy peer passed it on
+            self.offloads["received"] += 1
         if self._offloader is not None:
             try:
                 passed = await self._offload(service, message.request)
@@ -63,6 +67,7 @@ class InferenceExit:
                 yield _error(error)
                 return
             if passed is not None:
+                self.offloads["sent"] += 1
                 async for cell in passed:
                     yield cell
                 return

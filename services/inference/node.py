@@ -103,11 +103,12 @@ class InferenceNode(ServiceNode):
         )
         # The node terminates onion circuits (never forwards them): requests arrive through
         # relays, and only this node sees their plaintext.
+        self.terminus = InferenceExit(lambda: self.servicer.service, self.offloader)
         self.exit = RelayServicer(
             self.onion_keys,
             config.circuits,
             self.channels,
-            terminus=InferenceExit(lambda: self.servicer.service, self.offloader),
+            terminus=self.terminus,
             forwards=False,
             directory=self.membership.directory,  # members' addresses get a larger set-up allowance
         )
@@ -135,6 +136,57 @@ class InferenceNode(ServiceNode):
                     else []
                 ),
             ],
+        )
+        self.model_load_s: dict[str, float] = {}
+        self._report_metrics()
+        self.serve_metrics(config.metrics_listen)
+
+    def _report_metrics(self) -> None:
+        """What an inference node reports besides gossip and the ledger (``ServiceNode.metrics``):
+        its slots and queue, offloads, model loading, and its verdicts; generation timings are
+        recorded by the service as it generates."""
+        metrics, terminus = self.metrics, self.terminus
+        self.exit.report_to(metrics)
+
+        def running() -> int:
+            service = self.servicer.service
+            return 0 if service is None else service.load().running
+
+        def queued() -> int:
+            service = self.servicer.service
+            return 0 if service is None else service.load().queued
+
+        def slots() -> int:
+            service = self.servicer.service
+            return 0 if service is None else service.admission.max_concurrent
+
+        metrics.read("swarmserve_inference_queue_depth", "requests waiting for a slot", queued)
+        metrics.read("swarmserve_inference_running_requests", "requests generating now", running)
+        metrics.read("swarmserve_inference_slots", "requests this node generates at once at most", slots)
+        metrics.read(
+            "swarmserve_inference_slot_utilization_ratio",
+            "running requests over slots",
+            lambda: running() / (slots() or 1),
+        )
+        metrics.read_counter(
+            "swarmserve_inference_offloads",
+            "requests passed on to a peer with a free slot (sent) or taken from a busy one (received)",
+            lambda: {(direction,): count for direction, count in terminus.offloads.items()},
+            ["direction"],
+        )
+        metrics.read(
+            "swarmserve_inference_model_load_seconds",
+            "how long loading each model took at start",
+            lambda: {(name,): seconds for name, seconds in self.model_load_s.items()},
+            ["model"],
+        )
+        metrics.read_counter(
+            "swarmserve_verifier_verdicts",
+            "re-execution checks (check) and duel votes (duel) this node gave, by outcome",
+            lambda: {
+                key: float(n) for key, n in (self.verifier.service.outcomes if self.verifier.service else {}).items()
+            },
+            ["kind", "outcome"],
         )
 
     def stake_of(self, key: bytes) -> int:
@@ -176,6 +228,7 @@ class InferenceNode(ServiceNode):
                     seconds=round(time.monotonic() - started, 2),
                 )
                 engines[settings.name] = engine
+                self.model_load_s[settings.name] = time.monotonic() - started
         except BaseException:
             for engine in engines.values():
                 await engine.close()
@@ -192,7 +245,7 @@ class InferenceNode(ServiceNode):
             if self.chain is not None
             else None
         )
-        service = InferenceService(self.keys.identity, engines, self.config.policy, billing)
+        service = InferenceService(self.keys.identity, engines, self.config.policy, billing, self.metrics)
         self.servicer.service = service
         self.verifier.service = VerifierService(
             self.keys.identity,

@@ -32,6 +32,7 @@ from swarmserve import native
 from swarmserve.receipts import ReceiptWriter
 from swarmserve.rpc import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from swarmserve.telemetry import get_logger
+from swarmserve.telemetry.metrics import NodeMetrics
 from swarmserve.v1 import common_pb2
 
 __all__ = [
@@ -109,8 +110,19 @@ class InferenceService:
         engines: Mapping[str, Engine],
         policy: ProviderPolicy,
         billing: Billing | None = None,
+        metrics: NodeMetrics | None = None,
     ) -> None:
         self.identity = identity
+        metrics = metrics or NodeMetrics()
+        self._prefill = metrics.histogram(
+            "swarmserve_inference_prefill_seconds", "from a request's slot to its first token (the prompt's prefill)"
+        )
+        self._decode = metrics.histogram(
+            "swarmserve_inference_decode_seconds", "from a request's first token to its last"
+        )
+        self._tokens = metrics.counter(
+            "swarmserve_inference_tokens", "prompt tokens read and tokens generated", ["kind"]
+        )
         self.billing = billing  # with a ledger: who is served, and what each stream cost the caller
         self.engines = dict(engines)
         self.policy = policy
@@ -302,6 +314,11 @@ class InferenceService:
                 completion_tokens=sent,
             )
             self.admission.record(finished - accepted, sent, finished - accepted - waited)
+            if first_token_at is not None:
+                self._prefill.observe(first_token_at - accepted - waited)
+                self._decode.observe(finished - first_token_at)
+            self._tokens.labels("prompt").inc(len(prepared.prompt_ids))
+            self._tokens.labels("completion").inc(sent)
             log.info(
                 "generated",
                 model=request.model,

@@ -41,6 +41,8 @@ class RelayNode(ServiceNode):
                 *self.open_ledger(config, self.channels, self.keys.identity),
             ],
         )
+        self.relay.report_to(self.metrics)
+        self.serve_metrics(config.metrics_listen)
 
     async def start(self) -> None:
         await self.server.start()

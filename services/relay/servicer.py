@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import grpc
@@ -27,6 +29,7 @@ from swarmserve.keys import OnionKeyRing
 from swarmserve.overlay import PeerDirectory
 from swarmserve.rpc import STREAM_EOF, ChannelPool, InvalidArgument, ResourceExhausted, open_stream
 from swarmserve.telemetry import get_logger
+from swarmserve.telemetry.metrics import NodeMetrics
 from swarmserve.v1 import relay_pb2, relay_pb2_grpc
 
 __all__ = ["RelayServicer", "Terminus", "destroy_reason_for"]
@@ -50,6 +53,19 @@ class Terminus(Protocol):
     """The end of a circuit: turns the plaintext of forward cells into backward plaintexts."""
 
     def handle(self, forward: AsyncIterator[bytes]) -> AsyncIterator[bytes]: ...
+
+
+@dataclass
+class RelayCounters:
+    """What this relay forwarded and refused, since it started (read by ``/metrics``)."""
+
+    cells: Counter[str] = field(default_factory=lambda: Counter({"forward": 0, "backward": 0}))
+    bytes: Counter[str] = field(default_factory=lambda: Counter({"forward": 0, "backward": 0}))
+    refused: Counter[str] = field(default_factory=Counter)  # set-ups, by reason
+
+    def forwarded(self, direction: str, size: int) -> None:
+        self.cells[direction] += 1
+        self.bytes[direction] += size
 
 
 class RelayServicer(relay_pb2_grpc.RelayServicer):
@@ -77,6 +93,29 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
             settings.setups_per_source_per_s, settings.setup_burst_per_source, settings.circuits_per_source
         )
         self.active = 0
+        self.counters = RelayCounters()
+
+    def report_to(self, metrics: NodeMetrics) -> None:
+        counters = self.counters
+        metrics.read("swarmserve_relay_open_circuits", "circuits open through this node now", lambda: self.active)
+        metrics.read_counter(
+            "swarmserve_relay_cells_forwarded",
+            "data cells passed on, towards the exit (forward) or back",
+            lambda: {(direction,): count for direction, count in counters.cells.items()},
+            ["direction"],
+        )
+        metrics.read_counter(
+            "swarmserve_relay_forwarded_bytes",
+            "payload bytes of the data cells passed on",
+            lambda: {(direction,): count for direction, count in counters.bytes.items()},
+            ["direction"],
+        )
+        metrics.read_counter(
+            "swarmserve_relay_setups_refused",
+            "circuit set-ups refused, by reason",
+            lambda: {(reason,): count for reason, count in counters.refused.items()},
+            ["reason"],
+        )
 
     async def Circuit(
         self,
@@ -88,30 +127,48 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
             first = await asyncio.wait_for(anext(upstream), self._settings.setup_timeout_s)
         except (StopAsyncIteration, TimeoutError):
             return
+        refuse = self.counters.refused
         if first.WhichOneof("cell") != "create":
+            refuse["not_a_setup"] += 1
             raise InvalidArgument("the first cell of a circuit must be create")
         if self.active >= self._settings.max_circuits:
+            refuse["relay_full"] += 1
             raise ResourceExhausted(f"this relay holds its maximum of {self._settings.max_circuits} circuits")
         peer = context.peer()
         source = source_of(peer)
-        self.sources.admit(
-            source, lambda: self._directory is not None and self._directory.member_on_host(host_of(peer))
-        )
         try:
-            opened = self._onion_keys.open(first.create.onion)
+            self.sources.admit(
+                source, lambda: self._directory is not None and self._directory.member_on_host(host_of(peer))
+            )
+        except ResourceExhausted:
+            refuse["source_limit"] += 1
+            raise
+        try:
+            try:
+                opened = self._onion_keys.open(first.create.onion)
+            except native.CryptoError:
+                refuse["undecryptable"] += 1
+                raise
             peeled = opened.peeled
             address = None
             if peeled.is_final:
                 if self._terminus is None:
+                    refuse["not_an_exit"] += 1
                     raise InvalidArgument("this relay does not terminate circuits")
             else:
                 if not self._forwards:
+                    refuse["not_a_relay"] += 1
                     raise InvalidArgument("this node terminates circuits and does not forward them")
                 address = self._next_hop(peeled)
                 if address is None:
+                    refuse["next_hop_unknown"] += 1
                     yield destroy_cell(relay_pb2.DESTROY_REASON_HOP_UNREACHABLE)
                     return
-            self._onion_keys.accept(opened)
+            try:
+                self._onion_keys.accept(opened)
+            except (native.ReplayError, native.ReplayCacheFullError):
+                refuse["replayed"] += 1
+                raise
             self.active += 1
             started = time.monotonic()
             try:
@@ -214,6 +271,7 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
                             await outbound.put(destroy_cell(relay_pb2.DESTROY_REASON_PROTOCOL_ERROR))
                             return
                         await call.write(data_cell(payload))
+                        self.counters.forwarded("forward", len(payload))
                     elif kind == "destroy":
                         await call.write(cell)
                         await outbound.put(None)
@@ -233,6 +291,7 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
                     kind = reply.WhichOneof("cell")
                     if kind == "data":
                         await outbound.put(data_cell(hop.wrap_backward(reply.data.payload)))
+                        self.counters.forwarded("backward", len(reply.data.payload))
                     elif kind == "destroy":
                         await outbound.put(reply)
                         return

@@ -22,6 +22,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from services.router.config import RouterConfig
+from services.router.dashboard import dashboard_routes
 from services.router.openai_api import (
     OWNED_BY,
     Answer,
@@ -37,6 +38,7 @@ from services.router.openai_api import (
 from services.router.service import RouterService, TokenDelta
 from swarmserve.rpc import InvalidArgument, PayloadTooLarge, Unauthenticated, http_status_for
 from swarmserve.telemetry import get_logger
+from swarmserve.telemetry.metrics import NodeMetrics, metrics_route
 from swarmserve.v1 import common_pb2, router_pb2
 
 __all__ = ["create_app"]
@@ -46,7 +48,7 @@ log = get_logger("swarmserve.router.http")
 _JSON_OVERHEAD = 4  # a JSON body may be this many times the size of the request it encodes
 
 
-def create_app(service: RouterService, config: RouterConfig) -> Starlette:
+def create_app(service: RouterService, config: RouterConfig, metrics: NodeMetrics) -> Starlette:
     keys = [key.get_secret_value().encode() for key in config.api_keys]
 
     def authorize(request: Request) -> None:
@@ -126,6 +128,8 @@ def create_app(service: RouterService, config: RouterConfig) -> Starlette:
             Route("/v1/models", models, methods=["GET"]),
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/completions", completions, methods=["POST"]),
+            metrics_route(metrics),
+            *dashboard_routes(service),
         ],
         exception_handlers={Exception: on_error},
     )

@@ -31,7 +31,9 @@ class RouterNode(ServiceNode):
         self.membership = Membership(publisher, self.channels, config.gossip)
         self.directory = self.membership.directory
         ledger = self.open_ledger(config, self.channels, self.keys.identity)
-        self.service = RouterService(self.keys.identity, self.membership, self.channels, config, self.chain, self.trust)
+        self.service = RouterService(
+            self.keys.identity, self.membership, self.channels, config, self.chain, self.trust, self.metrics
+        )
         router = RouterServicer(self.service)
         self.server = RpcServer(
             config.server,
@@ -45,7 +47,9 @@ class RouterNode(ServiceNode):
             ],
         )
 
-        self.http = HttpServer(create_app(self.service, config), config.http_listen) if config.http_listen else None
+        app = create_app(self.service, config, self.metrics)
+        self.http = HttpServer(app, config.http_listen) if config.http_listen else None
+        self.serve_metrics(config.metrics_listen)
 
     async def start(self) -> None:
         await self.server.start(serving=False)

@@ -10,6 +10,7 @@ import random
 import time
 import uuid
 from collections.abc import AsyncGenerator, Collection
+from contextlib import aclosing
 from dataclasses import dataclass, replace
 
 import grpc
@@ -19,6 +20,7 @@ from services.relay.client import OpenCircuit
 from services.router.audits import Auditor
 from services.router.config import RouterConfig
 from services.router.duels import DuelOrganiser
+from services.router.telemetry import RouterTelemetry
 from services.router.wallet import TokenWallet
 from services.verifier.service import DuelSide
 from swarmserve import native
@@ -51,6 +53,7 @@ from swarmserve.rpc import (
     Unavailable,
 )
 from swarmserve.telemetry import get_logger
+from swarmserve.telemetry.metrics import NodeMetrics
 from swarmserve.trust import ChainReputation
 from swarmserve.v1 import (
     common_pb2,
@@ -85,8 +88,10 @@ class RouterService:
         config: RouterConfig,
         chain: ChainReplica | None,
         trust: ChainReputation,
+        metrics: NodeMetrics | None = None,
     ) -> None:
         self.identity = identity
+        self.telemetry = RouterTelemetry(metrics or NodeMetrics())
         self.chain = chain  # with a ledger: providers are paid by cheque, duels recorded
         self.trust = trust
         self.membership = membership
@@ -173,8 +178,8 @@ class RouterService:
         if chosen not in candidates:
             raise Unavailable(f"node {chosen[:16]} chosen by {self._policy.name} is not a live candidate")
         self._policy.served(chosen, key, time.monotonic())
-        peer = candidates[chosen]
-        return peer
+        self.telemetry.dispatch.labels(self._policy.name).inc()
+        return candidates[chosen]
 
     async def _true_state(self, peer: Peer) -> NodeState:
         stub = inference_pb2_grpc.InferenceStub(self.channels.get(peer.descriptor.address))
@@ -260,10 +265,12 @@ class RouterService:
             circuit: OpenCircuit | None = None
             try:
                 await self._address(request, forwarded, exit_)
+                opening = time.monotonic()
                 circuit = await OpenCircuit.open(
                     self.channels, path, exit_, self.config.setup_timeout_s,
                     self.config.cell_timeout_s,
                 )  # fmt: skip
+                self.telemetry.circuit_setup.observe(time.monotonic() - opening)
                 await circuit.send(relay_pb2.CircuitMessage(request=forwarded))
                 return exit_, started, circuit, await circuit.receive()
             except ServiceError as error:
@@ -276,6 +283,7 @@ class RouterService:
                 if error.code != grpc.StatusCode.UNAVAILABLE or attempt == 2 or not others:
                     raise
                 log.info("retrying through another node", failed=exit_.node_id[:16], reason=str(error))
+                self.telemetry.retries.inc()
                 excluded.add(exit_.node_id)
         raise AssertionError("unreachable")
 
@@ -307,7 +315,23 @@ class RouterService:
         self, request: router_pb2.GenerateRequest, *, excluded: Collection[str] = (), may_check: bool = True
     ) -> AsyncGenerator[TokenDelta | router_pb2.GenerateSummary, None]:
         """Serves one request. ``excluded``: nodes not to send it to; ``may_check``: whether it may
-        be sampled for a duel or an audit (not a duel's own second request)."""
+        be sampled for a duel or an audit (not a duel's own second request). Every request, served
+        or refused, is counted here (``telemetry.py``)."""
+        watch = self.telemetry.watch()
+        try:
+            async with aclosing(self._serve(request, excluded, may_check)) as events:
+                async for event in events:
+                    watch.saw(event)
+                    yield event
+        except BaseException as error:
+            watch.failed(error)
+            raise
+        finally:
+            watch.ended()
+
+    async def _serve(
+        self, request: router_pb2.GenerateRequest, excluded: Collection[str], may_check: bool
+    ) -> AsyncGenerator[TokenDelta | router_pb2.GenerateSummary, None]:
         hops = self._check(request)  # every refusal happens before a circuit exists
         request_id = request.request_id or uuid.uuid4().hex  # the client's name for it
         structlog.contextvars.bind_contextvars(request_id=request_id)

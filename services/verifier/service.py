@@ -6,6 +6,7 @@ The servicer (``servicer.py``) only converts protobuf to these calls and back.""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -61,6 +62,7 @@ class VerifierService:
         self._engines = engines
         self._reputation = reputation  # the node's book, from the chain
         self._on_verdict = on_verdict
+        self.outcomes: Counter[tuple[str, str]] = Counter()  # (check or duel, outcome) -> verdicts given
 
     def _engine_for(self, digest: bytes) -> Engine:
         for engine in self._engines().values():
@@ -121,6 +123,7 @@ class VerifierService:
             reason=result.reason,
         )
         signed_verdict = sign_verdict(self._identity, verdict)
+        self.outcomes["check", result.outcome.value] += 1
         if self._on_verdict is not None and result.outcome is not Outcome.INCONCLUSIVE:
             evidence = chain_pb2.VerdictEvidence(
                 receipt=signed, prompt_token_ids=prompt_ids, token_ids=token_ids, token_texts=texts
@@ -199,6 +202,7 @@ class VerifierService:
             method=judgement.method,
             reference_model_digest=engine.identity.weights_digest,
         )
+        self.outcomes["duel", "undecided" if preferred is None else "decided"] += 1
         log.info(
             "judged duel",
             duel_id=duel_id,

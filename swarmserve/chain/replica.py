@@ -28,6 +28,7 @@ import contextlib
 import random
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import grpc
@@ -37,7 +38,7 @@ from swarmserve import native
 from swarmserve.chain.genesis import Genesis
 from swarmserve.chain.payments import ChequeBook, ChequeInbox
 from swarmserve.chain.proof import BlockProofError, proven_blocks
-from swarmserve.chain.state import ChainState, StateError, genesis_block
+from swarmserve.chain.state import AppliedBlock, ChainState, StateError, genesis_block
 from swarmserve.chain.transactions import TransactionError, decode_transaction, sign_transaction
 from swarmserve.overlay.directory import PeerDirectory
 from swarmserve.rpc import ChannelPool, InvalidArgument, ResourceExhausted, ServiceError, Unavailable
@@ -90,10 +91,17 @@ class ChainReplica:
         self._last_applied = time.monotonic()
         self._task: asyncio.Task[None] | None = None
         self._settler: asyncio.Task[None] | None = None
+        # Transactions refused at submission here, and in applied blocks those void (malformed,
+        # a wrong nonce) or failed (applied without effect: an overspend, bad evidence...).
+        self.rejected: Counter[str] = Counter({"refused": 0, "void": 0, "failed": 0})
 
     @property
     def chain_id(self) -> bytes:
         return self.state.chain_id
+
+    def _count(self, applied: AppliedBlock) -> None:
+        self.rejected["void"] += len(applied.void)
+        self.rejected["failed"] += applied.failed
 
     @property
     def validator(self) -> bool:
@@ -213,7 +221,7 @@ class ChainReplica:
                 return
             if block is not None:
                 try:
-                    self.state.apply(block)
+                    self._count(self.state.apply(block))
                 except StateError as error:  # a fork or another genesis: never merged
                     log.error("finalized block refused", height=block.height, reason=str(error))
                     return
@@ -262,7 +270,7 @@ class ChainReplica:
             if not proven:
                 return applied
             for block, certificate in proven:
-                await asyncio.to_thread(self.state.apply, block, certificate)
+                self._count(await asyncio.to_thread(self.state.apply, block, certificate))
                 applied += 1
             if len(answer.blocks) < wanted or len(proven) < wanted:
                 return applied
@@ -324,8 +332,10 @@ class ChainReplica:
         try:
             transaction = decode_transaction(raw, self.chain_id)
         except TransactionError as error:
+            self.rejected["refused"] += 1
             raise InvalidArgument(str(error)) from error
         if transaction.nonce <= self.state.account(transaction.account).nonce:
+            self.rejected["refused"] += 1
             raise InvalidArgument(f"nonce {transaction.nonce} is already spent")
         if self.consensus is not None:
             try:

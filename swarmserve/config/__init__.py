@@ -148,6 +148,9 @@ class NodeConfig(StrictModel):
     log: LogSettings = LogSettings()
     gossip: GossipSettings = GossipSettings()
     ledger: LedgerSettings = LedgerSettings()
+    metrics_listen: str | None = Field(
+        None, description="HOST:PORT serving Prometheus metrics at /metrics (routers also serve them on http_listen)"
+    )
 
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)

@@ -79,6 +79,24 @@ class _News:
     sent: int = 0
 
 
+@dataclass
+class GossipCounters:
+    """What this node's gossip cost and found, since it started (read by ``/metrics``)."""
+
+    probes: int = 0  # protocol periods that probed a member
+    probe_failures: int = 0  # of which neither the direct nor an indirect probe was answered
+    messages_sent: int = 0  # Swim and Exchange messages, requests and answers
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+    def sent(self, message: Message) -> None:
+        self.messages_sent += 1
+        self.bytes_sent += message.ByteSize()
+
+    def received(self, message: Message) -> None:
+        self.bytes_received += message.ByteSize()
+
+
 class Membership:
     def __init__(
         self,
@@ -100,7 +118,7 @@ class Membership:
         self._senders = TokenBuckets(settings.sender_packets_per_s, settings.sender_burst)
         self._order: list[str] = []  # probe order for this pass over the members
         self._task: asyncio.Task[None] | None = None
-        self.packets_sent = 0  # probes, indirect probe requests and exchanges sent (for benchmarks)
+        self.counters = GossipCounters()
         self._left = False
 
     # --- what arrives ------------------------------------------------------------------------
@@ -121,6 +139,7 @@ class Membership:
         if self._left:  # answering would carry a fresh descriptor and undo the goodbye
             raise Unavailable("this node has left the swarm")
         _bounded(len(packet.updates), "updates in one packet")
+        self.counters.received(packet)
         opened = await self._open(packet)
         self._admit(opened.sender)
         sender = self._absorb(opened)
@@ -136,13 +155,16 @@ class Membership:
             answer.updates.append(
                 self.publisher.claim(sender.descriptor.identity_key, SUSPECT, sender.claimed_incarnation)
             )
-        return self.publisher.sign(answer)
+        signed = self.publisher.sign(answer)
+        self.counters.sent(signed)
+        return signed
 
     async def on_exchange(self, request: overlay_pb2.ExchangeRequest) -> overlay_pb2.ExchangeResponse:
         if self._left:
             raise Unavailable("this node has left the swarm")
         _bounded(len(request.updates), "descriptors pushed in one exchange")
         _bounded(len(request.known), "digests in one exchange", MAX_EXCHANGED)
+        self.counters.received(request)
         opened = await self._open(request)
         self._admit(opened.sender)
         self._absorb(opened)
@@ -150,9 +172,11 @@ class Membership:
         updates = [
             p.signed for p in self.directory.members() if (p.descriptor.identity_key, p.descriptor.version) not in known
         ]
-        return self.publisher.sign(
+        signed = self.publisher.sign(
             overlay_pb2.ExchangeResponse(sender=self.describe(), updates=updates[:MAX_EXCHANGED])
         )
+        self.counters.sent(signed)
+        return signed
 
     def _absorb(self, opened: OpenedMessage) -> Peer | None:
         """Takes in a verified message's news; returns its sender, if its descriptor was new to us."""
@@ -253,10 +277,12 @@ class Membership:
         )  # signed by the caller, once complete
 
     async def _send(self, peer: Peer, packet: overlay_pb2.SwimPacket, timeout: float) -> overlay_pb2.SwimPacket | None:
-        self.packets_sent += 1
         stub = overlay_pb2_grpc.OverlayStub(self._channels.get(peer.descriptor.address))
+        signed = self.publisher.sign(packet)
+        self.counters.sent(signed)
         try:
-            answer: overlay_pb2.SwimPacket = await stub.Swim(self.publisher.sign(packet), timeout=timeout)
+            answer: overlay_pb2.SwimPacket = await stub.Swim(signed, timeout=timeout)
+            self.counters.received(answer)
             opened = await self._open(answer)
         except aio.AioRpcError:
             return None
@@ -291,6 +317,7 @@ class Membership:
         if target is None:
             return
         period, timeout = self.settings.probe_interval_s, self.settings.probe_timeout_s
+        self.counters.probes += 1
         if await self._ping(target, timeout):
             return
         helpers = [p for p in self.directory.members() if p.alive and p.node_id != target.node_id]
@@ -299,6 +326,7 @@ class Membership:
             answers = await asyncio.gather(*(self._ping_via(h, target, period - timeout) for h in helpers))
             if any(answers):
                 return
+        self.counters.probe_failures += 1
         self.suspect(target.node_id)
 
     def suspect(self, node_id: str) -> None:
@@ -339,7 +367,6 @@ class Membership:
 
     async def exchange(self, address: str) -> bool:
         """Push-pull with one member: both end up with the newer of each other's descriptors."""
-        self.packets_sent += 1
         request = overlay_pb2.ExchangeRequest(
             sender=self.describe(),
             known=[
@@ -348,8 +375,11 @@ class Membership:
             ],
         )
         stub = overlay_pb2_grpc.OverlayStub(self._channels.get(address))
+        signed = self.publisher.sign(request)
+        self.counters.sent(signed)
         try:
-            reply = await stub.Exchange(self.publisher.sign(request), timeout=max(self.settings.probe_interval_s, 1.0))
+            reply = await stub.Exchange(signed, timeout=max(self.settings.probe_interval_s, 1.0))
+            self.counters.received(reply)
             _bounded(len(reply.updates), "descriptors in an exchange's answer", MAX_EXCHANGED)
             opened = await self._open(reply)
         except aio.AioRpcError:

@@ -39,6 +39,11 @@ class DescriptorPublisher:
     def identity_key(self) -> bytes:
         return self._identity.public_key
 
+    @property
+    def address(self) -> str:
+        """Where this node's gRPC services listen, as its descriptors say."""
+        return self._address()
+
     def refute(self) -> None:
         """Moves past a suspicion or death claimed about the current incarnation (claims about
         any other incarnation are ignored before they get here, so a claim cannot push the
