@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +31,8 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from services.inference.models import DEFAULT_MODEL_NAME, default_model_path  # noqa: E402
+from bench.llama_server import start_llama_server  # noqa: E402
+from services.inference.models import DEFAULT_MODEL_NAME  # noqa: E402
 from swarmserve.client import generate  # noqa: E402
 from swarmserve.swarm import LocalSwarm, free_port_block  # noqa: E402
 
@@ -80,26 +80,6 @@ def llama_server_run(port: int, prompt: str) -> tuple[float, float, int]:
                 if count == 1:
                     first = last
     return first - started, (count - 1) / (last - first) if count > 1 else 0.0, count
-
-
-def start_llama_server(port: int, threads: int) -> subprocess.Popen[bytes]:
-    process = subprocess.Popen(
-        [
-            sys.executable, "-m", "llama_cpp.server", "--model", str(default_model_path()), "--host", "127.0.0.1",
-            "--port", str(port), "--n_threads", str(threads), "--n_ctx", "2048", "--chat_format", "chatml",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=1).read()
-            return process
-        except OSError:
-            time.sleep(0.3)
-    process.kill()
-    raise RuntimeError("llama_cpp.server did not start")
 
 
 async def swarm_run(router: str, prompt: str, hops: int) -> tuple[float, float, int]:
