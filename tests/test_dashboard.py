@@ -140,13 +140,15 @@ def _drive_the_page(url: str, expected: set[str]) -> dict[str, Any]:
         driver.get(url + "/")
         wait = WebDriverWait(driver, 30)
 
+        # The page re-renders the table every 2 s: read it in one script, not element by element
+        # (an element held across a re-render goes stale).
         def listed(d: Any) -> set[str]:
-            return {row.get_attribute("data-node-id") for row in d.find_elements(By.CSS_SELECTOR, "#members tr.member")}
+            rows = "return [...document.querySelectorAll('#members tr.member')].map(r => r.dataset.nodeId)"
+            return set(d.execute_script(rows))
 
         wait.until(lambda d: listed(d) >= expected)
-        wait.until(
-            lambda d: MODEL in [o.get_attribute("value") for o in Select(d.find_element(By.ID, "model")).options]
-        )
+        models = "return [...document.getElementById('model').options].map(o => o.value)"
+        wait.until(lambda d: MODEL in d.execute_script(models))
         Select(driver.find_element(By.ID, "hops")).select_by_visible_text("3")
         # Each token span's arrival time, as the browser saw it.
         driver.execute_script(
@@ -170,7 +172,7 @@ def _drive_the_page(url: str, expected: set[str]) -> dict[str, Any]:
             "arrivals": driver.execute_script("return window.arrivals"),
             "receipt": answer.get_attribute("data-receipt"),
             "status": driver.find_element(By.ID, "answer-status").text,
-            "bars": len(driver.find_elements(By.CSS_SELECTOR, "#chart-rate rect.bar")),
+            "bars": driver.execute_script("return document.querySelectorAll('#chart-rate rect.bar').length"),
             "resources": driver.execute_script(
                 "return [location.href, ...performance.getEntriesByType('resource').map(e => e.name)]"
             ),
