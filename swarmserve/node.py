@@ -90,7 +90,7 @@ class ServiceNode:
             metrics.read_counter(
                 "swarmserve_ledger_rejected_transactions",
                 "transactions refused at submission here, or void or failed in applied blocks",
-                lambda: {(reason,): float(count) for reason, count in chain.rejected.items()},
+                lambda: chain.rejected,
                 ["reason"],
             )
         return metrics

@@ -171,13 +171,13 @@ class InferenceNode(ServiceNode):
         metrics.read_counter(
             "swarmserve_inference_offloads",
             "requests passed on to a peer with a free slot (sent) or taken from a busy one (received)",
-            lambda: {(direction,): count for direction, count in terminus.offloads.items()},
+            lambda: terminus.offloads,
             ["direction"],
         )
         metrics.read(
             "swarmserve_inference_model_load_seconds",
             "how long loading each model took at start",
-            lambda: {(name,): seconds for name, seconds in self.model_load_s.items()},
+            lambda: self.model_load_s,
             ["model"],
         )
         metrics.read_counter(

@@ -101,19 +101,19 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
         metrics.read_counter(
             "swarmserve_relay_cells_forwarded",
             "data cells passed on, towards the exit (forward) or back",
-            lambda: {(direction,): count for direction, count in counters.cells.items()},
+            lambda: counters.cells,
             ["direction"],
         )
         metrics.read_counter(
             "swarmserve_relay_forwarded_bytes",
             "payload bytes of the data cells passed on",
-            lambda: {(direction,): count for direction, count in counters.bytes.items()},
+            lambda: counters.bytes,
             ["direction"],
         )
         metrics.read_counter(
             "swarmserve_relay_setups_refused",
             "circuit set-ups refused, by reason",
-            lambda: {(reason,): count for reason, count in counters.refused.items()},
+            lambda: counters.refused,
             ["reason"],
         )
 

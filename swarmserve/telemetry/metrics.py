@@ -10,6 +10,7 @@ rather than copied on every change.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -23,8 +24,9 @@ __all__ = ["LATENCY_BUCKETS", "TOKEN_GAP_BUCKETS", "NodeMetrics", "metrics_route
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
-Reading = float | Mapping[tuple[str, ...], float]
-"""A gauge's value now: one number, or one per label values."""
+Reading = float | Mapping[Any, float]  # keys: tuple[str, ...] or str (Mapping's key type is invariant)
+"""A value now: one number, or one per label values (a plain string for a single label, so that a
+``Counter[str]`` is read as it is)."""
 
 
 class _Read(Collector):
@@ -45,7 +47,7 @@ class _Read(Collector):
         value = self._read()
         if isinstance(value, Mapping):
             for label_values, number in value.items():
-                family.add_metric(list(label_values), number)
+                family.add_metric([label_values] if isinstance(label_values, str) else list(label_values), number)
         else:
             family.add_metric([], value)
         yield family
