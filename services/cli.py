@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import signal
+import statistics
 import sys
 import time
 import urllib.request
@@ -86,9 +88,11 @@ def _print_summary(result: GenerationResult, stream: Any = sys.stderr) -> None:
     assert summary is not None and receipt is not None
     print(file=stream)
     print(f"served by   {summary.served_by[:16]}... through {summary.hops} relays", file=stream)
+    pieces = f" in {len(result.segments)} segments (resumed after a failure)" if len(result.segments) > 1 else ""
     print(
         f"receipt     verified: signed by the serving node, co-signed by the router, and its hash chain "
-        f"commits to exactly the {receipt.token_count} tokens received (model {receipt.model_digest.hex()[:16]}...)",
+        f"commits to exactly the {len(result.token_ids)} tokens received{pieces} "
+        f"(model {receipt.model_digest.hex()[:16]}...)",
         file=stream,
     )
     print(
@@ -194,9 +198,51 @@ async def _demo(data_dir: Path, ports_from: int, prompt: str) -> None:
         await _demo_openai(swarm)
         await _demo_verification(swarm, prompt, result)
         await _demo_credits(swarm, before)
+        await _demo_failover(swarm, prompt)
     finally:
         print("==> stopping the swarm", flush=True)
         await swarm.stop()
+
+
+_KILL_AT = 24  # tokens of the demo's answer before its serving node is killed
+
+
+async def _demo_failover(swarm: LocalSwarm, prompt: str) -> None:
+    """Kills the node serving an answer mid-stream (SIGKILL): the router resumes the stream on
+    the other node from the tokens delivered, and the answer reads on."""
+    print(f"==> the same prompt again; the serving node is killed (SIGKILL) after {_KILL_AT} tokens:\n", flush=True)
+    arrivals: list[float] = []
+    killed: list[str] = []
+
+    def show(text: str) -> None:
+        arrivals.append(time.monotonic())
+        print(text, end="", flush=True)
+        if len(arrivals) == _KILL_AT and not killed:
+            killed.append("pending")
+
+    async def killer() -> None:
+        while not killed:
+            await asyncio.sleep(0.005)
+        name = await swarm.generating()
+        swarm.signal(name, signal.SIGKILL)
+        killed[0] = name
+        print(f" [{name} killed] ", end="", flush=True)
+
+    kill = asyncio.create_task(killer())
+    result = await generate(swarm.router, prompt, model=DEFAULT_MODEL, hops=3, max_tokens=96, on_text=show)
+    await kill
+    print()
+    summary = result.summary
+    assert summary is not None
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    cut = result.segments[0].token_count if len(result.segments) > 1 else 0
+    print(
+        f"resumed     {len(result.segments) - 1} time(s): tokens 0-{cut - 1} by {killed[0]} (its last signed "
+        f"checkpoint), {cut}-{len(result.token_ids) - 1} by {summary.served_by[:16]}... through new relays; the "
+        f"chained receipt checked (swarmserve.client.check_summary); longest gap between tokens "
+        f"{max(gaps, default=0) * 1000:.0f} ms (median {statistics.median(gaps) * 1000 if gaps else 0:.0f} ms)",
+        flush=True,
+    )
 
 
 async def _demo_openai(swarm: LocalSwarm) -> None:

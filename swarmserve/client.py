@@ -1,6 +1,7 @@
 """A small client for ``Router.Generate``: streams the text as it arrives, then checks the
-receipt itself: signed by the node that served the request, co-signed by the router, and
-committing to exactly the tokens received."""
+receipts itself: every segment signed by the node that served it and co-signed by the router,
+the segments together committing to exactly the tokens received (a stream resumed after a
+failure has several), and the router's stream receipt naming them all."""
 
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ from google.protobuf.message import DecodeError
 from grpc import aio
 
 from swarmserve import native
-from swarmserve.receipts import ReceiptError, sampling_mismatch, verify_receipt
+from swarmserve.receipts import ReceiptError, sampling_mismatch, verify_segments, verify_stream_receipt
 from swarmserve.v1 import common_pb2, router_pb2, router_pb2_grpc
 
-__all__ = ["GenerationResult", "ReceiptError", "check_openai_receipt", "check_receipt", "generate"]
+__all__ = ["GenerationResult", "ReceiptError", "check_openai_receipt", "check_receipt", "check_summary", "generate"]
 
 
 @dataclass
@@ -26,7 +27,8 @@ class GenerationResult:
     token_ids: list[int] = field(default_factory=list)
     token_texts: list[bytes] = field(default_factory=list)
     summary: router_pb2.GenerateSummary | None = None
-    receipt: common_pb2.Receipt | None = None
+    receipt: common_pb2.Receipt | None = None  # the last segment's
+    segments: list[common_pb2.Receipt] = field(default_factory=list)  # all, in order (one unless resumed)
     time_to_first_token_s: float = 0.0
     total_s: float = 0.0
 
@@ -81,10 +83,29 @@ async def generate(
     result.total_s = time.monotonic() - started
     if result.summary is None:
         raise ReceiptError("the stream ended without a summary")
-    result.receipt = check_receipt(
-        result.summary.receipt, result.summary.served_by, result.token_ids, result.token_texts, sampling
-    )
+    result.segments = check_summary(result.summary, result.token_ids, result.token_texts, sampling)
+    result.receipt = result.segments[-1]
     return result
+
+
+def check_summary(
+    summary: router_pb2.GenerateSummary,
+    token_ids: Sequence[int],
+    token_texts: Sequence[bytes],
+    asked: common_pb2.SamplingParams | None = None,
+) -> list[common_pb2.Receipt]:
+    """Every segment's receipt body, once the whole stream is checked (see
+    :func:`check_receipt`): the segments, in order, cover exactly these tokens, each co-signed by
+    the router whose stream receipt names them all. Raises :class:`ReceiptError`."""
+    return check_receipt(
+        summary.receipt,
+        summary.served_by,
+        token_ids,
+        token_texts,
+        asked,
+        earlier_segments=summary.earlier_segments,
+        stream_receipt=summary.stream_receipt if summary.HasField("stream_receipt") else None,
+    )
 
 
 def check_receipt(
@@ -93,25 +114,42 @@ def check_receipt(
     token_ids: Sequence[int],
     token_texts: Sequence[bytes],
     asked: common_pb2.SamplingParams | None = None,
-) -> common_pb2.Receipt:
-    """The receipt's body, once checked: signed by ``served_by`` (the node the router named),
-    co-signed (by the router), committing to exactly these tokens, and, given what was ``asked``,
-    sampled as asked. Raises :class:`ReceiptError`."""
-    receipt = verify_receipt(signed, token_ids, token_texts)
+    *,
+    earlier_segments: Sequence[common_pb2.SignedReceipt] = (),
+    stream_receipt: router_pb2.SignedStreamReceipt | None = None,
+) -> list[common_pb2.Receipt]:
+    """The bodies of the stream's segment receipts (``earlier_segments`` then ``signed``, the
+    last), once checked: each signed by the node that served it, the last by ``served_by`` (the
+    node the router named); together committing to exactly these tokens; each co-signed by the
+    router; given what was ``asked``, sampled as asked; and, given the router's
+    ``stream_receipt``, named by it in order, signed by a key that co-signed every segment.
+    Raises :class:`ReceiptError`."""
+    segments = [*earlier_segments, signed]
+    receipts = verify_segments(segments, token_ids, token_texts)
     if asked is not None:
-        mismatch = sampling_mismatch(asked, receipt.sampling)
+        mismatch = sampling_mismatch(asked, receipts[-1].sampling)
         if mismatch:
             raise ReceiptError(f"the serving node did not sample as asked: {mismatch}")
-    if native.node_id(receipt.node_key) != served_by:
+    if native.node_id(receipts[-1].node_key) != served_by:
         raise ReceiptError("the receipt is signed by another node than the one the router named")
-    if not signed.cosignatures:
-        raise ReceiptError("the router did not co-sign the receipt")
-    for cosignature in signed.cosignatures:
-        try:
-            native.verify_signature(cosignature.signer_key, signed.receipt, cosignature.signature)
-        except native.CryptoError as error:
-            raise ReceiptError(f"a co-signature does not verify: {error}") from None
-    return receipt
+    cosigners: set[bytes] | None = None
+    for i, segment in enumerate(segments):
+        if not segment.cosignatures:
+            raise ReceiptError(f"the router did not co-sign segment {i}")
+        for cosignature in segment.cosignatures:
+            try:
+                native.verify_signature(cosignature.signer_key, segment.receipt, cosignature.signature)
+            except native.CryptoError as error:
+                raise ReceiptError(f"a co-signature of segment {i} does not verify: {error}") from None
+        keys = {c.signer_key for c in segment.cosignatures}
+        cosigners = keys if cosigners is None else cosigners & keys
+    if stream_receipt is not None:
+        verify_stream_receipt(stream_receipt, segments, len(token_ids))
+        if stream_receipt.router_key not in (cosigners or set()):
+            raise ReceiptError("the stream receipt is signed by a key that did not co-sign every segment")
+    elif earlier_segments:
+        raise ReceiptError("a resumed stream comes with the router's stream receipt")
+    return receipts
 
 
 def check_openai_receipt(swarmserve: Mapping[str, Any], text: str | None = None) -> common_pb2.Receipt:
@@ -119,14 +157,23 @@ def check_openai_receipt(swarmserve: Mapping[str, Any], text: str | None = None)
     (``response.model_extra["swarmserve"]`` with the ``openai`` SDK, or the final chunk's) as
     :func:`check_receipt` does, and, given the answer's ``text``, that the tokens spell it.
     Raises :class:`ReceiptError`."""
+
+    def decoded(value: Any) -> bytes:
+        return base64.b64decode(value, validate=True)
+
     try:
-        signed = common_pb2.SignedReceipt.FromString(base64.b64decode(swarmserve["receipt"], validate=True))
-        token_texts = [base64.b64decode(t, validate=True) for t in swarmserve["token_texts"]]
+        signed = common_pb2.SignedReceipt.FromString(decoded(swarmserve["receipt"]))
+        earlier = [common_pb2.SignedReceipt.FromString(decoded(s)) for s in swarmserve.get("earlier_segments", [])]
+        stream = swarmserve.get("stream_receipt")
+        stream_receipt = router_pb2.SignedStreamReceipt.FromString(decoded(stream)) if stream else None
+        token_texts = [decoded(t) for t in swarmserve["token_texts"]]
         token_ids = [int(t) for t in swarmserve["token_ids"]]
         served_by = str(swarmserve["served_by"])
     except (KeyError, TypeError, ValueError, DecodeError) as error:
         raise ReceiptError(f"the swarmserve object is malformed: {error}") from None
-    receipt = check_receipt(signed, served_by, token_ids, token_texts)
+    receipts = check_receipt(
+        signed, served_by, token_ids, token_texts, earlier_segments=earlier, stream_receipt=stream_receipt
+    )
     if text is not None and b"".join(token_texts).decode("utf-8", errors="replace") != text:
         raise ReceiptError("the answer's text is not what the receipt's tokens spell")
-    return receipt
+    return receipts[-1]

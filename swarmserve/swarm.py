@@ -24,7 +24,7 @@ from grpc import aio
 from swarmserve.chain import ChainParameters, Genesis, GenesisAccount, GenesisValidator
 from swarmserve.keys import NodeKeys
 from swarmserve.overlay import open_descriptor
-from swarmserve.v1 import common_pb2, overlay_pb2, router_pb2, router_pb2_grpc
+from swarmserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc, overlay_pb2, router_pb2, router_pb2_grpc
 
 __all__ = [
     "LOCAL_CHAIN",
@@ -226,6 +226,18 @@ class LocalSwarm:
         if process.poll() is None:
             raise SwarmError(f"{name} is still running")
         self._spawn(next(n for n in [*self.routers, *self.relays, *self.inference] if n.name == name))
+
+    async def generating(self) -> str:
+        """The name of an inference node generating now (with one request in flight: its server)."""
+        for node in self.inference:
+            if self._processes[node.name].poll() is not None:
+                continue
+            async with aio.insecure_channel(node.listen) as channel:
+                stub = inference_pb2_grpc.InferenceStub(channel)
+                status = await stub.Status(inference_pb2.StatusRequest(), timeout=5)
+            if status.load.running:
+                return node.name
+        raise SwarmError("no inference node is generating")
 
     def signal(self, name: str, sig: signal.Signals) -> None:
         """SIGKILL: the node dies without a word; SIGSTOP/SIGCONT: it hangs (cut off from

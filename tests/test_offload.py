@@ -219,7 +219,9 @@ async def test_the_router_accepts_and_cosigns_an_offloaded_receipt(tmp_path: Pat
         entry = router.directory.get(nodes[0].keys.identity.node_id)
         assert entry is not None
 
-        async def pinned(request: router_pb2.GenerateRequest, excluded: set[str] | None = None) -> Peer:
+        async def pinned(
+            request: router_pb2.GenerateRequest, excluded: set[str] | None = None, weights_digest: bytes = b""
+        ) -> Peer:
             return entry
 
         router.service.choose_exit = pinned  # type: ignore[method-assign]

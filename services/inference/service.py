@@ -80,12 +80,15 @@ class GenerateRequest:
     request_id: str = ""
     caller_key: bytes = b""  # only when its signature over the request checked out
     tokens: tuple[tuple[bytes, bytes], ...] = ()  # payment tokens: (nonce, output)
+    resume: tuple[int, ...] = ()  # a resumed stream: the tokens other nodes served before
 
 
 @dataclass(frozen=True)
 class TokenEvent:
     token: GeneratedToken
-    index: int
+    index: int  # position in the whole stream (a resumed stream's first one is after its prefix)
+    checkpoint: bytes = b""  # the signature over the receipt of the stream so far
+    receipt_header: bytes = b""  # with the first token only: what the checkpoints extend
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,7 @@ class _Prepared:
     prompt_ids: list[int]
     sampling: Sampling
     payment: tuple[tuple[bytes, bytes], ...] = ()  # tokens to spend once a slot is granted
+    resume: tuple[int, ...] = ()
 
 
 class InferenceService:
@@ -253,13 +257,21 @@ class InferenceService:
                 f"prompt is {len(prompt_ids)} tokens; this node accepts at most {self.policy.max_prompt_tokens}"
             )
         sampling = self._sampling(request.sampling, engine, len(prompt_ids))
+        if request.resume:
+            if len(request.resume) > sampling.max_new_tokens:
+                raise InvalidArgument(
+                    f"resume_token_ids holds {len(request.resume)} tokens, more than max_new_tokens "
+                    f"({sampling.max_new_tokens}) allows"
+                )
+            self._check_ids(engine, request.resume, "resume_token_ids")
         payment: tuple[tuple[bytes, bytes], ...] = ()
         if self.billing is not None:
-            needed = self.billing.tokens_needed(request.caller_key, len(prompt_ids), sampling.max_new_tokens)
+            remaining = sampling.max_new_tokens - len(request.resume)  # a resumed stream pays for the rest
+            needed = self.billing.tokens_needed(request.caller_key, len(prompt_ids), remaining)
             if needed:
                 self.billing.desk.check(request.tokens, needed)
                 payment = request.tokens
-        return _Prepared(request.request_id or uuid.uuid4().hex, engine, prompt_ids, sampling, payment)
+        return _Prepared(request.request_id or uuid.uuid4().hex, engine, prompt_ids, sampling, payment, request.resume)
 
     # --- generation -----------------------------------------------------------------------
 
@@ -281,28 +293,36 @@ class InferenceService:
                 prepared.engine.identity.weights_digest,
                 prepared.prompt_ids,
                 _sampling_message(sampling),
+                prepared.resume,
             )
+            header = receipt.header()
+            # A resumed stream's delivered text never ends inside a stop string (its server held
+            # such tokens back), so the matcher starts afresh; positions go on after the prefix.
             stops = StopMatcher(sampling.stop)
-            generated = sent = 0
+            prefix = generated = len(prepared.resume)
+            sent = 0
             first_token_at: float | None = None
-            async with aclosing(prepared.engine.generate(prepared.prompt_ids, sampling)) as stream:
+
+            def event(token: GeneratedToken) -> TokenEvent:
+                nonlocal sent, first_token_at
+                first_token_at = first_token_at or time.monotonic()
+                checkpoint = receipt.add(token.token_id, token.text)
+                sent += 1
+                return TokenEvent(token, prefix + sent - 1, checkpoint, header if sent == 1 else b"")
+
+            stream = prepared.engine.generate(prepared.prompt_ids, sampling, prepared.resume)
+            async with aclosing(stream):
                 async for token in stream:
                     generated += 1
                     for ready in stops.push(token):
-                        receipt.add(ready.token_id, ready.text)
-                        first_token_at = first_token_at or time.monotonic()
-                        yield TokenEvent(ready, sent)
-                        sent += 1
+                        yield event(ready)
                     if stops.stopped:
                         break
             if stops.stopped:
                 finish = FinishReason.STOP
             else:
                 for ready in stops.flush():
-                    receipt.add(ready.token_id, ready.text)
-                    first_token_at = first_token_at or time.monotonic()
-                    yield TokenEvent(ready, sent)
-                    sent += 1
+                    yield event(ready)
                 finish = FinishReason.LENGTH if generated >= sampling.max_new_tokens else FinishReason.END_OF_SEQUENCE
             finished = time.monotonic()
             timing = common_pb2.Timing(

@@ -100,6 +100,7 @@ def to_generate_request(message: inference_pb2.InferenceGenerateRequest) -> Gene
         request_id=message.request_id,
         caller_key=authenticated_caller(message),
         tokens=tuple((t.nonce, t.output) for t in message.tokens),
+        resume=tuple(message.resume_token_ids),
     )
 
 
@@ -108,7 +109,12 @@ def to_response(event: TokenEvent | GenerationSummary) -> inference_pb2.Inferenc
         token = event.token
         return inference_pb2.InferenceGenerateResponse(
             token=inference_pb2.InferenceToken(
-                token_id=token.token_id, text=token.text, index=event.index, logprob=token.logprob
+                token_id=token.token_id,
+                text=token.text,
+                index=event.index,
+                logprob=token.logprob,
+                checkpoint=event.checkpoint,
+                receipt_header=event.receipt_header,
             )
         )
     return inference_pb2.InferenceGenerateResponse(

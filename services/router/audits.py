@@ -86,7 +86,10 @@ class Auditor:
             return None
         verifier = self._random.choice(verifiers)
         ask = verifier_pb2.CheckReceiptRequest(
-            receipt=answer.receipt, token_ids=answer.token_ids, token_texts=answer.token_texts
+            receipt=answer.receipt,
+            token_ids=answer.token_ids,
+            token_texts=answer.token_texts,
+            prefix_token_ids=answer.prefix_ids,
         )
         if request.WhichOneof("input") == "prompt":
             ask.prompt = request.prompt

@@ -9,7 +9,7 @@ from pydantic import Field, SecretStr, model_validator
 from swarmserve import native
 from swarmserve.config import NodeConfig, ServerSettings, StrictModel
 
-__all__ = ["DEFAULT_ROUTER", "AuditSettings", "DuelSettings", "RouterConfig"]
+__all__ = ["DEFAULT_ROUTER", "AuditSettings", "DuelSettings", "FailoverSettings", "RouterConfig"]
 
 DEFAULT_ROUTER = "127.0.0.1:7000"
 # The inference node terminating a circuit is its last layer; the rest can be relays.
@@ -47,6 +47,28 @@ class AuditSettings(StrictModel):
     timeout_s: float = Field(120.0, gt=0, description="how long the verifier may take")
 
 
+class FailoverSettings(StrictModel):
+    """What the router does when a node or relay fails under a request (``service.py``): before
+    any token reached the client it tries another node, whatever the failure; after some, it
+    resumes the stream on another node serving the same weights, from the tokens delivered."""
+
+    start_attempts: int = Field(
+        3, ge=1, le=10, description="nodes a request may be sent to before its first token (each through new relays)"
+    )
+    max_resumptions: int = Field(
+        2, ge=0, le=10, description="times one stream may be resumed on another node after tokens were delivered"
+    )
+    resume_deadline_s: float = Field(
+        30.0, gt=0, description="longest time from a failure to the resumed stream's first token"
+    )
+    probe_timeout_s: float = Field(
+        1.0,
+        gt=0,
+        description="after a failure, how long each hop of the failed path has to answer a health check "
+        "before it is left out of the request's next path",
+    )
+
+
 class RouterConfig(NodeConfig):
     server: ServerSettings = ServerSettings(listen=DEFAULT_ROUTER)
     advertise: str | None = Field(None, description="address published to peers (default: the listen address)")
@@ -65,6 +87,7 @@ class RouterConfig(NodeConfig):
     )
     setup_timeout_s: float = Field(10.0, gt=0, description="how long a circuit may take to open")
     cell_timeout_s: float = Field(120.0, gt=0, description="longest wait for the next cell of an answer")
+    failover: FailoverSettings = FailoverSettings()
     duels: DuelSettings = DuelSettings()
     audits: AuditSettings = AuditSettings()
     http_listen: str | None = Field(

@@ -252,6 +252,8 @@ class Answer:
             "request_id": summary.request_id,
             "time_to_first_token_ms": summary.timing.time_to_first_token_us / 1000,
             "receipt": base64.b64encode(summary.receipt.SerializeToString()).decode(),
+            "earlier_segments": [base64.b64encode(s.SerializeToString()).decode() for s in summary.earlier_segments],
+            "stream_receipt": base64.b64encode(summary.stream_receipt.SerializeToString()).decode(),
             "token_ids": self.token_ids,
             "token_texts": [base64.b64encode(text).decode() for text in self.token_texts],
         }

@@ -9,12 +9,14 @@ import codecs
 import random
 import time
 import uuid
-from collections.abc import AsyncGenerator, Collection
+from collections.abc import AsyncGenerator, Collection, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import grpc
 import structlog
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.relay.client import OpenCircuit
 from services.router.audits import Auditor
@@ -42,7 +44,14 @@ from swarmserve.dispatch import (
     reported_state,
 )
 from swarmserve.overlay import Membership, Peer
-from swarmserve.receipts import ReceiptError, sampling_mismatch, verify_receipt
+from swarmserve.receipts import (
+    ReceiptError,
+    checkpoint_receipt,
+    prompt_digest,
+    sampling_mismatch,
+    sign_stream_receipt,
+    verify_segments,
+)
 from swarmserve.rpc import (
     ChannelPool,
     DataLoss,
@@ -77,6 +86,62 @@ class TokenDelta:
     token_bytes: bytes
     index: int
     logprob: float
+
+
+@dataclass
+class _Stream:
+    """What one client's stream has received so far, over all its segments."""
+
+    ids: list[int] = field(default_factory=list)
+    texts: list[bytes] = field(default_factory=list)
+    segments: list[common_pb2.SignedReceipt] = field(default_factory=list)  # the cut ones, co-signed, in order
+    sampling: common_pb2.SamplingParams | None = None  # as the first segment's server resolved it
+    weights_digest: bytes = b""
+    first_token_at: float | None = None
+    failed_at: float | None = None  # the last failure, until the resumed stream's first token
+    decoder: codecs.IncrementalDecoder = field(
+        default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace")
+    )
+
+    def cut(self, signed: common_pb2.SignedReceipt, body: common_pb2.Receipt) -> None:
+        self.segments.append(signed)
+        if self.sampling is None:
+            self.sampling, self.weights_digest = body.sampling, body.model_digest
+
+    def continuation(
+        self, forwarded: inference_pb2.InferenceGenerateRequest, rng: random.Random
+    ) -> inference_pb2.InferenceGenerateRequest:
+        """The request that resumes this stream: the same request under a fresh id, with the
+        tokens delivered and the sampling as first applied (the length limit resolved, the seed)."""
+        resumed = inference_pb2.InferenceGenerateRequest()
+        resumed.CopyFrom(forwarded)
+        resumed.request_id = uuid.UUID(int=rng.getrandbits(128), version=4).hex
+        resumed.resume_token_ids[:] = self.ids
+        if self.sampling is not None:
+            resumed.sampling.max_new_tokens = self.sampling.max_new_tokens
+            resumed.sampling.seed = self.sampling.seed
+        return resumed
+
+
+@dataclass
+class _Attempts:
+    """What failed under one request so far: nodes not to use again for it (exits that failed,
+    hops found down) and relays of failed paths, used again only when no others can serve."""
+
+    excluded: set[str] = field(default_factory=set)
+    avoided: set[str] = field(default_factory=set)
+
+
+@dataclass
+class _Segment:
+    """The part of a stream one node serves: where it starts, and its latest checkpoint."""
+
+    exit: Peer
+    path: list[Peer]
+    start: int
+    header: bytes = b""
+    checkpoint: bytes = b""
+    summary: inference_pb2.InferenceSummary | None = None
 
 
 class RouterService:
@@ -130,11 +195,19 @@ class RouterService:
             raise InvalidArgument(f"hops {hops} exceeds this router's maximum of {self.config.max_hops}")
         return hops
 
-    def _candidates(self, model: str) -> list[Peer]:
-        """Live nodes serving the model; providers the chain's verdicts put below the trust
-        threshold (or convicted) get no traffic, whatever the policy."""
+    def _candidates(self, model: str, weights_digest: bytes = b"") -> list[Peer]:
+        """Live nodes serving the model (with these weights, if given: a resumed stream goes on
+        only on the same weights); providers the chain's verdicts put below the trust threshold
+        (or convicted) get no traffic, whatever the policy."""
         serving = [
-            p for p in self.directory.alive(common_pb2.NODE_ROLE_INFERENCE) if p.serves(model) and p.onion_key_usable()
+            p
+            for p in self.directory.alive(common_pb2.NODE_ROLE_INFERENCE)
+            if p.serves(model)
+            and p.onion_key_usable()
+            and (
+                not weights_digest
+                or any(m.name == model and m.weights_digest == weights_digest for m in p.descriptor.models)
+            )
         ]
         book = self.trust.book()
         trusted = [p for p in serving if book.standing(p.descriptor.identity_key).trusted]
@@ -161,12 +234,18 @@ class RouterService:
                 return peer.node_id
         raise Unavailable(f"this entry point's own node {self.config.home} is not alive")
 
-    async def choose_exit(self, request: router_pb2.GenerateRequest, excluded: set[str] | None = None) -> Peer:
+    async def choose_exit(
+        self, request: router_pb2.GenerateRequest, excluded: set[str] | None = None, weights_digest: bytes = b""
+    ) -> Peer:
         """The configured policy (swarmserve.dispatch); ours is prefix affinity among nodes whose
         load factor is acceptable, else the least loaded, with load from each node's gossiped
         descriptor plus what this router sent it since that descriptor was issued. The central
         oracle instead asks every candidate for its true state at every decision."""
-        candidates = {p.node_id: p for p in self._candidates(request.model) if p.node_id not in (excluded or set())}
+        candidates = {
+            p.node_id: p
+            for p in self._candidates(request.model, weights_digest)
+            if p.node_id not in (excluded or set())
+        }
         if not candidates:
             raise NotFound(f"no live inference node serves model {request.model!r}")
         key = affinity_key(request)
@@ -206,10 +285,11 @@ class RouterService:
         observed = self._observed_latency.get(peer.node_id)
         return state if observed is None else replace(state, recent_latency_s=observed)
 
-    def _payment(self, request: router_pb2.GenerateRequest, exit_: Peer) -> int:
+    def _payment(self, request: router_pb2.GenerateRequest, exit_: Peer, served: int = 0) -> int:
         """Credits to pay ``exit_`` for ``request`` (0: it bills nobody, or serves this router's own
         account free): the bound this router can check itself: at most as many prompt tokens as the
-        prompt's bytes allow, and the longest answer the node may give, at its published price."""
+        prompt's bytes allow, and the longest answer the node may give, at its published price
+        (less the ``served`` tokens a resumed stream already has)."""
         descriptor = exit_.descriptor
         if len(descriptor.token_key) != 32 or not descriptor.price.credits_per_token:
             return 0
@@ -224,7 +304,7 @@ class RouterService:
         longest = request.sampling.max_new_tokens or policy.default_new_tokens or policy.max_new_tokens
         if policy.max_new_tokens:
             longest = min(longest, policy.max_new_tokens)
-        return price_credits(descriptor.price, most_prompt_tokens(prompt_bytes, messages), longest)
+        return price_credits(descriptor.price, most_prompt_tokens(prompt_bytes, messages), max(0, longest - served))
 
     async def _address(
         self, request: router_pb2.GenerateRequest, forwarded: inference_pb2.InferenceGenerateRequest, exit_: Peer
@@ -239,7 +319,7 @@ class RouterService:
         own = self.chain is not None and self.chain.same_account(descriptor.identity_key)
         if own or descriptor.policy.requires_caller:
             sign_as_caller(self.identity, forwarded)
-        credits = self._payment(request, exit_)
+        credits = self._payment(request, exit_, len(forwarded.resume_token_ids))
         if credits and self.wallet is not None:
             forwarded.tokens.extend(
                 await self.wallet.take(exit_, tokens_for(credits, descriptor.price.credits_per_token))
@@ -250,16 +330,25 @@ class RouterService:
         request: router_pb2.GenerateRequest,
         forwarded: inference_pb2.InferenceGenerateRequest,
         hops: int,
-        excluded: set[str],
-    ) -> tuple[Peer, float, OpenCircuit, relay_pb2.CircuitMessage]:
+        attempts: _Attempts,
+        weights_digest: bytes = b"",
+    ) -> tuple[Peer, list[Peer], float, OpenCircuit, relay_pb2.CircuitMessage]:
         """Opens a circuit, sends the request and reads the first answer; returns the exit, when
-        the request was dispatched to it, the circuit and the answer. If that fails with
-        UNAVAILABLE (a node or relay gone) nothing has reached the client yet, so it is tried once
-        more through another inference node and other relays. ``excluded`` nodes are not used."""
-        excluded = set(excluded)
-        for attempt in (1, 2):
-            exit_ = await self.choose_exit(request, excluded)
-            path = self.choose_relays(hops, exit_)  # too few relays is no fault of the exit's
+        the request was dispatched to it, the circuit and the answer. Any failure before that
+        answer (a node or relay gone, a refusal, a cell that failed authentication: whatever the
+        code) reached nobody, so the request is sent to another node through new relays, up to
+        ``failover.start_attempts`` nodes; the last failure is raised. What failed is recorded in
+        ``attempts`` (see :meth:`_failed`)."""
+        failure: ServiceError | None = None
+        for attempt in range(1, self.config.failover.start_attempts + 1):
+            try:
+                exit_ = await self.choose_exit(request, attempts.excluded, weights_digest)
+            except NotFound:
+                if failure is None:
+                    raise
+                raise failure from None  # every candidate failed: say how the last one did
+            # too few relays is no fault of the exit's
+            path = self.choose_relays(hops, exit_, attempts.excluded, attempts.avoided)
             started = time.monotonic()
             self._in_flight.setdefault(exit_.node_id, []).append(started)
             circuit: OpenCircuit | None = None
@@ -272,20 +361,21 @@ class RouterService:
                 )  # fmt: skip
                 self.telemetry.circuit_setup.observe(time.monotonic() - opening)
                 await circuit.send(relay_pb2.CircuitMessage(request=forwarded))
-                return exit_, started, circuit, await circuit.receive()
+                first = await circuit.receive()
+                if first.WhichOneof("body") == "error":
+                    raise ServiceError(first.error.message, _status(first.error.code))
+                return exit_, path, started, circuit, first
             except ServiceError as error:
                 self._finished(exit_.node_id, started, None)
                 if circuit is not None:
                     circuit.close()
-                others = [p for p in self._candidates(request.model) if p.node_id not in excluded | {exit_.node_id}]
-                if error.code == grpc.StatusCode.UNAVAILABLE:
-                    self.membership.suspect(exit_.node_id)  # gossip confirms or it refutes
-                if error.code != grpc.StatusCode.UNAVAILABLE or attempt == 2 or not others:
-                    raise
-                log.info("retrying through another node", failed=exit_.node_id[:16], reason=str(error))
-                self.telemetry.retries.inc()
-                excluded.add(exit_.node_id)
-        raise AssertionError("unreachable")
+                await self._failed(path, exit_, attempts)
+                failure = error
+                if attempt < self.config.failover.start_attempts:
+                    log.info("retrying through another node", failed=exit_.node_id[:16], reason=str(error))
+                    self.telemetry.retries.inc()
+        assert failure is not None
+        raise failure
 
     def _hop(self, peer: Peer) -> Hop:
         """A relay or exit as path choice sees it: its operator and stake from the chain."""
@@ -296,20 +386,60 @@ class RouterService:
             operator, stake = account.account_key, account.bonded
         return Hop(peer.node_id, operator, network_of(peer.descriptor.address), stake)
 
-    def choose_relays(self, hops: int, exit_: Peer) -> list[Peer]:
-        """Relays drawn by stake, no two hops of one operator or network (``dispatch/paths.py``)."""
+    def choose_relays(
+        self, hops: int, exit_: Peer, excluded: Collection[str] = (), avoided: Collection[str] = ()
+    ) -> list[Peer]:
+        """Relays drawn by stake, no two hops of one operator or network (``dispatch/paths.py``);
+        never ``excluded`` ones (found down), and ``avoided`` ones (on a path that failed this
+        request) only when the others cannot make a path."""
         relays = {
             p.node_id: p
             for p in self.directory.alive(common_pb2.NODE_ROLE_RELAY)
-            if p.node_id != exit_.node_id and p.onion_key_usable()
+            if p.node_id != exit_.node_id and p.onion_key_usable() and p.node_id not in excluded
         }
         if len(relays) < hops:
             raise Unavailable(f"{hops} hops asked for, but only {len(relays)} live relays are known")
-        try:
-            path = choose_path([self._hop(p) for p in relays.values()], hops, self._hop(exit_), self._random)
-        except NoDiversePath as error:
-            raise Unavailable(str(error)) from None
-        return [relays[hop.node_id] for hop in path]
+        preferred = [p for p in relays.values() if p.node_id not in avoided]
+        for choices in ([preferred] if len(preferred) >= hops else []) + [list(relays.values())]:
+            try:
+                path = choose_path([self._hop(p) for p in choices], hops, self._hop(exit_), self._random)
+            except NoDiversePath as error:
+                failure = error
+                continue
+            return [relays[hop.node_id] for hop in path]
+        raise Unavailable(str(failure))
+
+    async def _down(self, peers: Sequence[Peer]) -> set[str]:
+        """Which of ``peers`` (the hops of a path that just failed) do not answer a health check
+        now: the failure is theirs, so they are suspected and left out of this request's next
+        path. The others stay usable (a relay's death says nothing against the exit)."""
+
+        async def down(peer: Peer) -> bool:
+            stub = health_pb2_grpc.HealthStub(self.channels.get(peer.descriptor.address))
+            try:
+                reply: health_pb2.HealthCheckResponse = await stub.Check(
+                    health_pb2.HealthCheckRequest(), timeout=self.config.failover.probe_timeout_s
+                )
+            except aio.AioRpcError:
+                return True
+            return bool(reply.status != health_pb2.HealthCheckResponse.SERVING)
+
+        found = await asyncio.gather(*(down(peer) for peer in peers))
+        dead = {peer.node_id for peer, is_down in zip(peers, found, strict=True) if is_down}
+        for node_id in dead:
+            self.membership.suspect(node_id)  # gossip confirms, or the node refutes
+        return dead
+
+    async def _failed(self, path: Sequence[Peer], exit_: Peer, attempt: _Attempts) -> None:
+        """Records a failure of the circuit through ``path`` to ``exit_`` for this request: hops
+        found down are left out; the exit too when it is down or nothing else explains the
+        failure (a refusal, a bad cell); the path's live relays are avoided where others can
+        serve."""
+        down = await self._down([*path, exit_])
+        attempt.excluded |= down
+        if not down or exit_.node_id in down:
+            attempt.excluded.add(exit_.node_id)
+        attempt.avoided |= {relay.node_id for relay in path}
 
     async def generate(
         self, request: router_pb2.GenerateRequest, *, excluded: Collection[str] = (), may_check: bool = True
@@ -332,6 +462,11 @@ class RouterService:
     async def _serve(
         self, request: router_pb2.GenerateRequest, excluded: Collection[str], may_check: bool
     ) -> AsyncGenerator[TokenDelta | router_pb2.GenerateSummary, None]:
+        """Serves ``request`` in segments: one, unless the serving node or a relay fails after
+        tokens reached the client; then the stream is resumed on another node serving the same
+        weights, from the prompt and the tokens delivered, with the same sampling and seed, and
+        the client sees the text go on with no token lost or repeated (``failover`` settings
+        bound how often and how long). Every segment's receipt is checked and co-signed."""
         hops = self._check(request)  # every refusal happens before a circuit exists
         request_id = request.request_id or uuid.uuid4().hex  # the client's name for it
         structlog.contextvars.bind_contextvars(request_id=request_id)
@@ -340,76 +475,183 @@ class RouterService:
         forwarded = forward_request(
             request, self._random, self.config.offload_hops if self.config.dispatch == "overlay" else 0
         )
-        exit_, started, circuit, message = await self._start(request, forwarded, hops, set(excluded))
-        completed = False
-        try:
-            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            ids: list[int] = []
-            texts: list[bytes] = []
-            first_token_at: float | None = None
-            while True:
-                body = message.WhichOneof("body")
-                if body == "error":
-                    raise ServiceError(message.error.message, _status(message.error.code))
-                if body != "response":
-                    raise DataLoss("the terminating node sent an unexpected message")
-                event = message.response
-                if event.HasField("token"):
-                    token = event.token
-                    ids.append(token.token_id)
-                    texts.append(token.text)
-                    first_token_at = first_token_at or time.monotonic()
-                    yield TokenDelta(
-                        decoder.decode(token.text),
-                        token.token_id,
-                        token.text,
-                        token.index,
-                        token.logprob,
-                    )
-                    message = await circuit.receive()
-                    continue
-                summary = event.summary
+        stream = _Stream()
+        attempts = _Attempts(excluded=set(excluded))
+        while True:
+            if stream.segments:  # a resumption: bounded in time from the failure
                 try:
-                    signed_body = verify_receipt(summary.receipt, ids, texts)
-                except ReceiptError as error:
-                    raise DataLoss(f"the serving node's receipt does not match the tokens relayed: {error}") from None
-                mismatch = sampling_mismatch(request.sampling, signed_body.sampling)
-                if mismatch:  # served otherwise than asked: not paid, not co-signed
-                    raise DataLoss(f"the serving node did not sample as asked: {mismatch}")
-                server = self._server_of(signed_body, exit_, request.model)
-                receipt = common_pb2.SignedReceipt()
-                receipt.CopyFrom(summary.receipt)
-                receipt.cosignatures.add(
-                    signer_key=self.identity.public_key,
-                    signature=self.identity.sign(receipt.receipt),
-                )
-                if may_check:  # decided after serving, never told to the provider
-                    self.duels.maybe_start(request, DuelSide(receipt, ids, texts))
-                    self.audits.maybe_start(request, DuelSide(receipt, ids, texts))
-                tail = decoder.decode(b"", final=True)
-                if tail:
-                    yield TokenDelta(tail, None, b"", len(ids), 0.0)
-                finished = time.monotonic()
-                yield router_pb2.GenerateSummary(
-                    finish_reason=summary.finish_reason,
-                    receipt=receipt,
-                    timing=common_pb2.Timing(
-                        accepted_unix_ms=accepted_unix_ms,
-                        time_to_first_token_us=int(((first_token_at or finished) - accepted) * 1e6),
-                        total_us=int((finished - accepted) * 1e6),
-                        completion_tokens=len(ids),
-                    ),
-                    served_by=server,
-                    hops=hops,
-                    request_id=request_id,
-                    entered_at=exit_.node_id,
-                )
-                log.info("served", hops=hops, tokens=len(ids), served_by=server[:16], entered_at=exit_.node_id[:16])
+                    async with asyncio.timeout(self.config.failover.resume_deadline_s):
+                        started_segment = await self._start(
+                            request, stream.continuation(forwarded, self._random), hops, attempts, stream.weights_digest
+                        )
+                except TimeoutError:
+                    raise Unavailable(
+                        f"the stream could not be resumed within {self.config.failover.resume_deadline_s:g} s"
+                    ) from None
+            else:
+                started_segment = await self._start(request, forwarded, hops, attempts)
+            exit_, path, started, circuit, message = started_segment
+            segment = _Segment(exit_, path, len(stream.ids))
+            completed = False
+            try:
+                try:
+                    async for delta in self._relay(circuit, message, stream, segment):
+                        yield delta
+                except ServiceError as error:
+                    circuit.close()
+                    await self._cut(request, stream, segment, error, attempts)
+                    continue
+                summary = segment.summary
+                assert summary is not None
+                segments, last = self._check_segments(request, stream, summary.receipt, exit_)
+                server = self._server_of(last, exit_, request.model)
                 completed = True
+            finally:
+                circuit.close()
+                self._finished(exit_.node_id, started, time.monotonic() - started if completed else None)
+            break
+        if may_check:  # decided after serving, never told to the provider
+            self._maybe_check(request, stream, segments)
+        tail = stream.decoder.decode(b"", final=True)
+        if tail:
+            yield TokenDelta(tail, None, b"", len(stream.ids), 0.0)
+        finished = time.monotonic()
+        yield router_pb2.GenerateSummary(
+            finish_reason=summary.finish_reason,
+            receipt=segments[-1],
+            earlier_segments=segments[:-1],
+            stream_receipt=sign_stream_receipt(
+                self.identity, request_id, segments, len(stream.ids), last.finish_reason
+            ),
+            timing=common_pb2.Timing(
+                accepted_unix_ms=accepted_unix_ms,
+                time_to_first_token_us=int(((stream.first_token_at or finished) - accepted) * 1e6),
+                total_us=int((finished - accepted) * 1e6),
+                completion_tokens=len(stream.ids),
+            ),
+            served_by=server,
+            hops=hops,
+            request_id=request_id,
+            entered_at=exit_.node_id,
+        )
+        log.info(
+            "served",
+            hops=hops,
+            tokens=len(stream.ids),
+            served_by=server[:16],
+            entered_at=exit_.node_id[:16],
+            resumptions=len(segments) - 1,
+        )
+
+    async def _relay(
+        self, circuit: OpenCircuit, message: relay_pb2.CircuitMessage, stream: _Stream, segment: _Segment
+    ) -> AsyncGenerator[TokenDelta, None]:
+        """Relays one segment's tokens to the client until its summary (kept in ``segment``);
+        raises ServiceError if the circuit or the node fails first."""
+        while True:
+            body = message.WhichOneof("body")
+            if body == "error":
+                raise ServiceError(message.error.message, _status(message.error.code))
+            if body != "response":
+                raise DataLoss("the terminating node sent an unexpected message")
+            event = message.response
+            if not event.HasField("token"):
+                segment.summary = event.summary
                 return
-        finally:
-            circuit.close()
-            self._finished(exit_.node_id, started, time.monotonic() - started if completed else None)
+            token = event.token
+            if not segment.header:
+                segment.header = token.receipt_header
+            segment.checkpoint = token.checkpoint
+            now = time.monotonic()
+            if stream.failed_at is not None:  # the first token after a failure: the gap the client saw
+                self.telemetry.resume_gap.observe(now - stream.failed_at)
+                stream.failed_at = None
+            stream.first_token_at = stream.first_token_at or now
+            stream.ids.append(token.token_id)
+            stream.texts.append(token.text)
+            yield TokenDelta(
+                stream.decoder.decode(token.text), token.token_id, token.text, len(stream.ids) - 1, token.logprob
+            )
+            message = await circuit.receive()
+
+    async def _cut(
+        self,
+        request: router_pb2.GenerateRequest,
+        stream: _Stream,
+        segment: _Segment,
+        error: ServiceError,
+        attempts: _Attempts,
+    ) -> None:
+        """A segment failed after its first token: keeps its server's last checkpoint as the
+        segment's receipt and decides whether to resume; raises (the failure, or DATA_LOSS for a
+        segment its server did not sign) when the stream cannot go on."""
+        exit_ = segment.exit
+        ids, texts = stream.ids[segment.start :], stream.texts[segment.start :]
+        try:
+            cut = checkpoint_receipt(segment.header, segment.checkpoint, ids, texts)
+            body = common_pb2.Receipt.FromString(cut.receipt)
+            self._server_of(body, exit_, request.model)
+        except ReceiptError as problem:
+            raise DataLoss(
+                f"the stream failed ({error}) and its server's signature does not cover the tokens it sent: {problem}"
+            ) from None
+        prefix = stream.ids[: segment.start]
+        if body.prefix_tokens != segment.start or body.prefix_digest != (prompt_digest(prefix) if prefix else b""):
+            raise DataLoss("the failed node's segment does not continue from the tokens delivered before it")
+        stream.cut(self._cosigned(cut), body)
+        resumptions = len(stream.segments)
+        if resumptions > self.config.failover.max_resumptions:
+            log.warning("stream failed; no resumption left", reason=str(error), tokens=len(stream.ids))
+            raise error
+        stream.failed_at = time.monotonic()
+        await self._failed(segment.path, exit_, attempts)
+        self.telemetry.resumptions.inc()
+        log.info(
+            "resuming the stream on another node",
+            failed=exit_.node_id[:16],
+            reason=str(error),
+            tokens=len(stream.ids),
+            resumption=resumptions,
+        )
+
+    def _cosigned(self, signed: common_pb2.SignedReceipt) -> common_pb2.SignedReceipt:
+        receipt = common_pb2.SignedReceipt()
+        receipt.CopyFrom(signed)
+        receipt.cosignatures.add(signer_key=self.identity.public_key, signature=self.identity.sign(receipt.receipt))
+        return receipt
+
+    def _check_segments(
+        self, request: router_pb2.GenerateRequest, stream: _Stream, final: common_pb2.SignedReceipt, exit_: Peer
+    ) -> tuple[list[common_pb2.SignedReceipt], common_pb2.Receipt]:
+        """Every segment's receipt against exactly the tokens relayed, and the sampling asked;
+        returns the co-signed segments and the last one's body. Raises DATA_LOSS."""
+        segments = [*stream.segments, final]
+        try:
+            bodies = verify_segments(segments, stream.ids, stream.texts)
+        except ReceiptError as error:
+            raise DataLoss(f"the serving node's receipt does not match the tokens relayed: {error}") from None
+        mismatch = sampling_mismatch(request.sampling, bodies[-1].sampling)
+        if mismatch:  # served otherwise than asked: not paid, not co-signed
+            raise DataLoss(f"the serving node did not sample as asked: {mismatch}")
+        return [*segments[:-1], self._cosigned(final)], bodies[-1]
+
+    def _maybe_check(
+        self, request: router_pb2.GenerateRequest, stream: _Stream, segments: list[common_pb2.SignedReceipt]
+    ) -> None:
+        """Samples the answer for a duel or an audit. A resumed stream is audited segment by
+        segment (each replayed after its prefix); only whole answers are duelled."""
+        if len(segments) == 1:
+            side = DuelSide(segments[0], stream.ids, stream.texts)
+            self.duels.maybe_start(request, side)
+            self.audits.maybe_start(request, side)
+            return
+        start = 0
+        for signed in segments:
+            end = start + common_pb2.Receipt.FromString(signed.receipt).token_count
+            self.audits.maybe_start(
+                request, DuelSide(signed, stream.ids[start:end], stream.texts[start:end], stream.ids[:start])
+            )
+            start = end
 
     def _server_of(self, receipt: common_pb2.Receipt, exit_: Peer, model: str) -> str:
         """The node that signed the receipt: the circuit's exit, or a member the exit offloaded

@@ -42,7 +42,14 @@ class RouterTelemetry:
             "swarmserve_router_circuit_setup_seconds", "opening an onion circuit to the serving node"
         )
         self.retries = metrics.counter(
-            "swarmserve_router_retries", "requests sent through another node after the first was unavailable"
+            "swarmserve_router_retries", "requests sent to another node after a failure before their first token"
+        )
+        self.resumptions = metrics.counter(
+            "swarmserve_router_resumptions", "streams resumed on another node after a failure mid-stream"
+        )
+        self.resume_gap = metrics.histogram(
+            "swarmserve_router_resume_gap_seconds",
+            "from the last token before a failure to the first token of the resumed stream (the gap a client sees)",
         )
 
     def watch(self) -> RequestWatch:

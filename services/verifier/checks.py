@@ -82,33 +82,41 @@ async def check_stream(
     receipt: common_pb2.Receipt,
     prompt_ids: Sequence[int],
     token_ids: Sequence[int],
+    prefix_ids: Sequence[int] = (),
 ) -> CheckResult:
     """Checks one served stream against ``engine`` (the trusted copy of the claimed model).
     ``receipt`` is the body of a receipt already verified against these tokens
-    (:func:`~swarmserve.receipts.verify_receipt`). Raises :class:`InvalidArgument` when the
-    evidence itself is broken (the prompt is not the one the receipt names, ids outside the
-    vocabulary) and :class:`NotFound` when ``engine`` is not the model the receipt claims."""
+    (:func:`~swarmserve.receipts.verify_receipt`). For a segment of a resumed stream,
+    ``prefix_ids`` are the tokens before it: the whole stream is replayed and only the segment's
+    positions count against its node (a checkpoint segment claims no end). Raises
+    :class:`InvalidArgument` when the evidence itself is broken (the prompt or prefix is not the
+    one the receipt names, ids outside the vocabulary) and :class:`NotFound` when ``engine`` is
+    not the model the receipt claims."""
     if receipt.model_digest != engine.identity.weights_digest:
         raise NotFound(f"this verifier does not hold the model with weights digest {receipt.model_digest.hex()}")
     if not prompt_ids:
         raise InvalidArgument("prompt_token_ids is empty")
     if prompt_digest(prompt_ids) != receipt.prompt_digest:
         raise InvalidArgument("prompt_token_ids are not the prompt the receipt was signed for")
+    if receipt.prefix_tokens != len(prefix_ids) or (prefix_ids and prompt_digest(prefix_ids) != receipt.prefix_digest):
+        raise InvalidArgument("prefix_token_ids are not the tokens the receipt's segment continued from")
     vocab = engine.vocab_size
-    if any(token >= vocab for token in (*prompt_ids, *token_ids)):
+    stream = [*prefix_ids, *token_ids]
+    if any(token >= vocab for token in (*prompt_ids, *stream)):
         raise InvalidArgument(f"a token id is outside the model's vocabulary of {vocab}")
-    if len(prompt_ids) + len(token_ids) + 1 > engine.identity.context_length:
+    if len(prompt_ids) + len(stream) + 1 > engine.identity.context_length:
         raise InvalidArgument(f"the stream is longer than the model's context of {engine.identity.context_length}")
     sampling = _sampling(receipt.sampling)
-    replay = await engine.replay(prompt_ids, token_ids, sampling)  # the sampler refuses bad parameters
+    replay = await engine.replay(prompt_ids, stream, sampling)  # the sampler refuses bad parameters
+    implausible = [p - len(prefix_ids) for p in replay.implausible_positions if p >= len(prefix_ids)]
     n = len(token_ids)
-    m = len(replay.implausible_positions)
+    m = len(implausible)
     score = 1.0 - m / n if n else 1.0
-    end_problem = _end_problem(receipt, sampling, token_ids, replay.end_plausible)
+    end_problem = _end_problem(receipt, sampling, stream, replay.end_plausible)
     if end_problem:
         return CheckResult(Outcome.FAIL, score, n, m, end_problem)
     if m and (sampling.greedy or binomial_tail(n, m, P0) < ALPHA):
-        first = replay.implausible_positions[0]
+        first = implausible[0]
         return CheckResult(Outcome.FAIL, score, n, m, f"{m} of {n} tokens implausible (first at {first})")
     if n == 0:  # an end the model could choose, and nothing else: too little to vouch for
         return CheckResult(Outcome.INCONCLUSIVE, score, n, m, "no tokens to check")
@@ -121,7 +129,8 @@ def _end_problem(
     token_ids: Sequence[int],
     end_plausible: bool,
 ) -> str:
-    """Why the stream could not have ended where it did ("" if it could)."""
+    """Why the stream (all of it, for a resumed one) could not have ended where it did ("" if it
+    could; a checkpoint, finish reason UNSPECIFIED, claims no end)."""
     finish = receipt.finish_reason
     if finish == common_pb2.FINISH_REASON_END_OF_SEQUENCE and not end_plausible:
         return f"stream ended after {len(token_ids)} tokens where the model would not end it"

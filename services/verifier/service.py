@@ -39,6 +39,7 @@ class DuelSide:
     receipt: common_pb2.SignedReceipt
     token_ids: Sequence[int]
     token_texts: Sequence[bytes]
+    prefix_ids: Sequence[int] = ()  # a segment of a resumed stream: the tokens before it
 
 
 Prompt = str | Sequence[ChatTurn] | Sequence[int]
@@ -91,6 +92,7 @@ class VerifierService:
         prompt: Prompt,
         token_ids: Sequence[int],
         texts: Sequence[bytes],
+        prefix_ids: Sequence[int] = (),
     ) -> tuple[CheckResult, verifier_pb2.SignedVerdict]:
         try:
             receipt = verify_receipt(signed, token_ids, texts)
@@ -101,7 +103,7 @@ class VerifierService:
         engine = self._engine_for(receipt.model_digest)
         _, prompt_ids = self._prompt_ids(engine, prompt)
         try:
-            result = await check_stream(engine, receipt, prompt_ids, token_ids)
+            result = await check_stream(engine, receipt, prompt_ids, token_ids, prefix_ids)
         except EngineUnavailable as error:
             raise FailedPrecondition(f"this verifier cannot replay streams of that model: {error}") from None
         verdict = verifier_pb2.Verdict(
@@ -126,7 +128,11 @@ class VerifierService:
         self.outcomes["check", result.outcome.value] += 1
         if self._on_verdict is not None and result.outcome is not Outcome.INCONCLUSIVE:
             evidence = chain_pb2.VerdictEvidence(
-                receipt=signed, prompt_token_ids=prompt_ids, token_ids=token_ids, token_texts=texts
+                receipt=signed,
+                prompt_token_ids=prompt_ids,
+                token_ids=token_ids,
+                token_texts=texts,
+                prefix_token_ids=prefix_ids,
             )
             await self._on_verdict(signed_verdict, verdict, evidence)
         return result, signed_verdict
@@ -141,7 +147,13 @@ class VerifierService:
             raise InvalidArgument("the prompt is not the one the receipt commits to")
         engine = self._engine_for(receipt.model_digest)
         try:
-            return await check_stream(engine, receipt, list(evidence.prompt_token_ids), list(evidence.token_ids))
+            return await check_stream(
+                engine,
+                receipt,
+                list(evidence.prompt_token_ids),
+                list(evidence.token_ids),
+                list(evidence.prefix_token_ids),
+            )
         except EngineUnavailable as error:
             raise FailedPrecondition(f"this verifier cannot replay streams of that model: {error}") from None
 

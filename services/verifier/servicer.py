@@ -29,7 +29,11 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
     ) -> verifier_pb2.SignedVerdict:
         prompt = list(request.prompt_token_ids) or _prompt(request)
         _, verdict = await self._service().check(
-            request.receipt, prompt, list(request.token_ids), list(request.token_texts)
+            request.receipt,
+            prompt,
+            list(request.token_ids),
+            list(request.token_texts),
+            list(request.prefix_token_ids),
         )
         return verdict
 

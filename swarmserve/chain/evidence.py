@@ -42,6 +42,9 @@ def check_evidence(evidence: chain_pb2.VerdictEvidence, *, with_stream: bool) ->
             receipt = verify_receipt(signed, list(evidence.token_ids), list(evidence.token_texts))
             if prompt_digest(list(evidence.prompt_token_ids)) != receipt.prompt_digest:
                 raise EvidenceError("the prompt token ids are not the ones the receipt commits to")
+            prefix = list(evidence.prefix_token_ids)
+            if receipt.prefix_tokens != len(prefix) or (prefix and prompt_digest(prefix) != receipt.prefix_digest):
+                raise EvidenceError("the prefix token ids are not the ones the receipt's segment continued from")
         else:
             receipt = common_pb2.Receipt.FromString(signed.receipt)
             native.verify_signature(receipt.node_key, signed.receipt, signed.signature)
