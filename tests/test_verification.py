@@ -48,15 +48,19 @@ class Swarmlet:
         engine = self.verifier.servicer.service.engines[MODEL]  # type: ignore[union-attr]
         return engine.tokenize(engine.apply_chat_template([ChatTurn("user", text)]))
 
-    async def serve(self, text: str, **sampling: object) -> verifier_pb2.CheckReceiptRequest:
-        """One request as a client that audits it would send it: pre-tokenized, so it knows the prompt ids."""
+    async def serve(
+        self, text: str, resume: list[int] | None = None, **sampling: object
+    ) -> verifier_pb2.CheckReceiptRequest:
+        """One request as a client that audits it would send it: pre-tokenized, so it knows the
+        prompt ids; with ``resume``, the segment that continues a stream after those tokens."""
         prompt_ids = self.prompt_ids(text)
         request = inference_pb2.InferenceGenerateRequest(
             model=MODEL,
             prompt_tokens=inference_pb2.PromptTokens(token_ids=prompt_ids),
             sampling=common_pb2.SamplingParams(**sampling),  # type: ignore[arg-type]
+            resume_token_ids=resume or [],
         )
-        check = verifier_pb2.CheckReceiptRequest(prompt_token_ids=prompt_ids)
+        check = verifier_pb2.CheckReceiptRequest(prompt_token_ids=prompt_ids, prefix_token_ids=resume or [])
         async for reply in self.provider_stub.Generate(request):
             if reply.HasField("token"):
                 check.token_ids.append(reply.token.token_id)
@@ -148,6 +152,31 @@ async def test_cheats_are_caught(swarmlet: SwarmletFactory, cheat: Callable[[Eng
         # The replaying engine answers its first prompt honestly; every other answer is a cheat.
         cheated = outcomes[1:] if cheat is ReplayingEngine else outcomes
         assert all(outcome == FAIL for outcome in cheated), outcomes
+
+
+async def test_a_resumed_streams_segment_is_checked_after_its_prefix(swarmlet: SwarmletFactory) -> None:
+    """A segment is replayed after the tokens it continued from, and only its own positions
+    count: an honest continuation passes (and equals the uninterrupted stream), random tokens
+    after an honest prefix fail, and a segment checked without its prefix is refused."""
+    async with swarmlet() as s:
+        for sampling in ({"max_new_tokens": 40}, {"max_new_tokens": 40, "temperature": 0.7, "seed": 11}):
+            whole = await s.serve(PROMPTS[1], **sampling)
+            prefix = list(whole.token_ids[:15])
+            segment = await s.serve(PROMPTS[1], resume=prefix, **sampling)
+            assert list(segment.token_ids) == list(whole.token_ids[15:]), "the continuation is the stream's own"
+            verdict = await s.verdict(segment)
+            assert verdict.outcome == PASS, (sampling, verdict)
+        without = verifier_pb2.CheckReceiptRequest()
+        without.CopyFrom(segment)
+        del without.prefix_token_ids[:]
+        with pytest.raises(aio.AioRpcError) as caught:
+            await s.verifier_stub.CheckReceipt(without)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "prefix_token_ids" in (
+            caught.value.details() or ""
+        )
+        s.cheat_with(RandomTokensEngine)
+        cheated = await s.serve(PROMPTS[1], resume=prefix, **sampling)
+        assert (await s.verdict(cheated)).outcome == FAIL
 
 
 async def test_broken_evidence_gets_a_clear_error(swarmlet: SwarmletFactory) -> None:
