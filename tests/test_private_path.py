@@ -420,6 +420,21 @@ async def test_a_dead_inference_node_costs_clients_nothing_and_is_declared_dead_
             await asyncio.sleep(0.05)
 
 
+async def test_a_refusal_before_the_first_token_is_retried_on_another_node(swarm: SwarmFactory) -> None:
+    """Whatever the failure before any token reached the client (here a node whose policy
+    refuses the length asked: INVALID_ARGUMENT), the request is sent to another node."""
+    strict = {"policy": ProviderPolicy(max_concurrent=1, max_queue=4, max_new_tokens=4, default_new_tokens=4)}
+    async with swarm(relays=1, inference=[strict, {}]) as s:
+        serving = s.inference[1]
+        served = set()
+        for i in range(6):  # the dispatch reaches the refusing node for some of them
+            _, summary = await run(s.router.address, chat_request(f"Count to {i}.", hops=1, max_new_tokens=8))
+            served.add(summary.served_by)
+        assert served == {serving.keys.identity.node_id}
+        retries = s.router.metrics.registry.get_sample_value("swarmserve_router_retries_total")
+        assert retries, "no request was refused first"
+
+
 async def test_a_joining_inference_node_receives_work_within_a_few_rounds(swarm: SwarmFactory, tmp_path: Path) -> None:
     async with swarm(relays=1, inference_nodes=1) as s:
         assert len(s.router.directory.alive(common_pb2.NODE_ROLE_INFERENCE)) == 1

@@ -130,6 +130,7 @@ class _Attempts:
 
     excluded: set[str] = field(default_factory=set)
     avoided: set[str] = field(default_factory=set)
+    resumptions: int = 0  # times the stream was taken up again after a failure mid-stream
 
 
 @dataclass
@@ -478,11 +479,12 @@ class RouterService:
         stream = _Stream()
         attempts = _Attempts(excluded=set(excluded))
         while True:
-            if stream.segments:  # a resumption: bounded in time from the failure
+            if attempts.resumptions:  # bounded in time from the failure
                 try:
                     async with asyncio.timeout(self.config.failover.resume_deadline_s):
+                        continuation = stream.continuation(forwarded, self._random)
                         started_segment = await self._start(
-                            request, stream.continuation(forwarded, self._random), hops, attempts, stream.weights_digest
+                            request, continuation, hops, attempts, stream.weights_digest
                         )
                 except TimeoutError:
                     raise Unavailable(
@@ -582,25 +584,27 @@ class RouterService:
         error: ServiceError,
         attempts: _Attempts,
     ) -> None:
-        """A segment failed after its first token: keeps its server's last checkpoint as the
-        segment's receipt and decides whether to resume; raises (the failure, or DATA_LOSS for a
-        segment its server did not sign) when the stream cannot go on."""
+        """A segment failed: keeps its server's last checkpoint as the receipt of the tokens it
+        sent, and decides whether to resume; raises (the failure, or DATA_LOSS for tokens their
+        server did not sign) when the stream cannot go on."""
         exit_ = segment.exit
         ids, texts = stream.ids[segment.start :], stream.texts[segment.start :]
-        try:
-            cut = checkpoint_receipt(segment.header, segment.checkpoint, ids, texts)
-            body = common_pb2.Receipt.FromString(cut.receipt)
-            self._server_of(body, exit_, request.model)
-        except ReceiptError as problem:
-            raise DataLoss(
-                f"the stream failed ({error}) and its server's signature does not cover the tokens it sent: {problem}"
-            ) from None
-        prefix = stream.ids[: segment.start]
-        if body.prefix_tokens != segment.start or body.prefix_digest != (prompt_digest(prefix) if prefix else b""):
-            raise DataLoss("the failed node's segment does not continue from the tokens delivered before it")
-        stream.cut(self._cosigned(cut), body)
-        resumptions = len(stream.segments)
-        if resumptions > self.config.failover.max_resumptions:
+        if ids:  # (a segment fails before its first token only if its node sent something else)
+            try:
+                cut = checkpoint_receipt(segment.header, segment.checkpoint, ids, texts)
+                body = common_pb2.Receipt.FromString(cut.receipt)
+                self._server_of(body, exit_, request.model)
+            except ReceiptError as problem:
+                raise DataLoss(
+                    f"the stream failed ({error}) and its server's signature does not cover the tokens it sent: "
+                    f"{problem}"
+                ) from None
+            prefix = stream.ids[: segment.start]
+            if body.prefix_tokens != segment.start or body.prefix_digest != (prompt_digest(prefix) if prefix else b""):
+                raise DataLoss("the failed node's segment does not continue from the tokens delivered before it")
+            stream.cut(self._cosigned(cut), body)
+        attempts.resumptions += 1
+        if attempts.resumptions > self.config.failover.max_resumptions:
             log.warning("stream failed; no resumption left", reason=str(error), tokens=len(stream.ids))
             raise error
         stream.failed_at = time.monotonic()
@@ -611,7 +615,7 @@ class RouterService:
             failed=exit_.node_id[:16],
             reason=str(error),
             tokens=len(stream.ids),
-            resumption=resumptions,
+            resumption=attempts.resumptions,
         )
 
     def _cosigned(self, signed: common_pb2.SignedReceipt) -> common_pb2.SignedReceipt:
