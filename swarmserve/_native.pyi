@@ -14,6 +14,7 @@ __all__ = [
     "SAMPLING_PENALTY_WINDOW",
     "SETUP_CELL_SIZE",
     "SETUP_PAYLOAD_MAX",
+    "SIDA_MAX_SHARES",
     "TAG_SIZE",
     "TOKEN_BATCH_MAX",
     "CellAuthenticationError",
@@ -46,6 +47,9 @@ __all__ = [
     "equivocation_epoch",
     "node_id",
     "sampling_uniform",
+    "sida_combine",
+    "sida_share_info",
+    "sida_split",
     "sign_conflicting_votes",
     "token_stream_commitment",
     "verify_equivocation",
@@ -54,6 +58,7 @@ __all__ = [
 ]
 
 SETUP_CELL_SIZE: int
+SIDA_MAX_SHARES: int
 MAX_LAYERS: int
 ROUTING_INFO_MAX: int
 SETUP_PAYLOAD_MAX: int
@@ -191,6 +196,9 @@ class Sampler:
     def position(self) -> int: ...
 
 def sampling_uniform(seed: int, position: int) -> float: ...
+def sida_split(message: bytes, n: int, k: int) -> list[bytes]: ...
+def sida_combine(shares: Sequence[bytes]) -> bytes: ...
+def sida_share_info(share: bytes) -> tuple[int, int, int]: ...
 def token_stream_commitment(
     request_id: bytes,
     model_digest: bytes,

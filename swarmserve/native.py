@@ -17,6 +17,10 @@ Everything that runs per token or per cell is here. Import from this module, nev
   replay it; :meth:`Sampler.plausible` tolerates :data:`SAMPLING_CDF_TOLERANCE` (sampled) or
   :data:`SAMPLING_LOGIT_TOLERANCE` (greedy) of numerical jitter.
 
+- :func:`sida_split`, :func:`sida_combine`: S-IDA (secret sharing made short): a message split into
+  ``n`` shares, any ``k`` of which rebuild it and fewer reveal nothing but its length (multipath
+  circuits send one share per path).
+
 - :class:`ConsensusNode`, :class:`ChainBlock`, :func:`decode_chain_block`, :func:`encode_chain_block`,
   :func:`verify_finalization`, :func:`verify_equivocation`, :func:`equivocation_epoch`: the ledger's
   chain. A validator (Commonware's simplex BFT consensus, marshal and authenticated p2p on its own
@@ -38,6 +42,7 @@ from swarmserve._native import (
     SAMPLING_PENALTY_WINDOW,
     SETUP_CELL_SIZE,
     SETUP_PAYLOAD_MAX,
+    SIDA_MAX_SHARES,
     TAG_SIZE,
     TOKEN_BATCH_MAX,
     CellAuthenticationError,
@@ -70,6 +75,9 @@ from swarmserve._native import (
     equivocation_epoch,
     node_id,
     sampling_uniform,
+    sida_combine,
+    sida_share_info,
+    sida_split,
     sign_conflicting_votes,
     token_stream_commitment,
     verify_equivocation,
@@ -85,6 +93,7 @@ __all__ = [
     "SAMPLING_PENALTY_WINDOW",
     "SETUP_CELL_SIZE",
     "SETUP_PAYLOAD_MAX",
+    "SIDA_MAX_SHARES",
     "TAG_SIZE",
     "TOKEN_BATCH_MAX",
     "CellAuthenticationError",
@@ -117,6 +126,9 @@ __all__ = [
     "equivocation_epoch",
     "node_id",
     "sampling_uniform",
+    "sida_combine",
+    "sida_share_info",
+    "sida_split",
     "sign_conflicting_votes",
     "token_stream_commitment",
     "verify_equivocation",

@@ -10,6 +10,7 @@ pub mod error;
 pub mod identity;
 pub mod onion;
 pub mod sampling;
+pub mod sida;
 pub mod tokens;
 
 #[cfg(feature = "python")]

@@ -16,6 +16,7 @@ use crate::error::Error;
 use crate::identity;
 use crate::onion;
 use crate::sampling;
+use crate::sida;
 use crate::tokens;
 
 create_exception!(
@@ -530,6 +531,30 @@ fn token_stream_commitment<'py>(
     Ok(PyBytes::new(py, &commitment))
 }
 
+/// Splits a message into `n` S-IDA shares, any `k` of which rebuild it (see `sida.rs`).
+#[pyfunction]
+fn sida_split(py: Python<'_>, message: &[u8], n: u8, k: u8) -> PyResult<Vec<Py<PyBytes>>> {
+    let shares = run(py, message.len() * 2, || sida::split(message, n, k))?;
+    Ok(shares.iter().map(|share| PyBytes::new(py, share).unbind()).collect())
+}
+
+/// Rebuilds a message from at least `k` of its S-IDA shares.
+#[pyfunction]
+fn sida_combine<'py>(py: Python<'py>, shares: Vec<PyBackedBytes>) -> PyResult<Bound<'py, PyBytes>> {
+    let size = shares.iter().map(|s| s.len()).sum::<usize>();
+    let message = run(py, size, || {
+        let borrowed: Vec<&[u8]> = shares.iter().map(|s| &s[..]).collect();
+        sida::combine(&borrowed)
+    })?;
+    Ok(PyBytes::new(py, &message))
+}
+
+/// (index, k, n) of an S-IDA share, after checking its header.
+#[pyfunction]
+fn sida_share_info(share: &[u8]) -> PyResult<(u8, u8, u8)> {
+    Ok(sida::share_info(share)?)
+}
+
 /// A provider's payment-token key: issues blinded tokens and checks redeemed ones
 /// (RFC 9497 VOPRF, ristretto255-SHA512). Derived from a 32-byte secret seed.
 #[pyclass(module = "swarmserve._native", frozen)]
@@ -637,6 +662,10 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(verify_signature, m)?)?;
     m.add_function(wrap_pyfunction!(node_id, m)?)?;
     m.add_function(wrap_pyfunction!(token_stream_commitment, m)?)?;
+    m.add_function(wrap_pyfunction!(sida_split, m)?)?;
+    m.add_function(wrap_pyfunction!(sida_combine, m)?)?;
+    m.add_function(wrap_pyfunction!(sida_share_info, m)?)?;
+    m.add("SIDA_MAX_SHARES", sida::MAX_SHARES)?;
     crate::python_consensus::register(m)?;
     Ok(())
 }

@@ -1,7 +1,8 @@
 """The inference node's end of an onion circuit: the first forward plaintext is the request
 (a ``CircuitMessage``), each generated token goes back as one (padded) ``CircuitMessage``, and
 any refusal goes back as a ``CircuitError`` with the status code the client should see. When
-every slot is busy, the request may be passed on to a peer instead (``offload.py``)."""
+every slot is busy, the request may be passed on to a peer instead (``offload.py``). A multipath
+request arrives as shares over several circuits, joined in ``multipath.py``."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 from google.protobuf.message import DecodeError
 
+from services.inference.multipath import MultipathGroups
 from services.inference.offload import Offloader
 from services.inference.service import InferenceService
 from services.inference.servicer import to_generate_request, to_response
@@ -39,6 +41,7 @@ class InferenceExit:
     def __init__(self, service: Callable[[], InferenceService | None], offloader: Offloader | None = None) -> None:
         self._service = service
         self._offloader = offloader
+        self.multipath = MultipathGroups()
         self.offloads: Counter[str] = Counter({"sent": 0, "received": 0})  # read by /metrics
 
     async def handle(self, forward: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -51,6 +54,15 @@ class InferenceExit:
         except DecodeError:
             yield _error(InvalidArgument("the circuit's first message is not a CircuitMessage"))
             return
+        if message.WhichOneof("body") == "share":  # one path of a multipath request
+            async for cell in self.multipath.join(message.share, self._serve):
+                yield cell
+            return
+        async for cell in self._serve(message):
+            yield cell
+
+    async def _serve(self, message: relay_pb2.CircuitMessage) -> AsyncIterator[bytes]:
+        """The answer to a request message, as padded plaintexts (an error ends it)."""
         if message.WhichOneof("body") != "request":
             yield _error(InvalidArgument("the circuit's first message must be a request"))
             return

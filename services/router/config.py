@@ -82,6 +82,12 @@ class RouterConfig(NodeConfig):
     )
     default_hops: int = Field(3, ge=0, le=MAX_RELAYS, description="relays per circuit when a request does not say")
     max_hops: int = Field(MAX_RELAYS, ge=0, le=MAX_RELAYS)
+    max_paths: int = Field(
+        8,
+        ge=1,
+        le=native.SIDA_MAX_SHARES,
+        description="most circuits one multipath request may use (PrivacyOptions.paths)",
+    )
     max_request_bytes: int = Field(
         64 * 1024, ge=1024, description="larger requests are refused before any circuit is built"
     )

@@ -19,6 +19,7 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.relay.client import OpenCircuit
+from services.relay.multipath import MultipathCircuit
 from services.router.audits import Auditor
 from services.router.config import RouterConfig
 from services.router.duels import DuelOrganiser
@@ -194,6 +195,13 @@ class RouterService:
         hops = request.privacy.hops if request.privacy.HasField("hops") else self.config.default_hops
         if hops > self.config.max_hops:
             raise InvalidArgument(f"hops {hops} exceeds this router's maximum of {self.config.max_hops}")
+        paths, threshold = request.privacy.paths, request.privacy.threshold
+        if paths > self.config.max_paths:
+            raise InvalidArgument(f"paths {paths} exceeds this router's maximum of {self.config.max_paths}")
+        if threshold > max(paths, 1):
+            raise InvalidArgument(f"threshold {threshold} exceeds paths {paths}")
+        if paths > 1 and hops == 0:
+            raise InvalidArgument("multipath (paths > 1) needs at least one relay per path")
         return hops
 
     def _candidates(self, model: str, weights_digest: bytes = b"") -> list[Peer]:
@@ -333,7 +341,7 @@ class RouterService:
         hops: int,
         attempts: _Attempts,
         weights_digest: bytes = b"",
-    ) -> tuple[Peer, list[Peer], float, OpenCircuit, relay_pb2.CircuitMessage]:
+    ) -> tuple[Peer, list[Peer], float, OpenCircuit | MultipathCircuit, relay_pb2.CircuitMessage]:
         """Opens a circuit, sends the request and reads the first answer; returns the exit, when
         the request was dispatched to it, the circuit and the answer. Any failure before that
         answer (a node or relay gone, a refusal, a cell that failed authentication: whatever the
@@ -341,6 +349,7 @@ class RouterService:
         ``failover.start_attempts`` nodes; the last failure is raised. What failed is recorded in
         ``attempts`` (see :meth:`_failed`)."""
         failure: ServiceError | None = None
+        multipath = _multipath(request)
         for attempt in range(1, self.config.failover.start_attempts + 1):
             try:
                 exit_ = await self.choose_exit(request, attempts.excluded, weights_digest)
@@ -349,17 +358,19 @@ class RouterService:
                     raise
                 raise failure from None  # every candidate failed: say how the last one did
             # too few relays is no fault of the exit's
-            path = self.choose_relays(hops, exit_, attempts.excluded, attempts.avoided)
+            paths = self.choose_paths(hops, exit_, multipath[0], attempts)
+            path = [relay for chosen in paths for relay in chosen]
             started = time.monotonic()
             self._in_flight.setdefault(exit_.node_id, []).append(started)
-            circuit: OpenCircuit | None = None
+            circuit: OpenCircuit | MultipathCircuit | None = None
             try:
                 await self._address(request, forwarded, exit_)
                 opening = time.monotonic()
-                circuit = await OpenCircuit.open(
-                    self.channels, path, exit_, self.config.setup_timeout_s,
-                    self.config.cell_timeout_s,
-                )  # fmt: skip
+                timeouts = (self.config.setup_timeout_s, self.config.cell_timeout_s)
+                if len(paths) > 1:
+                    circuit = await MultipathCircuit.open(self.channels, paths, exit_, multipath[1], *timeouts)
+                else:
+                    circuit = await OpenCircuit.open(self.channels, path, exit_, *timeouts)
                 self.telemetry.circuit_setup.observe(time.monotonic() - opening)
                 await circuit.send(relay_pb2.CircuitMessage(request=forwarded))
                 first = await circuit.receive()
@@ -409,6 +420,20 @@ class RouterService:
                 continue
             return [relays[hop.node_id] for hop in path]
         raise Unavailable(str(failure))
+
+    def choose_paths(self, hops: int, exit_: Peer, count: int, attempts: _Attempts) -> list[list[Peer]]:
+        """``count`` paths of ``hops`` relays to ``exit_``, no relay on two of them (multipath)."""
+        paths: list[list[Peer]] = []
+        used: set[str] = set()
+        for _ in range(count):
+            try:
+                paths.append(self.choose_relays(hops, exit_, attempts.excluded | used, attempts.avoided))
+            except Unavailable as error:
+                if count == 1:
+                    raise
+                raise Unavailable(f"{count} disjoint paths of {hops} relays cannot be made: {error}") from None
+            used |= {relay.node_id for relay in paths[-1]}
+        return paths
 
     async def _down(self, peers: Sequence[Peer]) -> set[str]:
         """Which of ``peers`` (the hops of a path that just failed) do not answer a health check
@@ -546,7 +571,11 @@ class RouterService:
         )
 
     async def _relay(
-        self, circuit: OpenCircuit, message: relay_pb2.CircuitMessage, stream: _Stream, segment: _Segment
+        self,
+        circuit: OpenCircuit | MultipathCircuit,
+        message: relay_pb2.CircuitMessage,
+        stream: _Stream,
+        segment: _Segment,
     ) -> AsyncGenerator[TokenDelta, None]:
         """Relays one segment's tokens to the client until its summary (kept in ``segment``);
         raises ServiceError if the circuit or the node fails first."""
@@ -701,6 +730,12 @@ def affinity_key(request: router_pb2.GenerateRequest) -> list[int]:
     else:
         data = b"".join(f"{m.role}:{m.content}\n".encode() for m in request.chat.messages)
     return [int.from_bytes(data[i : i + 4], "little") for i in range(0, len(data) - len(data) % 4, 4)]
+
+
+def _multipath(request: router_pb2.GenerateRequest) -> tuple[int, int]:
+    """(paths, threshold) the request asks for: (1, 1) for one circuit."""
+    paths = max(1, request.privacy.paths)
+    return paths, request.privacy.threshold or max(1, paths - 1)
 
 
 def _status(code: int) -> grpc.StatusCode:
