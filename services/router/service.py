@@ -210,9 +210,8 @@ class RouterService:
         (or convicted) get no traffic, whatever the policy."""
         serving = [
             p
-            for p in self.directory.alive(common_pb2.NODE_ROLE_INFERENCE)
+            for p in self._usable(common_pb2.NODE_ROLE_INFERENCE)
             if p.serves(model)
-            and p.onion_key_usable()
             and (
                 not weights_digest
                 or any(m.name == model and m.weights_digest == weights_digest for m in p.descriptor.models)
@@ -223,6 +222,14 @@ class RouterService:
         if serving and not trusted:
             raise Unavailable(f"every node serving model {model!r} is below the trust threshold")
         return trusted
+
+    def _usable(self, role: common_pb2.NodeRole.ValueType) -> list[Peer]:
+        """Members of ``role`` with a usable onion key: the alive ones, or, when none is, the
+        suspected ones too (a suspicion is not a death: under load a busy node's probes run
+        late, and refusing every request then would turn a slow swarm into a dead one)."""
+        members = [p for p in self.directory.members() if p.has_role(role) and p.onion_key_usable()]
+        alive = [p for p in members if p.alive]
+        return alive or members
 
     def _make_policy(self) -> Policy:
         match self.config.dispatch:
@@ -402,24 +409,31 @@ class RouterService:
         self, hops: int, exit_: Peer, excluded: Collection[str] = (), avoided: Collection[str] = ()
     ) -> list[Peer]:
         """Relays drawn by stake, no two hops of one operator or network (``dispatch/paths.py``);
-        never ``excluded`` ones (found down), and ``avoided`` ones (on a path that failed this
-        request) only when the others cannot make a path."""
-        relays = {
-            p.node_id: p
-            for p in self.directory.alive(common_pb2.NODE_ROLE_RELAY)
-            if p.node_id != exit_.node_id and p.onion_key_usable() and p.node_id not in excluded
-        }
-        if len(relays) < hops:
-            raise Unavailable(f"{hops} hops asked for, but only {len(relays)} live relays are known")
-        preferred = [p for p in relays.values() if p.node_id not in avoided]
-        for choices in ([preferred] if len(preferred) >= hops else []) + [list(relays.values())]:
-            try:
-                path = choose_path([self._hop(p) for p in choices], hops, self._hop(exit_), self._random)
-            except NoDiversePath as error:
-                failure = error
+        never ``excluded`` ones (found down); ``avoided`` ones (on a path that failed this
+        request), then suspected ones, only when the others cannot make a path."""
+        members = [
+            p
+            for p in self.directory.members()
+            if p.has_role(common_pb2.NODE_ROLE_RELAY)
+            and p.node_id != exit_.node_id
+            and p.onion_key_usable()
+            and p.node_id not in excluded
+        ]
+        alive = [p for p in members if p.alive]
+        # Fresh relays first; relays of a failed path, then suspected ones, only when needed.
+        pools = [[p for p in alive if p.node_id not in avoided], alive, members]
+        failure = f"{hops} hops asked for, but only {len(members)} live relays are known"
+        for pool in pools:
+            if len(pool) < hops:
                 continue
-            return [relays[hop.node_id] for hop in path]
-        raise Unavailable(str(failure))
+            try:
+                path = choose_path([self._hop(p) for p in pool], hops, self._hop(exit_), self._random)
+            except NoDiversePath as error:
+                failure = str(error)
+                continue
+            by_id = {p.node_id: p for p in pool}
+            return [by_id[hop.node_id] for hop in path]
+        raise Unavailable(failure)
 
     def choose_paths(self, hops: int, exit_: Peer, count: int, attempts: _Attempts) -> list[list[Peer]]:
         """``count`` paths of ``hops`` relays to ``exit_``, no relay on two of them (multipath)."""
@@ -437,8 +451,10 @@ class RouterService:
 
     async def _down(self, peers: Sequence[Peer]) -> set[str]:
         """Which of ``peers`` (the hops of a path that just failed) do not answer a health check
-        now: the failure is theirs, so they are suspected and left out of this request's next
-        path. The others stay usable (a relay's death says nothing against the exit)."""
+        now: the failure is theirs, so they are left out of this request's next path. The others
+        stay usable (a relay's death says nothing against the exit). Whether a node is dead for
+        everyone is gossip's to decide (its probes, with Lifeguard's local health): a check that
+        timed out here under load must not start a suspicion."""
 
         async def down(peer: Peer) -> bool:
             stub = health_pb2_grpc.HealthStub(self.channels.get(peer.descriptor.address))
@@ -451,10 +467,7 @@ class RouterService:
             return bool(reply.status != health_pb2.HealthCheckResponse.SERVING)
 
         found = await asyncio.gather(*(down(peer) for peer in peers))
-        dead = {peer.node_id for peer, is_down in zip(peers, found, strict=True) if is_down}
-        for node_id in dead:
-            self.membership.suspect(node_id)  # gossip confirms, or the node refutes
-        return dead
+        return {peer.node_id for peer, is_down in zip(peers, found, strict=True) if is_down}
 
     async def _failed(self, path: Sequence[Peer], exit_: Peer, attempt: _Attempts) -> None:
         """Records a failure of the circuit through ``path`` to ``exit_`` for this request: hops

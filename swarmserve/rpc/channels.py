@@ -29,6 +29,11 @@ _CLIENT_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
+    # A peer that died and came back is reached again within a second: gRPC's default backoff
+    # (up to 120 s) would fail every call to it fast long after it returned.
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
 ]
 # Servers must accept those pings, or they answer GOAWAY "too many pings".
 KEEPALIVE_SERVER_OPTIONS = [

@@ -60,6 +60,7 @@ class RpcServer:
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
+                ("grpc.so_reuseport", 0),  # a port another process holds fails the start, not shared
                 *KEEPALIVE_SERVER_OPTIONS,
             ],
         )
