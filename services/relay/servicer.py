@@ -282,6 +282,8 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
                 await call.done_writing()
             except aio.AioRpcError as error:
                 await outbound.put(destroy_cell(destroy_reason_for(error.code())))
+            except asyncio.InvalidStateError:  # the next hop's call ended while a cell was on its way
+                await outbound.put(destroy_cell(relay_pb2.DESTROY_REASON_HOP_UNREACHABLE))
 
         async def pump_backward() -> None:
             nonlocal last_activity
@@ -322,6 +324,6 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
             for pump in pumps:
                 pump.cancel()
             for pump in pumps:
-                with contextlib.suppress(asyncio.CancelledError, aio.AioRpcError):
+                with contextlib.suppress(asyncio.CancelledError, aio.AioRpcError, asyncio.InvalidStateError):
                     await pump
             call.cancel()

@@ -39,6 +39,9 @@ def sign_cheque(identity: native.Identity, chain_id: bytes, payee: bytes, cumula
     return chain_pb2.SignedCheque(cheque=body, signature=identity.sign(body))
 
 
+MAX_CHEQUE_CREDITS = 2**63 - 1
+
+
 def open_cheque(signed: chain_pb2.SignedCheque, chain_id: bytes) -> OpenCheque:
     """The cheque's terms, after checking its shape, chain and the payer's signature."""
     try:
@@ -53,6 +56,8 @@ def open_cheque(signed: chain_pb2.SignedCheque, chain_id: bytes) -> OpenCheque:
         raise ChequeError("a cheque to oneself pays nothing")
     if cheque.cumulative_credits < 1:
         raise ChequeError("the cheque is for no credits")
+    if cheque.cumulative_credits > MAX_CHEQUE_CREDITS:  # no account can hold more; storage is signed 64-bit
+        raise ChequeError(f"the cheque is for more than {MAX_CHEQUE_CREDITS} credits")
     try:
         native.verify_signature(cheque.payer_key, signed.cheque, signed.signature)
     except native.CryptoError as error:

@@ -12,12 +12,14 @@ import grpc
 import structlog
 from grpc import aio
 
-from swarmserve.rpc.errors import status_for
+from swarmserve.rpc.errors import InvalidArgument, status_for
 from swarmserve.telemetry import get_logger
 
 __all__ = ["ErrorInterceptor"]
 
 log = get_logger("swarmserve.rpc")
+
+MAX_DETAILS = 2048  # characters of an error message sent to the caller
 
 
 if TYPE_CHECKING:  # generic in grpc-stubs only; not subscriptable at run time
@@ -39,29 +41,57 @@ class ErrorInterceptor(_ServerInterceptor):
         if handler is None:
             return None
         method = details.method
+        deserialize = _decoding(handler.request_deserializer)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(method, handler.unary_unary),
-                handler.request_deserializer,
-                handler.response_serializer,
+                _wrap_unary(method, handler.unary_unary), deserialize, handler.response_serializer
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(method, handler.stream_unary),
-                handler.request_deserializer,
-                handler.response_serializer,
+                _wrap_unary(method, handler.stream_unary), deserialize, handler.response_serializer
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(method, handler.unary_stream),
-                handler.request_deserializer,
-                handler.response_serializer,
+                _wrap_stream(method, handler.unary_stream), deserialize, handler.response_serializer
             )
         return grpc.stream_stream_rpc_method_handler(
-            _wrap_stream(method, handler.stream_stream),
-            handler.request_deserializer,
-            handler.response_serializer,
+            _wrap_stream(method, handler.stream_stream), deserialize, handler.response_serializer
         )
+
+
+class _Undecodable:
+    """What a request that does not parse becomes, so that the handler refuses it with
+    INVALID_ARGUMENT (gRPC would answer a deserializer's exception with UNKNOWN)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _decoding(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+
+    def decoded(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as error:  # DecodeError, or anything a hostile encoding provokes
+            return _Undecodable(error)
+
+    return decoded
+
+
+def _refuse_undecodable(request: Any) -> Any:
+    """The request, or, for a stream of them, one that refuses an undecodable message."""
+    if isinstance(request, _Undecodable):
+        raise InvalidArgument(f"the request is not a valid message: {request.error}")
+    if hasattr(request, "__aiter__"):
+        return _checked_stream(request)
+    return request
+
+
+async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        yield _refuse_undecodable(request)
 
 
 async def _abort(method: str, context: aio.ServicerContext[Any, Any], error: Exception) -> None:
@@ -72,6 +102,8 @@ async def _abort(method: str, context: aio.ServicerContext[Any, Any], error: Exc
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error (incident {incident})")
     else:
         code, message = mapped
+        if len(message) > MAX_DETAILS:  # a message may quote the request: keep it under gRPC's trailer limit
+            message = message[:MAX_DETAILS] + "..."
         log.info("request refused", method=method, code=code.name, reason=message)
         await context.abort(code, message)
 
@@ -80,7 +112,7 @@ def _wrap_unary(method: str, behaviour: Callable[..., Any]) -> Callable[..., Any
     async def wrapped(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
         structlog.contextvars.bind_contextvars(rpc=method)
         try:
-            return await behaviour(request, context)
+            return await behaviour(_refuse_undecodable(request), context)
         except aio.AbortError:
             raise
         except Exception as error:
@@ -96,6 +128,10 @@ def _wrap_stream(method: str, behaviour: Callable[..., Any] | None) -> Callable[
 
     async def wrapped(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         structlog.contextvars.bind_contextvars(rpc=method)
+        try:
+            request = _refuse_undecodable(request)
+        except InvalidArgument as error:
+            await _abort(method, context, error)
         stream = behaviour(request, context)
 
         def close_on_cancel(_: Any) -> None:
