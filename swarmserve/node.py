@@ -73,6 +73,17 @@ class ServiceNode:
             lambda: {("sent",): counters.bytes_sent, ("received",): counters.bytes_received},
             ["direction"],
         )
+        metrics.read(
+            "swarmserve_gossip_health_score",
+            "Lifeguard's local health: 0 when healthy; probe and suspicion timeouts are multiplied by score + 1",
+            lambda: counters.health_score,
+        )
+        metrics.read_counter(
+            "swarmserve_gossip_late_loops", "times this node's event loop was found late", lambda: counters.late_loop
+        )
+        metrics.read_counter(
+            "swarmserve_gossip_refutations", "suspicions about this node it refuted", lambda: counters.refutations
+        )
         if chain is not None:
             self_key = chain.identity.public_key
             metrics.read(

@@ -36,10 +36,10 @@ a minute on 2 cores (40 examples per method and node, 20 of raw bytes). To explo
 example and a ``@reproduce_failure`` blob.) The last test prints how each method answered
 (``-s`` shows it): how deep the fuzz went, and one message of each refusal.
 
-Bugs the fuzz found in code this test does not own are listed in ``KNOWN_BUGS``, each with an
-xfail test that reproduces it (strict, but for a race); until it is fixed, the fuzz counts the answers it explains
-instead of failing on them (an INTERNAL answer is matched by the traceback its incident id leads
-to in the node's log).
+Each bug the fuzz found has a regression test at the end of this file (all fixed). A bug found
+later goes in ``KNOWN_BUGS`` with a strict xfail reproducer until it is fixed: the fuzz then
+counts the answers it explains instead of failing on them (an INTERNAL answer is matched by the
+traceback its incident id leads to in the node's log).
 """
 
 from __future__ import annotations
@@ -1050,7 +1050,7 @@ def test_after_the_fuzzing_the_swarm_is_whole(fuzz_swarm: FuzzSwarm) -> None:
             print(f"  {path} {code}: {details}")
 
 
-# --- the bugs the fuzz found, one regression test each (the last is still open: KNOWN_BUGS) -------
+# --- the bugs the fuzz found, one regression test each -----------------------------------------
 
 
 def test_undecodable_requests_are_refused_as_invalid_argument(fuzz_swarm: FuzzSwarm) -> None:
@@ -1130,14 +1130,6 @@ def test_a_cheque_beyond_int64_is_refused(fuzz_swarm: FuzzSwarm) -> None:
     assert not wrong, f"a cheque for 2**63 credits was not refused as INVALID_ARGUMENT: {wrong}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: swarmserve/overlay/membership.py takes a stranger's self-signed descriptor that names "
-    "another member's address, and keeps it alive for good: a probe counts as acknowledged whoever answers "
-    "at the address (_send does not check that the answer's sender is the probed member). A stranger can "
-    "so add fake inference nodes (a made-up onion key, an idle load) that routers dispatch to: requests "
-    "fail with DATA_LOSS ('a cell on the path failed authentication')",
-)
 def test_a_stranger_cannot_take_a_members_address(fuzz_swarm: FuzzSwarm) -> None:
     router, inference = fuzz_swarm.nodes["router-1"], fuzz_swarm.inference
     strangers = [native.Identity.from_seed(bytes([i + 1]) * 32) for i in range(3)]

@@ -215,6 +215,32 @@ async def test_a_leaving_node_is_dead_at_once_and_a_returning_one_alive_again(no
         await until(lambda: everyone_knows_everyone(group), 5.0, "return")
 
 
+async def test_a_restarted_seed_that_knows_nobody_rejoins(nodes: Nodes, tmp_path: Path) -> None:
+    """The seed dies without a word and comes back at its address knowing nobody (it has no seed
+    of its own): the others' gossip to the dead reaches it within a sync interval, and everyone
+    knows everyone again."""
+    async with nodes(4) as group:
+        await until(lambda: everyone_knows_everyone(group), 5.0, "full membership")
+        seed, others = group[0], group[1:]
+        await seed.membership.close(leave=False)
+        await seed.server.stop(0)
+        await until(lambda: all(state_of(o, seed) == DEAD for o in others), 10.0, "the seed's death")
+        back = RelayNode(
+            RelayConfig(
+                data_dir=tmp_path / "n0",  # the same identity
+                server=ServerSettings(listen=seed.address),
+                gossip=FAST_GOSSIP,  # no seeds
+            )
+        )
+        await back.start()
+        try:
+            await until(
+                lambda: everyone_knows_everyone([back, *others]), 3 * FAST_GOSSIP.sync_interval_s + 2.0, "rejoin"
+            )
+        finally:
+            await back.stop(0)
+
+
 async def test_traffic_per_node_per_round_is_bounded(nodes: Nodes) -> None:
     gossip = FAST_GOSSIP.model_copy(update={"max_piggyback": 3, "sync_interval_s": 100.0})
     async with nodes(7, gossip) as group:

@@ -115,6 +115,23 @@ class GossipSettings(StrictModel):
     dead_retention_s: float = Field(
         60.0, gt=0, description="dead members are remembered this long (stale news cannot revive them)"
     )
+    # Lifeguard's local health (swarmserve/overlay/awareness.py): a node that is itself slow
+    # (unanswered probes and helpers, refuting suspicions about itself, a late event loop) waits
+    # longer before it suspects others or declares them dead.
+    awareness_max_multiplier: int = Field(
+        8,
+        ge=1,
+        le=64,
+        description="at worst local health multiplies the probe timeout, the protocol period and the suspicion "
+        "timeouts this node applies by this much (memberlist's 8); 1 turns it off",
+    )
+    awareness_lag_fraction: float = Field(
+        0.5,
+        gt=0,
+        description="the event loop counts as late when a timer, checked every probe_timeout_s, fires more than "
+        "this fraction of probe_timeout_s after its time; each late timer raises the health score by its lag in "
+        "probe timeouts, rounded up",
+    )
 
     @model_validator(mode="after")
     def _timeouts(self) -> GossipSettings:

@@ -22,12 +22,26 @@ News (alive with the descriptor, suspect, dead) rides on probes and their answer
 sent first. So a node sends one probe per period (plus ``indirect_probes`` when one fails) of
 bounded size, however large the swarm. A joining node needs one seed that answers: a push-pull
 ``Exchange`` with it fills its directory; the same exchange with one random member every
-``sync_interval_s`` repairs anything gossip missed.
+``sync_interval_s`` repairs anything gossip missed, and one with a member declared dead (until it
+is forgotten) lets a node that came back rejoin though it knows nobody (a restarted seed).
+
+Lifeguard's local health (``awareness.py``): a node that shows signs of being the slow one (its
+probe and every helper's answer went missing, it had to refute a suspicion about itself, its
+event loop ran late: ``looplag.py``) multiplies its probe timeout, its protocol period and the
+suspicion timeouts it applies by up to ``awareness_max_multiplier``; each probe answered in time
+brings the multiplier down by one. So a busy node neither accuses live members it is too slow to
+hear nor hurries their deaths. A member found SUSPECT is told so in the probe itself (Lifeguard's
+buddy system), so a busy but live member hears it at once and refutes; it sends the refutation at
+once to the claimant and a few others, not with its next (stretched) period's probe. A caller's
+failed request (:meth:`Membership.suspect`) makes a healthy node suspect the member; one whose
+health is degraded probes it first, out of turn, and suspects it only if that probe fails.
 
 Bound on noticing a failure: a member that stops answering is probed by some node within n x T
 at worst (about T on average, since n nodes each probe one member per period), suspected by the
 end of that period, declared dead after the suspicion timeout, and the news reaches everyone in
-O(log n) further periods.
+O(log n) further periods. Each of T and the suspicion timeout is stretched by the prober's health
+multiplier, so the bound is up to ``awareness_max_multiplier`` times longer on nodes that are
+themselves slow.
 """
 
 from __future__ import annotations
@@ -43,8 +57,10 @@ from grpc import aio
 
 from swarmserve import native
 from swarmserve.config import GossipSettings
+from swarmserve.overlay.awareness import Awareness
 from swarmserve.overlay.descriptors import DescriptorError, node_id_of
 from swarmserve.overlay.directory import ALIVE, DEAD, SUSPECT, Peer, PeerDirectory
+from swarmserve.overlay.looplag import LoopLag
 from swarmserve.overlay.packets import Message, OpenedMessage, PacketError, open_message
 from swarmserve.overlay.publisher import DescriptorPublisher
 from swarmserve.overlay.suspicion import Suspicion, expected_confirmations
@@ -83,8 +99,12 @@ class _News:
 class GossipCounters:
     """What this node's gossip cost and found, since it started (read by ``/metrics``)."""
 
-    probes: int = 0  # protocol periods that probed a member
+    probes: int = 0  # protocol periods that probed a member (and probes out of turn)
     probe_failures: int = 0  # of which neither the direct nor an indirect probe was answered
+    health_score: int = 0  # Lifeguard's local health now: 0 healthy, timeouts x (score + 1)
+    late_loop: int = 0  # times the event loop was found late (each raised health_score)
+    worst_loop_lag_s: float = 0.0  # the largest event-loop lag measured
+    refutations: int = 0  # suspicions about this node it refuted (each raised health_score)
     messages_sent: int = 0  # Swim and Exchange messages, requests and answers
     bytes_sent: int = 0
     bytes_received: int = 0
@@ -118,8 +138,48 @@ class Membership:
         self._senders = TokenBuckets(settings.sender_packets_per_s, settings.sender_burst)
         self._order: list[str] = []  # probe order for this pass over the members
         self._task: asyncio.Task[None] | None = None
+        self._checks: dict[str, asyncio.Task[None]] = {}  # out-of-turn probes, per member (node id)
+        self._pushing: asyncio.Task[None] | None = None  # a refutation being pushed
         self.counters = GossipCounters()
         self._left = False
+        self.awareness = Awareness(settings.awareness_max_multiplier)
+        self._lag = LoopLag(
+            settings.probe_timeout_s, settings.awareness_lag_fraction * settings.probe_timeout_s, self._on_late
+        )
+
+    # --- local health (Lifeguard) --------------------------------------------------------------
+
+    def _health(self, delta: int, reason: str) -> None:
+        """Moves the local health score; a rise also stretches the suspicions running now, so
+        each lasts as long as the slowest this node was while it ran (``Suspicion.stretch``)."""
+        was = self.awareness.score
+        if self.awareness.apply(delta) == 0:
+            return
+        score = self.counters.health_score = self.awareness.score
+        if score > was:
+            for suspicion in self._suspicions.values():
+                suspicion.stretch(self.awareness.multiplier)
+        if was == 0 or score == 0:  # only the turns, so a busy node does not log at every tick
+            log.info(
+                "local health " + ("degraded" if score else "restored"),
+                score=score,
+                reason=reason,
+                worst_loop_lag_s=round(self.counters.worst_loop_lag_s, 3),
+            )
+
+    def _on_late(self, lag_s: float) -> None:
+        """The event loop ran ``lag_s`` late: as many probe timeouts behind, as many points."""
+        self.counters.late_loop += 1
+        self.counters.worst_loop_lag_s = max(self.counters.worst_loop_lag_s, lag_s)
+        self._health(math.ceil(lag_s / self.settings.probe_timeout_s), "event loop late")
+
+    def probe_timeout_s(self) -> float:
+        """How long a direct probe waits now: probe_timeout_s x the health multiplier."""
+        return self.awareness.scale(self.settings.probe_timeout_s)
+
+    def probe_interval_s(self) -> float:
+        """The protocol period now: probe_interval_s x the health multiplier."""
+        return self.awareness.scale(self.settings.probe_interval_s)
 
     # --- what arrives ------------------------------------------------------------------------
 
@@ -134,8 +194,13 @@ class Membership:
         if not self._senders.take(node_id_of(sender)):
             raise ResourceExhausted("this sender gossips faster than this node allows; slow down")
 
-    async def on_swim(self, packet: overlay_pb2.SwimPacket) -> overlay_pb2.SwimPacket:
-        """Answers a probe (the answer is the acknowledgement) or an indirect probe request."""
+    async def on_swim(
+        self, packet: overlay_pb2.SwimPacket, time_remaining_s: float | None = None
+    ) -> overlay_pb2.SwimPacket:
+        """Answers a probe (the answer is the acknowledgement) or an indirect probe request.
+        ``time_remaining_s``: the caller's deadline; a helper's probe ends before it, so that the
+        caller hears "not reached" (a nack) rather than nothing, which would count against its
+        own health."""
         if self._left:  # answering would carry a fresh descriptor and undo the goodbye
             raise Unavailable("this node has left the swarm")
         _bounded(len(packet.updates), "updates in one packet")
@@ -147,7 +212,10 @@ class Membership:
         if packet.probe_target:
             target = self.directory.get(native.node_id(packet.probe_target)) if len(packet.probe_target) == 32 else None
             if target is not None:
-                acked = await self._ping(target, self.settings.probe_timeout_s)
+                timeout = self.probe_timeout_s()
+                if time_remaining_s is not None:
+                    timeout = min(timeout, 0.8 * time_remaining_s)  # the rest carries the answer back
+                acked = await self._ping(target, timeout)
         answer = self._packet(probe_acked=acked)
         # A member we hold suspect or dead that talks to us (back from a partition, say) is told
         # so directly: the news may have stopped circulating long ago, and it must refute.
@@ -206,11 +274,14 @@ class Membership:
                 self._order.insert(self._rng.randint(0, len(self._order)), peer.node_id)
         return peer
 
-    def _refute(self, incarnation: int, state: overlay_pb2.MemberState.ValueType) -> None:
+    def _refute(self, incarnation: int, state: overlay_pb2.MemberState.ValueType, claimant: bytes) -> None:
         if self._left or incarnation != self.publisher.incarnation:
             return  # a claim about a past (or a made-up future) incarnation needs no answer
         # Only this node can sign a descriptor with a higher incarnation.
         self.publisher.refute()
+        self.counters.refutations += 1
+        # Others found this node slow enough to suspect: likely it is (Lifeguard).
+        self._health(1, "refuting a suspicion")
         signed = self.describe()
         self._enqueue(
             overlay_pb2.MemberUpdate(
@@ -218,13 +289,39 @@ class Membership:
             )
         )
         log.info("refuting a claim about this node", claimed=overlay_pb2.MemberState.Name(state))
+        self._push_refutation(claimant)
+
+    def _push_refutation(self, claimant: bytes) -> None:
+        """Sends the refutation now, to the claimant and a few others (``indirect_probes`` + 1
+        in all), not with the next probe: the period of a node slow enough to be suspected is
+        stretched by its health multiplier, and the answers it gives late are dropped by their
+        callers. One push at a time; a refutation during one rides on the next probes."""
+        if self._pushing is not None and not self._pushing.done():
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # a claim handed over outside the event loop (unit tests)
+            return
+        first = self.directory.get(native.node_id(claimant)) if len(claimant) == 32 else None
+        others = [p for p in self.directory.members() if p.alive and p is not first]
+        targets = ([first] if first is not None and first.alive else []) + self._rng.sample(
+            others, min(self.settings.indirect_probes + 1, len(others))
+        )
+        timeout = self.probe_timeout_s()
+        self._pushing = loop.create_task(self._ping_all(targets[: self.settings.indirect_probes + 1], timeout))
+
+    async def _ping_all(self, peers: list[Peer], timeout: float) -> None:
+        try:
+            await asyncio.gather(*(self._ping(p, timeout) for p in peers))
+        except (DescriptorError, ValueError) as error:  # as in the protocol period
+            log.warning("pushing a refutation failed", reason=str(error))
 
     def _on_claim(self, update: overlay_pb2.MemberUpdate, left: bool) -> None:
         """A verified claim: the member's own leave (``left``: dead at once) or a claimant's
         suspicion (a DEAD claim without a leave counts as one), about its current incarnation."""
         key, incarnation = update.identity_key, update.incarnation
         if key == self.own_key:
-            self._refute(incarnation, update.state)
+            self._refute(incarnation, update.state, update.claimant)
             return
         if len(key) != 32:
             return
@@ -242,14 +339,16 @@ class Membership:
             return
         if peer.state == ALIVE:
             if self.directory.set_state(node_id, SUSPECT, incarnation) is not None:
-                minimum = self.suspicion_timeout_s()
-                self._suspicions[node_id] = Suspicion(
+                minimum = self._base_suspicion_s()
+                started = Suspicion(
                     claimant,
                     expected_confirmations(self.settings.suspicion_mult, len(self.directory.members())),
                     minimum,
                     minimum * self.settings.suspicion_max_mult,
                     time.monotonic(),
                 )
+                started.stretch(self.awareness.multiplier)
+                self._suspicions[node_id] = started
                 self._enqueue(update)
         elif peer.state == SUSPECT and (suspicion := self._suspicions.get(node_id)) and suspicion.confirm(claimant):
             self._enqueue(update)  # pass the confirmation on: others count it too
@@ -262,8 +361,13 @@ class Membership:
     def _retransmit_limit(self) -> int:
         return self.settings.retransmit_mult * math.ceil(math.log10(len(self.directory.members()) + 2))
 
-    def _packet(self, probe_target: bytes = b"", probe_acked: bool = False) -> overlay_pb2.SwimPacket:
-        news = sorted(self._news.values(), key=lambda n: n.sent)[: self.settings.max_piggyback]
+    def _packet(
+        self, probe_target: bytes = b"", probe_acked: bool = False, told: overlay_pb2.MemberUpdate | None = None
+    ) -> overlay_pb2.SwimPacket:
+        """The next packet: the least-sent news, and ``told`` (a suspicion told to the member
+        it is about) in the room of one piece, so a packet never carries more than max_piggyback."""
+        room = self.settings.max_piggyback - (told is not None)
+        news = sorted(self._news.values(), key=lambda n: n.sent)[:room]
         limit = self._retransmit_limit()
         for item in news:
             item.sent += 1
@@ -271,7 +375,7 @@ class Membership:
                 del self._news[item.update.identity_key]
         return overlay_pb2.SwimPacket(
             sender=self.describe(),
-            updates=[n.update for n in news],
+            updates=[n.update for n in news] + ([told] if told is not None else []),
             probe_target=probe_target,
             probe_acked=probe_acked,
         )  # signed by the caller, once complete
@@ -290,14 +394,27 @@ class Membership:
             log.warning("gossip answer refused", peer=peer.node_id[:16], reason=str(error))
             return None
         self._absorb(opened)
+        if opened.sender.identity_key != peer.descriptor.identity_key:
+            # Someone else answers at the address this member publishes: a stranger's descriptor
+            # naming a member's address (or a stale one). Only the member's own answer counts.
+            log.warning(
+                "another node answers at a member's address",
+                member=peer.node_id[:16],
+                answered_by=native.node_id(opened.sender.identity_key)[:16],
+            )
+            return None
         return answer
 
     async def _ping(self, peer: Peer, timeout: float) -> bool:
-        return await self._send(peer, self._packet(), timeout) is not None
+        told = None
+        if peer.state == SUSPECT:  # Lifeguard's buddy system: it hears at once, and can refute
+            told = self.publisher.claim(peer.descriptor.identity_key, SUSPECT, peer.claimed_incarnation)
+        return await self._send(peer, self._packet(told=told), timeout) is not None
 
-    async def _ping_via(self, helper: Peer, target: Peer, timeout: float) -> bool:
+    async def _ping_via(self, helper: Peer, target: Peer, timeout: float) -> bool | None:
+        """True: the helper reached the target; False: it did not (a nack); None: no answer."""
         answer = await self._send(helper, self._packet(probe_target=target.descriptor.identity_key), timeout)
-        return answer is not None and answer.probe_acked
+        return None if answer is None else answer.probe_acked
 
     # --- the protocol period -------------------------------------------------------------------
 
@@ -312,35 +429,72 @@ class Membership:
         return None
 
     async def probe_round(self) -> None:
-        """One protocol period's probe: direct, then indirect, then suspicion."""
+        """One protocol period's probe of the next member in turn (see :meth:`probe`)."""
         target = self._next_target()
-        if target is None:
-            return
-        period, timeout = self.settings.probe_interval_s, self.settings.probe_timeout_s
+        if target is not None:
+            await self.probe(target)
+
+    async def probe(self, target: Peer) -> bool:
+        """Direct, then indirect, then suspicion; returns whether the member answered. Timeouts
+        are stretched by the health multiplier, and the outcome moves it (memberlist's deltas):
+        a direct answer -1; a failure +1 per helper that did not answer at all (a helper's
+        "not reached" means the member, not this node, is the trouble), or +1 with no helpers."""
+        period, timeout = self.probe_interval_s(), self.probe_timeout_s()
         self.counters.probes += 1
         if await self._ping(target, timeout):
-            return
+            self._health(-1, "probe answered")
+            return True
         helpers = [p for p in self.directory.members() if p.alive and p.node_id != target.node_id]
         helpers = self._rng.sample(helpers, min(self.settings.indirect_probes, len(helpers)))
         if helpers:
             answers = await asyncio.gather(*(self._ping_via(h, target, period - timeout) for h in helpers))
             if any(answers):
-                return
+                return True
+            self._health(sum(1 for a in answers if a is None), "helpers did not answer")
+        else:
+            self._health(1, "probe unanswered")
         self.counters.probe_failures += 1
-        self.suspect(target.node_id)
+        self._suspect(target.node_id)
+        return False
 
     def suspect(self, node_id: str) -> None:
-        """This node suspects a member (its probe failed, or a caller's request to it did): a
-        new suspicion, or a confirmation of one; it is declared dead unless it refutes in time."""
+        """A caller's request to a member failed. A healthy node suspects it at once (a new
+        suspicion, or a confirmation of one). A node whose own health is degraded first probes
+        it, out of turn and with its stretched timeouts, and suspects it only if that probe
+        fails: the caller's timeout was not stretched, so the failure may be this node's own
+        slowness. At most one such probe per member at a time."""
+        if self.awareness.score == 0:
+            self._suspect(node_id)
+            return
+        peer = self.directory.get(node_id)
+        if peer is None or not peer.alive or self._left or node_id in self._checks:
+            return
+        task = asyncio.get_running_loop().create_task(self._check(peer))
+        self._checks[node_id] = task
+        task.add_done_callback(lambda _: self._checks.pop(node_id, None))
+
+    async def _check(self, peer: Peer) -> None:
+        try:
+            await self.probe(peer)
+        except (DescriptorError, ValueError) as error:  # as in the protocol period
+            log.warning("probe out of turn failed", reason=str(error))
+
+    def _suspect(self, node_id: str) -> None:
+        """This node's own probe failed: a new suspicion, or a confirmation of one; the member
+        is declared dead unless it refutes in time."""
         peer = self.directory.get(node_id)
         if peer is not None and peer.state != DEAD:
             incarnation = peer.descriptor.incarnation
             self._on_claim(self.publisher.claim(peer.descriptor.identity_key, SUSPECT, incarnation), left=False)
 
-    def suspicion_timeout_s(self) -> float:
-        """The shortest suspicion (fully confirmed); an unconfirmed one lasts suspicion_max_mult times more."""
+    def _base_suspicion_s(self) -> float:
         members = max(len(self.directory.members()), 1)
         return self.settings.suspicion_mult * max(1.0, math.log10(members)) * self.settings.probe_interval_s
+
+    def suspicion_timeout_s(self) -> float:
+        """The shortest suspicion (fully confirmed) this node applies now, health multiplier
+        included; an unconfirmed one lasts suspicion_max_mult times more."""
+        return self.awareness.scale(self._base_suspicion_s())
 
     def expire(self, now: float | None = None) -> None:
         """Declares dead the suspects whose suspicion timed out; forgets long-dead members."""
@@ -401,6 +555,11 @@ class Membership:
             await self.exchange(self._rng.choice(members).descriptor.address)
         elif self.settings.seeds:
             await self.join()  # knows nobody alive (yet, or any more): back to the seeds
+        # memberlist's gossip to the dead: a member that died without a goodbye and came back at
+        # its address hears from us and rejoins, even one with no seed to join through (the seed).
+        dead = [p for p in self.directory.peers() if p.state == DEAD and not p.leave_signature]
+        if dead:
+            await self.exchange(self._rng.choice(dead).descriptor.address)
 
     async def leave(self) -> None:
         """Tells a few members this node is leaving, so they need not wait for the suspicion;
@@ -423,6 +582,7 @@ class Membership:
             self.publisher.refute()
 
         async def run() -> None:
+            self._lag.start()
             next_sync = time.monotonic() + self.settings.sync_interval_s
             while True:
                 started = time.monotonic()
@@ -434,11 +594,16 @@ class Membership:
                         await self.sync()
                 except (DescriptorError, ValueError) as error:  # a bad peer must not stop gossip
                     log.warning("gossip round failed", reason=str(error))
-                await asyncio.sleep(max(0.0, self.settings.probe_interval_s - (time.monotonic() - started)))
+                await asyncio.sleep(max(0.0, self.probe_interval_s() - (time.monotonic() - started)))
 
         self._task = asyncio.get_running_loop().create_task(run())
 
     async def close(self, leave: bool = True) -> None:
+        await self._lag.close()
+        for check in [*self._checks.values(), *([self._pushing] if self._pushing is not None else [])]:
+            check.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await check
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

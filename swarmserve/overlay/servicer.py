@@ -25,7 +25,7 @@ class OverlayServicer(overlay_pb2_grpc.OverlayServicer):
     async def Swim(
         self, request: overlay_pb2.SwimPacket, context: aio.ServicerContext[Any, Any]
     ) -> overlay_pb2.SwimPacket:
-        return await self.membership.on_swim(request)
+        return await self.membership.on_swim(request, context.time_remaining())
 
 
 def overlay_binding(membership: Membership) -> ServiceBinding:

@@ -8,6 +8,10 @@ declared dead as fast as before.
 C counts distinct claimants after the first; K confirmations are expected (0 in swarms too
 small to expect any: then the timeout is min_s at once). Claimants are authenticated by their
 signature on the claim (``packets.py``); only members count.
+
+The timeout is then stretched by the highest local health multiplier (``awareness.py``) this
+node had while the suspicion ran: a node that was itself slow gives the suspect as much more
+time as it gave itself, and never less than before.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ class Suspicion:
         self._expected = expected
         self._min_s = min_s
         self._max_s = max(min_s, max_s)
+        self._stretch = 1.0
         self.started = started
 
     @property
@@ -42,11 +47,16 @@ class Suspicion:
         self._claimants.add(claimant)
         return True
 
+    def stretch(self, factor: float) -> None:
+        """Lengthens the timeout ``factor`` times (this node's health multiplier now); only the
+        highest factor given counts, so a node that recovers does not cut a suspicion short."""
+        self._stretch = max(self._stretch, factor)
+
     def timeout_s(self) -> float:
         if self._expected <= 0:
-            return self._min_s
+            return self._min_s * self._stretch
         fraction = math.log(min(self.confirmations, self._expected) + 1) / math.log(self._expected + 1)
-        return max(self._min_s, self._max_s - (self._max_s - self._min_s) * fraction)
+        return max(self._min_s, self._max_s - (self._max_s - self._min_s) * fraction) * self._stretch
 
     def expired(self, now: float) -> bool:
         return now - self.started >= self.timeout_s()
