@@ -22,6 +22,7 @@ import re
 import signal
 import urllib.request
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -45,14 +46,14 @@ INFERENCE = {**GOSSIP, "SWARMSERVE_POLICY__MAX_NEW_TOKENS": "512"}
 ROUTER = {**GOSSIP, "SWARMSERVE_DEFAULT_HOPS": "3", "SWARMSERVE_DUELS__RATE": "0"}
 
 
-@pytest.fixture
-async def swarm(tmp_path: Path) -> AsyncIterator[LocalSwarm]:
-    """4 relays (a 3-hop path survives one killed), 2 inference nodes, 1 router: processes."""
-    env = {f"relay-{i + 1}": GOSSIP for i in range(4)} | {f"inference-{i + 1}": INFERENCE for i in range(2)}
+@asynccontextmanager
+async def process_swarm(tmp_path: Path, relays: int) -> AsyncIterator[LocalSwarm]:
+    """``relays`` relays, 2 inference nodes with the real model, 1 router: each a process."""
+    env = {f"relay-{i + 1}": GOSSIP for i in range(relays)} | {f"inference-{i + 1}": INFERENCE for i in range(2)}
     swarm = LocalSwarm(
         tmp_path,
         ports_from=free_port_block(100),
-        relays=4,
+        relays=relays,
         inference_nodes=2,
         node_env=env | {"router-1": ROUTER},
         ledger=False,
@@ -62,6 +63,12 @@ async def swarm(tmp_path: Path) -> AsyncIterator[LocalSwarm]:
         yield swarm
     finally:
         await swarm.stop()
+
+
+@pytest.fixture
+async def swarm(tmp_path: Path) -> AsyncIterator[LocalSwarm]:
+    async with process_swarm(tmp_path, relays=4) as swarm:  # a 3-hop path survives one killed
+        yield swarm
 
 
 def request(max_new_tokens: int, temperature: float = 0.0, seed: int = 7) -> router_pb2.GenerateRequest:

@@ -19,29 +19,15 @@ import pytest
 from grpc import aio
 
 from swarmserve.client import check_summary
-from swarmserve.swarm import LocalSwarm, free_port_block
+from swarmserve.swarm import LocalSwarm
 from swarmserve.v1 import router_pb2, router_pb2_grpc
-from tests.test_failover import GOSSIP, INFERENCE, ROUTER, forwarded_bytes, request, stream
-
-RELAYS = 7
+from tests.test_failover import forwarded_bytes, process_swarm, request, stream
 
 
 @pytest.fixture
 async def swarm(tmp_path: Path) -> AsyncIterator[LocalSwarm]:
-    env = {f"relay-{i + 1}": GOSSIP for i in range(RELAYS)} | {f"inference-{i + 1}": INFERENCE for i in range(2)}
-    swarm = LocalSwarm(
-        tmp_path,
-        ports_from=free_port_block(100),
-        relays=RELAYS,
-        inference_nodes=2,
-        node_env=env | {"router-1": ROUTER},
-        ledger=False,
-    )
-    await swarm.start(timeout_s=120)
-    try:
+    async with process_swarm(tmp_path, relays=7) as swarm:  # four disjoint paths, and three more
         yield swarm
-    finally:
-        await swarm.stop()
 
 
 def multipath(max_new_tokens: int, paths: int = 4, threshold: int = 3, hops: int = 1) -> router_pb2.GenerateRequest:

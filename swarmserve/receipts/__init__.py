@@ -120,6 +120,18 @@ class ReceiptWriter:
         return common_pb2.SignedReceipt(receipt=body, signature=self._identity.sign(body))
 
 
+def _commitment(header: common_pb2.Receipt, token_ids: Sequence[int], texts: Sequence[bytes]) -> bytes:
+    """The hash chain over these tokens under the receipt's header (ValueError if malformed)."""
+    return native.token_stream_commitment(
+        header.request_id.encode(),
+        header.model_digest,
+        header.prompt_digest,
+        sampling_bytes(header.sampling),
+        list(token_ids),
+        list(texts),
+    )
+
+
 def checkpoint_receipt(
     header: bytes, signature: bytes, token_ids: Sequence[int], texts: Sequence[bytes]
 ) -> common_pb2.SignedReceipt:
@@ -127,14 +139,7 @@ def checkpoint_receipt(
     checkpoint ``signature``, which must cover exactly these tokens. Raises :class:`ReceiptError`."""
     try:
         parsed = common_pb2.Receipt.FromString(header)
-        commitment = native.token_stream_commitment(
-            parsed.request_id.encode(),
-            parsed.model_digest,
-            parsed.prompt_digest,
-            sampling_bytes(parsed.sampling),
-            list(token_ids),
-            list(texts),
-        )
+        commitment = _commitment(parsed, token_ids, texts)
     except (DecodeError, ValueError) as error:
         raise ReceiptError(f"the stream's receipt header is malformed: {error}") from None
     if parsed.token_count or parsed.commitment or parsed.finish_reason or parsed.HasField("timing"):
@@ -168,14 +173,7 @@ def verify_receipt(
     if receipt.token_count != len(token_ids):
         raise ReceiptError(f"receipt covers {receipt.token_count} tokens, the stream had {len(token_ids)}")
     try:
-        expected = native.token_stream_commitment(
-            receipt.request_id.encode(),
-            receipt.model_digest,
-            receipt.prompt_digest,
-            sampling_bytes(receipt.sampling),
-            list(token_ids),
-            list(texts),
-        )
+        expected = _commitment(receipt, token_ids, texts)
     except ValueError as error:
         raise ReceiptError(f"receipt header is malformed: {error}") from None
     if expected != receipt.commitment:
