@@ -18,15 +18,14 @@ emulated decode speed is chosen so that the whole swarm produces a fixed ``--swa
 the resumption storms a kill causes): the decode time per token is ``streams / rate`` (1,000
 streams: 3.3 s a token; 100: 0.33 s), with ``batch_slowdown`` 0 (the emulated engine would
 otherwise slow every running stream by 10% per other one). ``max_concurrent`` is 256 per node
-(the config's maximum): 4 x 256 slots hold 1,000 streams, and with one node down the other
-three run 768 and queue the rest (``max_queue`` 4096). Answers are 16 tokens
+(the config's maximum), and there are 5 nodes: the swarm is provisioned for one node down (4 x 256
+slots still hold 1,000 streams). With 4 nodes, the 232 streams a kill left queued behind the other
+three's 768 slots waited past the router's 30 s resume deadline (UNAVAILABLE). Answers are 16 tokens
 (``max_new_tokens``, greedy), so a stream lasts about 16 decode times and is likely to be cut by
 a fault: a kill every 30 s (alternately an inference node and a relay, random among the live
-ones, restarted 10 s later; never two down at once) cuts about a quarter (node) or 60% (relay)
-of the streams in flight. The swarm's seed (relay-1, through which every node joins) is never
-killed: restarted, it knows nobody (it has no seed of its own) and nobody probes a member
-declared dead, so it would stay out of the swarm for good (seen in a soak run: still unknown to
-the router 60 s after its restart).
+ones, the seed included, restarted 10 s later; never two down at once) cuts about a fifth (node)
+or 60% (relay) of the streams in flight. A restarted seed knows nobody (it has no seed of its
+own): it rejoins because members gossip to the dead (``swarmserve/overlay/membership.py``).
 
 Clients: one asyncio process keeps ``--streams`` streams in flight (each worker starts a new one
 as its last ends) against the router's gRPC ``Generate``, over 4 HTTP/2 connections, with
@@ -85,7 +84,7 @@ from swarmserve.v1 import common_pb2, router_pb2, router_pb2_grpc  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 MODEL = "emulated-soak"
-RELAYS, INFERENCE_NODES, HOPS = 5, 4, 3
+RELAYS, INFERENCE_NODES, HOPS = 5, 5, 3
 MAX_NEW_TOKENS = 16
 PROMPT_WORDS = 24
 SLOTS = 256  # max_concurrent per inference node: the config's maximum
@@ -435,10 +434,7 @@ async def inject_faults(
         if stop.is_set():
             return events
         kind = next(kinds)
-        # Not the seed: it has no seed of its own to rejoin through once restarted (see above).
-        victim = rng.choice(
-            [n for n in (swarm.inference if kind == "inference" else swarm.relays) if n.listen != swarm.seed]
-        )
+        victim = rng.choice(list(swarm.inference if kind == "inference" else swarm.relays))
         process = swarm._processes[victim.name]
         event: dict[str, Any] = {"kind": kind, "name": victim.name, "pid": process.pid}
         swarm.signal(victim.name, signal.SIGKILL)

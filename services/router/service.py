@@ -409,20 +409,19 @@ class RouterService:
         self, hops: int, exit_: Peer, excluded: Collection[str] = (), avoided: Collection[str] = ()
     ) -> list[Peer]:
         """Relays drawn by stake, no two hops of one operator or network (``dispatch/paths.py``);
-        never ``excluded`` ones (found down); ``avoided`` ones (on a path that failed this
-        request), then suspected ones, only when the others cannot make a path."""
-        members = [
+        ``avoided`` ones (on a path that failed this request), suspected ones, then ``excluded``
+        ones (found down for this request), only when the others cannot make a path."""
+        known = [
             p
             for p in self.directory.members()
-            if p.has_role(common_pb2.NODE_ROLE_RELAY)
-            and p.node_id != exit_.node_id
-            and p.onion_key_usable()
-            and p.node_id not in excluded
+            if p.has_role(common_pb2.NODE_ROLE_RELAY) and p.node_id != exit_.node_id and p.onion_key_usable()
         ]
+        members = [p for p in known if p.node_id not in excluded]
         alive = [p for p in members if p.alive]
-        # Fresh relays first; relays of a failed path, then suspected ones, only when needed.
-        pools = [[p for p in alive if p.node_id not in avoided], alive, members]
-        failure = f"{hops} hops asked for, but only {len(members)} live relays are known"
+        # Fresh relays first; relays of a failed path, then suspected ones, then ones that failed
+        # a health check for this request (under load a live one can), only when needed.
+        pools = [[p for p in alive if p.node_id not in avoided], alive, members, known]
+        failure = f"{hops} hops asked for, but only {len(known)} live relays are known"
         for pool in pools:
             if len(pool) < hops:
                 continue
