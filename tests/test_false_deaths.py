@@ -250,6 +250,22 @@ async def test_busy_live_nodes_are_not_declared_dead_and_a_killed_one_still_is(t
         assert after.false_deaths(frozenset({victim.name})) == 0, f"live nodes declared dead: {after.dead}"
 
 
+async def test_200_concurrent_streams_through_3_hops_all_served_and_nobody_declared_dead(tmp_path: Path) -> None:
+    """The issue's load: 4 inference nodes, 3 relays and a router (each a process, gossip at
+    GossipSettings' defaults) carrying 200 concurrent 3-hop streams on 2 cores. Every request is
+    served (no NOT_FOUND, no UNAVAILABLE: suspected nodes still serve when no alive one can) and
+    no live node is declared dead by anyone."""
+    env = swarm_env(gossip_env(True), relays=3, inference_nodes=4, slots=16, queue=256)
+    async with local_swarm(tmp_path, env, relays=3, inference_nodes=4) as swarm:
+        await asyncio.sleep(3.0)  # everyone knows everyone
+        outcomes = await streams_load(swarm.router, 200, 20.0, tokens=32, hops=3)
+        await asyncio.sleep(3.0)  # late verdicts reach the logs
+        verdicts = read_verdicts(swarm)
+    print("200 streams:", dict(outcomes), json.dumps(verdicts.figures()))
+    assert set(outcomes) == {"ok"}, f"requests not served: {dict(outcomes)}"
+    assert verdicts.false_deaths() == 0, f"live nodes declared dead: {verdicts.dead}"
+
+
 # --- figures (run as a script) -----------------------------------------------------------------
 
 
