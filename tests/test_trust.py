@@ -137,7 +137,7 @@ async def test_audits_of_consenting_requests_catch_a_requantized_model(swarm: Sw
         await eventually(
             lambda: all(recorded(summary) for summary in (*audited[cheater_key], *audited[honest_key])),
             "every consenting request's audit was recorded",
-            timeout_s=60,
+            timeout_s=120,
         )
         assert not any(recorded(summary) for summary in unaudited)
 
@@ -150,7 +150,7 @@ async def test_audits_of_consenting_requests_catch_a_requantized_model(swarm: Sw
         await eventually(
             lambda: outcomes(honest_key) <= {"passed", "overturned"},
             "the honest node's audits passed or were overturned on appeal",
-            timeout_s=60,
+            timeout_s=120,
         )
 
         # The FAIL is on the chain with its evidence, the cheater appealed, the committee (the

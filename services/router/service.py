@@ -406,15 +406,24 @@ class RouterService:
         return Hop(peer.node_id, operator, network_of(peer.descriptor.address), stake)
 
     def choose_relays(
-        self, hops: int, exit_: Peer, excluded: Collection[str] = (), avoided: Collection[str] = ()
+        self,
+        hops: int,
+        exit_: Peer,
+        excluded: Collection[str] = (),
+        avoided: Collection[str] = (),
+        taken: Collection[str] = (),
     ) -> list[Peer]:
         """Relays drawn by stake, no two hops of one operator or network (``dispatch/paths.py``);
         ``avoided`` ones (on a path that failed this request), suspected ones, then ``excluded``
-        ones (found down for this request), only when the others cannot make a path."""
+        ones (found down for this request), only when the others cannot make a path; ``taken``
+        ones (on another path of a multipath request) never."""
         known = [
             p
             for p in self.directory.members()
-            if p.has_role(common_pb2.NODE_ROLE_RELAY) and p.node_id != exit_.node_id and p.onion_key_usable()
+            if p.has_role(common_pb2.NODE_ROLE_RELAY)
+            and p.node_id != exit_.node_id
+            and p.onion_key_usable()
+            and p.node_id not in taken
         ]
         members = [p for p in known if p.node_id not in excluded]
         alive = [p for p in members if p.alive]
@@ -440,7 +449,7 @@ class RouterService:
         used: set[str] = set()
         for _ in range(count):
             try:
-                paths.append(self.choose_relays(hops, exit_, attempts.excluded | used, attempts.avoided))
+                paths.append(self.choose_relays(hops, exit_, attempts.excluded, attempts.avoided, used))
             except Unavailable as error:
                 if count == 1:
                     raise
