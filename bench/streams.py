@@ -38,6 +38,7 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.privacy import PROMPTS  # noqa: E402  (the same prompts as the hop benchmark)
 from services.inference.models import DEFAULT_MODEL_NAME  # noqa: E402
 from swarmserve.client import check_summary  # noqa: E402
 from swarmserve.swarm import LocalSwarm, free_port_block  # noqa: E402
@@ -47,12 +48,6 @@ RESULTS = ROOT / "bench" / "results"
 NEW_TOKENS = 64
 KILL_AT = 16
 ROUNDS = 6
-PROMPTS = [
-    "Write a short story about a lighthouse keeper.",
-    "Explain how a bicycle works, step by step.",
-    "Describe the water cycle to a child.",
-    "Give me advice for learning to cook.",
-]
 CONFIGS = [(1, 1, 1), (4, 3, 1), (1, 1, 2), (4, 3, 2)]  # (paths, threshold, relays per path)
 GOSSIP = {"SWARMSERVE_GOSSIP__PROBE_INTERVAL_S": "0.2", "SWARMSERVE_GOSSIP__PROBE_TIMEOUT_S": "0.1"}
 
