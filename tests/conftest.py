@@ -80,8 +80,9 @@ class Swarm:
     genesis: Genesis | None = None
 
 
-# A chain for tests: 10 blocks a second, cheques settle every 2 s, a draw stays valid for 8 s.
-TEST_CHAIN = ChainParameters(block_interval_ms=100, leader_timeout_ms=1000, epoch_blocks=20, appeal_blocks=10)
+# A chain for tests: 10 blocks a second, cheques settle every 2 s, a draw stays valid for 8 s, an
+# appeal window is 4 s (a juror re-executes under a full suite's load: 1 s ran out).
+TEST_CHAIN = ChainParameters(block_interval_ms=100, leader_timeout_ms=1000, epoch_blocks=20, appeal_blocks=40)
 ROUTER_CREDITS = 1000
 PROVIDER_CREDITS, PROVIDER_STAKE = 100, 50
 

@@ -20,7 +20,6 @@ import services.router.wallet as wallet_module
 from services.inference.config import ProviderPolicy
 from services.router.wallet import BATCH
 from swarmserve import native
-from swarmserve.chain import sign_transaction
 from swarmserve.chain.cheques import sign_cheque
 from swarmserve.client import generate
 from swarmserve.v1 import chain_pb2, chain_pb2_grpc, inference_pb2, inference_pb2_grpc
@@ -166,9 +165,7 @@ async def test_a_provider_can_require_a_minimum_caller_balance(swarm: SwarmFacto
         assert chain is not None
         stranger_key = native.Identity.generate().public_key
         transfer = chain_pb2.TransferCredits(recipient_key=stranger_key, credits=500)
-        await chain.submit(
-            sign_transaction(router.keys.identity, chain.chain_id, chain.next_nonce(), transfer=transfer)
-        )
+        await chain.send(transfer=transfer)
         await eventually(lambda: provider.chain.state.account(router.keys.identity.public_key).available < 600, "paid")  # type: ignore[union-attr]
         with pytest.raises(aio.AioRpcError) as error:
             await generate(s.router.address, "Hi", model=MODEL, max_tokens=4, hops=0)

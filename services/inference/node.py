@@ -24,7 +24,6 @@ from services.relay.servicer import RelayServicer
 from services.verifier.appeals import AppealDuties
 from services.verifier.service import VerifierService
 from services.verifier.servicer import VerifierServicer
-from swarmserve.chain import sign_transaction
 from swarmserve.chain.evidence import verdict_id
 from swarmserve.keys import NodeKeys
 from swarmserve.node import ServiceNode
@@ -271,7 +270,7 @@ class InferenceNode(ServiceNode):
         wanted = min(self.config.stake - account.bonded, account.available)
         if wanted > 0:
             bond = chain_pb2.BondStake(credits=wanted)
-            await chain.submit(sign_transaction(self.keys.identity, chain.chain_id, chain.next_nonce(), bond=bond))
+            await chain.send(bond=bond)
             log.info("bonding stake", credits=wanted, bonded=account.bonded)
 
     async def _record_verdict(
@@ -290,7 +289,7 @@ class InferenceNode(ServiceNode):
             evidence = chain_pb2.VerdictEvidence(receipt=evidence.receipt)  # a PASS needs only the receipt
         record = chain_pb2.RecordVerdict(verdict=signed, evidence=evidence, lottery_epoch=epoch)
         try:
-            await chain.submit(sign_transaction(self.keys.identity, chain.chain_id, chain.next_nonce(), verdict=record))
+            await chain.send(verdict=record)
         except ServiceError as error:
             log.warning("verdict not recorded", reason=str(error))
 

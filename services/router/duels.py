@@ -29,7 +29,7 @@ from services.router.config import DuelSettings
 from services.router.verifiers import drawn_verifiers
 from services.verifier.service import DuelSide
 from swarmserve import native
-from swarmserve.chain import ChainReplica, sign_transaction
+from swarmserve.chain import ChainReplica
 from swarmserve.overlay import Peer
 from swarmserve.rpc import ServiceError
 from swarmserve.telemetry import get_logger
@@ -182,7 +182,7 @@ class DuelOrganiser:
         me = self._router.identity.public_key
         organised = chain.state.duels_organised(me)
         record = chain_pb2.RecordDuel(result=signed_result, lottery_epoch=epoch)
-        await chain.submit(sign_transaction(self._router.identity, chain.chain_id, chain.next_nonce(), duel=record))
+        await chain.send(duel=record)
         deadline = asyncio.get_running_loop().time() + _RECORDED_WITHIN_S
         while chain.state.duels_organised(me) == organised:
             if asyncio.get_running_loop().time() > deadline:

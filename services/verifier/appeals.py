@@ -14,7 +14,7 @@ import contextlib
 
 from services.verifier.checks import Outcome
 from services.verifier.service import VerifierService
-from swarmserve.chain import ChainReplica, sign_transaction
+from swarmserve.chain import ChainReplica
 from swarmserve.rpc import ServiceError
 from swarmserve.telemetry import get_logger
 from swarmserve.v1 import chain_pb2
@@ -56,7 +56,7 @@ class AppealDuties:
         for identifier in chain.state.accusations(me):
             if ("appeal", identifier) not in self._done:
                 self._done.add(("appeal", identifier))
-                await self._send(appeal=chain_pb2.AppealVerdict(verdict_id=identifier))
+                await chain.send(appeal=chain_pb2.AppealVerdict(verdict_id=identifier))
                 log.info("appealed a FAIL against this node", verdict=identifier.hex()[:16])
                 sent += 1
         for identifier, evidence in chain.state.juror_duties(chain.state.account_of(me)):
@@ -69,11 +69,7 @@ class AppealDuties:
                 log.info("cannot judge an appeal", verdict=identifier.hex()[:16], reason=str(error))
                 continue
             uphold = result.outcome is Outcome.FAIL
-            await self._send(appeal_vote=chain_pb2.AppealVote(verdict_id=identifier, uphold=uphold))
+            await chain.send(appeal_vote=chain_pb2.AppealVote(verdict_id=identifier, uphold=uphold))
             log.info("voted on an appeal", verdict=identifier.hex()[:16], uphold=uphold)
             sent += 1
         return sent
-
-    async def _send(self, **action: object) -> None:
-        chain = self._chain
-        await chain.submit(sign_transaction(chain.identity, chain.chain_id, chain.next_nonce(), **action))  # type: ignore[arg-type]

@@ -14,7 +14,8 @@
 
 Either way the node's state is :class:`ChainState`, derived from finalized blocks only. Its own
 transactions (and those submitted to it) go to the consensus node if it is a validator, else
-to a live validator member.
+to a live validator member; its own are held (:class:`Outbox`) and sent again until the chain
+consumes their nonces.
 
 The replica also holds the node's payments (:mod:`swarmserve.chain.payments`): the cheques it
 signs as a payer, and those it receives as a payee, which it settles on the chain once per
@@ -32,14 +33,16 @@ from collections import Counter
 from pathlib import Path
 
 import grpc
+from google.protobuf.message import Message
 from grpc import aio
 
 from swarmserve import native
 from swarmserve.chain.genesis import Genesis
+from swarmserve.chain.outbox import Outbox
 from swarmserve.chain.payments import ChequeBook, ChequeInbox
 from swarmserve.chain.proof import BlockProofError, proven_blocks
 from swarmserve.chain.state import AppliedBlock, ChainState, StateError, genesis_block
-from swarmserve.chain.transactions import TransactionError, decode_transaction, sign_transaction
+from swarmserve.chain.transactions import TransactionError, decode_transaction
 from swarmserve.overlay.directory import PeerDirectory
 from swarmserve.rpc import ChannelPool, InvalidArgument, ResourceExhausted, ServiceError, Unavailable
 from swarmserve.telemetry import get_logger
@@ -51,7 +54,6 @@ log = get_logger("swarmserve.chain")
 
 MAX_BLOCKS_PER_FETCH = 256
 _TIMEOUT_S = 5.0
-_LOST_AFTER_S = 20.0  # a transaction of ours not applied by then never will be
 _STALLED_BLOCKS = 20  # a validator that applied nothing for this many block intervals catches up from peers
 CHEQUES_PER_SETTLEMENT = 128  # about 23 KiB: under the 32 KiB a transaction may take
 
@@ -80,8 +82,9 @@ class ChainReplica:
         self._channels = channels
         self._sync_interval_s = sync_interval_s
         self._rng = random.SystemRandom()
-        self._nonce_lock = threading.Lock()
-        self._unapplied: dict[int, float] = {}  # nonces this node signed -> when
+        # Sent again after a few blocks: by then a transaction that reached a proposer is in one.
+        self._resend_after_s = max(0.5, 4 * genesis.parameters.block_interval_ms / 1000)
+        self._outbox = Outbox(identity, self.state.chain_id, resend_after_s=self._resend_after_s)
         self._settling: dict[bytes, int] = {}  # payer -> epoch its cheque was last submitted in
         self.consensus: native.ConsensusNode | None = None
         self._consensus_lock = threading.Lock()
@@ -91,6 +94,7 @@ class ChainReplica:
         self._last_applied = time.monotonic()
         self._task: asyncio.Task[None] | None = None
         self._settler: asyncio.Task[None] | None = None
+        self._resender: asyncio.Task[None] | None = None
         # Transactions refused at submission here, and in applied blocks those void (malformed,
         # a wrong nonce) or failed (applied without effect: an overspend, bad evidence...).
         self.rejected: Counter[str] = Counter({"refused": 0, "void": 0, "failed": 0})
@@ -124,6 +128,7 @@ class ChainReplica:
         await self._take_role()
         self._task = asyncio.get_running_loop().create_task(self._keep_current())
         self._settler = asyncio.get_running_loop().create_task(self._settle_every_epoch())
+        self._resender = asyncio.get_running_loop().create_task(self._resend_held())
         log.info(
             "chain replica started",
             role="validator" if self.validator else "follower",
@@ -234,16 +239,11 @@ class ChainReplica:
                 self._report_equivocation(consensus, evidence)
 
     def _report_equivocation(self, consensus: native.ConsensusNode, evidence: bytes) -> None:
-        raw = sign_transaction(
-            self.identity,
-            self.chain_id,
-            self.next_nonce(),
-            equivocation=chain_pb2.EquivocationEvidence(evidence=evidence),
-        )
         try:
+            raw = self.sign(equivocation=chain_pb2.EquivocationEvidence(evidence=evidence))
             consensus.submit(raw)
             log.warning("a validator signed conflicting votes; evidence submitted")
-        except native.ConsensusError as error:
+        except (native.ConsensusError, ResourceExhausted) as error:
             log.error("could not submit equivocation evidence", reason=str(error))
 
     async def sync_once(self) -> int:
@@ -293,14 +293,13 @@ class ChainReplica:
             batch = due[start : start + CHEQUES_PER_SETTLEMENT]
             for cheque in batch:
                 self._settling[cheque.payer] = epoch
-            settle = chain_pb2.SettleCheques(cheques=[c.signed for c in batch])
-            await self.submit(sign_transaction(self.identity, self.chain_id, self.next_nonce(), settle=settle))
+            await self.send(settle=chain_pb2.SettleCheques(cheques=[c.signed for c in batch]))
         if due:
             log.info("cheques submitted for settlement", cheques=len(due), credits=sum(c.cumulative for c in due))
         return len(due)
 
     async def close(self) -> None:
-        for task in (self._task, self._settler):
+        for task in (self._task, self._settler, self._resender):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -312,19 +311,30 @@ class ChainReplica:
 
     # --- transactions -----------------------------------------------------------------------
 
-    def next_nonce(self) -> int:
-        """The nonce for this node's next transaction: past the chain's and past any this node
-        signed that the chain has not applied yet, unless those are so old that they were lost
-        (refused, or dropped with a validator): then their nonces are used again."""
-        with self._nonce_lock:
+    def sign(self, **action: Message) -> bytes:
+        """``action`` (one field of ``TransactionBody.kind``) signed as this node's next
+        transaction, and held until the chain consumes its nonce (sent again meanwhile). Raises
+        ResourceExhausted when too many wait for the chain."""
+        return self._outbox.sign(self.state.account(self.identity.public_key).nonce, time.monotonic(), **action)
+
+    async def send(self, **action: Message) -> None:
+        """Signs ``action`` as this node's next transaction (:meth:`sign`) and submits it. An
+        unreachable chain is no error: the transaction is held and sent again."""
+        raw = self.sign(**action)
+        try:
+            await self.submit(raw)
+        except Unavailable as error:
+            log.info("transaction held until a validator is reachable", reason=str(error))
+
+    async def _resend_held(self) -> None:
+        while True:
+            await asyncio.sleep(self._resend_after_s / 2)
             applied = self.state.account(self.identity.public_key).nonce
-            now = time.monotonic()
-            self._unapplied = {n: t for n, t in self._unapplied.items() if n > applied}
-            if self._unapplied and min(self._unapplied.values()) < now - _LOST_AFTER_S:
-                self._unapplied.clear()
-            nonce = max([applied, *self._unapplied]) + 1
-            self._unapplied[nonce] = now
-            return nonce
+            for raw in self._outbox.due(applied, time.monotonic()):
+                try:
+                    await self.submit(raw)
+                except ServiceError as error:  # held: tried again later, or consumed meanwhile
+                    log.debug("held transaction not sent", reason=str(error))
 
     async def submit(self, raw: bytes) -> bool:
         """Queues a transaction for a block: checks it, then hands it to the consensus node or to
