@@ -90,6 +90,7 @@ bench: install
 	$(PY) bench/inference.py
 	$(PY) bench/privacy.py
 	$(PY) bench/streams.py
+	$(PY) bench/dataplane.py
 	$(PY) bench/overlay_sim.py
 	$(PY) bench/overlay.py
 	$(PY) bench/verification.py

@@ -2,7 +2,9 @@
 llama.cpp's own server (`python -m llama_cpp.server`, the single-node peer), in one run.
 
 A real local swarm (separate processes on loopback: 5 relays, one inference node with the
-embedded SmolLM2 model, a router) and the llama.cpp server on the same GGUF file and threads.
+embedded SmolLM2 model, two routers: one keeping circuits ready before requests come, the
+default, and one building each request's circuit when it comes, for "3 hops, no pool") and the
+llama.cpp server on the same GGUF file and threads.
 For each prompt every configuration runs once, in rotating order, so drift hits all alike; the
 figures are medians, and the hop costs are medians of per-prompt ratios against 0 hops.
 
@@ -40,6 +42,7 @@ RESULTS = ROOT / "bench" / "results"
 HOPS = [0, 1, 3, 5]
 NEW_TOKENS = 64
 ROUNDS = 3
+NO_POOL = "3 hops, no pool"
 PROMPTS = [
     "Write a short story about a lighthouse keeper.",
     "Explain how a bicycle works, step by step.",
@@ -88,10 +91,10 @@ async def swarm_run(router: str, prompt: str, hops: int) -> tuple[float, float, 
 
 
 async def measure(console: Console, threads: int) -> dict[str, Any]:
-    configs = [*(f"{h} hops" for h in HOPS), "llama_cpp.server"]
+    configs = [*(f"{h} hops" for h in HOPS), NO_POOL, "llama_cpp.server"]
     samples: dict[str, list[tuple[float, float, int]]] = {c: [] for c in configs}
     with tempfile.TemporaryDirectory() as workdir:
-        base = free_port_block(1 + max(HOPS) + 1 + 1)
+        base = free_port_block(2 + max(HOPS) + 1 + 1)
         models = f"[{{name: {DEFAULT_MODEL_NAME}, threads: {threads}}}]"
         swarm = LocalSwarm(
             Path(workdir),
@@ -99,14 +102,18 @@ async def measure(console: Console, threads: int) -> dict[str, Any]:
             relays=max(HOPS),
             inference_nodes=1,
             inference_env={"SWARMSERVE_MODELS": models},
+            routers=2,
+            node_env={"router-2": {"SWARMSERVE_CIRCUIT_POOL__ENABLED": "false"}},
             ledger=False,
         )
-        server_port = base + max(HOPS) + 2
+        unpooled = swarm.routers[1].listen
+        server_port = base + max(HOPS) + 3
         await swarm.start()
         server = start_llama_server(server_port, threads)
         try:
             for hops in HOPS:  # warm every path once
                 await swarm_run(swarm.router, PROMPTS[0], hops)
+            await swarm_run(unpooled, PROMPTS[0], 3)
             await asyncio.to_thread(llama_server_run, server_port, PROMPTS[0])
             with Progress(console=console, transient=True) as progress:
                 task = progress.add_task(f"{threads} llama.cpp threads", total=ROUNDS * len(PROMPTS) * len(configs))
@@ -116,6 +123,8 @@ async def measure(console: Console, threads: int) -> dict[str, Any]:
                         for config in configs[shift:] + configs[:shift]:
                             if config == "llama_cpp.server":
                                 sample = await asyncio.to_thread(llama_server_run, server_port, prompt)
+                            elif config == NO_POOL:
+                                sample = await swarm_run(unpooled, prompt, 3)
                             else:
                                 sample = await swarm_run(swarm.router, prompt, int(config.split()[0]))
                             samples[config].append(sample)
@@ -136,9 +145,9 @@ async def measure(console: Console, threads: int) -> dict[str, Any]:
         }
         for config in configs
     }
-    for hops in HOPS[1:]:
-        pairs = list(zip(samples["0 hops"], samples[f"{hops} hops"], strict=True))
-        entry = figures[f"{hops} hops"]
+    for config in [*(f"{h} hops" for h in HOPS[1:]), NO_POOL]:
+        pairs = list(zip(samples["0 hops"], samples[config], strict=True))
+        entry = figures[config]
         entry["ttft_added_pct_vs_0_hops"] = round(statistics.median((h[0] / d[0] - 1) * 100 for d, h in pairs), 2)
         entry["ttft_added_ms_vs_0_hops"] = round(statistics.median((h[0] - d[0]) * 1000 for d, h in pairs), 2)
         entry["decode_cost_pct_vs_0_hops"] = round(statistics.median((1 - h[1] / d[1]) * 100 for d, h in pairs), 2)
@@ -157,7 +166,7 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    configs = [*(f"{h} hops" for h in HOPS), "llama_cpp.server"]
+    configs = [*(f"{h} hops" for h in HOPS), NO_POOL, "llama_cpp.server"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     width = 0.8 / len(runs)
     for offset, run in enumerate(runs):

@@ -39,7 +39,8 @@ the stream receipt naming them all, exactly these tokens). Errors are counted by
 Memory: the resident set (/proc/PID/status VmRSS) and CPU time of every process, the relays' and
 inference nodes' open circuits and the router's requests in flight are sampled every few seconds.
 After the load ends (the last streams drain, faults stop), open circuits and requests in flight
-must fall to 0 (a leak otherwise). Writes bench/results/soak.json (all figures and the time
+must fall to 0, but for the circuits the router's pool keeps ready (``pool_ready``, up to
+3 relays each; a leak otherwise). Writes bench/results/soak.json (all figures and the time
 series) and soak.png (RSS of the router and relays over time, open circuits, throughput).
 
 Run: ``make soak`` (1,000 streams for 10 minutes, about 12 minutes in all), or
@@ -344,7 +345,7 @@ class Monitor:
 
     async def sample(self) -> dict[str, Any]:
         swarm, tally = self.swarm, self.clients.tally
-        pids = {name: p.pid for name, p in swarm._processes.items() if p.poll() is None}
+        pids = swarm.pids()
         names = list(self.endpoints())
         scraped = await asyncio.gather(*(asyncio.to_thread(scrape, a) for a in self.endpoints().values()))
         metrics = dict(zip(names, scraped, strict=True))
@@ -379,6 +380,8 @@ class Monitor:
                     "in_flight": samples.get("swarmserve_router_requests_in_flight"),
                     "resumptions": samples.get("swarmserve_router_resumptions_total", 0.0),
                     "retries": samples.get("swarmserve_router_retries_total", 0.0),
+                    # circuits built ahead of requests: open at the relays by design, not leaks
+                    "pool_ready": samples.get("swarmserve_router_circuit_pool_ready", 0.0),
                 }
             else:
                 row["open_circuits"][name] = samples.get("swarmserve_relay_open_circuits")

@@ -123,6 +123,7 @@ class ServiceNode:
                 channels,
                 consensus_listen=config.ledger.consensus_listen,
                 sync_interval_s=config.ledger.chain_sync_interval_s,
+                resend_after_s=config.ledger.resend_after_s,
             )
             bindings.append(chain_binding(self.chain))
         self.trust = ChainReputation(self.chain.state if self.chain is not None else None)

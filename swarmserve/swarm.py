@@ -261,5 +261,9 @@ class LocalSwarm:
                 process.wait()
         self._processes.clear()
 
+    def pids(self) -> dict[str, int]:
+        """The process ids of the nodes running now, by name."""
+        return {name: process.pid for name, process in self._processes.items() if process.poll() is None}
+
     def exit_codes(self) -> dict[str, int | None]:
         return {name: process.poll() for name, process in self._processes.items()}

@@ -75,7 +75,9 @@ class ChainSwarm:
 @pytest.fixture
 def chain_swarm(tmp_path: Path) -> Callable[[], object]:
     @asynccontextmanager
-    async def start(parameters: ChainParameters = FAST_CHAIN, follower_bonded: int = 0) -> AsyncIterator[ChainSwarm]:
+    async def start(
+        parameters: ChainParameters = FAST_CHAIN, follower_bonded: int = 0, resend_after_s: float | None = None
+    ) -> AsyncIterator[ChainSwarm]:
         identities = [NodeKeys.load_or_create(tmp_path / f"relay{i}").identity for i in range(5)]
         genesis = Genesis(
             name="test-chain",
@@ -102,7 +104,7 @@ def chain_swarm(tmp_path: Path) -> Callable[[], object]:
                 data_dir=tmp_path / f"relay{index}",
                 server=ServerSettings(listen="127.0.0.1:0"),
                 gossip=joining(nodes, FAST_GOSSIP),
-                ledger=LedgerSettings(genesis=genesis_file, chain_sync_interval_s=0.2),
+                ledger=LedgerSettings(genesis=genesis_file, chain_sync_interval_s=0.2, resend_after_s=resend_after_s),
             )
 
         async def restart(index: int) -> None:
@@ -214,7 +216,8 @@ async def test_a_nodes_transaction_finalized_before_its_predecessor_is_sent_agai
 ) -> None:
     """Nonce 2 reaches a block before nonce 1 (as when they go through different validators):
     void there, it is held by the node's outbox and sent again, and applies once 1 has."""
-    async with chain_swarm(FAST_CHAIN, follower_bonded=1) as swarm:  # type: ignore[attr-defined]
+    # Resent after 5 s: nonce 1 is not sent by the outbox before the test has nonce 2 voided.
+    async with chain_swarm(FAST_CHAIN, follower_bonded=1, resend_after_s=5.0) as swarm:  # type: ignore[attr-defined]
         replica = swarm.nodes[4].chain  # the follower: it submits through the validators
         me = replica.identity.public_key
         first, second = (

@@ -206,7 +206,9 @@ INFERENCE_ENV = {
     "SWARMSERVE_POLICY__MAX_QUEUE": "4",
 }
 # One relay: circuits of one hop (the fuzz asks for more, and is refused).
-ROUTER_ENV = {**GOSSIP, "SWARMSERVE_DEFAULT_HOPS": "1"}
+# No circuit pool: after each RPC the relay and the node must hold no circuit at all (the pool's
+# circuits, open by design, would hide a request's leaked one; test_circuit_pool.py tests it).
+ROUTER_ENV = {**GOSSIP, "SWARMSERVE_DEFAULT_HOPS": "1", "SWARMSERVE_CIRCUIT_POOL__ENABLED": "false"}
 
 
 @dataclass

@@ -24,6 +24,7 @@ from grpc import aio
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.relay.circuit import create_cell
+from services.router.config import CircuitPoolSettings
 from swarmserve.http import HttpServer
 from swarmserve.node import ServiceNode
 from swarmserve.v1 import relay_pb2_grpc, verifier_pb2, verifier_pb2_grpc
@@ -59,8 +60,16 @@ def total(samples: Samples, name: str) -> float:
 
 
 async def test_every_node_reports_metrics_that_move_with_traffic(swarm: SwarmFactory) -> None:
+    # No circuit pool: every circuit counted here is a request's own (the pool's metrics are
+    # tested in test_circuit_pool.py).
     async with swarm(
-        relays=2, inference=[{}, {}], default_hops=2, ledger=True, metrics=True, http_listen="127.0.0.1:0"
+        relays=2,
+        inference=[{}, {}],
+        default_hops=2,
+        ledger=True,
+        metrics=True,
+        http_listen="127.0.0.1:0",
+        circuit_pool=CircuitPoolSettings(enabled=False),
     ) as s:
         nodes: list[ServiceNode] = [s.router, *s.relays, *s.inference]
         before = {id(node): await scrape(metrics_url(node)) for node in nodes}

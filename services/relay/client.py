@@ -105,6 +105,8 @@ class OpenCircuit:
             _raise_for_destroy(destroy_reason_for(error.code()))
         except TimeoutError:
             _raise_for_destroy(relay_pb2.DESTROY_REASON_TIMEOUT)
+        except asyncio.InvalidStateError:  # the call ended (a hop closed it) before this cell
+            _raise_for_destroy(relay_pb2.DESTROY_REASON_HOP_UNREACHABLE)
 
     async def receive(self) -> relay_pb2.CircuitMessage:
         """The next message from the terminating node; raises a ServiceError carrying the
@@ -134,6 +136,10 @@ class OpenCircuit:
                 "a cell on the path failed authentication (tampered or corrupted); the circuit was closed"
             ) from None
         return plaintext
+
+    def is_open(self) -> bool:
+        """False once the call ended: a hop closed the circuit or went away."""
+        return not self._call.done()
 
     def close(self) -> None:
         self._call.cancel()

@@ -9,7 +9,7 @@ from pydantic import Field, SecretStr, model_validator
 from swarmserve import native
 from swarmserve.config import NodeConfig, ServerSettings, StrictModel
 
-__all__ = ["DEFAULT_ROUTER", "AuditSettings", "DuelSettings", "FailoverSettings", "RouterConfig"]
+__all__ = ["DEFAULT_ROUTER", "AuditSettings", "CircuitPoolSettings", "DuelSettings", "FailoverSettings", "RouterConfig"]
 
 DEFAULT_ROUTER = "127.0.0.1:7000"
 # The inference node terminating a circuit is its last layer; the rest can be relays.
@@ -45,6 +45,24 @@ class AuditSettings(StrictModel):
         "an audit costs about as much as serving the request again",
     )
     timeout_s: float = Field(120.0, gt=0, description="how long the verifier may take")
+
+
+class CircuitPoolSettings(StrictModel):
+    """Circuits built before the requests that take them (``services/router/circuit_pool.py``):
+    one circuit, one request, as always; set-up leaves the path of the first token."""
+
+    enabled: bool = Field(True, description="keep circuits ready for the exits and hop counts asked for lately")
+    per_exit: int = Field(2, ge=1, le=64, description="circuits kept ready for one exit and hop count")
+    max_circuits: int = Field(
+        32, ge=1, le=1024, description="circuits kept ready in all (each holds a place at its relays)"
+    )
+    building: int = Field(2, ge=1, le=64, description="pooled circuits being built at once")
+    max_age_s: float = Field(
+        60.0, gt=0, description="a ready circuit older than this is closed unused (below relays' idle timeout)"
+    )
+    demand_window_s: float = Field(
+        60.0, gt=0, description="circuits are kept for the exit and hop count of a request this recent"
+    )
 
 
 class FailoverSettings(StrictModel):
@@ -94,6 +112,7 @@ class RouterConfig(NodeConfig):
     setup_timeout_s: float = Field(10.0, gt=0, description="how long a circuit may take to open")
     cell_timeout_s: float = Field(120.0, gt=0, description="longest wait for the next cell of an answer")
     failover: FailoverSettings = FailoverSettings()
+    circuit_pool: CircuitPoolSettings = CircuitPoolSettings()
     duels: DuelSettings = DuelSettings()
     audits: AuditSettings = AuditSettings()
     http_listen: str | None = Field(

@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.relay.client import OpenCircuit
 from services.relay.multipath import MultipathCircuit
 from services.router.audits import Auditor
+from services.router.circuit_pool import CircuitPool
 from services.router.config import RouterConfig
 from services.router.duels import DuelOrganiser
 from services.router.telemetry import RouterTelemetry
@@ -133,6 +134,11 @@ class _Attempts:
     avoided: set[str] = field(default_factory=set)
     resumptions: int = 0  # times the stream was taken up again after a failure mid-stream
 
+    def allows(self, relays: Sequence[Peer]) -> bool:
+        """Whether a ready circuit through ``relays`` may serve this request: all alive, none
+        excluded or avoided."""
+        return all(r.alive and r.node_id not in self.excluded and r.node_id not in self.avoided for r in relays)
+
 
 @dataclass
 class _Segment:
@@ -169,6 +175,9 @@ class RouterService:
         self._policy = self._make_policy()
         self.duels = DuelOrganiser(self, config.duels)
         self.audits = Auditor(self, config.audits)
+        self.pool: CircuitPool[OpenCircuit] = CircuitPool(config.circuit_pool, self._build_circuit, self.directory.get)
+        if metrics is not None:
+            self.pool.report_to(metrics)
         # What this router saw itself, fresher than gossip: when each of its requests still in
         # flight at a node started, and an average of the latency it observed there.
         self._in_flight: dict[str, list[float]] = {}
@@ -179,6 +188,7 @@ class RouterService:
     async def close(self) -> None:
         await self.duels.close()
         await self.audits.close()
+        await self.pool.close()
 
     def _check(self, request: router_pb2.GenerateRequest) -> int:
         size = request.ByteSize()
@@ -357,30 +367,37 @@ class RouterService:
         ``attempts`` (see :meth:`_failed`)."""
         failure: ServiceError | None = None
         multipath = _multipath(request)
-        for attempt in range(1, self.config.failover.start_attempts + 1):
+        use_pool = multipath[0] == 1
+        attempt = 0
+        while attempt < self.config.failover.start_attempts:
+            attempt += 1
             try:
                 exit_ = await self.choose_exit(request, attempts.excluded, weights_digest)
             except NotFound:
                 if failure is None:
                     raise
                 raise failure from None  # every candidate failed: say how the last one did
+            pooled = self.pool.take(exit_, hops, attempts.allows) if use_pool else None
             # too few relays is no fault of the exit's
-            paths = self.choose_paths(hops, exit_, multipath[0], attempts)
+            paths = [list(pooled.relays)] if pooled else self.choose_paths(hops, exit_, multipath[0], attempts)
             path = [relay for chosen in paths for relay in chosen]
             started = time.monotonic()
             self._in_flight.setdefault(exit_.node_id, []).append(started)
-            circuit: OpenCircuit | MultipathCircuit | None = None
+            circuit: OpenCircuit | MultipathCircuit | None = pooled.circuit if pooled else None
+            answered = False
             try:
                 await self._address(request, forwarded, exit_)
-                opening = time.monotonic()
-                timeouts = (self.config.setup_timeout_s, self.config.cell_timeout_s)
-                if len(paths) > 1:
-                    circuit = await MultipathCircuit.open(self.channels, paths, exit_, multipath[1], *timeouts)
-                else:
-                    circuit = await OpenCircuit.open(self.channels, path, exit_, *timeouts)
-                self.telemetry.circuit_setup.observe(time.monotonic() - opening)
+                if circuit is None:
+                    opening = time.monotonic()
+                    timeouts = (self.config.setup_timeout_s, self.config.cell_timeout_s)
+                    if len(paths) > 1:
+                        circuit = await MultipathCircuit.open(self.channels, paths, exit_, multipath[1], *timeouts)
+                    else:
+                        circuit = await OpenCircuit.open(self.channels, path, exit_, *timeouts)
+                    self.telemetry.circuit_setup.observe(time.monotonic() - opening)
                 await circuit.send(relay_pb2.CircuitMessage(request=forwarded))
                 first = await circuit.receive()
+                answered = True
                 if first.WhichOneof("body") == "error":
                     raise ServiceError(first.error.message, _status(first.error.code))
                 return exit_, path, started, circuit, first
@@ -388,6 +405,14 @@ class RouterService:
                 self._finished(exit_.node_id, started, None)
                 if circuit is not None:
                     circuit.close()
+                if pooled and not answered:
+                    # A ready circuit that failed before the exit answered went stale in the
+                    # pool: no fault of the exit's nor a try of the request's. Again, through a
+                    # circuit built now, avoiding its relays.
+                    log.info("a pooled circuit had failed; building one", exit=exit_.node_id[:16], reason=str(error))
+                    attempts.avoided.update(relay.node_id for relay in path)
+                    use_pool, attempt = False, attempt - 1
+                    continue
                 await self._failed(path, exit_, attempts)
                 failure = error
                 if attempt < self.config.failover.start_attempts:
@@ -395,6 +420,16 @@ class RouterService:
                     self.telemetry.retries.inc()
         assert failure is not None
         raise failure
+
+    async def _build_circuit(self, exit_: Peer, hops: int) -> tuple[list[Peer], OpenCircuit]:
+        """A circuit for the pool: relays chosen as a request's would be."""
+        relays = self.choose_relays(hops, exit_)
+        opening = time.monotonic()
+        circuit = await OpenCircuit.open(
+            self.channels, relays, exit_, self.config.setup_timeout_s, self.config.cell_timeout_s
+        )
+        self.telemetry.circuit_setup.observe(time.monotonic() - opening)
+        return relays, circuit
 
     def _hop(self, peer: Peer) -> Hop:
         """A relay or exit as path choice sees it: its operator and stake from the chain."""

@@ -70,6 +70,7 @@ class ChainReplica:
         *,
         consensus_listen: str | None = None,
         sync_interval_s: float = 1.0,
+        resend_after_s: float | None = None,
     ) -> None:
         self.genesis = genesis
         self.identity = identity
@@ -83,7 +84,7 @@ class ChainReplica:
         self._sync_interval_s = sync_interval_s
         self._rng = random.SystemRandom()
         # Sent again after a few blocks: by then a transaction that reached a proposer is in one.
-        self._resend_after_s = max(0.5, 4 * genesis.parameters.block_interval_ms / 1000)
+        self._resend_after_s = resend_after_s or max(0.5, 4 * genesis.parameters.block_interval_ms / 1000)
         self._outbox = Outbox(identity, self.state.chain_id, resend_after_s=self._resend_after_s)
         self._settling: dict[bytes, int] = {}  # payer -> epoch its cheque was last submitted in
         self.consensus: native.ConsensusNode | None = None

@@ -155,6 +155,12 @@ class LedgerSettings(StrictModel):
     chain_sync_interval_s: float = Field(
         1.0, gt=0, description="followers: fetch new blocks from a random member about this often"
     )
+    resend_after_s: float | None = Field(
+        None,
+        gt=0,
+        description="a transaction of this node's that the chain has not consumed is sent again this often "
+        "(default: every 4 block intervals, at least 0.5 s)",
+    )
 
 
 class NodeConfig(StrictModel):

@@ -1,0 +1,287 @@
+"""The data plane under load: tokens per second and time to first token through one router, with
+N concurrent streams, through 0 and 3 onion hops, in the same run; and what each relayed cell
+costs a relay in CPU, set against the cost of its cryptography alone (``bench/crypto.py``).
+
+Swarm (issue 17's set-up): a real local swarm (``LocalSwarm``: every node its own process, gRPC
+over loopback, membership by gossip), no ledger: 1 router, 3 relays, 4 inference nodes with the
+EMULATED engine at 20 ms a token with no batch slowdown (``batch_slowdown: 0``) and 256 slots
+each, so that the engine is never the limit: ideal throughput is N x 50 tokens/s. The hop count
+is per request (``PrivacyOptions.hops``), so both columns come from the same processes.
+
+Load: for each N and hop count, N workers each run 32-token streams back to back for
+``--duration-s`` (after a ramp of ``--ramp-s`` whose streams are not counted); throughput is the
+tokens received in the measured window over its length; TTFT is from sending the request to the
+first token, for streams started in the window; a stream that ends in an error is a failure. The
+clients run in this process, over 4 connections.
+
+CPU: each process's CPU time (``/proc``) over the window; per relayed cell, the relays' CPU
+seconds over the cells they forwarded in the window (``swarmserve_relay_cells_forwarded`` in
+both directions), in microseconds; the router's and the inference nodes' CPU per token too.
+
+Writes ``bench/results/dataplane.json`` and ``dataplane.png``. ``--quick``: N = 50 and 200,
+10 s each, one round (a few minutes). ``make bench`` runs the full sweep: N = 50, 200, 500,
+1,000, 20 s each, 2 rounds (each round's figures kept, so the spread shows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from grpc import aio  # noqa: E402
+
+from bench.soak import process_stats, quantiles, scrape  # noqa: E402
+from swarmserve.swarm import LocalSwarm, free_port_block  # noqa: E402
+from swarmserve.v1 import common_pb2, router_pb2, router_pb2_grpc  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+MODEL = "emulated-dataplane"
+RELAYS, INFERENCE_NODES = 3, 4
+TOKENS = 32
+DECODE_US = 20_000
+SLOTS = 256
+CHANNELS = 4
+
+
+@dataclass
+class Window:
+    """What the clients saw in one measured window."""
+
+    start: float
+    end: float
+    tokens: int = 0
+    ttft_s: list[float] = field(default_factory=list)
+    completed: int = 0
+    failed: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+
+
+class Clients:
+    def __init__(self, router: str) -> None:
+        self.channels = [
+            aio.insecure_channel(router, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(CHANNELS)
+        ]
+        self.stubs = [router_pb2_grpc.RouterStub(c) for c in self.channels]
+        self.counter = 0
+
+    async def close(self) -> None:
+        for channel in self.channels:
+            await channel.close(None)
+
+    async def stream(self, hops: int, window: Window) -> None:
+        self.counter += 1
+        index = self.counter
+        request = router_pb2.GenerateRequest(
+            model=MODEL,
+            prompt=f"dataplane stream {index}: tell me about the number {index * 7919 % 100_003}",
+            privacy=router_pb2.PrivacyOptions(hops=hops),
+            sampling=common_pb2.SamplingParams(max_new_tokens=TOKENS, seed=index),
+        )
+        started = time.monotonic()
+        first: float | None = None
+        try:
+            async for reply in self.stubs[index % CHANNELS].Generate(request, timeout=300):
+                if reply.HasField("summary"):
+                    continue
+                now = time.monotonic()
+                if first is None:
+                    first = now
+                if window.start <= now < window.end:
+                    window.tokens += len(reply.token.token_ids)
+        except aio.AioRpcError as error:
+            if window.start <= started < window.end:
+                window.failed += 1
+                code = error.code().name
+                window.errors[code] = window.errors.get(code, 0) + 1
+            return
+        if window.start <= started < window.end:
+            window.completed += 1
+            window.ttft_s.append((first or time.monotonic()) - started)
+
+
+def relay_cells(swarm: LocalSwarm) -> float:
+    total = 0.0
+    for relay in swarm.relays:
+        samples = scrape(swarm.metrics[relay.name]) or {}
+        total += sum(v for k, v in samples.items() if k.startswith("swarmserve_relay_cells_forwarded_total"))
+    return total
+
+
+def cpu_seconds(swarm: LocalSwarm) -> dict[str, float]:
+    return {name: stats[1] for name, pid in swarm.pids().items() if (stats := process_stats(pid)) is not None}
+
+
+async def measure_point(
+    swarm: LocalSwarm, clients: Clients, streams: int, hops: int, ramp_s: float, duration_s: float
+) -> dict[str, Any]:
+    begin = time.monotonic()
+    window = Window(begin + ramp_s, begin + ramp_s + duration_s)
+
+    async def worker(number: int) -> None:
+        await asyncio.sleep(number * ramp_s / 2 / streams)  # spread the starts over half the ramp
+        while time.monotonic() < window.end:
+            await clients.stream(hops, window)
+
+    workers = [asyncio.create_task(worker(w)) for w in range(streams)]
+    await asyncio.sleep(max(0.0, window.start - time.monotonic()))
+    cpu_before, cells_before = cpu_seconds(swarm), await asyncio.to_thread(relay_cells, swarm)
+    client_before = (process_stats(os.getpid()) or (0.0, 0.0))[1]
+    await asyncio.sleep(max(0.0, window.end - time.monotonic()))
+    cpu_after, cells_after = cpu_seconds(swarm), await asyncio.to_thread(relay_cells, swarm)
+    client_after = (process_stats(os.getpid()) or (0.0, 0.0))[1]
+    await asyncio.gather(*workers)  # the last streams finish (not counted)
+    cpu = {name: round(cpu_after[name] - cpu_before.get(name, 0.0), 2) for name in cpu_after}
+    cells = cells_after - cells_before
+    relay_cpu = sum(v for k, v in cpu.items() if k.startswith("relay"))
+    node_cpu = sum(v for k, v in cpu.items() if k.startswith("inference"))
+    return {
+        "streams": streams,
+        "hops": hops,
+        "tokens_per_s": round(window.tokens / duration_s, 1),
+        "ideal_tokens_per_s": round(streams * 1e6 / DECODE_US, 1),
+        "ttft_s": quantiles(window.ttft_s),
+        "completed": window.completed,
+        "failed": window.failed,
+        "errors": window.errors,
+        "cpu_s": cpu | {"clients": round(client_after - client_before, 2)},
+        "cpu_share_of_machine": round(sum(cpu.values()) / duration_s / (os.cpu_count() or 1), 2),
+        "relay_cells": int(cells),
+        "relay_cpu_us_per_cell": round(1e6 * relay_cpu / cells, 1) if cells else None,
+        "router_cpu_us_per_token": round(1e6 * cpu.get("router-1", 0.0) / window.tokens, 1) if window.tokens else None,
+        "inference_cpu_us_per_token": round(1e6 * node_cpu / window.tokens, 1) if window.tokens else None,
+    }
+
+
+def crypto_cost() -> dict[str, Any] | None:
+    """The per-hop cryptography of one cell, from ``bench/results/crypto.json`` (``make bench``
+    writes it before this runs)."""
+    path = RESULTS / "crypto.json"
+    if not path.exists():
+        return None
+    figures = json.loads(path.read_text())
+    return {k: v for k, v in figures.items() if "hop" in k or "cell" in k} or figures
+
+
+def plot(points: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for hops, colour in ((0, "tab:blue"), (3, "tab:orange")):
+        mine = [p for p in points if p["hops"] == hops]
+        left.scatter(
+            [p["streams"] for p in mine], [p["tokens_per_s"] for p in mine], color=colour, label=f"{hops} hops"
+        )
+        right.scatter(
+            [p["streams"] for p in mine], [1000 * (p["ttft_s"]["p50"] or 0) for p in mine], color=colour, marker="o"
+        )
+        right.scatter(
+            [p["streams"] for p in mine], [1000 * (p["ttft_s"]["p99"] or 0) for p in mine], color=colour, marker="^"
+        )
+    counts = sorted({p["streams"] for p in points})
+    left.plot(counts, [n * 1e6 / DECODE_US for n in counts], "k--", label="ideal (engine only)")
+    left.set(xlabel="concurrent streams", ylabel="tokens/s through the router", xscale="log", yscale="log")
+    left.legend()
+    right.set(xlabel="concurrent streams", ylabel="TTFT ms (o p50, ^ p99)", xscale="log", yscale="log")
+    figure.suptitle("Data plane: 1 router, 3 relays, 4 emulated nodes (20 ms/token), one process each")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    timing = f"{{prefill_us_per_token: 200, decode_us_per_token: {DECODE_US}, batch_slowdown: 0}}"
+    inference = {
+        "SWARMSERVE_MODELS": f"[{{name: {MODEL}, engine: emulated, emulated: {timing}}}]",
+        "SWARMSERVE_POLICY__MAX_CONCURRENT": str(SLOTS),
+        "SWARMSERVE_POLICY__MAX_QUEUE": "4096",
+    }
+    router = {"SWARMSERVE_DUELS__RATE": "0", "SWARMSERVE_AUDITS__RATE": "0"}
+    swarm = LocalSwarm(
+        workdir,
+        ports_from=free_port_block(100),
+        relays=RELAYS,
+        inference_nodes=INFERENCE_NODES,
+        node_env={f"inference-{i + 1}": inference for i in range(INFERENCE_NODES)} | {"router-1": router},
+        ledger=False,
+    )
+    print(f"dataplane: starting 1 router, {RELAYS} relays, {INFERENCE_NODES} emulated nodes (logs in {workdir})")
+    await swarm.start(timeout_s=180)
+    clients = Clients(swarm.router)
+    points = []
+    try:
+        await asyncio.gather(*(clients.stream(hops, Window(0, 0)) for hops in (0, 3)))  # warm paths
+        for round_number in range(args.rounds):
+            for streams in args.streams:
+                for hops in args.hops:
+                    point = await measure_point(swarm, clients, streams, hops, args.ramp_s, args.duration_s)
+                    point["round"] = round_number
+                    points.append(point)
+                    print(
+                        f"  round {round_number + 1}, N={streams:5d}, {hops} hops: {point['tokens_per_s']:8.1f} "
+                        f"tokens/s (ideal {point['ideal_tokens_per_s']:.0f}), TTFT p50/p99 "
+                        f"{point['ttft_s']['p50']}/{point['ttft_s']['p99']} s, failed {point['failed']}, "
+                        f"relay CPU {point['relay_cpu_us_per_cell']} us/cell, router "
+                        f"{point['router_cpu_us_per_token']} us/token",
+                        flush=True,
+                    )
+                    await asyncio.sleep(2.0)  # let queues drain between points
+    finally:
+        await clients.close()
+        await swarm.stop()
+    return {
+        "setup": {
+            "routers": 1,
+            "relays": RELAYS,
+            "inference_nodes": INFERENCE_NODES,
+            "engine": f"EMULATED: {DECODE_US / 1000:.0f} ms a token, no batch slowdown, {SLOTS} slots a node",
+            "tokens_per_stream": TOKENS,
+            "duration_s": args.duration_s,
+            "ramp_s": args.ramp_s,
+            "rounds": args.rounds,
+            "data_plane": "python (grpc.aio per cell per hop)",
+            "cpus": os.cpu_count(),
+            "machine": platform.platform(),
+        },
+        "points": points,
+        "crypto": crypto_cost(),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--streams", type=int, nargs="+", default=[50, 200, 500, 1000])
+    parser.add_argument("--hops", type=int, nargs="+", default=[0, 3])
+    parser.add_argument("--duration-s", type=float, default=20.0)
+    parser.add_argument("--ramp-s", type=float, default=6.0)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="N = 50 and 200, 10 s, one round")
+    parser.add_argument("--out", type=Path, default=None, help="results directory (default bench/results)")
+    args = parser.parse_args()
+    if args.quick:
+        args.streams, args.duration_s, args.rounds = [50, 200], 10.0, 1
+    out = args.out or (Path(tempfile.mkdtemp(prefix="dataplane-")) if args.quick else RESULTS)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="dataplane-swarm-") as workdir:
+        results = asyncio.run(run(args, Path(workdir)))
+    (out / "dataplane.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot(results["points"], out / "dataplane.png")
+    print(f"wrote {out / 'dataplane.json'} and {out / 'dataplane.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
