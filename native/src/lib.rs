@@ -8,6 +8,7 @@ pub mod chain;
 pub mod consensus;
 pub mod error;
 pub mod identity;
+pub mod link;
 pub mod onion;
 pub mod sampling;
 pub mod sida;
