@@ -690,6 +690,13 @@ mod tests {
         }
     }
 
+    fn message(handle: Handle, plaintext: &[u8]) -> Event {
+        Event::Message {
+            handle,
+            plaintext: plaintext.to_vec(),
+        }
+    }
+
     #[test]
     fn frames_round_trip_and_malformed_ones_are_refused_whole() {
         let mut frame = Vec::new();
@@ -741,16 +748,7 @@ mod tests {
         path.pump();
         assert_eq!(
             path.exit.take_events(),
-            vec![
-                Event::Message {
-                    handle: 1001,
-                    plaintext: b"request one".to_vec()
-                },
-                Event::Message {
-                    handle: 1002,
-                    plaintext: b"request two".to_vec()
-                },
-            ]
+            vec![message(1001, b"request one"), message(1002, b"request two"),]
         );
         for token in [b"tok-a".as_slice(), b"tok-b"] {
             path.exit.send(1001, token, path.now).unwrap();
@@ -758,16 +756,7 @@ mod tests {
         path.pump();
         assert_eq!(
             path.router.take_events(),
-            vec![
-                Event::Message {
-                    handle: 1,
-                    plaintext: b"tok-a".to_vec()
-                },
-                Event::Message {
-                    handle: 1,
-                    plaintext: b"tok-b".to_vec()
-                },
-            ]
+            vec![message(1, b"tok-a"), message(1, b"tok-b"),]
         );
         assert_eq!(path.relay.forwarded.forward_cells, 2);
         assert_eq!(path.relay.forwarded.backward_cells, 2);
