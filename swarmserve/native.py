@@ -17,6 +17,10 @@ Everything that runs per token or per cell is here. Import from this module, nev
   replay it; :meth:`Sampler.plausible` tolerates :data:`SAMPLING_CDF_TOLERANCE` (sampled) or
   :data:`SAMPLING_LOGIT_TOLERANCE` (greedy) of numerical jitter.
 
+- :class:`LinkEngine`: the data plane's per-cell work (``native/src/link.rs``): circuits
+  multiplexed over links, cells of many circuits batched per frame; peel, wrap, pass on and
+  deliver, all native; set-ups handed back as events for the caller to admit.
+
 - :func:`sida_split`, :func:`sida_combine`: S-IDA (secret sharing made short): a message split into
   ``n`` shares, any ``k`` of which rebuild it and fewer reveal nothing but its length (multipath
   circuits send one share per path).
@@ -57,6 +61,7 @@ from swarmserve._native import (
     Identity,
     InvalidKeyError,
     KeyFileError,
+    LinkEngine,
     MalformedCellError,
     MempoolFullError,
     OnionKey,
@@ -108,6 +113,7 @@ __all__ = [
     "Identity",
     "InvalidKeyError",
     "KeyFileError",
+    "LinkEngine",
     "MalformedCellError",
     "MempoolFullError",
     "OnionKey",

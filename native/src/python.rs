@@ -2,7 +2,7 @@
 //! mapping, and releasing the GIL for large cells. All logic lives in the pure-Rust modules.
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pyo3::buffer::PyBuffer;
 use pyo3::create_exception;
@@ -14,6 +14,7 @@ use pyo3::types::PyBytes;
 use crate::chain;
 use crate::error::Error;
 use crate::identity;
+use crate::link;
 use crate::onion;
 use crate::sampling;
 use crate::sida;
@@ -236,7 +237,7 @@ impl OnionKey {
             next_cell,
             payload,
             replay_tag: peeled.replay_tag,
-            hop: Py::new(py, CircuitHop(peeled.hop))?,
+            hop: Py::new(py, CircuitHop(Some(peeled.hop)))?,
         })
     }
 }
@@ -320,19 +321,26 @@ impl PeeledSetup {
     }
 }
 
-/// A relay's (or the terminating node's) side of one circuit.
+/// A relay's (or the terminating node's) side of one circuit. Handed to a [`LinkEngine`], it is
+/// the engine's: this object then refuses every cell (CircuitClosedError).
 #[pyclass(module = "swarmserve._native")]
-struct CircuitHop(onion::CircuitHop);
+struct CircuitHop(Option<onion::CircuitHop>);
+
+impl CircuitHop {
+    fn inner(&mut self) -> Result<&mut onion::CircuitHop, Error> {
+        self.0.as_mut().ok_or(Error::CircuitClosed)
+    }
+}
 
 #[pymethods]
 impl CircuitHop {
     /// Removes this hop's layer from a forward cell.
     fn peel_forward<'py>(&mut self, py: Python<'py>, cell: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
+        let inner = self.inner()?;
         if cell.len() < onion::TAG_SIZE {
             // Let the core report (and close the hop) before sizing an output buffer.
-            self.0.peel_forward(cell)?;
+            inner.peel_forward(cell)?;
         }
-        let inner = &mut self.0;
         // Written straight into the new bytes object: one copy, no intermediate buffer.
         PyBytes::new_with(py, cell.len() - onion::TAG_SIZE, |out| {
             Ok(run(py, cell.len(), || inner.peel_forward_into(cell, out))?)
@@ -341,10 +349,164 @@ impl CircuitHop {
 
     /// Adds this hop's layer to a backward cell.
     fn wrap_backward<'py>(&mut self, py: Python<'py>, cell: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
-        let inner = &mut self.0;
+        let inner = self.inner()?;
         PyBytes::new_with(py, cell.len() + onion::TAG_SIZE, |out| {
             Ok(run(py, cell.len(), || inner.wrap_backward_into(cell, out))?)
         })
+    }
+}
+
+/// (onion public key, routing info) pairs as the core takes them.
+fn hop_specs(hops: &[(Vec<u8>, Vec<u8>)]) -> Result<Vec<onion::HopSpec<'_>>, Error> {
+    hops.iter()
+        .enumerate()
+        .map(|(index, (key, routing_info))| {
+            let onion_key: [u8; 32] = key.as_slice().try_into().map_err(|_| {
+                Error::InvalidKey(format!("onion key of hop {index} must be 32 bytes, got {}", key.len()))
+            })?;
+            Ok(onion::HopSpec {
+                onion_key,
+                routing_info,
+            })
+        })
+        .collect()
+}
+
+/// Circuits multiplexed over links, every per-cell step native (`link.rs`); the caller moves
+/// frames between links and decides set-ups. Events are tuples: ("setup", link, circuit,
+/// onion), ("opened", handle), ("message", handle, plaintext), ("closed", handle, reason),
+/// ("released", link, circuit, reason).
+#[pyclass(module = "swarmserve._native")]
+struct LinkEngine {
+    inner: link::Engine,
+}
+
+#[pymethods]
+impl LinkEngine {
+    #[new]
+    #[pyo3(signature = (max_cell_bytes = 65536))]
+    fn new(max_cell_bytes: usize) -> Self {
+        LinkEngine {
+            inner: link::Engine::new(max_cell_bytes),
+        }
+    }
+
+    /// Processes a frame that arrived on `link`; MalformedCellError: none of it was processed
+    /// (drop the link).
+    fn receive(&mut self, link: u64, frame: &[u8]) -> PyResult<()> {
+        let now = Instant::now();
+        Ok(self.inner.receive(link, frame, now)?)
+    }
+
+    /// Passes the set-up waiting on (`link`, `circuit`) on over `out_link`; `hop` becomes the
+    /// engine's.
+    fn extend(
+        &mut self,
+        link: u64,
+        circuit: u32,
+        hop: &mut CircuitHop,
+        out_link: u64,
+        next_cell: &[u8],
+    ) -> PyResult<()> {
+        let taken = hop.0.take().ok_or(Error::CircuitClosed)?;
+        let now = Instant::now();
+        Ok(self.inner.extend(link, circuit, taken, out_link, next_cell, now)?)
+    }
+
+    /// Terminates the set-up waiting on (`link`, `circuit`) here, as `handle`; `hop` becomes
+    /// the engine's.
+    fn terminate(&mut self, link: u64, circuit: u32, hop: &mut CircuitHop, handle: u64) -> PyResult<()> {
+        let taken = hop.0.take().ok_or(Error::CircuitClosed)?;
+        let now = Instant::now();
+        Ok(self.inner.terminate(link, circuit, taken, handle, now)?)
+    }
+
+    /// Refuses the set-up waiting on (`link`, `circuit`) with a DestroyReason.
+    fn refuse(&mut self, link: u64, circuit: u32, reason: u8) -> PyResult<()> {
+        Ok(self.inner.refuse(link, circuit, reason)?)
+    }
+
+    /// Starts circuit `handle` over `link` through `hops` ((onion key, routing info) pairs, as
+    /// :meth:`Circuit.build`); an "opened" event says when it is confirmed.
+    fn originate(&mut self, link: u64, hops: Vec<(Vec<u8>, Vec<u8>)>, handle: u64) -> PyResult<()> {
+        let (onion, circuit) = onion::Circuit::build(&hop_specs(&hops)?, b"")?;
+        let now = Instant::now();
+        Ok(self.inner.originate(link, circuit, &onion, handle, now)?)
+    }
+
+    /// Sends `plaintext` on `handle`'s circuit (from its origin or its exit).
+    fn send(&mut self, handle: u64, plaintext: &[u8]) -> PyResult<()> {
+        let now = Instant::now();
+        Ok(self.inner.send(handle, plaintext, now)?)
+    }
+
+    /// Closes `handle`'s circuit from this end with a DestroyReason.
+    fn close(&mut self, handle: u64, reason: u8) {
+        self.inner.close_handle(handle, reason);
+    }
+
+    /// `link` is gone: its circuits close, the other sides are told.
+    fn link_lost(&mut self, link: u64) {
+        self.inner.link_lost(link);
+    }
+
+    /// Closes circuits idle for `idle_s` seconds.
+    fn expire(&mut self, idle_s: f64) -> PyResult<()> {
+        let idle = Duration::try_from_secs_f64(idle_s).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        let now = Instant::now();
+        self.inner.expire(now, idle);
+        Ok(())
+    }
+
+    /// Frames to send now: (link, frame) for each link with output, whole cells up to
+    /// `max_frame_bytes` each.
+    fn take_frames<'py>(&mut self, py: Python<'py>, max_frame_bytes: usize) -> Vec<(u64, Bound<'py, PyBytes>)> {
+        self.inner
+            .take_frames(max_frame_bytes)
+            .into_iter()
+            .map(|(link, frame)| (link, PyBytes::new(py, &frame)))
+            .collect()
+    }
+
+    /// What happened since the last call, in order.
+    fn take_events(&mut self, py: Python<'_>) -> PyResult<Vec<PyObject>> {
+        self.inner
+            .take_events()
+            .into_iter()
+            .map(|event| {
+                Ok(match event {
+                    link::Event::Setup { link, circuit, onion } => ("setup", link, circuit, PyBytes::new(py, &onion))
+                        .into_pyobject(py)?
+                        .into_any()
+                        .unbind(),
+                    link::Event::Opened { handle } => ("opened", handle).into_pyobject(py)?.into_any().unbind(),
+                    link::Event::Message { handle, plaintext } => ("message", handle, PyBytes::new(py, &plaintext))
+                        .into_pyobject(py)?
+                        .into_any()
+                        .unbind(),
+                    link::Event::Closed { handle, reason } => {
+                        ("closed", handle, reason).into_pyobject(py)?.into_any().unbind()
+                    }
+                    link::Event::Released { link, circuit, reason } => ("released", link, circuit, reason)
+                        .into_pyobject(py)?
+                        .into_any()
+                        .unbind(),
+                })
+            })
+            .collect()
+    }
+
+    /// Circuits held (each relayed circuit counts once per link it crosses).
+    #[getter]
+    fn circuits(&self) -> usize {
+        self.inner.circuits()
+    }
+
+    /// (forward cells, backward cells, forward bytes, backward bytes) passed on.
+    #[getter]
+    fn forwarded(&self) -> (u64, u64, u64, u64) {
+        let f = self.inner.forwarded;
+        (f.forward_cells, f.backward_cells, f.forward_bytes, f.backward_bytes)
     }
 }
 
@@ -364,20 +526,7 @@ impl Circuit {
     #[staticmethod]
     #[pyo3(signature = (hops, payload = b"".to_vec()))]
     fn build(hops: Vec<(Vec<u8>, Vec<u8>)>, payload: Vec<u8>) -> PyResult<(Vec<u8>, Circuit)> {
-        let mut specs = Vec::with_capacity(hops.len());
-        for (index, (key, routing_info)) in hops.iter().enumerate() {
-            let onion_key: [u8; 32] = key.as_slice().try_into().map_err(|_| {
-                PyErr::from(Error::InvalidKey(format!(
-                    "onion key of hop {index} must be 32 bytes, got {}",
-                    key.len()
-                )))
-            })?;
-            specs.push(onion::HopSpec {
-                onion_key,
-                routing_info,
-            });
-        }
-        let (cell, circuit) = onion::Circuit::build(&specs, &payload)?;
+        let (cell, circuit) = onion::Circuit::build(&hop_specs(&hops)?, &payload)?;
         Ok((
             cell,
             Circuit {
@@ -650,6 +799,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PeeledSetup>()?;
     m.add_class::<CircuitHop>()?;
     m.add_class::<Circuit>()?;
+    m.add_class::<LinkEngine>()?;
     m.add_class::<TokenStreamHasher>()?;
     m.add_class::<TokenIssuer>()?;
     m.add_class::<TokenRequest>()?;
