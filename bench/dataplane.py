@@ -18,6 +18,10 @@ CPU: each process's CPU time (``/proc``) over the window; per relayed cell, the 
 seconds over the cells they forwarded in the window (``swarmserve_relay_cells_forwarded`` in
 both directions), in microseconds; the router's and the inference nodes' CPU per token too.
 
+The native link engine (``native.LinkEngine``, not yet on the wire): its CPU per forwarded cell
+in this process with 1, 8 and 64 cells per frame, against one Python call per cell that only
+peels a layer (``link_engine`` in the JSON).
+
 Writes ``bench/results/dataplane.json`` and ``dataplane.png``. ``--quick``: N = 50 and 200,
 10 s each, one round (a few minutes). ``make bench`` runs the full sweep: N = 50, 200, 500,
 1,000, 20 s each, 2 rounds (each round's figures kept, so the spread shows).
@@ -43,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 from grpc import aio  # noqa: E402
 
 from bench.soak import process_stats, quantiles, scrape  # noqa: E402
+from swarmserve import native  # noqa: E402
 from swarmserve.swarm import LocalSwarm, free_port_block  # noqa: E402
 from swarmserve.v1 import common_pb2, router_pb2, router_pb2_grpc  # noqa: E402
 
@@ -164,6 +169,68 @@ async def measure_point(
     }
 
 
+def engine_cost(cells: int = 64_000) -> dict[str, Any]:
+    """In this process: what the native link engine (``native.LinkEngine``; issue 17, not yet on
+    the wire) costs a relay per forwarded cell when k cells arrive per frame (one Python call
+    takes a frame in, one takes the frames out), against one Python call per cell peeling one
+    layer (``CircuitHop.peel_forward``: the cryptography and nothing else). 64-byte payloads,
+    64 circuits of 2 hops (the relay and an exit)."""
+    relay_key, exit_key = native.OnionKey.generate(), native.OnionKey.generate()
+    router, relay, exit_ = native.LinkEngine(), native.LinkEngine(), native.LinkEngine()
+    links = {1: (relay, 10), 10: (router, 1), 11: (exit_, 20), 20: (relay, 11)}
+
+    def pump() -> None:
+        moved = True
+        while moved:
+            moved = False
+            for engine in (router, relay, exit_):
+                for out_link, frame in engine.take_frames(1 << 20):
+                    target, at = links[out_link]
+                    target.receive(at, frame)
+                    moved = True
+            for engine, key, decide in ((relay, relay_key, "extend"), (exit_, exit_key, "terminate")):
+                for event in engine.take_events():
+                    if event[0] != "setup":
+                        continue
+                    _, link, circuit, onion = event
+                    peeled = key.peel_setup(onion)
+                    if decide == "extend":
+                        assert peeled.next_cell is not None
+                        engine.extend(link, circuit, peeled.hop, 11, peeled.next_cell)
+                    else:
+                        engine.terminate(link, circuit, peeled.hop, circuit)
+                    moved = True
+
+    circuits = 64
+    for handle in range(circuits):
+        router.originate(1, [(relay_key.public_key, b"exit"), (exit_key.public_key, b"")], handle)
+    pump()
+    assert sum(e[0] == "opened" for e in router.take_events()) == circuits
+    payload = bytes(64)
+    results: dict[str, Any] = {}
+    for per_frame in (1, 8, 64):
+        frames = []
+        for start in range(0, cells, per_frame):
+            for i in range(per_frame):
+                router.send((start + i) % circuits, payload)
+            frames.extend(frame for _, frame in router.take_frames(1 << 20))
+        started = time.process_time()
+        for frame in frames:
+            relay.receive(10, frame)
+            relay.take_frames(1 << 20)
+        results[f"{per_frame}_cells_per_frame_us_per_cell"] = round(1e6 * (time.process_time() - started) / cells, 3)
+        exit_.take_events()
+    key = native.OnionKey.generate()
+    onion, circuit = native.Circuit.build([(key.public_key, b"")])
+    hop = key.peel_setup(onion).hop
+    sealed = [circuit.wrap_forward(payload) for _ in range(cells)]
+    started = time.process_time()
+    for cell in sealed:
+        hop.peel_forward(cell)
+    results["python_call_per_cell_peel_only_us"] = round(1e6 * (time.process_time() - started) / cells, 3)
+    return results
+
+
 def crypto_cost() -> dict[str, Any] | None:
     """The per-hop cryptography of one cell, from ``bench/results/crypto.json`` (``make bench``
     writes it before this runs)."""
@@ -258,6 +325,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         },
         "points": points,
         "crypto": crypto_cost(),
+        "link_engine": engine_cost(),
     }
 
 
