@@ -31,7 +31,7 @@
 //! - a malformed frame is refused whole (the caller drops the link): nothing after the first bad
 //!   byte is parsed.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
@@ -192,8 +192,8 @@ pub struct Engine {
     circuits: HashMap<(LinkId, CircuitId), Entry>,
     by_handle: HashMap<Handle, (LinkId, CircuitId)>,
     next_id: HashMap<LinkId, CircuitId>,
-    out: HashMap<LinkId, VecDeque<u8>>,
-    order: Vec<LinkId>, // links with output, in the order they got it
+    out: HashMap<LinkId, Vec<u8>>, // encoded cells waiting to leave, per link
+    order: Vec<LinkId>,            // links with output, in the order they got it
     events: Vec<Event>,
     max_cell_bytes: usize,
     pub forwarded: Forwarded,
@@ -222,9 +222,7 @@ impl Engine {
         if buffer.is_empty() {
             self.order.push(link);
         }
-        let mut cell = Vec::with_capacity(HEADER + payload.len());
-        encode_cell(&mut cell, circuit, kind, reason, payload);
-        buffer.extend(cell);
+        encode_cell(buffer, circuit, kind, reason, payload);
     }
 
     fn new_id(&mut self, link: LinkId) -> CircuitId {
@@ -569,14 +567,14 @@ impl Engine {
             };
             let mut take = 0;
             while take < buffer.len() {
-                let header: Vec<u8> = buffer.range(take..take + HEADER).copied().collect();
-                let length = u32::from_be_bytes(header[6..10].try_into().expect("4 bytes")) as usize;
+                let length = u32::from_be_bytes(buffer[take + 6..take + 10].try_into().expect("4 bytes")) as usize;
                 if take > 0 && take + HEADER + length > max_frame_bytes {
                     break;
                 }
                 take += HEADER + length;
             }
-            frames.push((link, buffer.drain(..take).collect()));
+            let rest = buffer.split_off(take);
+            frames.push((link, std::mem::replace(buffer, rest)));
             if !buffer.is_empty() {
                 still.push(link);
             }
