@@ -34,6 +34,8 @@ import asyncio
 import json
 import os
 import platform
+import random
+import statistics
 import sys
 import tempfile
 import time
@@ -169,6 +171,45 @@ async def measure_point(
     }
 
 
+async def pool_ttft(swarm: LocalSwarm, requests: int) -> dict[str, Any]:
+    """One stream at a time, 3 hops, 4 tokens: TTFT through router-1 (circuit pool) and router-2
+    (no pool), alternating, a pause between requests for the pool to refill; medians, and the
+    median of paired differences with a 95% bootstrap interval."""
+    ttft: dict[str, list[float]] = {"pool": [], "no_pool": []}
+    channels = {name: aio.insecure_channel(r.listen) for name, r in zip(ttft, swarm.routers, strict=True)}
+    try:
+        for index in range(requests):
+            for name in ttft if index % 2 == 0 else reversed(list(ttft)):
+                request = router_pb2.GenerateRequest(
+                    model=MODEL,
+                    prompt=f"pool probe {index}",
+                    privacy=router_pb2.PrivacyOptions(hops=3),
+                    sampling=common_pb2.SamplingParams(max_new_tokens=4, seed=index),
+                )
+                started = time.monotonic()
+                first = None
+                async for reply in router_pb2_grpc.RouterStub(channels[name]).Generate(request, timeout=60):
+                    if first is None and reply.HasField("token"):
+                        first = time.monotonic() - started
+                ttft[name].append(first or 0.0)
+                await asyncio.sleep(0.05)
+    finally:
+        for channel in channels.values():
+            await channel.close(None)
+    differences = [(a - b) * 1000 for a, b in zip(ttft["pool"], ttft["no_pool"], strict=True)]
+    rng = random.Random(7)
+    medians = sorted(statistics.median(rng.choices(differences, k=len(differences))) for _ in range(2000))
+    return {
+        "requests_per_router": requests,
+        "pool_ms": {k: round(v * 1000, 2) for k, v in quantiles(ttft["pool"]).items() if v is not None},
+        "no_pool_ms": {k: round(v * 1000, 2) for k, v in quantiles(ttft["no_pool"]).items() if v is not None},
+        "difference_ms": {
+            "median": round(statistics.median(differences), 2),
+            "ci95": [round(medians[50], 2), round(medians[1949], 2)],
+        },
+    }
+
+
 def engine_cost(cells: int = 64_000) -> dict[str, Any]:
     """In this process: what the native link engine (``native.LinkEngine``; issue 17, not yet on
     the wire) costs a relay per forwarded cell when k cells arrive per frame (one Python call
@@ -282,15 +323,24 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         ports_from=free_port_block(100),
         relays=RELAYS,
         inference_nodes=INFERENCE_NODES,
-        node_env={f"inference-{i + 1}": inference for i in range(INFERENCE_NODES)} | {"router-1": router},
+        node_env={f"inference-{i + 1}": inference for i in range(INFERENCE_NODES)}
+        | {"router-1": router, "router-2": router | {"SWARMSERVE_CIRCUIT_POOL__ENABLED": "false"}},
+        routers=2,  # router-2 builds each request's circuit when it comes: the pool's baseline
         ledger=False,
     )
     print(f"dataplane: starting 1 router, {RELAYS} relays, {INFERENCE_NODES} emulated nodes (logs in {workdir})")
     await swarm.start(timeout_s=180)
     clients = Clients(swarm.router)
     points = []
+    pool: dict[str, Any] = {}
     try:
         await asyncio.gather(*(clients.stream(hops, Window(0, 0)) for hops in (0, 3)))  # warm paths
+        pool = await pool_ttft(swarm, args.pool_requests)
+        print(
+            f"  one stream at a time, 3 hops: TTFT {pool['pool_ms']['p50']} ms with the pool, "
+            f"{pool['no_pool_ms']['p50']} ms without; paired difference {pool['difference_ms']}",
+            flush=True,
+        )
         for round_number in range(args.rounds):
             for streams in args.streams:
                 for hops in args.hops:
@@ -324,6 +374,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             "machine": platform.platform(),
         },
         "points": points,
+        "pool_ttft": pool,
         "crypto": crypto_cost(),
         "link_engine": engine_cost(),
     }
@@ -337,6 +388,7 @@ def main() -> int:
     parser.add_argument("--ramp-s", type=float, default=6.0)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="N = 50 and 200, 10 s, one round")
+    parser.add_argument("--pool-requests", type=int, default=200, help="single-stream requests per router")
     parser.add_argument("--out", type=Path, default=None, help="results directory (default bench/results)")
     args = parser.parse_args()
     if args.quick:
