@@ -7,6 +7,7 @@ from typing import Literal, final
 from typing_extensions import Buffer
 
 __all__ = [
+    "CIRCUIT_READY",
     "MAX_LAYERS",
     "ROUTING_INFO_MAX",
     "SAMPLING_CDF_TOLERANCE",
@@ -60,6 +61,7 @@ __all__ = [
 
 SETUP_CELL_SIZE: int
 SIDA_MAX_SHARES: int
+CIRCUIT_READY: bytes
 MAX_LAYERS: int
 ROUTING_INFO_MAX: int
 SETUP_PAYLOAD_MAX: int

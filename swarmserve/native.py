@@ -39,6 +39,7 @@ raise :class:`ValueError`.
 """
 
 from swarmserve._native import (
+    CIRCUIT_READY,
     MAX_LAYERS,
     ROUTING_INFO_MAX,
     SAMPLING_CDF_TOLERANCE,
@@ -91,6 +92,7 @@ from swarmserve._native import (
 )
 
 __all__ = [
+    "CIRCUIT_READY",
     "MAX_LAYERS",
     "ROUTING_INFO_MAX",
     "SAMPLING_CDF_TOLERANCE",

@@ -688,6 +688,10 @@ mod tests {
         }
     }
 
+    fn closed(handle: Handle, reason: u8) -> Event {
+        Event::Closed { handle, reason }
+    }
+
     fn message(handle: Handle, plaintext: &[u8]) -> Event {
         Event::Message {
             handle,
@@ -772,16 +776,15 @@ mod tests {
         path.relay.receive(RELAY_FROM_ROUTER, &frame, path.now).unwrap();
         path.pump();
         // The exit saw no message: only that the circuit closed (and its set-up's admission ends).
-        let closed = Event::Closed {
-            handle: 1001,
-            reason: DESTROY_PROTOCOL_ERROR,
-        };
         let released = Event::Released {
             link: EXIT_FROM_RELAY,
             circuit: 1,
             reason: DESTROY_PROTOCOL_ERROR,
         };
-        assert_eq!(path.exit.take_events(), vec![closed, released]);
+        assert_eq!(
+            path.exit.take_events(),
+            vec![closed(1001, DESTROY_PROTOCOL_ERROR), released]
+        );
         let released = Event::Released {
             link: RELAY_FROM_ROUTER,
             circuit: 1,
@@ -789,13 +792,7 @@ mod tests {
         };
         assert_eq!(path.relay.take_events(), vec![released]);
         assert_eq!(path.relay.circuits(), 0);
-        assert_eq!(
-            path.router.take_events(),
-            vec![Event::Closed {
-                handle: 1,
-                reason: DESTROY_PROTOCOL_ERROR
-            }]
-        );
+        assert_eq!(path.router.take_events(), vec![closed(1, DESTROY_PROTOCOL_ERROR)]);
         assert_eq!(path.router.circuits(), 0);
         assert_eq!(path.exit.circuits(), 0, "the exit was told too");
     }
@@ -806,13 +803,7 @@ mod tests {
         path.open(1);
         path.relay.link_lost(RELAY_TO_EXIT);
         path.pump();
-        assert_eq!(
-            path.router.take_events(),
-            vec![Event::Closed {
-                handle: 1,
-                reason: DESTROY_HOP_UNREACHABLE
-            }]
-        );
+        assert_eq!(path.router.take_events(), vec![closed(1, DESTROY_HOP_UNREACHABLE)]);
         assert_eq!(path.relay.circuits(), 0);
         assert!(
             path.router.send(1, b"late", path.now).is_err(),
@@ -837,19 +828,13 @@ mod tests {
         };
         path.relay.refuse(link, circuit, 5).unwrap();
         path.pump();
-        assert_eq!(path.router.take_events(), vec![Event::Closed { handle: 5, reason: 5 }]);
+        assert_eq!(path.router.take_events(), vec![closed(5, 5)]);
 
         path.open(1);
         path.relay
             .expire(path.now + Duration::from_secs(301), Duration::from_secs(300));
         path.pump();
-        assert_eq!(
-            path.router.take_events(),
-            vec![Event::Closed {
-                handle: 1,
-                reason: DESTROY_TIMEOUT
-            }]
-        );
+        assert_eq!(path.router.take_events(), vec![closed(1, DESTROY_TIMEOUT)]);
         assert_eq!(path.exit.circuits(), 0);
 
         path.open(2);

@@ -788,6 +788,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("CircuitClosedError", py.get_type::<CircuitClosedError>())?;
 
     m.add("SETUP_CELL_SIZE", onion::SETUP_CELL_SIZE)?;
+    m.add("CIRCUIT_READY", PyBytes::new(m.py(), link::CIRCUIT_READY))?;
     m.add("MAX_LAYERS", onion::MAX_LAYERS)?;
     m.add("ROUTING_INFO_MAX", onion::ROUTING_INFO_MAX)?;
     m.add("SETUP_PAYLOAD_MAX", onion::SETUP_PAYLOAD_MAX)?;

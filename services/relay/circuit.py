@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import grpc
 
+from swarmserve import native
 from swarmserve.v1 import relay_pb2
 
 __all__ = [
@@ -19,8 +20,9 @@ __all__ = [
 ]
 
 # What the terminating node seals (one backward layer per hop) in its CircuitCreated: the
-# router opening it proves every hop on the path holds the keys it was given.
-CIRCUIT_READY = b"swarmserve/v1 circuit ready"
+# router opening it proves every hop on the path holds the keys it was given. One definition,
+# native/src/link.rs, shared with the link engine.
+CIRCUIT_READY = native.CIRCUIT_READY
 
 _MIN_BUCKET = 64
 _LARGE_STEP = 16 * 1024
