@@ -18,9 +18,13 @@ CPU: each process's CPU time (``/proc``) over the window; per relayed cell, the 
 seconds over the cells they forwarded in the window (``swarmserve_relay_cells_forwarded`` in
 both directions), in microseconds; the router's and the inference nodes' CPU per token too.
 
-The native link engine (``native.LinkEngine``, not yet on the wire): its CPU per forwarded cell
-in this process with 1, 8 and 64 cells per frame, against one Python call per cell that only
-peels a layer (``link_engine`` in the JSON).
+Data planes, in the same run from the same relays and nodes: router-1 starts its circuits on the
+links (``data_plane: link``: one ``Relay.Link`` stream per neighbour, cells batched into frames,
+every per-cell step in ``native/src/link.rs``), router-3 on the Python path (``circuit-rpc``: one
+``Relay.Circuit`` call per circuit, each cell a gRPC message at each hop). Each point is
+measured for both, one after the other. The link engine's own CPU per forwarded cell in this
+process with 1, 8 and 64 cells per frame, against one Python call per cell that only peels a
+layer, is ``link_engine`` in the JSON.
 
 Writes ``bench/results/dataplane.json`` and ``dataplane.png``. ``--quick``: N = 50 and 200,
 10 s each, one round (a few minutes). ``make bench`` runs the full sweep: N = 50, 200, 500,
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import platform
@@ -77,6 +82,7 @@ class Window:
 
 class Clients:
     def __init__(self, router: str) -> None:
+        self.router = router
         self.channels = [
             aio.insecure_channel(router, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(CHANNELS)
         ]
@@ -131,7 +137,13 @@ def cpu_seconds(swarm: LocalSwarm) -> dict[str, float]:
 
 
 async def measure_point(
-    swarm: LocalSwarm, clients: Clients, streams: int, hops: int, ramp_s: float, duration_s: float
+    swarm: LocalSwarm,
+    clients: Clients,
+    router: str,
+    streams: int,
+    hops: int,
+    ramp_s: float,
+    duration_s: float,
 ) -> dict[str, Any]:
     begin = time.monotonic()
     window = Window(begin + ramp_s, begin + ramp_s + duration_s)
@@ -166,7 +178,7 @@ async def measure_point(
         "cpu_share_of_machine": round(sum(cpu.values()) / duration_s / (os.cpu_count() or 1), 2),
         "relay_cells": int(cells),
         "relay_cpu_us_per_cell": round(1e6 * relay_cpu / cells, 1) if cells else None,
-        "router_cpu_us_per_token": round(1e6 * cpu.get("router-1", 0.0) / window.tokens, 1) if window.tokens else None,
+        "router_cpu_us_per_token": round(1e6 * cpu.get(router, 0.0) / window.tokens, 1) if window.tokens else None,
         "inference_cpu_us_per_token": round(1e6 * node_cpu / window.tokens, 1) if window.tokens else None,
     }
 
@@ -176,7 +188,7 @@ async def pool_ttft(swarm: LocalSwarm, requests: int) -> dict[str, Any]:
     (no pool), alternating, a pause between requests for the pool to refill; medians, and the
     median of paired differences with a 95% bootstrap interval."""
     ttft: dict[str, list[float]] = {"pool": [], "no_pool": []}
-    channels = {name: aio.insecure_channel(r.listen) for name, r in zip(ttft, swarm.routers, strict=True)}
+    channels = {name: aio.insecure_channel(r.listen) for name, r in zip(ttft, swarm.routers[:2], strict=True)}
     try:
         for index in range(requests):
             for name in ttft if index % 2 == 0 else reversed(list(ttft)):
@@ -282,6 +294,28 @@ def crypto_cost() -> dict[str, Any] | None:
     return {k: v for k, v in figures.items() if "hop" in k or "cell" in k} or figures
 
 
+def ratios(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per round and N, from the same run: link over circuit-rpc tokens/s at each hop count, and
+    3 hops over 0 hops on each plane."""
+    by = {(p["round"], p["streams"], p["hops"], p["data_plane"]): p["tokens_per_s"] for p in points}
+    found = []
+    for round_number, streams in sorted({(p["round"], p["streams"]) for p in points}):
+        row: dict[str, Any] = {"round": round_number, "streams": streams}
+        for hops in (0, 3):
+            link, python = (
+                by.get((round_number, streams, hops, "link")),
+                by.get((round_number, streams, hops, "circuit-rpc")),
+            )
+            if link and python:
+                row[f"link_over_python_{hops}_hops"] = round(link / python, 2)
+        for plane in ("link", "circuit-rpc"):
+            three, zero = by.get((round_number, streams, 3, plane)), by.get((round_number, streams, 0, plane))
+            if three and zero:
+                row[f"{plane}_3_over_0_hops"] = round(three / zero, 2)
+        found.append(row)
+    return found
+
+
 def plot(points: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -289,22 +323,28 @@ def plot(points: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for hops, colour in ((0, "tab:blue"), (3, "tab:orange")):
-        mine = [p for p in points if p["hops"] == hops]
+    for (hops, colour), (plane, marker) in itertools.product(
+        ((0, "tab:blue"), (3, "tab:orange")), (("link", "o"), ("circuit-rpc", "x"))
+    ):
+        mine = [p for p in points if p["hops"] == hops and p.get("data_plane", "circuit-rpc") == plane]
+        if not mine:
+            continue
+        label = f"{hops} hops, {plane}"
         left.scatter(
-            [p["streams"] for p in mine], [p["tokens_per_s"] for p in mine], color=colour, label=f"{hops} hops"
+            [p["streams"] for p in mine], [p["tokens_per_s"] for p in mine], color=colour, marker=marker, label=label
         )
         right.scatter(
-            [p["streams"] for p in mine], [1000 * (p["ttft_s"]["p50"] or 0) for p in mine], color=colour, marker="o"
-        )
-        right.scatter(
-            [p["streams"] for p in mine], [1000 * (p["ttft_s"]["p99"] or 0) for p in mine], color=colour, marker="^"
+            [p["streams"] for p in mine],
+            [1000 * (p["ttft_s"]["p50"] or 0) for p in mine],
+            color=colour,
+            marker=marker,
+            label=label,
         )
     counts = sorted({p["streams"] for p in points})
     left.plot(counts, [n * 1e6 / DECODE_US for n in counts], "k--", label="ideal (engine only)")
     left.set(xlabel="concurrent streams", ylabel="tokens/s through the router", xscale="log", yscale="log")
-    left.legend()
-    right.set(xlabel="concurrent streams", ylabel="TTFT ms (o p50, ^ p99)", xscale="log", yscale="log")
+    left.legend(fontsize=8)
+    right.set(xlabel="concurrent streams", ylabel="TTFT p50 (ms)", xscale="log", yscale="log")
     figure.suptitle("Data plane: 1 router, 3 relays, 4 emulated nodes (20 ms/token), one process each")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -324,17 +364,27 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         relays=RELAYS,
         inference_nodes=INFERENCE_NODES,
         node_env={f"inference-{i + 1}": inference for i in range(INFERENCE_NODES)}
-        | {"router-1": router, "router-2": router | {"SWARMSERVE_CIRCUIT_POOL__ENABLED": "false"}},
-        routers=2,  # router-2 builds each request's circuit when it comes: the pool's baseline
+        | {
+            "router-1": router,
+            # router-2 builds each request's circuit when it comes: the pool's baseline
+            "router-2": router | {"SWARMSERVE_CIRCUIT_POOL__ENABLED": "false"},
+            # router-3 is router-1 on the Python data plane: the native path's baseline
+            "router-3": router | {"SWARMSERVE_DATA_PLANE": "circuit-rpc"},
+        },
+        routers=3,
         ledger=False,
     )
     print(f"dataplane: starting 1 router, {RELAYS} relays, {INFERENCE_NODES} emulated nodes (logs in {workdir})")
     await swarm.start(timeout_s=180)
-    clients = Clients(swarm.router)
+    planes = {
+        "link": ("router-1", Clients(swarm.routers[0].listen)),
+        "circuit-rpc": ("router-3", Clients(swarm.routers[2].listen)),
+    }
     points = []
     pool: dict[str, Any] = {}
     try:
-        await asyncio.gather(*(clients.stream(hops, Window(0, 0)) for hops in (0, 3)))  # warm paths
+        for _, clients in planes.values():  # warm paths
+            await asyncio.gather(*(clients.stream(hops, Window(0, 0)) for hops in (0, 3)))
         pool = await pool_ttft(swarm, args.pool_requests)
         print(
             f"  one stream at a time, 3 hops: TTFT {pool['pool_ms']['p50']} ms with the pool, "
@@ -343,12 +393,14 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         )
         for round_number in range(args.rounds):
             for streams in args.streams:
-                for hops in args.hops:
-                    point = await measure_point(swarm, clients, streams, hops, args.ramp_s, args.duration_s)
-                    point["round"] = round_number
+                for hops, plane in itertools.product(args.hops, args.planes):
+                    router, clients = planes[plane]
+                    point = await measure_point(swarm, clients, router, streams, hops, args.ramp_s, args.duration_s)
+                    point["round"], point["data_plane"] = round_number, plane
                     points.append(point)
                     print(
-                        f"  round {round_number + 1}, N={streams:5d}, {hops} hops: {point['tokens_per_s']:8.1f} "
+                        f"  round {round_number + 1}, {plane:11s} N={streams:5d}, {hops} hops: "
+                        f"{point['tokens_per_s']:8.1f} "
                         f"tokens/s (ideal {point['ideal_tokens_per_s']:.0f}), TTFT p50/p99 "
                         f"{point['ttft_s']['p50']}/{point['ttft_s']['p99']} s, failed {point['failed']}, "
                         f"relay CPU {point['relay_cpu_us_per_cell']} us/cell, router "
@@ -357,7 +409,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                     )
                     await asyncio.sleep(2.0)  # let queues drain between points
     finally:
-        await clients.close()
+        for _, clients in planes.values():
+            await clients.close()
         await swarm.stop()
     return {
         "setup": {
@@ -369,11 +422,15 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             "duration_s": args.duration_s,
             "ramp_s": args.ramp_s,
             "rounds": args.rounds,
-            "data_plane": "python (grpc.aio per cell per hop)",
+            "data_planes": {
+                "link": "router-1: Relay.Link per neighbour, frames of cells, native per-cell work",
+                "circuit-rpc": "router-3: Relay.Circuit per circuit, grpc.aio per cell per hop (Python)",
+            },
             "cpus": os.cpu_count(),
             "machine": platform.platform(),
         },
         "points": points,
+        "ratios": ratios(points),
         "pool_ttft": pool,
         "crypto": crypto_cost(),
         "link_engine": engine_cost(),
@@ -384,6 +441,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--streams", type=int, nargs="+", default=[50, 200, 500, 1000])
     parser.add_argument("--hops", type=int, nargs="+", default=[0, 3])
+    parser.add_argument("--planes", nargs="+", default=["link", "circuit-rpc"], choices=["link", "circuit-rpc"])
     parser.add_argument("--duration-s", type=float, default=20.0)
     parser.add_argument("--ramp-s", type=float, default=6.0)
     parser.add_argument("--rounds", type=int, default=2)
@@ -399,6 +457,8 @@ def main() -> int:
         results = asyncio.run(run(args, Path(workdir)))
     (out / "dataplane.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results["points"], out / "dataplane.png")
+    for row in results["ratios"]:
+        print("  ratios:", row)
     print(f"wrote {out / 'dataplane.json'} and {out / 'dataplane.png'}")
     return 0
 

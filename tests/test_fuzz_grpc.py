@@ -120,6 +120,9 @@ EXPECTED: dict[str, set[Code]] = {
     # FAILED_PRECONDITION: a cell after the hop closed (native.CircuitClosedError, swarmserve/rpc/
     # errors.py), which relay.proto does not list.
     "/swarmserve.v1.Relay/Circuit": {Code.ALREADY_EXISTS, Code.UNAVAILABLE, Code.FAILED_PRECONDITION},
+    # A link refuses a malformed frame (INVALID_ARGUMENT, in COMMON); everything else is a DESTROY
+    # of one circuit inside it, judged by judge_link.
+    "/swarmserve.v1.Relay/Link": set(),
     # PERMISSION_DENIED: the serving node's refusal, passed on (inference.proto lists it).
     "/swarmserve.v1.Router/Generate": {Code.NOT_FOUND, Code.PERMISSION_DENIED, Code.UNAVAILABLE, Code.DATA_LOSS},
     "/swarmserve.v1.Router/ListModels": set(),
@@ -731,6 +734,63 @@ def cell_streams(fuzz: FuzzSwarm, target: Node) -> st.SearchStrategy[CellStream]
     return st.one_of(junk, valid)
 
 
+LINK_KINDS = {"create": 1, "created": 2, "data": 3, "destroy": 4}
+LINK_LINGER_S = 0.5  # a link stays open this long after its last frame, for the answers to come
+
+
+def link_cell(circuit: int, kind: int, payload: bytes = b"", reason: int = 0) -> bytes:
+    return circuit.to_bytes(4, "big") + bytes([kind, reason]) + len(payload).to_bytes(4, "big") + payload
+
+
+def link_cells(frame: bytes) -> list[tuple[int, int, int, bytes]]:
+    """(circuit, kind, reason, payload) of each cell of a well-formed frame."""
+    cells, at = [], 0
+    while at < len(frame):
+        length = int.from_bytes(frame[at + 6 : at + 10], "big")
+        cells.append(
+            (int.from_bytes(frame[at : at + 4], "big"), frame[at + 4], frame[at + 5], frame[at + 10 : at + 10 + length])
+        )
+        at += 10 + length
+    return cells
+
+
+@dataclass
+class LinkStream:
+    """What a Relay.Link call sends: a circuit's cells (those of a :class:`CellStream`) as link
+    cells of one circuit id, in one frame or one frame each, or junk frames."""
+
+    frames: list[bytes]
+    circuit_id: int = 1
+    cells: CellStream | None = None
+
+    def __repr__(self) -> str:
+        return (
+            f"LinkStream(frames={[f[:24] for f in self.frames]!r}, circuit_id={self.circuit_id}, cells={self.cells!r})"
+        )
+
+
+def as_link(stream: CellStream, circuit_id: int, one_frame: bool) -> LinkStream:
+    cells = []
+    for cell in stream.cells:
+        kind = cell.WhichOneof("cell")
+        if kind == "create":
+            cells.append(link_cell(circuit_id, LINK_KINDS[kind], cell.create.onion))
+        elif kind == "created":
+            cells.append(link_cell(circuit_id, LINK_KINDS[kind], cell.created.confirmation))
+        elif kind == "data":
+            cells.append(link_cell(circuit_id, LINK_KINDS[kind], cell.data.payload))
+        elif kind == "destroy":
+            cells.append(link_cell(circuit_id, LINK_KINDS[kind], reason=cell.destroy.reason & 0xFF))
+    return LinkStream([b"".join(cells)] if one_frame else cells, circuit_id, stream)
+
+
+def link_streams(fuzz: FuzzSwarm, target: Node) -> st.SearchStrategy[LinkStream]:
+    circuit_ids = st.sampled_from([0, 1, 2**32 - 1])
+    built = st.builds(as_link, cell_streams(fuzz, target), circuit_ids, st.booleans())
+    junk = st.lists(st.binary(max_size=64), min_size=1, max_size=3).map(LinkStream)
+    return st.one_of(built, built, junk)
+
+
 # --- calling and judging -----------------------------------------------------------------------
 
 
@@ -753,7 +813,14 @@ def call(node: Node, path: str, payload: bytes | Sequence[bytes]) -> Outcome:
         if method.client_streaming:
             assert not isinstance(payload, bytes)
             stream = node.channel.stream_stream(path, request_serializer=None, response_deserializer=None)
-            replies.extend(stream(iter(list(payload)), timeout=deadline))
+            requests = list(payload)
+
+            def lingering() -> Iterator[bytes]:
+                yield from requests
+                if path == "/swarmserve.v1.Relay/Link":  # a link's end ends its circuits
+                    time.sleep(LINK_LINGER_S)
+
+            replies.extend(stream(lingering(), timeout=deadline))
         elif method.server_streaming:
             assert isinstance(payload, bytes)
             stream = node.channel.unary_stream(path, request_serializer=None, response_deserializer=None)
@@ -823,7 +890,7 @@ SEEN: dict[str, Counter[str]] = defaultdict(Counter)
 SAMPLES: dict[tuple[str, str], str] = {}  # one message per (method, refusal), to read what was refused
 
 
-def judge(node: Node, path: str, outcome: Outcome, stream: CellStream | None = None) -> None:
+def judge(node: Node, path: str, outcome: Outcome, stream: CellStream | LinkStream | None = None) -> None:
     """Success with replies of the right type, or a clear refusal from the expected set (or an
     answer a KNOWN_BUGS entry explains)."""
     method = METHODS[path]
@@ -844,7 +911,9 @@ def judge(node: Node, path: str, outcome: Outcome, stream: CellStream | None = N
             raise AssertionError(f"{where}: a reply does not parse as {reply_class.__name__}: {error}") from None
     if outcome.code is Code.OK and path in ("/swarmserve.v1.Router/Generate", "/swarmserve.v1.Inference/Generate"):
         assert replies and replies[-1].HasField("summary"), f"{where}: the stream ended without its summary"
-    if stream is not None and stream.circuit is not None:
+    if isinstance(stream, LinkStream):
+        judge_link(node, where, stream, replies)
+    elif stream is not None and stream.circuit is not None:
         judge_circuit(node, where, stream.circuit, replies)
 
 
@@ -868,6 +937,30 @@ def judge_circuit(node: Node, where: str, circuit: native.Circuit, cells: list[r
                 f"{where}: undefined teardown {cell.destroy}"
             )
             assert cell.destroy.reason != relay_pb2.DESTROY_REASON_UNSPECIFIED, f"{where}: teardown without a reason"
+
+
+def judge_link(node: Node, where: str, stream: LinkStream, frames: list[relay_pb2.LinkFrame]) -> None:
+    """A link's answers: well-formed frames of whole cells, for the circuit id sent; inside a
+    circuit the node opened, what :func:`judge_circuit` allows."""
+    cells = []
+    for frame in frames:
+        for circuit_id, kind, reason, payload in link_cells(frame.cells):
+            assert circuit_id == stream.circuit_id, f"{where}: a cell for circuit {circuit_id}, never set up"
+            if kind == LINK_KINDS["created"]:
+                cells.append(relay_pb2.RelayCell(created=relay_pb2.CircuitCreated(confirmation=payload)))
+            elif kind == LINK_KINDS["data"]:
+                cells.append(relay_pb2.RelayCell(data=relay_pb2.DataCell(payload=payload)))
+            else:
+                assert kind == LINK_KINDS["destroy"], f"{where}: the node sent a cell of kind {kind}"
+                cells.append(relay_pb2.RelayCell(destroy=relay_pb2.DestroyCircuit(reason=reason)))  # type: ignore[arg-type]
+    circuit = stream.cells.circuit if stream.cells is not None else None
+    if circuit is not None:
+        judge_circuit(node, where, circuit, cells)
+        return
+    for cell in cells:  # a set-up the node cannot open: refused, nothing else
+        assert cell.WhichOneof("cell") == "destroy", f"{where}: {cell.WhichOneof('cell')} for a set-up it cannot open"
+        assert cell.destroy.reason in relay_pb2.DestroyReason.values(), f"{where}: undefined teardown {cell.destroy}"
+        assert cell.destroy.reason != relay_pb2.DESTROY_REASON_UNSPECIFIED, f"{where}: teardown without a reason"
 
 
 # --- after each method: nothing held --------------------------------------------------------------
@@ -928,8 +1021,9 @@ def test_well_formed_messages_with_hostile_values(fuzz_swarm: FuzzSwarm, path: s
     """EXAMPLES requests on every node that serves the method (each example picks one)."""
     method, hosts = METHODS[path], fuzz_swarm.hosts(path)
     if method.client_streaming:
+        streams = link_streams if path == "/swarmserve.v1.Relay/Link" else cell_streams
         strategy: st.SearchStrategy[Any] = st.sampled_from([n.name for n in hosts]).flatmap(
-            lambda name: st.tuples(st.just(name), cell_streams(fuzz_swarm, fuzz_swarm.nodes[name]))
+            lambda name: st.tuples(st.just(name), streams(fuzz_swarm, fuzz_swarm.nodes[name]))
         )
     else:
         strategy = st.sampled_from([n.name for n in hosts]).flatmap(
@@ -941,7 +1035,19 @@ def test_well_formed_messages_with_hostile_values(fuzz_swarm: FuzzSwarm, path: s
     def fuzz(target: tuple[str, Any]) -> None:
         name, request = target
         node = fuzz_swarm.nodes[name]
-        if isinstance(request, CellStream):
+        if isinstance(request, LinkStream):
+            frames = [relay_pb2.LinkFrame(cells=f).SerializeToString() for f in request.frames]
+            judge(node, path, call(node, path, frames), request)
+            if request.cells is not None and request.cells.replayed:
+                again = call(node, path, frames)
+                judge(node, path, again, request)
+                opened = [
+                    kind
+                    for raw in again.replies
+                    for _, kind, _, _ in link_cells(relay_pb2.LinkFrame.FromString(raw).cells)
+                ]
+                assert LINK_KINDS["created"] not in opened, "a replayed set-up was taken on a link"
+        elif isinstance(request, CellStream):
             cells = [c.SerializeToString() for c in request.cells]
             first = call(node, path, cells)
             judge(node, path, first, request)

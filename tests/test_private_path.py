@@ -47,32 +47,78 @@ ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "Tell me about the moon in two sentences."
 
 
-class CapturingRelay(RelayServicer):
-    """Records every cell this relay receives, from either neighbour (serialized)."""
+DATA_PLANES = ["link", "circuit-rpc"]
+_CELL_HEADER = 10  # circuit id u32 | kind u8 | reason u8 | length u32 (native/src/link.rs)
+_CREATE, _DATA = 1, 3
+
+
+def link_cells(frame: bytes) -> list[tuple[int, int, int]]:
+    """(kind, payload offset, payload length) of each cell of a link frame."""
+    cells, at = [], 0
+    while at < len(frame):
+        kind, length = frame[at + 4], int.from_bytes(frame[at + 6 : at + 10], "big")
+        cells.append((kind, at + _CELL_HEADER, length))
+        at += _CELL_HEADER + length
+    return cells
+
+
+class HostileRelay(RelayServicer):
+    """A relay that sees every cell it receives from either neighbour, on both data planes: a
+    ``Relay.Circuit`` cell, or a ``Relay.Link`` frame (whichever way it came), which it may
+    replace (:meth:`_seen`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        links = self.links
+        receive = links._receive
+
+        def seeing(link: Any, cells: bytes) -> bool:
+            backward = links._dialled.get(link.peer) == link.id  # from the next hop
+            return receive(link, self._seen_frame(cells, backward))
+
+        links._receive = seeing  # type: ignore[method-assign]
+
+    def _seen_frame(self, frame: bytes, backward: bool) -> bytes:
+        return frame
+
+    def _seen(self, cell: relay_pb2.RelayCell, backward: bool) -> relay_pb2.RelayCell:
+        return cell
+
+    def Circuit(self, request_iterator: Any, context: Any) -> Any:
+        async def seeing() -> AsyncIterator[relay_pb2.RelayCell]:
+            async for cell in request_iterator:
+                yield self._seen(cell, False)
+
+        return super().Circuit(seeing(), context)
+
+    async def _receive(self, call: Any) -> Any:
+        cell = await super()._receive(call)
+        return cell if cell is STREAM_EOF else self._seen(cell, True)
+
+
+class CapturingRelay(HostileRelay):
+    """Records every cell this relay receives, from either neighbour (serialized, or whole frames)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.received: list[bytes] = []
         self.first_creates: list[bytes] = []
 
-    def Circuit(self, request_iterator: Any, context: Any) -> Any:
-        async def recording() -> AsyncIterator[relay_pb2.RelayCell]:
-            async for cell in request_iterator:
-                self.received.append(cell.SerializeToString())
-                if cell.WhichOneof("cell") == "create":
-                    self.first_creates.append(cell.create.onion)
-                yield cell
+    def _seen_frame(self, frame: bytes, backward: bool) -> bytes:
+        self.received.append(frame)
+        for kind, at, length in link_cells(frame):
+            if kind == _CREATE and not backward:
+                self.first_creates.append(frame[at : at + length])
+        return frame
 
-        return super().Circuit(recording(), context)
-
-    async def _receive(self, call: Any) -> Any:
-        cell = await super()._receive(call)
-        if cell is not STREAM_EOF:
-            self.received.append(cell.SerializeToString())
+    def _seen(self, cell: relay_pb2.RelayCell, backward: bool) -> relay_pb2.RelayCell:
+        self.received.append(cell.SerializeToString())
+        if cell.WhichOneof("cell") == "create":
+            self.first_creates.append(cell.create.onion)
         return cell
 
 
-class TamperingRelay(RelayServicer):
+class TamperingRelay(HostileRelay):
     """Flips one byte of the first data cell it handles in the chosen direction."""
 
     direction = "backward"
@@ -81,26 +127,24 @@ class TamperingRelay(RelayServicer):
         super().__init__(*args, **kwargs)
         self.tampered = False
 
-    def _flip(self, cell: relay_pb2.RelayCell) -> relay_pb2.RelayCell:
-        if self.tampered or cell.WhichOneof("cell") != "data":
+    def _seen_frame(self, frame: bytes, backward: bool) -> bytes:
+        if self.tampered or backward != (self.direction == "backward"):
+            return frame
+        for kind, at, length in link_cells(frame):
+            if kind == _DATA:
+                self.tampered = True
+                flipped = bytearray(frame)
+                flipped[at + length // 2] ^= 0x40
+                return bytes(flipped)
+        return frame
+
+    def _seen(self, cell: relay_pb2.RelayCell, backward: bool) -> relay_pb2.RelayCell:
+        if self.tampered or backward != (self.direction == "backward") or cell.WhichOneof("cell") != "data":
             return cell
         self.tampered = True
         payload = bytearray(cell.data.payload)
         payload[len(payload) // 2] ^= 0x40
         return relay_pb2.RelayCell(data=relay_pb2.DataCell(payload=bytes(payload)))
-
-    def Circuit(self, request_iterator: Any, context: Any) -> Any:
-        async def tampering() -> AsyncIterator[relay_pb2.RelayCell]:
-            async for cell in request_iterator:
-                yield self._flip(cell) if self.direction == "forward" else cell
-
-        return super().Circuit(tampering(), context)
-
-    async def _receive(self, call: Any) -> Any:
-        cell = await super()._receive(call)
-        if cell is STREAM_EOF or self.direction != "backward":
-            return cell
-        return self._flip(cell)
 
 
 def chat_request(prompt: str = PROMPT, hops: int | None = None, **sampling: Any) -> router_pb2.GenerateRequest:
@@ -139,8 +183,9 @@ async def test_three_hops_equal_direct_and_the_receipt_checks_at_the_client(swar
         assert private.time_to_first_token_s < private.total_s * 0.6
 
 
-async def test_relays_never_see_plaintext(swarm: SwarmFactory) -> None:
-    async with swarm(relay_class=CapturingRelay) as s:
+@pytest.mark.parametrize("data_plane", DATA_PLANES)
+async def test_relays_never_see_plaintext(swarm: SwarmFactory, data_plane: str) -> None:
+    async with swarm(relay_class=CapturingRelay, data_plane=data_plane) as s:
         chunks, summary = await run(s.router.address, chat_request(hops=3, max_new_tokens=40))
         answer = "".join(c.text for c in chunks).encode()
         engine = s.inference[0].servicer.service.engines[MODEL]  # type: ignore[union-attr]
@@ -171,14 +216,18 @@ def c_texts(chunks: list[router_pb2.TokenChunk]) -> list[bytes]:
     return [t for c in chunks for t in c.token_texts if len(t) >= 5]
 
 
+@pytest.mark.parametrize("data_plane", DATA_PLANES)
 @pytest.mark.parametrize("direction", ["forward", "backward"])
-async def test_a_tampered_cell_ends_the_circuit_with_a_clear_error(swarm: SwarmFactory, direction: str) -> None:
+async def test_a_tampered_cell_ends_the_circuit_with_a_clear_error(
+    swarm: SwarmFactory, direction: str, data_plane: str
+) -> None:
     relay_class = type(f"Tamper{direction}", (TamperingRelay,), {"direction": direction})
-    async with swarm(relays=1, relay_class=relay_class) as s:
+    async with swarm(relays=1, relay_class=relay_class, data_plane=data_plane) as s:
         with pytest.raises(aio.AioRpcError) as error:
             await run(s.router.address, chat_request(hops=1, max_new_tokens=30))
         assert error.value.code() == grpc.StatusCode.DATA_LOSS
         assert "failed authentication" in (error.value.details() or "")
+        assert s.relays[0].relay.tampered  # type: ignore[attr-defined]
         # Nothing else is affected: the node frees its slot and the swarm keeps serving.
         status = inference_pb2_grpc.InferenceStub(aio.insecure_channel(s.inference[0].address))
         for _ in range(50):
@@ -190,8 +239,9 @@ async def test_a_tampered_cell_ends_the_circuit_with_a_clear_error(swarm: SwarmF
         assert chunks
 
 
-async def test_a_replayed_setup_is_refused(swarm: SwarmFactory) -> None:
-    async with swarm(relay_class=CapturingRelay) as s:
+@pytest.mark.parametrize("data_plane", DATA_PLANES)
+async def test_a_replayed_setup_is_refused_on_either_plane(swarm: SwarmFactory, data_plane: str) -> None:
+    async with swarm(relay_class=CapturingRelay, data_plane=data_plane) as s:
         await run(s.router.address, chat_request(hops=3, max_new_tokens=3))
         relay = next(r for r in s.relays if r.relay.first_creates)  # type: ignore[attr-defined]
         onion = relay.relay.first_creates[0]  # type: ignore[attr-defined]
@@ -200,12 +250,20 @@ async def test_a_replayed_setup_is_refused(swarm: SwarmFactory) -> None:
             await call.write(relay_pb2.RelayCell(create=relay_pb2.CreateCircuit(onion=onion)))
             with pytest.raises(aio.AioRpcError) as error:
                 await call.read()
-        assert error.value.code() == grpc.StatusCode.ALREADY_EXISTS
-        assert "replayed" in (error.value.details() or "")
+            assert error.value.code() == grpc.StatusCode.ALREADY_EXISTS
+            assert "replayed" in (error.value.details() or "")
+            # The same set-up on a link: refused for that circuit alone, the link stays up.
+            link = open_stream(relay_pb2_grpc.RelayStub(channel).Link)
+            header = (7).to_bytes(4, "big") + bytes([_CREATE, 0]) + len(onion).to_bytes(4, "big")
+            await link.write(relay_pb2.LinkFrame(cells=header + onion))
+            reply = await link.read()
+            assert reply.cells == (7).to_bytes(4, "big") + bytes([4, relay_pb2.DESTROY_REASON_REPLAY]) + bytes(4)
+            link.cancel()
 
 
-async def test_a_relay_dying_mid_stream_ends_it_with_unavailable_promptly(swarm: SwarmFactory) -> None:
-    async with swarm(relays=3) as s, aio.insecure_channel(s.router.address) as channel:
+@pytest.mark.parametrize("data_plane", DATA_PLANES)
+async def test_a_relay_dying_mid_stream_ends_it_with_unavailable_promptly(swarm: SwarmFactory, data_plane: str) -> None:
+    async with swarm(relays=3, data_plane=data_plane) as s, aio.insecure_channel(s.router.address) as channel:
         call = router_pb2_grpc.RouterStub(channel).Generate(
             chat_request("Write a long story about a dragon.", hops=3, max_new_tokens=400)
         )

@@ -7,7 +7,7 @@ request arrives as shares over several circuits, joined in ``multipath.py``."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -17,7 +17,7 @@ from services.inference.offload import Offloader
 from services.inference.service import InferenceService
 from services.inference.servicer import to_generate_request, to_response
 from services.relay.circuit import error_message, pad_message
-from services.relay.client import OpenCircuit, decode_message
+from services.relay.client import ClientCircuit, decode_message
 from swarmserve import native
 from swarmserve.rpc import InvalidArgument, ServiceError, Unavailable
 from swarmserve.telemetry import get_logger
@@ -44,7 +44,7 @@ class InferenceExit:
         self.multipath = MultipathGroups()
         self.offloads: Counter[str] = Counter({"sent": 0, "received": 0})  # read by /metrics
 
-    async def handle(self, forward: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    async def handle(self, forward: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]:
         try:
             first = await anext(forward)
         except StopAsyncIteration:
@@ -99,7 +99,7 @@ class InferenceExit:
         peer = self._offloader.target(service, request)
         if peer is None:
             return None
-        circuit: OpenCircuit | None = None
+        circuit: ClientCircuit | None = None
         try:
             circuit = await self._offloader.open(peer, request)
             first = await circuit.receive_plaintext()

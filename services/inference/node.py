@@ -20,6 +20,8 @@ from services.inference.offload import Offloader
 from services.inference.service import InferenceService
 from services.inference.servicer import InferenceServicer, capacity, load_report, model_info, policy_summary
 from services.inference.tokens import TokenDesk
+from services.relay.client import circuit_opener
+from services.relay.links import LinkPlane
 from services.relay.servicer import RelayServicer
 from services.verifier.appeals import AppealDuties
 from services.verifier.service import VerifierService
@@ -88,12 +90,13 @@ class InferenceNode(ServiceNode):
             fill=self._describe,
         )
         self.membership = Membership(self.publisher, self.channels, config.gossip)
+        self.links = LinkPlane(self.channels, idle_timeout_s=config.circuits.idle_timeout_s)
         self.offloader = (
             Offloader(
                 self.keys.identity.public_key,
                 self.stake_of,
                 self.membership,
-                self.channels,
+                circuit_opener(config.circuits.data_plane, self.channels, self.links),
                 config.circuits.setup_timeout_s,
                 config.circuits.idle_timeout_s,
             )
@@ -110,6 +113,7 @@ class InferenceNode(ServiceNode):
             terminus=self.terminus,
             forwards=False,
             directory=self.membership.directory,  # members' addresses get a larger set-up allowance
+            links=self.links,
         )
         self.server = RpcServer(
             config.server,
@@ -296,6 +300,7 @@ class InferenceNode(ServiceNode):
     async def close(self) -> None:
         if self.appeals is not None:
             await self.appeals.close()
+        await self.links.close()
         await self.channels.close()
         service = self.servicer.service
         if service is not None:

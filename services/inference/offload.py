@@ -16,10 +16,10 @@ from collections.abc import AsyncIterator, Callable
 
 from services.inference.service import InferenceService
 from services.relay.circuit import error_message
-from services.relay.client import OpenCircuit, decode_message
+from services.relay.client import CircuitOpener, ClientCircuit, decode_message
 from swarmserve.dispatch import NodeState, load_factor, reported_state
 from swarmserve.overlay import Membership, Peer
-from swarmserve.rpc import ChannelPool, InvalidArgument, ServiceError
+from swarmserve.rpc import InvalidArgument, ServiceError
 from swarmserve.telemetry import get_logger
 from swarmserve.v1 import common_pb2, inference_pb2, relay_pb2
 
@@ -36,7 +36,7 @@ class Offloader:
         identity_key: bytes,
         stake_of: Callable[[bytes], int],
         membership: Membership,
-        channels: ChannelPool,
+        open_circuit: CircuitOpener,
         setup_timeout_s: float,
         cell_timeout_s: float,
     ) -> None:
@@ -44,7 +44,7 @@ class Offloader:
         self._stake_of = stake_of
         self._random = random.SystemRandom()
         self._membership = membership
-        self._channels = channels
+        self._open_circuit = open_circuit
         self._setup_timeout_s = setup_timeout_s
         self._cell_timeout_s = cell_timeout_s
         self._sent: dict[str, tuple[int, int]] = {}  # peer -> (descriptor version, requests sent since)
@@ -94,7 +94,7 @@ class Offloader:
     def _state(self, peer: Peer) -> NodeState:
         return reported_state(peer.node_id, peer.descriptor.load, peer.descriptor.capacity, self._pending(peer))
 
-    async def open(self, peer: Peer, request: inference_pb2.InferenceGenerateRequest) -> OpenCircuit:
+    async def open(self, peer: Peer, request: inference_pb2.InferenceGenerateRequest) -> ClientCircuit:
         """Opens the circuit to ``peer`` and sends the request one hop further on. Raises
         ServiceError if the peer cannot be reached (nothing was sent to the client yet)."""
         passed = inference_pb2.InferenceGenerateRequest()
@@ -102,7 +102,7 @@ class Offloader:
         passed.forwarding.hop_budget -= 1
         passed.forwarding.visited.append(self._identity_key)
         self._sent[peer.node_id] = (peer.descriptor.version, self._pending(peer) + 1)
-        circuit = await OpenCircuit.open(self._channels, [], peer, self._setup_timeout_s, self._cell_timeout_s)
+        circuit = await self._open_circuit([], peer, self._setup_timeout_s, self._cell_timeout_s)
         try:
             await circuit.send(relay_pb2.CircuitMessage(request=passed))
         except BaseException:
@@ -111,7 +111,7 @@ class Offloader:
         log.info("offloading", to=peer.node_id[:16], hop_budget_left=passed.forwarding.hop_budget)
         return circuit
 
-    async def relay(self, circuit: OpenCircuit, first: bytes) -> AsyncIterator[bytes]:
+    async def relay(self, circuit: ClientCircuit, first: bytes) -> AsyncIterator[bytes]:
         """The peer's messages (it took the request), passed on as it serialized and padded them,
         until its summary or error; each is decoded only to see where the stream ends."""
         self.offloaded += 1

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from swarmserve.config import NodeConfig, ServerSettings, StrictModel
 from swarmserve.keys import OnionKeyRing
 
-__all__ = ["CircuitSettings", "RelayConfig"]
+__all__ = ["DATA_PLANE_HELP", "CircuitSettings", "DataPlane", "RelayConfig"]
+
+
+DataPlane = Literal["link", "circuit-rpc"]
+DATA_PLANE_HELP = (
+    "how circuits this node starts travel: 'link' (multiplexed on one Relay.Link stream per "
+    "neighbour, every cell handled natively) or 'circuit-rpc' (one Relay.Circuit call per circuit, "
+    "cells sealed in Python; kept for comparison). Relays and exits serve both"
+)
 
 
 class CircuitSettings(StrictModel):
@@ -29,6 +39,7 @@ class CircuitSettings(StrictModel):
     )
     setup_burst_per_source: int = Field(100, ge=1, description="set-ups one source may start at once")
     circuits_per_source: int = Field(256, ge=1, description="circuits one source may hold open at once")
+    data_plane: DataPlane = Field("link", description=DATA_PLANE_HELP + " (this node's offloads)")
 
     def onion_keys(self) -> OnionKeyRing:
         return OnionKeyRing(self.onion_key_lifetime_s, self.onion_key_overlap_s, self.replay_cache_capacity)

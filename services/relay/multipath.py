@@ -1,7 +1,7 @@
 """The client end of a multipath request (``PrivacyOptions.paths``, PlanetServe's S-IDA paths):
 ``n`` onion circuits through disjoint relays to one node, every message in either direction split
 into ``n`` S-IDA shares (``native.sida_split``), one per circuit, any ``k`` of which rebuild it.
-It reads and writes like one :class:`OpenCircuit`, so the router's serving loop does not change.
+It reads and writes like one :class:`ClientCircuit`, so the router's serving loop does not change.
 
 Invariants: messages come out whole and in order (each rebuilt from ``k`` shares of its sequence
 number, later duplicates dropped); a circuit that fails is dropped and the others carry on; when
@@ -17,17 +17,17 @@ import itertools
 import os
 from collections.abc import Sequence
 
-from services.relay.client import OpenCircuit, decode_message
+from services.relay.client import CircuitOpener, ClientCircuit, decode_message
 from swarmserve import native
 from swarmserve.overlay import Peer
-from swarmserve.rpc import ChannelPool, DataLoss, ServiceError, Unavailable
+from swarmserve.rpc import DataLoss, ServiceError, Unavailable
 from swarmserve.v1 import relay_pb2
 
 __all__ = ["MultipathCircuit"]
 
 
 class MultipathCircuit:
-    def __init__(self, circuits: dict[int, OpenCircuit], n: int, k: int, cell_timeout_s: float) -> None:
+    def __init__(self, circuits: dict[int, ClientCircuit], n: int, k: int, cell_timeout_s: float) -> None:
         self._circuits = circuits  # path index -> circuit; failed ones are removed
         self._n, self._k = n, k
         self._group = os.urandom(16)
@@ -42,7 +42,7 @@ class MultipathCircuit:
     @classmethod
     async def open(
         cls,
-        channels: ChannelPool,
+        open_circuit: CircuitOpener,
         paths: Sequence[Sequence[Peer]],
         exit_: Peer,
         k: int,
@@ -52,10 +52,10 @@ class MultipathCircuit:
         """Opens one circuit per path at once; goes on with those that opened if they are at
         least ``k``, else raises the first failure."""
         opened = await asyncio.gather(
-            *(OpenCircuit.open(channels, path, exit_, setup_timeout_s, cell_timeout_s) for path in paths),
+            *(open_circuit(path, exit_, setup_timeout_s, cell_timeout_s) for path in paths),
             return_exceptions=True,
         )
-        circuits = {i: c for i, c in enumerate(opened) if isinstance(c, OpenCircuit)}
+        circuits = {i: c for i, c in enumerate(opened) if isinstance(c, ClientCircuit)}
         if len(circuits) < k:
             for circuit in circuits.values():
                 circuit.close()
@@ -77,7 +77,7 @@ class MultipathCircuit:
         shares = native.sida_split(message.SerializeToString(), self._n, self._k)
         sequence, self._sent = self._sent, self._sent + 1
 
-        async def send_share(index: int, circuit: OpenCircuit) -> None:
+        async def send_share(index: int, circuit: ClientCircuit) -> None:
             share = relay_pb2.MultipathShare(group=self._group, sequence=sequence, share=shares[index])
             try:
                 await circuit.send(relay_pb2.CircuitMessage(share=share))
@@ -93,7 +93,7 @@ class MultipathCircuit:
         code = self._failure.code if self._failure is not None else Unavailable.code
         return ServiceError(f"only {len(self._circuits)} of {self._n} paths remain, {self._k} are needed{reason}", code)
 
-    async def _read(self, index: int, circuit: OpenCircuit) -> None:
+    async def _read(self, index: int, circuit: ClientCircuit) -> None:
         while True:
             try:
                 message = await circuit.receive()

@@ -50,4 +50,5 @@ class RelayNode(ServiceNode):
         log.info("relay ready", node_id=self.keys.identity.node_id, address=self.address)
 
     async def close(self) -> None:
+        await self.relay.links.close()
         await self.channels.close()

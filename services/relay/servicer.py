@@ -1,4 +1,6 @@
-"""The ``Relay`` gRPC service: one bidirectional stream per circuit.
+"""The ``Relay`` gRPC service: circuits, either one bidirectional stream each (``Circuit``) or
+multiplexed over one stream per neighbour (``Link``, cells handled in ``links.py``'s native
+engine). Both admit set-ups by the same rules (:meth:`RelayServicer.admit`).
 
 A forwarding relay peels exactly one set-up layer, learns only where to send the rest, opens the
 next hop, and then moves cells both ways (forward cells lose its layer, backward cells gain
@@ -13,7 +15,7 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -23,16 +25,25 @@ from grpc import aio
 from services.relay.circuit import CIRCUIT_READY, create_cell, created_cell, data_cell, destroy_cell
 from services.relay.config import CircuitSettings
 from services.relay.limits import SourceLimits, host_of, source_of
+from services.relay.links import CircuitEnd, EndClosed, LinkPlane
 from swarmserve import native
 from swarmserve.config import parse_listen_address
 from swarmserve.keys import OnionKeyRing
 from swarmserve.overlay import PeerDirectory
-from swarmserve.rpc import STREAM_EOF, ChannelPool, InvalidArgument, ResourceExhausted, open_stream
+from swarmserve.rpc import (
+    STREAM_EOF,
+    ChannelPool,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+    open_stream,
+    status_for,
+)
 from swarmserve.telemetry import get_logger
 from swarmserve.telemetry.metrics import NodeMetrics
 from swarmserve.v1 import relay_pb2, relay_pb2_grpc
 
-__all__ = ["RelayServicer", "Terminus", "destroy_reason_for"]
+__all__ = ["Admission", "RelayServicer", "Terminus", "destroy_reason_for"]
 
 log = get_logger("swarmserve.relay")
 
@@ -52,7 +63,7 @@ def destroy_reason_for(code: grpc.StatusCode) -> relay_pb2.DestroyReason.ValueTy
 class Terminus(Protocol):
     """The end of a circuit: turns the plaintext of forward cells into backward plaintexts."""
 
-    def handle(self, forward: AsyncIterator[bytes]) -> AsyncIterator[bytes]: ...
+    def handle(self, forward: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]: ...
 
 
 @dataclass
@@ -66,6 +77,19 @@ class RelayCounters:
     def forwarded(self, direction: str, size: int) -> None:
         self.cells[direction] += 1
         self.bytes[direction] += size
+
+
+class NextHopUnknown(Unavailable):
+    """A set-up names a next hop that is no member: refused as an unreachable hop."""
+
+
+@dataclass
+class Admission:
+    """An admitted set-up: this hop's keys, and where the rest goes (None: it ends here)."""
+
+    hop: native.CircuitHop
+    next_hop: tuple[str, bytes] | None  # (member address, the rest of the onion)
+    source: str
 
 
 class RelayServicer(relay_pb2_grpc.RelayServicer):
@@ -82,6 +106,7 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
         terminus: Terminus | None = None,
         forwards: bool = True,
         directory: PeerDirectory | None = None,
+        links: LinkPlane | None = None,
     ) -> None:
         self._onion_keys = onion_keys
         self._directory = directory  # next hops only among its members (None: any address)
@@ -94,6 +119,19 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
         )
         self.active = 0
         self.counters = RelayCounters()
+        # Circuits that arrive on links (Relay.Link) are admitted by the same rules as Circuit's.
+        self.links = links or LinkPlane(channels, idle_timeout_s=settings.idle_timeout_s)
+        self.links.on_setup, self.links.on_release = self._link_setup, self._link_release
+        self._link_admissions: dict[tuple[int, int], Admission] = {}
+
+    def _forwarded(self) -> tuple[Counter[str], Counter[str]]:
+        """Cells and bytes passed on, by direction, on both data planes."""
+        cells, size = self.counters.cells, self.counters.bytes
+        forward_cells, backward_cells, forward_bytes, backward_bytes = self.links.engine.forwarded
+        return (
+            Counter({"forward": cells["forward"] + forward_cells, "backward": cells["backward"] + backward_cells}),
+            Counter({"forward": size["forward"] + forward_bytes, "backward": size["backward"] + backward_bytes}),
+        )
 
     def report_to(self, metrics: NodeMetrics) -> None:
         counters = self.counters
@@ -101,13 +139,22 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
         metrics.read_counter(
             "swarmserve_relay_cells_forwarded",
             "data cells passed on, towards the exit (forward) or back",
-            lambda: counters.cells,
+            lambda: self._forwarded()[0],
             ["direction"],
         )
         metrics.read_counter(
             "swarmserve_relay_forwarded_bytes",
             "payload bytes of the data cells passed on",
-            lambda: counters.bytes,
+            lambda: self._forwarded()[1],
+            ["direction"],
+        )
+        metrics.read(
+            "swarmserve_relay_links", "links (Relay.Link streams) open to neighbours now", lambda: self.links.links
+        )
+        metrics.read_counter(
+            "swarmserve_relay_link_frames",
+            "link frames (batches of cells) sent and received",
+            lambda: Counter(self.links.frames),
             ["direction"],
         )
         metrics.read_counter(
@@ -117,24 +164,13 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
             ["reason"],
         )
 
-    async def Circuit(
-        self,
-        request_iterator: AsyncIterator[relay_pb2.RelayCell],
-        context: aio.ServicerContext[Any, Any],
-    ) -> AsyncIterator[relay_pb2.RelayCell]:
-        upstream = aiter(request_iterator)
-        try:
-            first = await asyncio.wait_for(anext(upstream), self._settings.setup_timeout_s)
-        except (StopAsyncIteration, TimeoutError):
-            return
+    def admit(self, peer: str, onion: bytes) -> Admission:
+        """Decides a set-up from ``peer``, in the order above; raises the refusal (counted).
+        On success the source's allowance holds one more circuit until :meth:`release`."""
         refuse = self.counters.refused
-        if first.WhichOneof("cell") != "create":
-            refuse["not_a_setup"] += 1
-            raise InvalidArgument("the first cell of a circuit must be create")
         if self.active >= self._settings.max_circuits:
             refuse["relay_full"] += 1
             raise ResourceExhausted(f"this relay holds its maximum of {self._settings.max_circuits} circuits")
-        peer = context.peer()
         source = source_of(peer)
         try:
             self.sources.admit(
@@ -145,12 +181,12 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
             raise
         try:
             try:
-                opened = self._onion_keys.open(first.create.onion)
+                opened = self._onion_keys.open(onion)
             except native.CryptoError:
                 refuse["undecryptable"] += 1
                 raise
             peeled = opened.peeled
-            address = None
+            next_hop = None
             if peeled.is_final:
                 if self._terminus is None:
                     refuse["not_an_exit"] += 1
@@ -162,32 +198,114 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
                 address = self._next_hop(peeled)
                 if address is None:
                     refuse["next_hop_unknown"] += 1
-                    yield destroy_cell(relay_pb2.DESTROY_REASON_HOP_UNREACHABLE)
-                    return
+                    raise NextHopUnknown("the set-up names a next hop that is not a member")
+                assert peeled.next_cell is not None
+                next_hop = (address, peeled.next_cell)
             try:
                 self._onion_keys.accept(opened)
             except (native.ReplayError, native.ReplayCacheFullError):
                 refuse["replayed"] += 1
                 raise
-            self.active += 1
-            started = time.monotonic()
-            try:
-                cells = (
-                    self._terminate(peeled.hop, upstream)
-                    if address is None
-                    else self._forward(peeled, address, upstream)
-                )
-                async for cell in cells:
-                    yield cell
-            finally:
-                self.active -= 1
-                log.info(
-                    "circuit closed",
-                    role="exit" if peeled.is_final else "relay",
-                    seconds=round(time.monotonic() - started, 3),
-                )
-        finally:
+        except BaseException:
             self.sources.release(source)
+            raise
+        self.active += 1
+        return Admission(peeled.hop, next_hop, source)
+
+    def release(self, admission: Admission) -> None:
+        self.active -= 1
+        self.sources.release(admission.source)
+
+    async def Circuit(
+        self,
+        request_iterator: AsyncIterator[relay_pb2.RelayCell],
+        context: aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[relay_pb2.RelayCell]:
+        upstream = aiter(request_iterator)
+        try:
+            first = await asyncio.wait_for(anext(upstream), self._settings.setup_timeout_s)
+        except (StopAsyncIteration, TimeoutError):
+            return
+        if first.WhichOneof("cell") != "create":
+            self.counters.refused["not_a_setup"] += 1
+            raise InvalidArgument("the first cell of a circuit must be create")
+        try:
+            admission = self.admit(context.peer(), first.create.onion)
+        except NextHopUnknown:
+            yield destroy_cell(relay_pb2.DESTROY_REASON_HOP_UNREACHABLE)
+            return
+        started = time.monotonic()
+        try:
+            cells = (
+                self._terminate(admission.hop, upstream)
+                if admission.next_hop is None
+                else self._forward(admission.hop, *admission.next_hop, upstream)
+            )
+            async for cell in cells:
+                yield cell
+        finally:
+            self.release(admission)
+            log.info(
+                "circuit closed",
+                role="exit" if admission.next_hop is None else "relay",
+                seconds=round(time.monotonic() - started, 3),
+            )
+
+    async def Link(
+        self,
+        request_iterator: AsyncIterator[relay_pb2.LinkFrame],
+        context: aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[relay_pb2.LinkFrame]:
+        async for frame in self.links.serve(request_iterator, context.peer()):
+            yield frame
+
+    def _link_setup(self, link: int, circuit: int, onion: bytes) -> None:
+        """A set-up that arrived on a link: the same admission as :meth:`Circuit`'s."""
+        try:
+            admission = self.admit(self.links.peer_of(link), onion)
+        except Exception as error:
+            mapped = status_for(error)
+            if mapped is None:
+                raise
+            self.links.refuse(link, circuit, destroy_reason_for(mapped[0]))
+            return
+        self._link_admissions[(link, circuit)] = admission
+        try:
+            if admission.next_hop is not None:
+                self.links.extend(link, circuit, admission.hop, *admission.next_hop)
+                return
+            end = self.links.terminate(link, circuit, admission.hop)
+        except ValueError:  # withdrawn (a DESTROY in the same frame) before it was decided
+            self._link_release(link, circuit)
+            return
+        end.task = asyncio.create_task(self._serve_end(end))
+
+    def _link_release(self, link: int, circuit: int) -> None:
+        admission = self._link_admissions.pop((link, circuit), None)
+        if admission is not None:
+            self.release(admission)
+
+    async def _serve_end(self, end: CircuitEnd) -> None:
+        """The terminus's answer to a circuit that ends here on a link."""
+        assert self._terminus is not None
+
+        async def forward_plaintexts() -> AsyncIterator[bytes]:
+            while True:
+                try:
+                    yield await end.receive()
+                except EndClosed:
+                    return
+
+        try:
+            async with contextlib.aclosing(self._terminus.handle(forward_plaintexts())) as answer:
+                async for plaintext in answer:
+                    end.send(plaintext)
+            end.close()
+        except EndClosed:
+            pass
+        except Exception:  # the Circuit path's interceptor would log it and end the call
+            log.exception("the terminus failed; closing its circuit")
+            end.close(relay_pb2.DESTROY_REASON_HOP_UNREACHABLE)
 
     def _next_hop(self, peeled: native.PeeledSetup) -> str | None:
         """The member address a forward set-up names; None for an address that is no member."""
@@ -226,15 +344,13 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
             yield data_cell(hop.wrap_backward(plaintext))
 
     async def _forward(
-        self, peeled: native.PeeledSetup, address: str, upstream: AsyncIterator[relay_pb2.RelayCell]
+        self, hop: native.CircuitHop, address: str, next_cell: bytes, upstream: AsyncIterator[relay_pb2.RelayCell]
     ) -> AsyncIterator[relay_pb2.RelayCell]:
-        hop = peeled.hop
-        assert peeled.next_cell is not None
         call = open_stream(relay_pb2_grpc.RelayStub(self._channels.get(address)).Circuit)
         try:
             # One deadline for write and read: a next hop that hangs blocks the write too.
             async with asyncio.timeout(self._settings.setup_timeout_s):
-                await call.write(create_cell(peeled.next_cell))
+                await call.write(create_cell(next_cell))
                 reply = await self._receive(call)
         except aio.AioRpcError as error:
             call.cancel()

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
 
+from services.relay.config import DATA_PLANE_HELP, DataPlane
 from swarmserve import native
 from swarmserve.config import NodeConfig, ServerSettings, StrictModel
 
@@ -109,6 +110,7 @@ class RouterConfig(NodeConfig):
     max_request_bytes: int = Field(
         64 * 1024, ge=1024, description="larger requests are refused before any circuit is built"
     )
+    data_plane: DataPlane = Field("link", description=DATA_PLANE_HELP)
     setup_timeout_s: float = Field(10.0, gt=0, description="how long a circuit may take to open")
     cell_timeout_s: float = Field(120.0, gt=0, description="longest wait for the next cell of an answer")
     failover: FailoverSettings = FailoverSettings()

@@ -18,7 +18,8 @@ import structlog
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.relay.client import OpenCircuit
+from services.relay.client import ClientCircuit, circuit_opener
+from services.relay.links import LinkPlane
 from services.relay.multipath import MultipathCircuit
 from services.router.audits import Auditor
 from services.router.circuit_pool import CircuitPool
@@ -175,7 +176,12 @@ class RouterService:
         self._policy = self._make_policy()
         self.duels = DuelOrganiser(self, config.duels)
         self.audits = Auditor(self, config.audits)
-        self.pool: CircuitPool[OpenCircuit] = CircuitPool(config.circuit_pool, self._build_circuit, self.directory.get)
+        # The router only originates circuits: a set-up arriving on its links is refused.
+        self.links = LinkPlane(channels, idle_timeout_s=config.cell_timeout_s)
+        self.open_circuit = circuit_opener(config.data_plane, channels, self.links)
+        self.pool: CircuitPool[ClientCircuit] = CircuitPool(
+            config.circuit_pool, self._build_circuit, self.directory.get
+        )
         if metrics is not None:
             self.pool.report_to(metrics)
         # What this router saw itself, fresher than gossip: when each of its requests still in
@@ -189,6 +195,7 @@ class RouterService:
         await self.duels.close()
         await self.audits.close()
         await self.pool.close()
+        await self.links.close()
 
     def _check(self, request: router_pb2.GenerateRequest) -> int:
         size = request.ByteSize()
@@ -358,7 +365,7 @@ class RouterService:
         hops: int,
         attempts: _Attempts,
         weights_digest: bytes = b"",
-    ) -> tuple[Peer, list[Peer], float, OpenCircuit | MultipathCircuit, relay_pb2.CircuitMessage]:
+    ) -> tuple[Peer, list[Peer], float, ClientCircuit | MultipathCircuit, relay_pb2.CircuitMessage]:
         """Opens a circuit, sends the request and reads the first answer; returns the exit, when
         the request was dispatched to it, the circuit and the answer. Any failure before that
         answer (a node or relay gone, a refusal, a cell that failed authentication: whatever the
@@ -383,7 +390,7 @@ class RouterService:
             path = [relay for chosen in paths for relay in chosen]
             started = time.monotonic()
             self._in_flight.setdefault(exit_.node_id, []).append(started)
-            circuit: OpenCircuit | MultipathCircuit | None = pooled.circuit if pooled else None
+            circuit: ClientCircuit | MultipathCircuit | None = pooled.circuit if pooled else None
             answered = False
             try:
                 await self._address(request, forwarded, exit_)
@@ -391,9 +398,9 @@ class RouterService:
                     opening = time.monotonic()
                     timeouts = (self.config.setup_timeout_s, self.config.cell_timeout_s)
                     if len(paths) > 1:
-                        circuit = await MultipathCircuit.open(self.channels, paths, exit_, multipath[1], *timeouts)
+                        circuit = await MultipathCircuit.open(self.open_circuit, paths, exit_, multipath[1], *timeouts)
                     else:
-                        circuit = await OpenCircuit.open(self.channels, path, exit_, *timeouts)
+                        circuit = await self.open_circuit(path, exit_, *timeouts)
                     self.telemetry.circuit_setup.observe(time.monotonic() - opening)
                 await circuit.send(relay_pb2.CircuitMessage(request=forwarded))
                 first = await circuit.receive()
@@ -421,13 +428,11 @@ class RouterService:
         assert failure is not None
         raise failure
 
-    async def _build_circuit(self, exit_: Peer, hops: int) -> tuple[list[Peer], OpenCircuit]:
+    async def _build_circuit(self, exit_: Peer, hops: int) -> tuple[list[Peer], ClientCircuit]:
         """A circuit for the pool: relays chosen as a request's would be."""
         relays = self.choose_relays(hops, exit_)
         opening = time.monotonic()
-        circuit = await OpenCircuit.open(
-            self.channels, relays, exit_, self.config.setup_timeout_s, self.config.cell_timeout_s
-        )
+        circuit = await self.open_circuit(relays, exit_, self.config.setup_timeout_s, self.config.cell_timeout_s)
         self.telemetry.circuit_setup.observe(time.monotonic() - opening)
         return relays, circuit
 
@@ -628,7 +633,7 @@ class RouterService:
 
     async def _relay(
         self,
-        circuit: OpenCircuit | MultipathCircuit,
+        circuit: ClientCircuit | MultipathCircuit,
         message: relay_pb2.CircuitMessage,
         stream: _Stream,
         segment: _Segment,

@@ -8,23 +8,20 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
-
-import services.router.service as router_module
 from swarmserve.client import generate
 from tests.conftest import MODEL, SwarmFactory
 
 
-async def test_one_operators_relays_never_share_a_circuit(swarm: SwarmFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_one_operators_relays_never_share_a_circuit(swarm: SwarmFactory) -> None:
     paths: list[list[str]] = []
-    open_circuit = router_module.OpenCircuit.open
-
-    async def recording(channels: Any, relays: Any, exit_: Any, *args: Any) -> Any:
-        paths.append([r.node_id for r in relays])
-        return await open_circuit(channels, relays, exit_, *args)
-
-    monkeypatch.setattr(router_module.OpenCircuit, "open", recording)
     async with swarm(relays=3, ledger=True, shared=[["relay0", "relay1"]]) as s:
+        open_circuit = s.router.service.open_circuit
+
+        async def recording(relays: Any, exit_: Any, *args: Any) -> Any:
+            paths.append([r.node_id for r in relays])
+            return await open_circuit(relays, exit_, *args)
+
+        s.router.service.open_circuit = recording
         r0, r1, r2 = (r.keys.identity.node_id for r in s.relays)
         chain = s.router.chain
         assert chain is not None
