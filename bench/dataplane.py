@@ -124,12 +124,16 @@ class Clients:
             window.ttft_s.append((first or time.monotonic()) - started)
 
 
-def relay_cells(swarm: LocalSwarm) -> float:
-    total = 0.0
+def relay_cells(swarm: LocalSwarm) -> tuple[float, float]:
+    """Data cells the relays forwarded (both ways), and link frames they received."""
+    cells = frames = 0.0
     for relay in swarm.relays:
         samples = scrape(swarm.metrics[relay.name]) or {}
-        total += sum(v for k, v in samples.items() if k.startswith("swarmserve_relay_cells_forwarded_total"))
-    return total
+        cells += sum(v for k, v in samples.items() if k.startswith("swarmserve_relay_cells_forwarded_total"))
+        frames += sum(
+            v for k, v in samples.items() if k.startswith('swarmserve_relay_link_frames_total{direction="received"')
+        )
+    return cells, frames
 
 
 def cpu_seconds(swarm: LocalSwarm) -> dict[str, float]:
@@ -162,7 +166,7 @@ async def measure_point(
     client_after = (process_stats(os.getpid()) or (0.0, 0.0))[1]
     await asyncio.gather(*workers)  # the last streams finish (not counted)
     cpu = {name: round(cpu_after[name] - cpu_before.get(name, 0.0), 2) for name in cpu_after}
-    cells = cells_after - cells_before
+    cells, frames = cells_after[0] - cells_before[0], cells_after[1] - cells_before[1]
     relay_cpu = sum(v for k, v in cpu.items() if k.startswith("relay"))
     node_cpu = sum(v for k, v in cpu.items() if k.startswith("inference"))
     return {
@@ -177,6 +181,8 @@ async def measure_point(
         "cpu_s": cpu | {"clients": round(client_after - client_before, 2)},
         "cpu_share_of_machine": round(sum(cpu.values()) / duration_s / (os.cpu_count() or 1), 2),
         "relay_cells": int(cells),
+        "relay_link_frames_received": int(frames),
+        "cells_per_link_frame": round(cells / frames, 2) if frames else None,
         "relay_cpu_us_per_cell": round(1e6 * relay_cpu / cells, 1) if cells else None,
         "router_cpu_us_per_token": round(1e6 * cpu.get(router, 0.0) / window.tokens, 1) if window.tokens else None,
         "inference_cpu_us_per_token": round(1e6 * node_cpu / window.tokens, 1) if window.tokens else None,
@@ -403,7 +409,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                         f"{point['tokens_per_s']:8.1f} "
                         f"tokens/s (ideal {point['ideal_tokens_per_s']:.0f}), TTFT p50/p99 "
                         f"{point['ttft_s']['p50']}/{point['ttft_s']['p99']} s, failed {point['failed']}, "
-                        f"relay CPU {point['relay_cpu_us_per_cell']} us/cell, router "
+                        f"relay CPU {point['relay_cpu_us_per_cell']} us/cell "
+                        f"({point['cells_per_link_frame']} cells/frame), router "
                         f"{point['router_cpu_us_per_token']} us/token",
                         flush=True,
                     )

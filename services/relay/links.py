@@ -134,6 +134,9 @@ class _Link:
         """Batches of whole frames (each a valid frame), as soon as there is anything to send."""
         while True:
             await self._wake.wait()
+            # One turn of the event loop before taking them: frames that other callbacks ready
+            # now (other links' reads, other circuits' tokens) join this message.
+            await asyncio.sleep(0)
             self._wake.clear()
             while self._frames and not self.lost:
                 size, count = 0, 0
