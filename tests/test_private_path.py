@@ -193,10 +193,10 @@ async def test_relays_never_see_plaintext(swarm: SwarmFactory, data_plane: str) 
         # What the inference node produced in plaintext, exactly: each token message.
         plaintexts = [
             inference_pb2.InferenceToken(
-                token_id=c.token_ids[0], text=c.token_texts[0], index=c.index, logprob=c.logprobs[0]
+                token_id=c.token_ids[j], text=c.token_texts[j], index=c.index + j, logprob=c.logprobs[j]
             ).SerializeToString()
             for c in chunks
-            if c.token_ids
+            for j in range(len(c.token_ids))
         ]
         secrets = [PROMPT.encode(), answer, engine.apply_chat_template([]).encode() or b"<|im_start|>", *plaintexts]
         for relay in s.relays:
