@@ -91,6 +91,7 @@ bench: install
 	$(PY) bench/privacy.py
 	$(PY) bench/streams.py
 	$(PY) bench/dataplane.py
+	$(PY) bench/wan.py
 	$(PY) bench/overlay_sim.py
 	$(PY) bench/overlay.py
 	$(PY) bench/verification.py

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +72,16 @@ class SwarmNode:
     name: str
     command: str  # the `swarmserve` sub-command that runs it
     listen: str
+    advertise: str | None = None  # where the others reach it, when not where it listens
+
+    @property
+    def address(self) -> str:
+        return self.advertise or self.listen
+
+
+# Where a node runs: the command prefix that starts it there (e.g. ``ip netns exec NS``) and the
+# address the others reach it at.
+Placement = Callable[[SwarmNode], tuple[list[str], str]]
 
 
 class LocalSwarm:
@@ -88,13 +99,15 @@ class LocalSwarm:
         routers: int = 1,
         node_env: dict[str, dict[str, str]] | None = None,
         ledger: bool = True,
+        placement: Placement | None = None,
     ) -> None:
         """Routers listen from ``ports_from``, then relays, then inference nodes on the ports after
         (then the validators' consensus ports); routers serve HTTP (the OpenAI API, the dashboard,
         metrics) from ``ports_from + 80``, the other nodes metrics from ``ports_from + 90``.
         ``inference_env`` adds SWARMSERVE_* settings for every inference node, ``node_env`` for
         single nodes by name (``router-1``, ``relay-2``, ``inference-3``...). Without ``ledger``,
-        no chain: everything is served for free."""
+        no chain: everything is served for free. ``placement`` runs each node elsewhere (its own
+        network namespace, say), reached at the address it returns (``bench/wan.py``)."""
         self.data_dir = data_dir
         self.host = host
         self.inference_env = inference_env or {}
@@ -105,13 +118,23 @@ class LocalSwarm:
         self.inference = [
             SwarmNode(f"inference-{i + 1}", "inference", f"{host}:{next(port)}") for i in range(inference_nodes)
         ]
-        self.router = self.routers[0].listen
+        self._prefix: dict[str, list[str]] = {}
+        if placement is not None:
+
+            def placed(node: SwarmNode) -> SwarmNode:
+                self._prefix[node.name], address = placement(node)
+                return dataclasses.replace(node, advertise=address)
+
+            self.routers = [placed(n) for n in self.routers]
+            self.relays = [placed(n) for n in self.relays]
+            self.inference = [placed(n) for n in self.inference]
+        self.router = self.routers[0].address
         # HTTP (OpenAI API, dashboard, metrics) 80 ports up: clear of the node and consensus ports
         # an existing genesis may hold.
         self.http = {r.name: f"{host}:{ports_from + 80 + i}" for i, r in enumerate(self.routers)}
         self.url = f"http://{self.http[self.routers[0].name]}"
         self.metrics = {n.name: f"{host}:{ports_from + 90 + i}" for i, n in enumerate(self.relays + self.inference)}
-        self.seed = (self.relays or self.inference)[0].listen
+        self.seed = (self.relays or self.inference)[0].address
         self._processes: dict[str, subprocess.Popen[bytes]] = {}
         self.genesis_path: Path | None = None
         self.operators: dict[str, list[str]] = {}  # operator name -> the nodes sharing its account
@@ -158,16 +181,18 @@ class LocalSwarm:
             **os.environ,
             "SWARMSERVE_DATA_DIR": str(self.data_dir / node.name),
             "SWARMSERVE_LOG__FORMAT": "json",
-            **({"SWARMSERVE_GOSSIP__SEEDS": f"[{self.seed}]"} if node.listen != self.seed else {}),
+            **({"SWARMSERVE_GOSSIP__SEEDS": f"[{self.seed}]"} if node.address != self.seed else {}),
+            **({"SWARMSERVE_ADVERTISE": node.advertise} if node.advertise else {}),
             **({"SWARMSERVE_LEDGER__GENESIS": str(self.genesis_path)} if self.genesis_path else {}),
             **({"SWARMSERVE_HTTP_LISTEN": self.http[node.name]} if node.name in self.http else {}),
             **({"SWARMSERVE_METRICS_LISTEN": self.metrics[node.name]} if node.name in self.metrics else {}),
             **({"SWARMSERVE_POLICY__MAX_CONCURRENT": "1", **self.inference_env} if node.command == "inference" else {}),
             **self.node_env.get(node.name, {}),
         }
+        command = [sys.executable, "-m", "services.cli", node.command, "--listen", node.listen]
         with (logs / f"{node.name}.log").open("ab") as log:
             self._processes[node.name] = subprocess.Popen(
-                [sys.executable, "-m", "services.cli", node.command, "--listen", node.listen],
+                [*self._prefix.get(node.name, []), *command],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -184,7 +209,7 @@ class LocalSwarm:
             self._spawn(node)
         try:
             for router in self.routers:
-                await self.wait_until_seen(router.listen, len(self.relays) + len(self.inference), timeout_s)
+                await self.wait_until_seen(router.address, len(self.relays) + len(self.inference), timeout_s)
         except SwarmError:
             await self.stop()
             raise
@@ -232,7 +257,7 @@ class LocalSwarm:
         for node in self.inference:
             if self._processes[node.name].poll() is not None:
                 continue
-            async with aio.insecure_channel(node.listen) as channel:
+            async with aio.insecure_channel(node.address) as channel:
                 stub = inference_pb2_grpc.InferenceStub(channel)
                 status = await stub.Status(inference_pb2.StatusRequest(), timeout=5)
             if status.load.running:
