@@ -188,7 +188,7 @@ async def measure(delay_ms: float, args: argparse.Namespace, workdir: Path) -> d
     timing = "{prefill_us_per_token: 200, decode_us_per_token: 20000, batch_slowdown: 0}"
     inference = {"SWARMSERVE_MODELS": f"[{{name: {MODEL}, engine: emulated, emulated: {timing}}}]"}
     everyone = {"SWARMSERVE_CIRCUITS__SETUPS_PER_SOURCE_PER_S": "1000"}  # all come through one proxy
-    router = everyone | {"SWARMSERVE_DUELS__RATE": "0", "SWARMSERVE_AUDITS__RATE": "0"}
+    router = {"SWARMSERVE_DUELS__RATE": "0", "SWARMSERVE_AUDITS__RATE": "0"}
     with testbed(delay_ms, jitter_ms, workdir) as bed:
         swarm = LocalSwarm(
             workdir / f"swarm-{delay_ms:g}ms",
