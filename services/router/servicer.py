@@ -41,19 +41,19 @@ async def ready_batches(events: AsyncGenerator[T, None]) -> AsyncIterator[list[T
     producer = asyncio.create_task(produce())
     try:
         while True:
-            batch, item = [], await queue.get()
-            while True:
-                if item is _DONE or isinstance(item, Exception):
-                    if batch:
-                        yield batch
-                    if item is _DONE:
-                        return
-                    raise item
+            batch: list[T] = []
+            item = await queue.get()
+            while not (item is _DONE or isinstance(item, Exception)):
                 batch.append(item)
                 if queue.empty():
                     break
                 item = queue.get_nowait()
-            yield batch
+            if batch:
+                yield batch
+            if isinstance(item, Exception):
+                raise item
+            if item is _DONE:
+                return
     finally:
         producer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
