@@ -10,7 +10,6 @@ cells at every relay) and whose tokens equal those of the Python data plane."""
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections import Counter
 
 import pytest
@@ -23,6 +22,7 @@ from swarmserve import native
 from swarmserve.client import generate
 from swarmserve.rpc import open_stream
 from swarmserve.v1 import relay_pb2, relay_pb2_grpc
+from tests.adversarial.test_relays import listening
 from tests.conftest import SwarmFactory
 from tests.test_membership import Nodes, everyone_knows_everyone, nodes, until  # noqa: F401
 
@@ -52,49 +52,34 @@ async def read_destroys(call: object, count: int) -> list[tuple[int, int]]:
 
 
 async def test_a_link_setup_naming_a_non_member_is_refused_and_nothing_dialled(nodes: Nodes) -> None:  # noqa: F811
-    dialled = 0
-
-    async def count(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal dialled
-        dialled += 1
-        writer.close()
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    listener = await asyncio.start_server(count, "127.0.0.1", port)
-    try:
-        async with nodes(2) as group:
-            await until(lambda: everyone_knows_everyone(group), 5.0, "full membership")
-            relay, member = group
-            key = relay.onion_keys.public_key
-            stranger = (native.OnionKey.generate().public_key, b"")
-            to_stranger, _ = native.Circuit.build([(key, f"127.0.0.1:{port}".encode()), stranger])
-            to_member, _ = native.Circuit.build([(key, member.address.encode()), stranger])
-            async with aio.insecure_channel(relay.address) as channel:
-                link = open_stream(relay_pb2_grpc.RelayStub(channel).Link)
-                await link.write(relay_pb2.LinkFrame(cells=cell(1, CREATE, to_stranger)))
-                assert await read_destroys(link, 1) == [(1, relay_pb2.DESTROY_REASON_HOP_UNREACHABLE)]
-                await asyncio.sleep(0.3)
-                assert dialled == 0, "the relay connected to an address no member publishes"
-                assert relay.onion_keys.remembered == 0, "a refused set-up left its replay tag behind"
-                # The control: a member as next hop is passed on over a link to it (the member,
-                # a relay, cannot terminate it: its refusal comes back on the same circuit).
-                await link.write(relay_pb2.LinkFrame(cells=cell(2, CREATE, to_member)))
-                [(circuit, reason)] = await read_destroys(link, 1)
-                assert circuit == 2 and reason == relay_pb2.DESTROY_REASON_PROTOCOL_ERROR
-                assert relay.onion_keys.remembered == 1
-                assert relay.relay.active == 0  # released when the member refused
-                # A set-up withdrawn in its own frame (found by the fuzz: it was admitted, then
-                # could not be passed on, and held its admission for good).
-                withdrawn, _ = native.Circuit.build([(key, member.address.encode()), stranger])
-                await link.write(relay_pb2.LinkFrame(cells=cell(3, CREATE, withdrawn) + cell(3, DESTROY, reason=1)))
-                await asyncio.sleep(0.3)
-                assert relay.relay.active == 0 and relay.relay.links.engine.circuits == 0
-                link.cancel()
-    finally:
-        listener.close()
-        await listener.wait_closed()
+    async with listening() as listener, nodes(2) as group:
+        await until(lambda: everyone_knows_everyone(group), 5.0, "full membership")
+        relay, member = group
+        key = relay.onion_keys.public_key
+        stranger = (native.OnionKey.generate().public_key, b"")
+        to_stranger, _ = native.Circuit.build([(key, f"127.0.0.1:{listener.port}".encode()), stranger])
+        to_member, _ = native.Circuit.build([(key, member.address.encode()), stranger])
+        async with aio.insecure_channel(relay.address) as channel:
+            link = open_stream(relay_pb2_grpc.RelayStub(channel).Link)
+            await link.write(relay_pb2.LinkFrame(cells=cell(1, CREATE, to_stranger)))
+            assert await read_destroys(link, 1) == [(1, relay_pb2.DESTROY_REASON_HOP_UNREACHABLE)]
+            await asyncio.sleep(0.3)
+            assert listener.dialled == 0, "the relay connected to an address no member publishes"
+            assert relay.onion_keys.remembered == 0, "a refused set-up left its replay tag behind"
+            # The control: a member as next hop is passed on over a link to it (the member, a
+            # relay, cannot terminate it: its refusal comes back on the same circuit).
+            await link.write(relay_pb2.LinkFrame(cells=cell(2, CREATE, to_member)))
+            [(circuit, reason)] = await read_destroys(link, 1)
+            assert circuit == 2 and reason == relay_pb2.DESTROY_REASON_PROTOCOL_ERROR
+            assert relay.onion_keys.remembered == 1
+            assert relay.relay.active == 0  # released when the member refused
+            # A set-up withdrawn in its own frame (found by the fuzz: it was admitted, then could
+            # not be passed on, and held its admission for good).
+            withdrawn, _ = native.Circuit.build([(key, member.address.encode()), stranger])
+            await link.write(relay_pb2.LinkFrame(cells=cell(3, CREATE, withdrawn) + cell(3, DESTROY, reason=1)))
+            await asyncio.sleep(0.3)
+            assert relay.relay.active == 0 and relay.relay.links.engine.circuits == 0
+            link.cancel()
 
 
 async def test_malformed_frames_end_their_link_and_junk_setups_meet_the_source_limit(nodes: Nodes) -> None:  # noqa: F811

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from grpc import aio
 
@@ -28,34 +30,44 @@ async def set_up(relay_address: str, onion_key: bytes, next_hop: str) -> relay_p
         return reply
 
 
-async def test_a_relay_never_dials_a_non_member(nodes: Nodes) -> None:  # noqa: F811
-    dialled = 0
+class Listener:
+    """A TCP listener that counts the connections made to it (and closes them)."""
 
-    async def count(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal dialled
-        dialled += 1
+    def __init__(self) -> None:
+        self.dialled = 0
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+
+    async def _count(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.dialled += 1
         writer.close()
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    listener = await asyncio.start_server(count, "127.0.0.1", port)
+
+@asynccontextmanager
+async def listening() -> AsyncIterator[Listener]:
+    listener = Listener()
+    server = await asyncio.start_server(listener._count, "127.0.0.1", listener.port)
     try:
-        async with nodes(2) as group:
-            await until(lambda: everyone_knows_everyone(group), 5.0, "full membership")
-            relay, member = group
-            key = relay.onion_keys.public_key
-            refused = await set_up(relay.address, key, f"127.0.0.1:{port}")
-            assert refused.WhichOneof("cell") == "destroy"
-            assert refused.destroy.reason == relay_pb2.DESTROY_REASON_HOP_UNREACHABLE
-            await asyncio.sleep(0.3)
-            assert dialled == 0, "the relay connected to an address no member publishes"
-            assert relay.onion_keys.remembered == 0, "a refused set-up left its replay tag behind"
-            # The control: a member as next hop is dialled (it refuses to terminate: a relay).
-            passed = await set_up(relay.address, key, member.address)
-            assert passed.WhichOneof("cell") == "destroy"
-            assert passed.destroy.reason != relay_pb2.DESTROY_REASON_HOP_UNREACHABLE
-            assert relay.onion_keys.remembered == 1
+        yield listener
     finally:
-        listener.close()
-        await listener.wait_closed()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_relay_never_dials_a_non_member(nodes: Nodes) -> None:  # noqa: F811
+    async with listening() as listener, nodes(2) as group:
+        await until(lambda: everyone_knows_everyone(group), 5.0, "full membership")
+        relay, member = group
+        key = relay.onion_keys.public_key
+        refused = await set_up(relay.address, key, f"127.0.0.1:{listener.port}")
+        assert refused.WhichOneof("cell") == "destroy"
+        assert refused.destroy.reason == relay_pb2.DESTROY_REASON_HOP_UNREACHABLE
+        await asyncio.sleep(0.3)
+        assert listener.dialled == 0, "the relay connected to an address no member publishes"
+        assert relay.onion_keys.remembered == 0, "a refused set-up left its replay tag behind"
+        # The control: a member as next hop is dialled (it refuses to terminate: a relay).
+        passed = await set_up(relay.address, key, member.address)
+        assert passed.WhichOneof("cell") == "destroy"
+        assert passed.destroy.reason != relay_pb2.DESTROY_REASON_HOP_UNREACHABLE
+        assert relay.onion_keys.remembered == 1
