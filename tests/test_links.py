@@ -2,7 +2,8 @@
 sockets, attacked through its public interface.
 
 Tried: a set-up on a link naming a non-member (refused as unreachable, nothing dialled, no replay
-tag left); a set-up and its DESTROY in one frame (nothing held); a malformed frame (that link ends with INVALID_ARGUMENT, the relay serves the next
+tag left); a set-up and its DESTROY in one frame (nothing held); a set-up sent back by a next hop
+on the link the relay dialled to it (refused, nothing admitted); a malformed frame (that link ends with INVALID_ARGUMENT, the relay serves the next
 one); 300 junk set-ups from one stranger in one frame (the first burst fails decryption, the rest
 hit the source limit, each its own DESTROY, nothing admitted); and many streams at once through 3 hops, whose cells share frames (fewer frames than
 cells at every relay) and whose tokens equal those of the Python data plane."""
@@ -79,6 +80,30 @@ async def test_a_link_setup_naming_a_non_member_is_refused_and_nothing_dialled(n
             await link.write(relay_pb2.LinkFrame(cells=cell(3, CREATE, withdrawn) + cell(3, DESTROY, reason=1)))
             await asyncio.sleep(0.3)
             assert relay.relay.active == 0 and relay.relay.links.engine.circuits == 0
+            link.cancel()
+
+
+async def test_a_setup_sent_back_on_a_link_the_relay_dialled_is_refused(nodes: Nodes) -> None:  # noqa: F811
+    async with nodes(3) as group:
+        await until(lambda: everyone_knows_everyone(group), 5.0, "full membership")
+        relay, next_hop, third = group
+        stranger = (native.OnionKey.generate().public_key, b"")
+        onion, _ = native.Circuit.build([(relay.onion_keys.public_key, next_hop.address.encode()), stranger])
+        async with aio.insecure_channel(relay.address) as channel:
+            link = open_stream(relay_pb2_grpc.RelayStub(channel).Link)
+            await link.write(relay_pb2.LinkFrame(cells=cell(1, CREATE, onion)))
+            await read_destroys(link, 1)  # the relay dialled a link to next_hop, which refused
+            remembered = relay.onion_keys.remembered
+            # next_hop turns hostile: a set-up of its own, back over the link the relay dialled,
+            # through the relay to a third member.
+            plane = next_hop.relay.links
+            [accepted] = list(plane._links)
+            back = [(relay.onion_keys.public_key, third.address.encode()), (third.onion_keys.public_key, b"")]
+            plane.engine.originate(accepted, back, 99)
+            plane._after()
+            await asyncio.sleep(0.5)
+            assert relay.onion_keys.remembered == remembered, "the relay admitted a set-up from its next hop"
+            assert plane.engine.circuits == 0  # refused (PROTOCOL_ERROR) back to its sender
             link.cancel()
 
 

@@ -8,9 +8,9 @@ A writer sends whatever is queued whenever it is free, so with no backlog a cell
 and under backlog many cells, of any circuits, share one message.
 
 Invariants:
-- the side that dials a link is the side towards the circuits' origins: set-ups arrive only on
-  links this node accepted (the engine refuses a CREATE answered on a dialled link's side only by
-  the caller's ``on_setup``, which a router does not have);
+- the side that dials a link is the side towards the circuits' origins: set-ups are taken only
+  on links this node accepted (and only by a node with ``on_setup``); one that comes back on a
+  link this node dialled is refused (PROTOCOL_ERROR);
 - a link that ends, fails, or sends a malformed frame is lost: every circuit on it closes, the
   other side of each told HOP_UNREACHABLE; one dialled link per neighbour address, re-dialled on
   the next circuit after a loss;
@@ -111,9 +111,10 @@ class CircuitEnd:
 class _Link:
     """One link's outgoing side: frames the engine queued, taken by its writer when free."""
 
-    def __init__(self, link_id: int, peer: str) -> None:
+    def __init__(self, link_id: int, peer: str, dialled: bool) -> None:
         self.id = link_id
-        self.peer = peer
+        self.peer = peer  # the neighbour's address (dialled) or gRPC's name of the caller
+        self.dialled = dialled
         self._frames: list[bytes] = []
         self.backlog = 0
         self._wake = asyncio.Event()
@@ -230,13 +231,13 @@ class LinkPlane:
         known = self._dialled.get(address)
         if known is not None:
             return known
-        link = self._add_link(address)
+        link = self._add_link(address, dialled=True)
         self._dialled[address] = link.id
         link.tasks.append(asyncio.create_task(self._run_dialled(link, address)))
         return link.id
 
-    def _add_link(self, peer: str) -> _Link:
-        link = _Link(next(self._ids), peer)
+    def _add_link(self, peer: str, dialled: bool) -> _Link:
+        link = _Link(next(self._ids), peer, dialled)
         self._links[link.id] = link
         if self._expiry is None:
             self._expiry = asyncio.create_task(self._expire())
@@ -268,15 +269,17 @@ class LinkPlane:
         self, requests: AsyncIterator[relay_pb2.LinkFrame], peer: str
     ) -> AsyncIterator[relay_pb2.LinkFrame]:
         """The ``Relay.Link`` call of a neighbour that dialled this node."""
-        link = self._add_link(peer)
+        link = self._add_link(peer, dialled=False)
 
         async def read() -> None:
             try:
                 async for frame in requests:
                     if not self._receive(link, frame.cells):
                         return
-            except (aio.AioRpcError, InvalidArgument) as error:
+            except InvalidArgument as error:  # an undecodable message (the interceptor's check)
                 link.error = error
+            except aio.AioRpcError:
+                pass  # the caller went away: the link is lost, nothing to tell it
             finally:
                 self._lose(link)
 
@@ -308,7 +311,7 @@ class LinkPlane:
     def _lose(self, link: _Link) -> None:
         if self._links.pop(link.id, None) is None:
             return
-        if self._dialled.get(link.peer) == link.id:
+        if link.dialled and self._dialled.get(link.peer) == link.id:
             del self._dialled[link.peer]
         link.end()
         self.engine.link_lost(link.id)
@@ -337,7 +340,8 @@ class LinkPlane:
         kind = event[0]
         if kind == "setup":
             _, link, circuit, onion = event
-            if self.on_setup is None:
+            carrier = self._links.get(link)
+            if self.on_setup is None or carrier is None or carrier.dialled:
                 self._refuse_pending(link, circuit)
                 return
             try:
