@@ -63,11 +63,23 @@ def unavailable() -> str | None:
     """Why the testbed cannot be built here, or None."""
     if os.geteuid() != 0:
         return "network namespaces need root"
+    if shutil.which("ip") is None:
+        return "iproute2's ip is not installed"
     probe = f"{PREFIX}-probe"
-    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
-    if made.returncode != 0:
-        return f"ip netns add failed: {made.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    steps = [
+        ["ip", "netns", "add", probe],
+        ["ip", "link", "add", f"{PREFIX}probe", "type", "bridge"],
+        ["ip", "link", "add", f"{PREFIX}vprobe", "type", "veth", "peer", "name", "eth0", "netns", probe],
+    ]
+    try:
+        for step in steps:
+            done = subprocess.run(step, capture_output=True, text=True)
+            if done.returncode != 0:
+                return f"{' '.join(step[:4])} failed: {done.stderr.strip()}"
+    finally:
+        for cleanup in (["ip", "link", "del", f"{PREFIX}vprobe"], ["ip", "link", "del", f"{PREFIX}probe"]):
+            subprocess.run(cleanup, capture_output=True)
+        subprocess.run(["ip", "netns", "del", probe], capture_output=True)
     return None
 
 
