@@ -39,7 +39,6 @@ import itertools
 import json
 import os
 import platform
-import random
 import statistics
 import sys
 import tempfile
@@ -54,6 +53,7 @@ sys.path.insert(0, str(ROOT))
 from grpc import aio  # noqa: E402
 
 from bench.soak import process_stats, quantiles, scrape  # noqa: E402
+from bench.streams import interval  # noqa: E402
 from swarmserve import native  # noqa: E402
 from swarmserve.swarm import LocalSwarm, free_port_block  # noqa: E402
 from swarmserve.v1 import common_pb2, router_pb2, router_pb2_grpc  # noqa: E402
@@ -215,15 +215,13 @@ async def pool_ttft(swarm: LocalSwarm, requests: int) -> dict[str, Any]:
         for channel in channels.values():
             await channel.close(None)
     differences = [(a - b) * 1000 for a, b in zip(ttft["pool"], ttft["no_pool"], strict=True)]
-    rng = random.Random(7)
-    medians = sorted(statistics.median(rng.choices(differences, k=len(differences))) for _ in range(2000))
     return {
         "requests_per_router": requests,
         "pool_ms": {k: round(v * 1000, 2) for k, v in quantiles(ttft["pool"]).items() if v is not None},
         "no_pool_ms": {k: round(v * 1000, 2) for k, v in quantiles(ttft["no_pool"]).items() if v is not None},
         "difference_ms": {
             "median": round(statistics.median(differences), 2),
-            "ci95": [round(medians[50], 2), round(medians[1949], 2)],
+            "ci95": [round(bound, 2) for bound in interval(differences)],
         },
     }
 

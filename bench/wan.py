@@ -30,7 +30,6 @@ import asyncio
 import json
 import os
 import platform
-import random
 import shutil
 import statistics
 import subprocess
@@ -47,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from grpc import aio  # noqa: E402
 
+from bench.streams import interval  # noqa: E402
 from swarmserve.swarm import LocalSwarm, SwarmNode, free_port_block  # noqa: E402
 from swarmserve.v1 import common_pb2, router_pb2, router_pb2_grpc  # noqa: E402
 
@@ -167,11 +167,8 @@ def testbed(delay_ms: float, jitter_ms: float, workdir: Path) -> Iterator[Testbe
         bed.down()
 
 
-def interval(values: list[float], seed: int = 7) -> list[float]:
-    """95% bootstrap interval of the median."""
-    rng = random.Random(seed)
-    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(2000))
-    return [round(medians[50], 1), round(medians[1949], 1)]
+def ci95(values: list[float]) -> list[float]:
+    return [round(bound, 1) for bound in interval(values)]
 
 
 async def one_stream(stub: router_pb2_grpc.RouterStub, hops: int, index: int) -> tuple[float, float]:
@@ -234,14 +231,14 @@ async def measure(delay_ms: float, args: argparse.Namespace, workdir: Path) -> d
                     ttft, rate = [v[0] for v in values], [v[1] for v in values]
                     row[name] = {
                         "ttft_ms": round(statistics.median(ttft), 1),
-                        "ttft_ci95": interval(ttft),
+                        "ttft_ci95": ci95(ttft),
                         "tokens_per_s": round(statistics.median(rate), 1),
-                        "tokens_per_s_ci95": interval(rate),
+                        "tokens_per_s_ci95": ci95(rate),
                     }
                 differences = [p[0] - n[0] for p, n in zip(seen["pool"], seen["no_pool"], strict=True)]
                 row["pool_minus_no_pool_ttft_ms"] = {
                     "median": round(statistics.median(differences), 1),
-                    "ci95": interval(differences),
+                    "ci95": ci95(differences),
                 }
                 rows.append(row)
                 print(
