@@ -14,7 +14,7 @@ Invariants:
 - a link that ends, fails, or sends a malformed frame is lost: every circuit on it closes, the
   other side of each told HOP_UNREACHABLE; one dialled link per neighbour address, re-dialled on
   the next circuit after a loss;
-- a link whose peer reads slower than ``max_link_backlog_bytes`` of queued frames is dropped:
+- a link whose peer reads slower than ``MAX_LINK_BACKLOG_BYTES`` of queued frames is dropped:
   memory is bounded, and the circuits on it fail as if the peer had gone.
 """
 
@@ -156,9 +156,10 @@ class _Link:
 class LinkPlane:
     """Every link of this node and the native engine behind them.
 
-    ``on_setup`` decides each set-up that arrives (with :meth:`extend`, :meth:`terminate` or
-    :meth:`refuse`, before it returns); a node without one (a router) refuses them.
-    ``on_release`` hears of each admitted set-up that is over."""
+    ``on_setup`` (set by the node that admits set-ups: ``RelayServicer``) decides each set-up
+    that arrives (with :meth:`extend`, :meth:`terminate` or :meth:`refuse`, before it returns);
+    a node without one (a router) refuses them. ``on_release`` hears of each admitted set-up that
+    is over."""
 
     def __init__(
         self,
@@ -166,16 +167,12 @@ class LinkPlane:
         *,
         idle_timeout_s: float,
         max_cell_bytes: int = 65536,
-        on_setup: SetupHandler | None = None,
-        on_release: ReleaseHandler | None = None,
-        max_link_backlog_bytes: int = MAX_LINK_BACKLOG_BYTES,
     ) -> None:
         self._channels = channels
         self._idle_timeout_s = idle_timeout_s
         self.engine = native.LinkEngine(max_cell_bytes)
-        self.on_setup = on_setup
-        self.on_release = on_release
-        self._max_backlog = max_link_backlog_bytes
+        self.on_setup: SetupHandler | None = None
+        self.on_release: ReleaseHandler | None = None
         self._links: dict[int, _Link] = {}
         self._dialled: dict[str, int] = {}  # neighbour address -> its link
         self._ends: dict[int, CircuitEnd] = {}
@@ -330,7 +327,7 @@ class LinkPlane:
             if link is None:
                 continue
             link.queue(frame)
-            if link.backlog > self._max_backlog:
+            if link.backlog > MAX_LINK_BACKLOG_BYTES:
                 overflowing.append(link)
         for link in overflowing:
             log.warning("link backlog over its bound; dropping the link", peer=link.peer, bytes=link.backlog)
