@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp
+import numpy as np
 from grpc import aio
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from rich.console import Console
@@ -52,11 +53,77 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from services.inference import schedule as chunking  # noqa: E402
-from services.inference.llama_engine import ScheduledContext, load_llama  # noqa: E402
 from services.inference.models import DEFAULT_MODEL_NAME, default_model_path  # noqa: E402
-from services.inference.schedule import Evaluation  # noqa: E402
+from services.inference.schedule import Evaluation, reusable_positions  # noqa: E402
 from swarmserve import native  # noqa: E402
 from swarmserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc  # noqa: E402
+
+
+def load_llama(model_path: Path, **options: Any) -> llama_cpp.Llama:
+    """``llama_cpp.Llama(model_path, **options)`` with the weights in llama.cpp's plain CPU
+    layout, as the engine loads them (``services.inference.llama_engine.load_model`` says why).
+    llama-cpp-python takes no argument for this: its default model parameters are replaced
+    while the model loads."""
+    defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+    def plain_layout() -> Any:
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    llama_cpp.llama_cpp.llama_model_default_params = plain_layout
+    try:
+        return llama_cpp.Llama(model_path=str(model_path), **options)
+    finally:
+        llama_cpp.llama_cpp.llama_model_default_params = defaults
+
+
+class ScheduledContext:
+    """(The engine before batched decoding, kept for this benchmark: one llama-cpp-python
+    context per slot.) A llama.cpp context that evaluates every stream in the batches of
+    :mod:`services.inference.schedule`, keeping of what it held only what the schedule allows.
+
+    It holds ``llama.input_ids[:llama.n_tokens]``: the first ``_prompt_length`` of them (or all,
+    if fewer) evaluated as a prompt, the rest one at a time."""
+
+    def __init__(self, llama: llama_cpp.Llama) -> None:
+        self.llama: Any = llama  # llama-cpp-python is untyped
+        self._vocab_size = int(llama.n_vocab())
+        self._prompt_length = 0
+
+    def held(self) -> Evaluation | None:
+        count = self.llama.n_tokens
+        prompt_length = min(self._prompt_length, count)
+        if not prompt_length:
+            return None
+        ids = tuple(int(token) for token in self.llama.input_ids[:count])
+        return Evaluation(ids[:prompt_length], ids[prompt_length:])
+
+    def evaluate(self, stream: Evaluation) -> int:
+        """Brings the context to the end of ``stream``; returns how many positions it kept."""
+        keep = reusable_positions(self.held(), stream)
+        if not self.llama._ctx.kv_cache_seq_rm(-1, keep, -1):
+            self.clear()
+            keep = 0
+        self.llama.n_tokens = keep
+        self._prompt_length = len(stream.prompt)
+        for batch in stream.batches(keep):
+            self.llama.eval(batch)
+        return keep
+
+    def append(self, token: int) -> None:
+        """Evaluates one generated token, alone, as the schedule has it."""
+        self.llama.eval([token])
+
+    def clear(self) -> None:
+        self.llama.reset()
+        self.llama._ctx.kv_cache_seq_rm(-1, 0, -1)
+
+    def logits(self, row: int = -1) -> np.ndarray[Any, Any]:
+        """One row of llama.cpp's logits, in place. The view drops ctypes' explicit byte-order
+        mark ("<f"), which the native sampler's buffer check does not take as float32."""
+        return np.ctypeslib.as_array(self.llama._ctx.get_logits_ith(row), shape=(self._vocab_size,)).view(np.float32)
+
 
 RESULTS = ROOT / "bench" / "results"
 CORES = os.cpu_count() or 1

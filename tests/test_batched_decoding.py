@@ -1,25 +1,36 @@
-"""What batched decoding in the llama.cpp engine (issue 17) will rest on, checked on the pinned
-llama.cpp and the embedded model: several sequences decoded together in one context, one batch
+"""Batched decoding in the llama.cpp engine (services/inference/llama_engine.py), and what it
+rests on, checked on the pinned llama.cpp and the embedded model.
+
+What it rests on: several sequences decoded together in one context, one batch
 per step, give bit-identical logits to each decoded alone in its own context, as long as the KV
 cache is kept per sequence (``kv_unified = False``), even when another sequence's whole prompt
 rides in the same batch. (With one unified cache the logits moved by up to 1.6 and a greedy
 answer diverged: attention then runs over every sequence's cells, masked, in other groupings.)
-So "same request, same tokens" can hold with batching; if a llama.cpp upgrade breaks this, this
-test says so before any engine relies on it.
+So "same request, same tokens" can hold with batching; if a llama.cpp upgrade breaks this, these
+tests say so. Uses llama.cpp's C API through llama-cpp-python's bindings.
 
-Uses llama.cpp's C API through llama-cpp-python's bindings (the Llama class has no batch of
-several sequences)."""
+The engine: streams running together are decoded in one pass over the weights per step (counted
+by llama.cpp's own graph callback), each gives the tokens and log-probabilities it gives alone,
+a stream closed early frees its sequence for the next, and one that outgrows its context fails
+alone. Tried broken: one llama_decode per stream (passes doubled), no placeholder between two
+generating sequences (llama.cpp split the step in two passes), a prompt chunk in the step's
+shared batch (tokens differed from alone)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import llama_cpp as llama
 import numpy as np
 import pytest
 
+from services.inference.engine import Sampling
+from services.inference.llama_engine import LlamaCppEngine
 from services.inference.models import default_model_path
+from services.inference.schedule import Evaluation
+from tests.conftest import MODEL
 
 STEPS = 16
 PROMPTS = ["The capital of France is", "Write a haiku about the sea.", "Why is the sky blue? Explain briefly."]
@@ -127,3 +138,80 @@ def test_another_sequences_prompt_in_the_same_batch_changes_nothing(model: Any) 
         rows.append(context.logits(0))
     context.close()
     assert all(np.array_equal(a, b) for a, b in zip(reference, rows, strict=True))
+
+
+Stream = list[tuple[int, float]]
+
+
+async def generate(engine: LlamaCppEngine, prompt: Sequence[int], sampling: Sampling) -> Stream:
+    return [(token.token_id, token.logprob) async for token in engine.generate(prompt, sampling)]
+
+
+# A long greedy stream, a short sampled one (it ends first, leaving the middle sequence idle
+# between two generating ones), a long sampled one.
+SAMPLINGS = [
+    Sampling(max_new_tokens=40),
+    Sampling(max_new_tokens=6, temperature=0.7, seed=10),
+    Sampling(max_new_tokens=40, temperature=0.7, seed=9),
+]
+
+
+@pytest.fixture(scope="module")
+def alone_engine() -> Iterator[LlamaCppEngine]:
+    engine = LlamaCppEngine(default_model_path(), MODEL, slots=1, context_length=256)
+    yield engine
+    asyncio.run(engine.close())
+
+
+async def test_running_streams_share_each_pass_over_the_weights_and_give_what_each_gives_alone(
+    alone_engine: LlamaCppEngine,
+) -> None:
+    engine = LlamaCppEngine(default_model_path(), MODEL, slots=3, context_length=256, count_passes=True)
+    try:
+        # The third prompt is 132 tokens, 11 chunks: most are evaluated while the others generate.
+        prompts = [engine.tokenize(text) for text in (*PROMPTS[:2], " ".join(PROMPTS) * 6)]
+        reference = [await generate(alone_engine, p, s) for p, s in zip(prompts, SAMPLINGS, strict=True)]
+        assert [len(stream) for stream in reference] == [40, 6, 40], "no stream ends early, so all overlap"
+        engine.passes.clear()
+        together = await asyncio.gather(*(generate(engine, p, s) for p, s in zip(prompts, SAMPLINGS, strict=True)))
+        assert together == reference
+        # Each prompt chunk of several tokens is a pass of its own; one-token batches (generated
+        # tokens, a last chunk of one token) of all streams share one pass per step.
+        chunks = [[len(b) for b in Evaluation(tuple(p)).batches(0)] for p in prompts]
+        steps = max(len(c) + len(stream) for c, stream in zip(chunks, reference, strict=True))
+        assert sum(size > 1 for c in chunks for size in c) + steps >= len(engine.passes), engine.passes
+        assert max(engine.passes) >= 3, "three streams' tokens in one pass"
+    finally:
+        await engine.close()
+
+
+async def test_a_stream_closed_early_frees_its_sequence_for_the_next(alone_engine: LlamaCppEngine) -> None:
+    engine = LlamaCppEngine(default_model_path(), MODEL, slots=2, context_length=256)
+    try:
+        prompts = [engine.tokenize(text) for text in PROMPTS]
+        expected = [await generate(alone_engine, prompts[i], SAMPLINGS[i]) for i in (0, 2)]
+        first = asyncio.create_task(generate(engine, prompts[0], SAMPLINGS[0]))
+        closed = engine.generate(prompts[1], SAMPLINGS[2])
+        assert [await anext(closed) for _ in range(3)]
+        await closed.aclose()  # a client gone mid-stream
+        # Both sequences are taken until the closed one is freed; the next waits for it.
+        assert await asyncio.wait_for(generate(engine, prompts[2], SAMPLINGS[2]), 60) == expected[1]
+        assert await first == expected[0]
+    finally:
+        await engine.close()
+
+
+async def test_a_stream_that_outgrows_its_context_fails_alone(alone_engine: LlamaCppEngine) -> None:
+    engine = LlamaCppEngine(default_model_path(), MODEL, slots=2, context_length=64)
+    try:
+        short = engine.tokenize(PROMPTS[0])
+        room = engine.identity.context_length  # llama.cpp may round the asked 64 up
+        long = engine.tokenize(" ".join(PROMPTS) * 40)[: room - 4]
+        expected = await generate(alone_engine, short, Sampling(max_new_tokens=20))
+        outgrowing = generate(engine, long, Sampling(max_new_tokens=20))
+        staying = generate(engine, short, Sampling(max_new_tokens=20))
+        failed, served = await asyncio.gather(outgrowing, staying, return_exceptions=True)
+        assert isinstance(failed, ValueError) and f"{room}-token context" in str(failed)
+        assert served == expected
+    finally:
+        await engine.close()

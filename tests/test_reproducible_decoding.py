@@ -115,13 +115,13 @@ async def test_same_request_same_tokens_whatever_the_cache_held(inference_node: 
 async def test_same_tokens_on_every_slot_beside_other_streams_and_on_another_node(
     inference_node: NodeFactory, tmp_path: Path
 ) -> None:
-    # One node with one slot (all cores), one with four (a quarter of the cores each): another
-    # node of the same build and CPU kind, with another slot count and thread count.
+    # One node with one slot and all cores, one with four slots decoding together on one thread:
+    # another node of the same build and CPU kind, with another slot count and thread count.
     one_slot = inference_node(data_dir=tmp_path / "one")
     four_slots = inference_node(
         data_dir=tmp_path / "four",
         policy=ProviderPolicy(max_concurrent=4, max_queue=8, max_new_tokens=256, default_new_tokens=16),
-        models=[ModelSettings(name=MODEL, context_length=1024)],
+        models=[ModelSettings(name=MODEL, context_length=1024, threads=1)],
     )
     async with (
         one_slot as first,

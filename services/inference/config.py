@@ -50,7 +50,9 @@ class ModelSettings(StrictModel):
         description="GGUF file (llama.cpp) or model directory (tensorrt-llm); default: the embedded SmolLM2",
     )
     context_length: int = Field(2048, ge=64, le=1 << 20)
-    threads: int | None = Field(None, ge=1, description="llama.cpp threads per slot (default: cores / slots)")
+    threads: int | None = Field(
+        None, ge=1, description="llama.cpp threads of the context every slot shares (default: all cores)"
+    )
     emulated: EmulatedSettings = EmulatedSettings()
 
     @model_validator(mode="after")

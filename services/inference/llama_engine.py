@@ -1,29 +1,46 @@
-"""The embedded default engine: llama.cpp through llama-cpp-python.
+"""The embedded default engine: llama.cpp, one context decoding every running request together.
 
-One ``Llama`` context per slot (the weights are memory-mapped once and shared by the OS), so
-``slots`` generations run at once, each on its own worker thread: llama.cpp calls block and
-release the GIL, and the event loop never waits on them. Tokens are chosen by the native
-verifiable sampler (``native.Sampler``) from llama.cpp's logits, not by llama.cpp's own sampler,
-so a verifier can replay every choice from the receipt's seed. Every context evaluates a stream
-in the batches :mod:`services.inference.schedule` fixes, so a request's tokens do not depend on
-what the context held before. Uses internals of the pinned llama-cpp-python (the context's
-per-position logits and its batch, the default model parameters) to read logits, to score a
-completion in one forward pass without ``logits_all``, and to keep weights in the plain layout.
+The context holds one KV sequence per slot (``n_seq_max = slots``) and one thread, the decoder,
+drives it in steps: each step evaluates, in one ``llama_decode``, the next token of every
+sequence that is generating (so the weights are read once per step for all of them, as in
+llama.cpp's own server), then each waiting prompt chunk in a ``llama_decode`` of its own. Tokens
+are chosen by the native verifiable sampler (``native.Sampler``) from llama.cpp's logits, not by
+llama.cpp's sampler, so a verifier can replay every choice from the receipt's seed.
+
+Reproducible decoding (:mod:`services.inference.schedule`) holds across the batch because:
+
+- every sequence has its own KV cache (``kv_unified = False``): attention runs over that
+  sequence's cells only, and a row's logits do not depend on the other rows of its batch
+  (``tests/test_batched_decoding.py`` checks both on the pinned llama.cpp, bit for bit);
+- a prompt chunk is always one batch of its own: llama.cpp splits a batch of several sequences
+  into micro-batches with as many tokens of each (``split_equal``), which would cut a chunk
+  where another sequence's single token ends;
+- llama.cpp takes a micro-batch's sequences only while their ids run consecutively, so the
+  one-token batch fills any id between two generating sequences with a placeholder token of
+  that idle sequence, at its next position, removed again after the step (one row of compute,
+  against a second pass over the weights).
+
+Blocking llama.cpp calls run on the decoder thread, never on the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import ctypes
 import os
 import threading
-from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import AsyncGenerator, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import llama_cpp
 import numpy as np
+from llama_cpp import llama_cpp as capi
+from llama_cpp._internals import LlamaModel
+from llama_cpp._logger import set_verbose
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from services.inference.engine import (
@@ -39,7 +56,7 @@ from services.inference.models import weights_digest
 from services.inference.schedule import Evaluation, reusable_positions
 from swarmserve import native
 
-__all__ = ["LlamaCppEngine", "ScheduledContext", "load_llama"]
+__all__ = ["LlamaCppEngine", "load_model"]
 
 # llama.cpp's LLAMA_FTYPE values for the quantizations people actually ship.
 _FILE_TYPES = {
@@ -47,6 +64,9 @@ _FILE_TYPES = {
     11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S",
     17: "Q5_K_M", 18: "Q6_K", 32: "BF16",
 }  # fmt: skip
+
+# Tokens one llama_decode takes at most: a score pass is cut into batches of this size.
+BATCH_TOKENS = 512
 
 
 def _log_softmax_at(logits: np.ndarray[Any, Any], token: int) -> tuple[float, int, float]:
@@ -61,77 +81,450 @@ def _log_softmax_at(logits: np.ndarray[Any, Any], token: int) -> tuple[float, in
     return float(logits[token] - log_norm), top, float(shift - log_norm)
 
 
-_MODEL_PARAMS_LOCK = threading.Lock()
-
-
-def load_llama(model_path: Path, **options: Any) -> llama_cpp.Llama:
-    """``llama_cpp.Llama(model_path, **options)`` with the weights in llama.cpp's plain CPU layout.
+def load_model(model_path: Path) -> LlamaModel:
+    """The model's weights in llama.cpp's plain CPU layout.
 
     Where the CPU has them, llama.cpp moves weights into "extra buffer types": AMX tiles on
     recent Xeons, layouts with 4 or 8 rows interleaved for some quantizations elsewhere. With the
-    pinned llama-cpp-python the AMX matmul kills the process on its first decode (SIGSEGV in
+    pinned llama.cpp the AMX matmul kills the process on its first decode (SIGSEGV in
     ``ggml_backend_amx_mul_mat``, Xeon with AMX-INT8), and the embedded Q4_1 model has no
-    repacked layout on x86 anyway. llama-cpp-python takes no argument for this, so its default
-    model parameters are replaced while the model loads (under a lock: models load on threads)."""
-    defaults = llama_cpp.llama_cpp.llama_model_default_params
-
-    def plain_layout() -> Any:
-        params = defaults()
-        params.use_extra_bufts = False
-        return params
-
-    with _MODEL_PARAMS_LOCK:
-        llama_cpp.llama_cpp.llama_model_default_params = plain_layout
-        try:
-            return llama_cpp.Llama(model_path=str(model_path), **options)
-        finally:
-            llama_cpp.llama_cpp.llama_model_default_params = defaults
+    repacked layout on x86 anyway."""
+    set_verbose(False)  # llama.cpp logs every load and context to stderr otherwise
+    params = capi.llama_model_default_params()
+    params.use_extra_bufts = False
+    return LlamaModel(path_model=str(model_path), params=params, verbose=False)
 
 
-class ScheduledContext:
-    """A llama.cpp context that evaluates every stream in the batches of
-    :mod:`services.inference.schedule`, keeping of what it held only what the schedule allows.
+@dataclass(frozen=True)
+class _Batch:
+    """What one sequence evaluates next: ``tokens`` from ``position`` on, and the rows (indices
+    into ``tokens``) whose logits it reads afterwards."""
 
-    It holds ``llama.input_ids[:llama.n_tokens]``: the first ``_prompt_length`` of them (or all,
-    if fewer) evaluated as a prompt, the rest one at a time."""
+    tokens: tuple[int, ...]
+    position: int
+    outputs: range
 
-    def __init__(self, llama: llama_cpp.Llama) -> None:
-        self.llama: Any = llama  # llama-cpp-python is untyped
-        self._vocab_size = int(llama.n_vocab())
-        self._prompt_length = 0
 
-    def held(self) -> Evaluation | None:
-        count = self.llama.n_tokens
-        prompt_length = min(self._prompt_length, count)
-        if not prompt_length:
+class _Work(ABC):
+    """One request's use of one sequence of the shared context, driven by the decoder thread.
+
+    ``begin`` says what to evaluate first, given how many positions the sequence already holds
+    as this work would compute them; ``advance`` reads the logits of the batch just evaluated
+    and says what comes next (``None``: done). Results reach the event loop through ``deliver``,
+    which the decoder thread calls; ``cancel`` may be called from any thread."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.cancelled = threading.Event()
+
+    @property
+    @abstractmethod
+    def evaluation(self) -> Evaluation | None:
+        """What the sequence holds when this work is done, if it follows the schedule."""
+
+    @abstractmethod
+    def begin(self, keep: int) -> _Batch | None: ...
+
+    @abstractmethod
+    def advance(self, row: Callable[[int], np.ndarray[Any, Any]]) -> _Batch | None: ...
+
+    @abstractmethod
+    def deliver(self, item: object) -> None: ...
+
+    def fail(self, error: BaseException) -> None:
+        self.deliver(error)
+
+
+class _Scheduled(_Work):
+    """Evaluates a prompt (and tokens already served) in the schedule's batches, then steps
+    one token at a time, reading the logits after each."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, prompt: Sequence[int], served: Sequence[int]) -> None:
+        super().__init__(loop)
+        self.stream = Evaluation(tuple(prompt), tuple(served))
+        self.added: list[int] = []  # tokens evaluated after ``stream``
+        self._pending: deque[tuple[int, ...]] = deque()
+        self._position = 0
+
+    @property
+    def evaluation(self) -> Evaluation:
+        return Evaluation(self.stream.prompt, self.stream.generated + tuple(self.added))
+
+    def begin(self, keep: int) -> _Batch | None:
+        self._pending.extend(self.stream.batches(keep))
+        self._position = keep
+        return self._next()
+
+    def _next(self) -> _Batch:
+        tokens = self._pending.popleft()
+        last = not self._pending  # only the last batch's last row gives logits anyone reads
+        batch = _Batch(tokens, self._position, range(len(tokens) - 1, len(tokens)) if last else range(0))
+        self._position += len(tokens)
+        return batch
+
+    def advance(self, row: Callable[[int], np.ndarray[Any, Any]]) -> _Batch | None:
+        if self._pending:
+            return self._next()
+        token = self.step(row(-1))
+        if token is None:
             return None
-        ids = tuple(int(token) for token in self.llama.input_ids[:count])
-        return Evaluation(ids[:prompt_length], ids[prompt_length:])
+        self.added.append(token)
+        self._pending.append((token,))
+        return self._next()
 
-    def evaluate(self, stream: Evaluation) -> int:
-        """Brings the context to the end of ``stream``; returns how many positions it kept."""
-        keep = reusable_positions(self.held(), stream)
-        if not self.llama._ctx.kv_cache_seq_rm(-1, keep, -1):
-            self.clear()
+    @abstractmethod
+    def step(self, logits: np.ndarray[Any, Any]) -> int | None:
+        """Given the logits after the last evaluated token: the next token to evaluate."""
+
+
+class _Generation(_Scheduled):
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        engine: LlamaCppEngine,
+        prompt: Sequence[int],
+        sampling: Sampling,
+        resume: Sequence[int],
+        queue: asyncio.Queue[object],
+    ) -> None:
+        super().__init__(loop, prompt, resume)
+        self._engine, self._sampling, self._queue = engine, sampling, queue
+        self._sampler = _sampler(sampling, prompt)
+        for served in resume:
+            self._sampler.advance(served)
+        self._produced = len(resume)
+
+    def step(self, logits: np.ndarray[Any, Any]) -> int | None:
+        token = self._sampler.choose(logits.data)
+        if self.cancelled.is_set() or self._engine.is_end(token):
+            self.deliver(None)
+            return None
+        self._produced += 1
+        logprob = _log_softmax_at(logits, token)[0]
+        self.deliver(GeneratedToken(token, self._engine.detokenize([token]), logprob))
+        if self._produced >= self._sampling.max_new_tokens:
+            self.deliver(None)
+            return None
+        return token
+
+    def deliver(self, item: object) -> None:
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+
+class _Resolving(_Work, ABC):
+    """Work whose result is one value, set on a future of the event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self.result: asyncio.Future[Any] = loop.create_future()
+
+    def deliver(self, item: object) -> None:
+        def settle() -> None:
+            if self.result.done():
+                return
+            if isinstance(item, BaseException):
+                self.result.set_exception(item)
+            else:
+                self.result.set_result(item)
+
+        self._loop.call_soon_threadsafe(settle)
+
+
+class _ReplayWork(_Scheduled, _Resolving):
+    """The served completion evaluated one token at a time, as generation evaluated it: a batched
+    replay moved logits by up to 1.0 on the embedded model."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        engine: LlamaCppEngine,
+        prompt: Sequence[int],
+        completion: Sequence[int],
+        sampling: Sampling,
+    ) -> None:
+        super().__init__(loop, prompt, ())
+        self._engine, self._completion = engine, list(completion)
+        self._sampler = _sampler(sampling, prompt)
+        self._implausible: list[int] = []
+
+    def step(self, logits: np.ndarray[Any, Any]) -> int | None:
+        plausible = self._sampler.plausible(logits.data)
+        position = len(self.added)
+        if position == len(self._completion):
+            self.deliver(Replay(tuple(self._implausible), any(self._engine.is_end(t) for t in plausible)))
+            return None
+        served = self._completion[position]
+        if served not in plausible:
+            self._implausible.append(position)
+        self._sampler.advance(served)
+        return served
+
+
+class _ScoreWork(_Resolving):
+    """One forward pass over prompt + completion[:-1] in batches of :data:`BATCH_TOKENS`,
+    reading logits only at the positions that predict a completion token. Its batches are not
+    the schedule's: nothing it leaves in the sequence is reused."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, prompt: Sequence[int], completion: Sequence[int], top_alternatives: int
+    ) -> None:
+        super().__init__(loop)
+        self._ids = list(prompt) + list(completion)
+        self._first = len(prompt) - 1
+        self._top_alternatives = top_alternatives
+        self._start = 0
+        self._scores: list[PositionScore] = []
+
+    @property
+    def evaluation(self) -> None:
+        return None
+
+    def begin(self, keep: int) -> _Batch | None:
+        return self._batch()
+
+    def _batch(self) -> _Batch:
+        chunk = tuple(self._ids[self._start : min(self._start + BATCH_TOKENS, len(self._ids) - 1)])
+        return _Batch(chunk, self._start, range(max(0, self._first - self._start), len(chunk)))
+
+    def advance(self, row: Callable[[int], np.ndarray[Any, Any]]) -> _Batch | None:
+        batch = self._batch()
+        for index in batch.outputs:
+            logits = row(index)
+            target = self._ids[self._start + index + 1]
+            logprob, top, top_logprob = _log_softmax_at(logits, target)
+            alternatives: tuple[tuple[int, float], ...] = ()
+            if self._top_alternatives:
+                log_norm = logits[top] - top_logprob
+                best = np.argpartition(logits, -self._top_alternatives)[-self._top_alternatives :]
+                best = best[np.argsort(logits[best])[::-1]]
+                alternatives = tuple((int(t), float(logits[t] - log_norm)) for t in best)
+            self._scores.append(PositionScore(logprob, top == target, top, top_logprob, alternatives))
+        self._start += len(batch.tokens)
+        if self._start >= len(self._ids) - 1:
+            self.deliver(self._scores)
+            return None
+        return self._batch()
+
+
+@dataclass
+class _Sequence:
+    """One KV sequence of the context: how many positions it holds, what they are where the
+    schedule lets a later stream reuse them, and the work using it with its next batch."""
+
+    id: int
+    length: int = 0
+    held: Evaluation | None = None
+    work: _Work | None = None
+    batch: _Batch | None = None
+
+
+def _evaluated(evaluation: Evaluation | None, length: int) -> Evaluation | None:
+    """The first ``length`` positions of ``evaluation`` (a batch boundary: batches are evaluated
+    whole), as a stream a later one may reuse."""
+    if evaluation is None or length <= 0:
+        return None
+    if length <= len(evaluation.prompt):
+        return Evaluation(evaluation.prompt[:length])
+    return Evaluation(evaluation.prompt, evaluation.generated[: length - len(evaluation.prompt)])
+
+
+class _TensorHead(ctypes.Structure):
+    """The leading fields of ggml's ``struct ggml_tensor`` (ggml.h), up to its name."""
+
+    _fields_ = [
+        ("type", ctypes.c_int), ("buffer", ctypes.c_void_p), ("ne", ctypes.c_int64 * 4),
+        ("nb", ctypes.c_size_t * 4), ("op", ctypes.c_int), ("op_params", ctypes.c_int32 * 16),
+        ("flags", ctypes.c_int32), ("src", ctypes.c_void_p * 10), ("view_src", ctypes.c_void_p),
+        ("view_offs", ctypes.c_size_t), ("data", ctypes.c_void_p), ("name", ctypes.c_char * 64),
+    ]  # fmt: skip
+
+
+class _Decoder:
+    """The shared context and the thread that steps it. Owns every llama.cpp call on the
+    context; other threads only queue work (``submit``) and cancel it.
+
+    With ``count_passes``, ``passes`` records the rows of every pass llama.cpp makes over the
+    weights (one per micro-batch, seen as its first layer's norm is computed): what batching is
+    for, shown by llama.cpp itself. It costs a Python call per graph node, so tests only."""
+
+    def __init__(
+        self, model: LlamaModel, slots: int, context_length: int, threads: int, *, count_passes: bool = False
+    ) -> None:
+        params = capi.llama_context_default_params()
+        params.n_ctx = context_length * slots  # each sequence gets n_ctx / n_seq_max cells
+        params.n_batch = params.n_ubatch = max(BATCH_TOKENS, slots)
+        params.n_seq_max = slots
+        params.n_threads = params.n_threads_batch = threads
+        # Its CPU kernel splits long contexts across threads, which would tie a stream's tokens
+        # to the thread count (services.inference.schedule).
+        params.flash_attn_type = capi.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        params.kv_unified = False
+        self.passes: list[int] = []
+        if count_passes:
+
+            def observe(tensor: int, ask: bool, _: object) -> bool:
+                head = _TensorHead.from_address(tensor)
+                if ask and head.name == b"attn_norm-0":
+                    self.passes.append(int(head.ne[1]))
+                return False  # nothing to read: llama.cpp computes the graph as it would
+
+            self._observer = capi.ggml_backend_sched_eval_callback(observe)
+            params.cb_eval = self._observer
+        self._ctx = capi.llama_init_from_model(model.model, params)
+        if not self._ctx:
+            raise EngineUnavailable(f"llama.cpp cannot make a context of {slots} x {context_length} tokens")
+        self.context_length = int(capi.llama_n_ctx_seq(self._ctx))
+        self._memory = capi.llama_get_memory(self._ctx)
+        self._vocab_size = int(capi.llama_vocab_n_tokens(model.vocab))
+        self._batch = capi.llama_batch_init(params.n_batch, 0, 1)
+        self._sequences = [_Sequence(index) for index in range(slots)]
+        self._waiting: deque[_Work] = deque()
+        self._wake = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="llama-decoder", daemon=True)
+        self._thread.start()
+
+    def submit(self, work: _Work) -> None:
+        with self._wake:
+            if self._closed:
+                raise EngineUnavailable("the engine is closed")
+            self._waiting.append(work)
+            self._wake.notify()
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join()
+        capi.llama_batch_free(self._batch)
+        capi.llama_free(self._ctx)
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._closed and not self._waiting and not any(s.work for s in self._sequences):
+                    self._wake.wait()
+                if self._closed:
+                    break
+                admitted = self._admissions()
+            for sequence, work in admitted:
+                self._start(sequence, work)
+            self._step()
+        closed = EngineUnavailable("the engine closed")
+        for work in [*(s.work for s in self._sequences if s.work), *self._waiting]:
+            work.fail(closed)
+
+    def _admissions(self) -> list[tuple[_Sequence, _Work]]:
+        """Waiting work onto free sequences, each onto the one holding most of its stream."""
+        admitted = []
+        free = [s for s in self._sequences if s.work is None]
+        while self._waiting and free:
+            work = self._waiting.popleft()
+            wanted = work.evaluation
+            sequence = max(free, key=lambda s: reusable_positions(s.held, wanted) if wanted else 0)
+            free.remove(sequence)
+            sequence.work = work
+            admitted.append((sequence, work))
+        return admitted
+
+    def _start(self, sequence: _Sequence, work: _Work) -> None:
+        wanted = work.evaluation
+        keep = reusable_positions(sequence.held, wanted) if wanted else 0
+        if not capi.llama_memory_seq_rm(self._memory, sequence.id, keep, -1):
+            capi.llama_memory_seq_rm(self._memory, sequence.id, 0, -1)
             keep = 0
-        self.llama.n_tokens = keep
-        self._prompt_length = len(stream.prompt)
-        for batch in stream.batches(keep):
-            self.llama.eval(batch)
-        return keep
+        sequence.length, sequence.held = keep, None
+        self._next(sequence, lambda: work.begin(keep))
 
-    def append(self, token: int) -> None:
-        """Evaluates one generated token, alone, as the schedule has it."""
-        self.llama.eval([token])
+    def _next(self, sequence: _Sequence, batch: Callable[[], _Batch | None]) -> None:
+        """Asks the sequence's work for its next batch; ends the work if there is none."""
+        try:
+            sequence.batch = batch()
+        except Exception as error:  # a request this engine cannot run fails alone
+            self._end(sequence, error)
+            return
+        if sequence.batch is None:
+            self._end(sequence)
+        elif sequence.batch.position + len(sequence.batch.tokens) > self.context_length:
+            self._end(sequence, ValueError(f"the stream does not fit the {self.context_length}-token context"))
 
-    def clear(self) -> None:
-        self.llama.reset()
-        self.llama._ctx.kv_cache_seq_rm(-1, 0, -1)
+    def _end(self, sequence: _Sequence, error: BaseException | None = None) -> None:
+        """Frees the sequence, keeping what it evaluated for reuse unless llama.cpp failed."""
+        work = sequence.work
+        assert work is not None
+        if error is not None:
+            work.fail(error)
+        sequence.work, sequence.batch = None, None
+        sequence.held = _evaluated(work.evaluation, sequence.length)
+        if isinstance(error, EngineUnavailable) or sequence.held is None:
+            capi.llama_memory_seq_rm(self._memory, sequence.id, 0, -1)
+            sequence.length, sequence.held = 0, None
 
-    def logits(self, row: int = -1) -> np.ndarray[Any, Any]:
-        """One row of llama.cpp's logits, in place. The view drops ctypes' explicit byte-order
-        mark ("<f"), which the native sampler's buffer check does not take as float32."""
-        return np.ctypeslib.as_array(self.llama._ctx.get_logits_ith(row), shape=(self._vocab_size,)).view(np.float32)
+    def _step(self) -> None:
+        for sequence in self._sequences:
+            if sequence.work is not None and sequence.work.cancelled.is_set():
+                self._end(sequence, asyncio.CancelledError())
+        singles = [s for s in self._sequences if s.batch is not None and len(s.batch.tokens) == 1]
+        chunks = [s for s in self._sequences if s.batch is not None and len(s.batch.tokens) > 1]
+        if singles:
+            self._decode_singles(singles)
+        for sequence in chunks:
+            self._decode([(sequence, sequence.batch)])  # type: ignore[list-item]
+
+    def _decode_singles(self, singles: list[_Sequence]) -> None:
+        """One token of each sequence in ``singles`` in one batch, ids in a consecutive run: an
+        id in between gets a placeholder at its next position, removed after."""
+        entries: list[tuple[_Sequence, _Batch]] = []
+        for sequence in self._sequences[singles[0].id : singles[-1].id + 1]:
+            if sequence in singles:
+                entries.append((sequence, sequence.batch))  # type: ignore[arg-type]
+                continue
+            if sequence.length >= self.context_length:  # idle and full: its cache goes
+                capi.llama_memory_seq_rm(self._memory, sequence.id, 0, -1)
+                sequence.length, sequence.held = 0, None
+            entries.append((sequence, _Batch((0,), sequence.length, range(0))))
+        self._decode(entries)
+        for sequence, batch in entries:
+            if sequence not in singles:
+                capi.llama_memory_seq_rm(self._memory, sequence.id, batch.position, -1)
+
+    def _decode(self, entries: list[tuple[_Sequence, _Batch]]) -> None:
+        """The entries' batches as one ``llama_decode``; then each work reads its rows."""
+        batch = self._batch
+        first_rows: list[int] = []
+        count = 0
+        for sequence, evaluated in entries:
+            first_rows.append(count)
+            for offset, token in enumerate(evaluated.tokens):
+                batch.token[count] = token
+                batch.pos[count] = evaluated.position + offset
+                batch.n_seq_id[count] = 1
+                batch.seq_id[count][0] = sequence.id
+                batch.logits[count] = offset in evaluated.outputs
+                count += 1
+        batch.n_tokens = count
+        status = capi.llama_decode(self._ctx, batch)
+        for (sequence, evaluated), first_row in zip(entries, first_rows, strict=True):
+            work = sequence.work
+            if work is None or evaluated is not sequence.batch:
+                continue  # a placeholder
+            if status != 0:
+                self._end(sequence, EngineUnavailable(f"llama_decode failed with status {status}"))
+                continue
+            sequence.length += len(evaluated.tokens)
+            row = self._rows(first_row, len(evaluated.tokens))
+            self._next(sequence, lambda work=work, row=row: work.advance(row))  # type: ignore[misc]
+
+    def _rows(self, first_row: int, count: int) -> Callable[[int], np.ndarray[Any, Any]]:
+        """Row ``i`` (from the end if negative) of a sequence's batch of ``count`` rows, in
+        place. The view drops ctypes' explicit byte-order mark ("<f"), which the native
+        sampler's buffer check does not take as float32."""
+
+        def row(index: int) -> np.ndarray[Any, Any]:
+            pointer = capi.llama_get_logits_ith(self._ctx, first_row + index % count)
+            return np.ctypeslib.as_array(pointer, shape=(self._vocab_size,)).view(np.float32)
+
+        return row
 
 
 class LlamaCppEngine:
@@ -143,63 +536,52 @@ class LlamaCppEngine:
         slots: int = 1,
         context_length: int = 2048,
         threads: int | None = None,
+        count_passes: bool = False,
     ) -> None:
         if not model_path.is_file():
             raise EngineUnavailable(f"model file {model_path} does not exist")
-        threads = threads or max(1, (os.cpu_count() or 1) // slots)
         try:
-            self._slots = [
-                ScheduledContext(
-                    load_llama(
-                        model_path,
-                        n_ctx=context_length,
-                        n_threads=threads,
-                        n_threads_batch=threads,
-                        # Its CPU kernel splits long contexts across threads, which would tie a
-                        # stream's tokens to the thread count (services.inference.schedule).
-                        flash_attn=False,
-                        logits_all=False,
-                        verbose=False,
-                    )
-                )
-                for _ in range(slots)
-            ]
+            self._model = load_model(model_path)
         except ValueError as error:  # llama-cpp-python's way of saying "cannot load"
             raise EngineUnavailable(f"llama.cpp cannot load {model_path}: {error}") from error
-        first = self._slots[0].llama
-        file_type = int(first.metadata.get("general.file_type", -1))
+        self._decoder = _Decoder(
+            self._model, slots, context_length, threads or os.cpu_count() or 1, count_passes=count_passes
+        )
+        metadata = self._model.metadata()
+        file_type = int(metadata.get("general.file_type", -1))
         self.identity = ModelIdentity(
             name=name,
             weights_digest=weights_digest(model_path),
             quantization=_FILE_TYPES.get(file_type, f"ftype-{file_type}"),
-            context_length=first.n_ctx(),
+            context_length=self._decoder.context_length,
             engine="llama.cpp",
         )
-        self.vocab_size = first.n_vocab()
-        template = first.metadata.get("tokenizer.chat_template")
-        self._vocab = first._model.vocab
+        self.vocab_size = int(self._model.n_vocab())
+        template = metadata.get("tokenizer.chat_template")
         self._chat = (
             Jinja2ChatFormatter(
                 template=template,
-                eos_token=first.detokenize([first.token_eos()], special=True).decode(errors="replace"),
-                bos_token=first.detokenize([first.token_bos()], special=True).decode(errors="replace"),
+                eos_token=self._model.detokenize([self._model.token_eos()], special=True).decode(errors="replace"),
+                bos_token=self._model.detokenize([self._model.token_bos()], special=True).decode(errors="replace"),
             )
             if template
             else None
         )
-        self._free = list(self._slots)
-        self._available = asyncio.Semaphore(slots)
-        self._executor = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="llama")
 
-    def _is_end(self, token: int) -> bool:
+    @property
+    def passes(self) -> list[int]:
+        """Rows of each pass over the weights so far, if the engine was made to count them."""
+        return self._decoder.passes
+
+    def is_end(self, token: int) -> bool:
         """End-of-generation tokens (end of sequence, end of turn) end a stream unsent."""
-        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+        return bool(llama_cpp.llama_vocab_is_eog(self._model.vocab, token))
 
     def tokenize(self, text: str) -> list[int]:
-        return list(self._slots[0].llama.tokenize(text.encode(), add_bos=True, special=True))
+        return list(self._model.tokenize(text.encode(), add_bos=True, special=True))
 
     def detokenize(self, token_ids: Sequence[int]) -> bytes:
-        return bytes(self._slots[0].llama.detokenize(list(token_ids)))
+        return bytes(self._model.detokenize(list(token_ids)))
 
     def apply_chat_template(self, turns: Sequence[ChatTurn]) -> str:
         if self._chat is None:
@@ -207,136 +589,46 @@ class LlamaCppEngine:
         messages: Any = [{"role": turn.role, "content": turn.content} for turn in turns]
         return str(self._chat(messages=messages).prompt)
 
-    async def _run_in_slot(self, work: Callable[[ScheduledContext], Any]) -> asyncio.Future[Any]:
-        """Starts ``work`` on a free context in a worker thread. The context returns to the
-        pool when the thread ends, never earlier, even if the caller is cancelled."""
-        await self._available.acquire()
-        slot = self._free.pop()
-
-        def release(_: object) -> None:
-            self._free.append(slot)
-            self._available.release()
-
-        future = asyncio.get_running_loop().run_in_executor(self._executor, work, slot)
-        future.add_done_callback(release)
-        return future
-
     async def generate(
         self, prompt_ids: Sequence[int], sampling: Sampling, resume: Sequence[int] = ()
     ) -> AsyncGenerator[GeneratedToken, None]:
-        loop = asyncio.get_running_loop()
-        tokens: asyncio.Queue[GeneratedToken | None] = asyncio.Queue()
-        stop = threading.Event()
-
-        def produce(slot: ScheduledContext) -> None:
-            try:
-                for token in self._generate_blocking(slot, prompt_ids, sampling, resume, stop):
-                    loop.call_soon_threadsafe(tokens.put_nowait, token)
-            finally:
-                loop.call_soon_threadsafe(tokens.put_nowait, None)
-
-        future = await self._run_in_slot(produce)
+        if len(resume) >= sampling.max_new_tokens:
+            return
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        work = _Generation(asyncio.get_running_loop(), self, prompt_ids, sampling, resume, queue)
+        self._decoder.submit(work)
         try:
-            while (token := await tokens.get()) is not None:
-                yield token
-            await future  # re-raises what the worker raised
+            while (item := await queue.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                assert isinstance(item, GeneratedToken)
+                yield item
         finally:
-            stop.set()  # the worker checks this after every token
-            with contextlib.suppress(BaseException):
-                await asyncio.shield(future)
-
-    def _generate_blocking(
-        self,
-        slot: ScheduledContext,
-        prompt_ids: Sequence[int],
-        sampling: Sampling,
-        resume: Sequence[int],
-        stop: threading.Event,
-    ) -> Iterator[GeneratedToken]:
-        sampler = _sampler(sampling, prompt_ids)
-        for served in resume:
-            sampler.advance(served)
-        slot.evaluate(Evaluation(tuple(prompt_ids), tuple(resume)))
-        for produced in range(len(resume) + 1, sampling.max_new_tokens + 1):
-            logits = slot.logits()
-            token = sampler.choose(logits.data)
-            if stop.is_set() or self._is_end(token):
-                return
-            logprob = _log_softmax_at(logits, token)[0]
-            yield GeneratedToken(token, bytes(slot.llama.detokenize([token])), logprob)
-            if produced < sampling.max_new_tokens:
-                slot.append(token)
+            work.cancelled.set()  # the decoder frees the sequence at its next step
 
     async def score(
         self, prompt_ids: Sequence[int], completion_ids: Sequence[int], top_alternatives: int
     ) -> list[PositionScore]:
-        def work(slot: ScheduledContext) -> list[PositionScore]:
-            return self._score_blocking(slot, list(prompt_ids), list(completion_ids), top_alternatives)
-
-        return list(await (await self._run_in_slot(work)))
-
-    @staticmethod
-    def _score_blocking(
-        slot: ScheduledContext,
-        prompt: list[int],
-        completion: list[int],
-        top_alternatives: int,
-    ) -> list[PositionScore]:
-        # One forward pass over prompt + completion[:-1], asking llama.cpp for logits only at
-        # the positions that predict a completion token.
-        ids = prompt + completion
-        first = len(prompt) - 1
-        slot.clear()
-        context = slot.llama
-        batch = context._batch
-        scores: list[PositionScore] = []
-        evaluated = ids[:-1]
-        for start in range(0, len(evaluated), context.n_batch):
-            chunk = evaluated[start : start + context.n_batch]
-            batch.set_batch(chunk, n_past=start, logits_all=False)
-            for i in range(len(chunk)):
-                batch.batch.logits[i] = start + i >= first
-            context._ctx.decode(batch)
-            for i in range(max(0, first - start), len(chunk)):
-                row = slot.logits(i)
-                target = ids[start + i + 1]
-                logprob, top, top_logprob = _log_softmax_at(row, target)
-                alternatives: tuple[tuple[int, float], ...] = ()
-                if top_alternatives:
-                    log_norm = row[top] - top_logprob
-                    best = np.argpartition(row, -top_alternatives)[-top_alternatives:]
-                    best = best[np.argsort(row[best])[::-1]]
-                    alternatives = tuple((int(t), float(row[t] - log_norm)) for t in best)
-                scores.append(PositionScore(logprob, top == target, top, top_logprob, alternatives))
-        slot.clear()  # batches other than the schedule's: nothing here may be reused
+        if not completion_ids:
+            return []
+        work = _ScoreWork(asyncio.get_running_loop(), prompt_ids, completion_ids, top_alternatives)
+        scores: list[PositionScore] = await self._resolve(work)
         return scores
 
     async def replay(self, prompt_ids: Sequence[int], completion_ids: Sequence[int], sampling: Sampling) -> Replay:
-        def work(slot: ScheduledContext) -> Replay:
-            return self._replay_blocking(slot, list(prompt_ids), list(completion_ids), sampling)
+        work = _ReplayWork(asyncio.get_running_loop(), self, prompt_ids, completion_ids, sampling)
+        return await self._resolve(work)  # type: ignore[no-any-return]
 
-        return await (await self._run_in_slot(work))  # type: ignore[no-any-return]
-
-    def _replay_blocking(
-        self, slot: ScheduledContext, prompt: list[int], completion: list[int], sampling: Sampling
-    ) -> Replay:
-        # In generate()'s batches (the schedule's), so an honest stream replays to the same
-        # logits on the same build and CPU kind; a batched replay moved logits by up to 1.0.
-        sampler = _sampler(sampling, prompt)
-        implausible: list[int] = []
-        slot.evaluate(Evaluation(tuple(prompt)))
-        for position, served in enumerate(completion):
-            if served not in sampler.plausible(slot.logits().data):
-                implausible.append(position)
-            sampler.advance(served)
-            slot.append(served)
-        end_plausible = any(self._is_end(token) for token in sampler.plausible(slot.logits().data))
-        return Replay(tuple(implausible), end_plausible)
+    async def _resolve(self, work: _Resolving) -> Any:
+        self._decoder.submit(work)
+        try:
+            return await asyncio.shield(work.result)
+        finally:
+            work.cancelled.set()
 
     async def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
-        for slot in self._slots:
-            slot.llama.close()
+        await asyncio.to_thread(self._decoder.close)
+        self._model.close()  # type: ignore[no-untyped-call]
 
 
 def _sampler(sampling: Sampling, prompt_ids: Sequence[int]) -> native.Sampler:

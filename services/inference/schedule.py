@@ -27,7 +27,7 @@ The rule here makes every position's batch a function of the stream alone:
 Given the same weights, build, CPU kind and batch sequence, llama.cpp's CPU kernels compute the
 same bits: each output element is reduced by one thread in a fixed order (the flash-attention
 kernel, which splits long contexts across threads, is off in llama-cpp-python by default; the
-tests compare nodes with 1 and 2 threads per slot). So the same request gives the same tokens
+tests compare nodes whose contexts run 1 and 2 threads). So the same request gives the same tokens
 on a fresh context, a warm one, another slot, another node of the same build and CPU kind, and
 when continued from any prefix of its answer. The price (``bench/inference.py``): a cold prompt
 pays more, smaller batches (a batch costs about one decode step besides its tokens, 10 to 15 ms
