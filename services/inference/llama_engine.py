@@ -3,7 +3,7 @@
 The context holds one KV sequence per slot (``n_seq_max = slots``) and one thread, the decoder,
 drives it in steps: each step evaluates, in one ``llama_decode``, the next token of every
 sequence that is generating (so the weights are read once per step for all of them, as in
-llama.cpp's own server), then each waiting prompt chunk in a ``llama_decode`` of its own. Tokens
+llama.cpp's own server), then the waiting prompt chunks, those of one length together. Tokens
 are chosen by the native verifiable sampler (``native.Sampler``) from llama.cpp's logits, not by
 llama.cpp's sampler, so a verifier can replay every choice from the receipt's seed.
 
@@ -12,9 +12,10 @@ Reproducible decoding (:mod:`services.inference.schedule`) holds across the batc
 - every sequence has its own KV cache (``kv_unified = False``): attention runs over that
   sequence's cells only, and a row's logits do not depend on the other rows of its batch
   (``tests/test_batched_decoding.py`` checks both on the pinned llama.cpp, bit for bit);
-- a prompt chunk is always one batch of its own: llama.cpp splits a batch of several sequences
-  into micro-batches with as many tokens of each (``split_equal``), which would cut a chunk
-  where another sequence's single token ends;
+- a prompt chunk is never cut: llama.cpp splits a batch of several sequences into
+  micro-batches with as many tokens of each (``split_equal``), which would cut a chunk where
+  another sequence's single token ends, so chunks go in passes of their own, shared only by
+  chunks of the same length;
 - llama.cpp takes a micro-batch's sequences only while their ids run consecutively, so the
   one-token batch fills any id between two generating sequences with a placeholder token of
   that idle sequence, at its next position, removed again after the step (one row of compute,
@@ -316,6 +317,7 @@ class _Sequence:
     held: Evaluation | None = None
     work: _Work | None = None
     batch: _Batch | None = None
+    ended_at: int = -1  # the step its last work ended in
 
 
 def _evaluated(evaluation: Evaluation | None, length: int) -> Evaluation | None:
@@ -376,11 +378,13 @@ class _Decoder:
         self.context_length = int(capi.llama_n_ctx_seq(self._ctx))
         self._memory = capi.llama_get_memory(self._ctx)
         self._vocab_size = int(capi.llama_vocab_n_tokens(model.vocab))
+        self._batch_tokens = params.n_batch
         self._batch = capi.llama_batch_init(params.n_batch, 0, 1)
         self._sequences = [_Sequence(index) for index in range(slots)]
         self._waiting: deque[_Work] = deque()
         self._wake = threading.Condition()
         self._closed = False
+        self._steps = 0
         self._thread = threading.Thread(target=self._run, name="llama-decoder", daemon=True)
         self._thread.start()
 
@@ -421,7 +425,9 @@ class _Decoder:
         while self._waiting and free:
             work = self._waiting.popleft()
             wanted = work.evaluation
-            sequence = max(free, key=lambda s: reusable_positions(s.held, wanted) if wanted else 0)
+            # The most positions kept; then the sequence idle longest, so that what the others
+            # hold (a prompt that may come again) is overwritten last.
+            sequence = max(free, key=lambda s: (reusable_positions(s.held, wanted) if wanted else 0, -s.ended_at))
             free.remove(sequence)
             sequence.work = work
             admitted.append((sequence, work))
@@ -454,13 +460,14 @@ class _Decoder:
         assert work is not None
         if error is not None:
             work.fail(error)
-        sequence.work, sequence.batch = None, None
+        sequence.work, sequence.batch, sequence.ended_at = None, None, self._steps
         sequence.held = _evaluated(work.evaluation, sequence.length)
         if isinstance(error, EngineUnavailable) or sequence.held is None:
             capi.llama_memory_seq_rm(self._memory, sequence.id, 0, -1)
             sequence.length, sequence.held = 0, None
 
     def _step(self) -> None:
+        self._steps += 1
         for sequence in self._sequences:
             if sequence.work is not None and sequence.work.cancelled.is_set():
                 self._end(sequence, asyncio.CancelledError())
@@ -468,8 +475,16 @@ class _Decoder:
         chunks = [s for s in self._sequences if s.batch is not None and len(s.batch.tokens) > 1]
         if singles:
             self._decode_singles(singles)
+        # Chunks of one length share a llama_decode: llama.cpp's micro-batches then take as many
+        # tokens of each, so every chunk stays whole (and sequences whose ids do not run on get
+        # micro-batches of their own).
+        by_length: dict[int, list[_Sequence]] = {}
         for sequence in chunks:
-            self._decode([(sequence, sequence.batch)])  # type: ignore[list-item]
+            by_length.setdefault(len(sequence.batch.tokens), []).append(sequence)  # type: ignore[union-attr]
+        for length, group in by_length.items():
+            fit = self._batch_tokens // length
+            for start in range(0, len(group), fit):
+                self._decode([(s, s.batch) for s in group[start : start + fit]])  # type: ignore[misc]
 
     def _decode_singles(self, singles: list[_Sequence]) -> None:
         """One token of each sequence in ``singles`` in one batch, ids in a consecutive run: an

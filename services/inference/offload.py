@@ -15,7 +15,7 @@ import random
 from collections.abc import AsyncIterator, Callable
 
 from services.inference.service import InferenceService
-from services.relay.circuit import error_message
+from services.relay.circuit import error_message, responses_in
 from services.relay.client import CircuitOpener, ClientCircuit, decode_message
 from swarmserve.dispatch import NodeState, load_factor, reported_state
 from swarmserve.overlay import Membership, Peer
@@ -119,8 +119,8 @@ class Offloader:
         try:
             while True:
                 yield plaintext
-                message = decode_message(plaintext)
-                if message.WhichOneof("body") != "response" or message.response.HasField("summary"):
+                responses = responses_in(decode_message(plaintext))
+                if responses is None or responses[-1].HasField("summary"):
                     return
                 plaintext = await circuit.receive_plaintext()
         except ServiceError as error:

@@ -3,10 +3,12 @@ the set-up confirmation, padding of the inner messages, and what a teardown reas
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import grpc
 
 from swarmserve import native
-from swarmserve.v1 import relay_pb2
+from swarmserve.v1 import inference_pb2, relay_pb2
 
 __all__ = [
     "CIRCUIT_READY",
@@ -16,6 +18,7 @@ __all__ = [
     "destroy_cell",
     "error_message",
     "pad_message",
+    "responses_in",
     "status_for_destroy",
 ]
 
@@ -67,6 +70,18 @@ def pad_message(message: relay_pb2.CircuitMessage) -> bytes:
         fill -= 1
     message.padding = bytes(fill)
     return message.SerializeToString()
+
+
+def responses_in(message: relay_pb2.CircuitMessage) -> Sequence[inference_pb2.InferenceGenerateResponse] | None:
+    """The streamed responses a terminating node's message carries, in order (one, or several
+    it batched); None for any other message (an error, say). A batch of fewer than two is not
+    one the node would send, and counts as another message."""
+    body = message.WhichOneof("body")
+    if body == "response":
+        return (message.response,)
+    if body == "responses" and len(message.responses.responses) > 1:
+        return message.responses.responses
+    return None
 
 
 def error_message(code: grpc.StatusCode, message: str) -> bytes:

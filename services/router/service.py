@@ -18,6 +18,7 @@ import structlog
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.relay.circuit import responses_in
 from services.relay.client import ClientCircuit, circuit_opener
 from services.relay.links import LinkPlane
 from services.relay.multipath import MultipathCircuit
@@ -641,29 +642,24 @@ class RouterService:
         """Relays one segment's tokens to the client until its summary (kept in ``segment``);
         raises ServiceError if the circuit or the node fails first."""
         while True:
-            body = message.WhichOneof("body")
-            if body == "error":
-                raise ServiceError(message.error.message, _status(message.error.code))
-            if body != "response":
-                raise DataLoss("the terminating node sent an unexpected message")
-            event = message.response
-            if not event.HasField("token"):
-                segment.summary = event.summary
-                return
-            token = event.token
-            if not segment.header:
-                segment.header = token.receipt_header
-            segment.checkpoint = token.checkpoint
-            now = time.monotonic()
-            if stream.failed_at is not None:  # the first token after a failure: the gap the client saw
-                self.telemetry.resume_gap.observe(now - stream.failed_at)
-                stream.failed_at = None
-            stream.first_token_at = stream.first_token_at or now
-            stream.ids.append(token.token_id)
-            stream.texts.append(token.text)
-            yield TokenDelta(
-                stream.decoder.decode(token.text), token.token_id, token.text, len(stream.ids) - 1, token.logprob
-            )
+            for event in _responses(message):
+                if not event.HasField("token"):
+                    segment.summary = event.summary
+                    return
+                token = event.token
+                if not segment.header:
+                    segment.header = token.receipt_header
+                segment.checkpoint = token.checkpoint
+                now = time.monotonic()
+                if stream.failed_at is not None:  # the first token after a failure: the gap the client saw
+                    self.telemetry.resume_gap.observe(now - stream.failed_at)
+                    stream.failed_at = None
+                stream.first_token_at = stream.first_token_at or now
+                stream.ids.append(token.token_id)
+                stream.texts.append(token.text)
+                yield TokenDelta(
+                    stream.decoder.decode(token.text), token.token_id, token.text, len(stream.ids) - 1, token.logprob
+                )
             message = await circuit.receive()
 
     async def _cut(
@@ -797,6 +793,17 @@ def _multipath(request: router_pb2.GenerateRequest) -> tuple[int, int]:
     """(paths, threshold) the request asks for: (1, 1) for one circuit."""
     paths = max(1, request.privacy.paths)
     return paths, request.privacy.threshold or max(1, paths - 1)
+
+
+def _responses(message: relay_pb2.CircuitMessage) -> Sequence[inference_pb2.InferenceGenerateResponse]:
+    """The streamed responses a message from the terminating node carries; raises the error it
+    carries instead, or DATA_LOSS for anything else."""
+    responses = responses_in(message)
+    if responses is not None:
+        return responses
+    if message.WhichOneof("body") == "error":
+        raise ServiceError(message.error.message, _status(message.error.code))
+    raise DataLoss("the terminating node sent an unexpected message")
 
 
 def _status(code: int) -> grpc.StatusCode:
