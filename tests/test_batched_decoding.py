@@ -26,7 +26,7 @@ import llama_cpp as llama
 import numpy as np
 import pytest
 
-from services.inference.engine import Sampling
+from services.inference.engine import EngineUnavailable, Sampling
 from services.inference.llama_engine import LlamaCppEngine
 from services.inference.models import default_model_path
 from services.inference.schedule import Evaluation
@@ -215,3 +215,13 @@ async def test_a_stream_that_outgrows_its_context_fails_alone(alone_engine: Llam
         assert served == expected
     finally:
         await engine.close()
+
+
+async def test_a_closed_engine_refuses_work_and_closes_once() -> None:
+    """A node that stops twice (a failed start, then its shutdown) closes its engine twice: the
+    second close is a no-op, not a double free of llama.cpp's context."""
+    engine = LlamaCppEngine(default_model_path(), MODEL, slots=1, context_length=64)
+    await engine.close()
+    await engine.close()
+    with pytest.raises(EngineUnavailable, match="closed"):
+        await generate(engine, [1, 2, 3], Sampling(max_new_tokens=2))

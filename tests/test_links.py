@@ -18,6 +18,7 @@ from grpc import aio
 
 from services.inference.config import EmulatedSettings, ModelSettings, ProviderPolicy
 from services.relay.client import circuit_opener
+from services.relay.links import _Link
 from services.router.config import CircuitPoolSettings
 from swarmserve import native
 from swarmserve.client import generate
@@ -155,3 +156,26 @@ async def test_many_streams_share_frames_and_match_the_python_plane(swarm: Swarm
         python = [await answer(p) for p in prompts[:4]]
         assert python == linked[:4]
         assert sum(relay.relay.links.frames["received"] for relay in s.relays) == frames  # not on the links
+
+
+async def test_a_link_says_when_its_writer_caught_up_so_a_terminus_can_hold_and_join_tokens() -> None:
+    """What the terminus waits on before taking its next answer (``CircuitEnd.writable``): an
+    idle link answers at once; a link with a write in flight answers when that write is done
+    (the writer asks for the next batch), not before; a lost link frees its waiters."""
+    link = _Link(1, "peer", dialled=False)
+    await asyncio.wait_for(link.written(), 0.1)  # nothing waiting: the token goes at once
+    link.queue(b"frame")
+    writer = link.outgoing()
+    assert await anext(writer) == b"frame"  # taken, being written
+    waiting = asyncio.create_task(link.written())
+    await asyncio.sleep(0.05)
+    assert not waiting.done(), "a backlogged link holds the terminus"
+    next_batch = asyncio.create_task(anext(writer))  # the write finished
+    await asyncio.wait_for(waiting, 1)
+    link.queue(b"another")
+    assert await next_batch == b"another"
+    stranded = asyncio.create_task(link.written())
+    await asyncio.sleep(0.01)
+    link.end()
+    await asyncio.wait_for(stranded, 1)
+    await writer.aclose()

@@ -396,7 +396,10 @@ class _Decoder:
             self._wake.notify()
 
     def close(self) -> None:
+        """Stops the thread (failing what was waiting) and frees the context; once."""
         with self._wake:
+            if self._closed:
+                return
             self._closed = True
             self._wake.notify()
         self._thread.join()

@@ -57,9 +57,10 @@ class CircuitEnd:
     """This node's end of a circuit on the links (one it originated, or one it terminates):
     the plaintexts that arrived, in order, then the reason it closed."""
 
-    def __init__(self, plane: LinkPlane, handle: int) -> None:
+    def __init__(self, plane: LinkPlane, handle: int, link: int | None = None) -> None:
         self._plane = plane
         self.handle = handle
+        self.link = link  # the link its cells leave on, where this node terminates it
         self._messages: asyncio.Queue[bytes | EndClosed] = asyncio.Queue()
         self._opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.closed: EndClosed | None = None
@@ -74,6 +75,13 @@ class CircuitEnd:
         if self.closed is not None:
             raise self.closed
         self._plane.send(self.handle, plaintext)
+
+    async def writable(self) -> None:
+        """Returns at once if the link this end sends on has nothing waiting, else once the
+        link's writer has finished its current write: a caller that sends only after this
+        holds what it has to send while the link is backlogged, and can join it up."""
+        if self.link is not None:
+            await self._plane.written(self.link)
 
     async def receive(self) -> bytes:
         """The next plaintext; raises :class:`EndClosed` once none will come."""
@@ -118,6 +126,8 @@ class _Link:
         self._frames: list[bytes] = []
         self.backlog = 0
         self._wake = asyncio.Event()
+        self._writing = False
+        self._written: asyncio.Future[None] | None = None
         self.lost = False
         self.error: Exception | None = None
         self.tasks: list[asyncio.Task[None]] = []
@@ -130,6 +140,9 @@ class _Link:
     def end(self) -> None:
         self.lost = True
         self._wake.set()
+        if self._written is not None:  # nothing more will be written: nobody waits for it
+            self._written.set_result(None)
+            self._written = None
 
     async def outgoing(self) -> AsyncIterator[bytes]:
         """Batches of whole frames (each a valid frame), as soon as there is anything to send."""
@@ -148,9 +161,22 @@ class _Link:
                 batch = self._frames[0] if count == 1 else b"".join(self._frames[:count])
                 del self._frames[:count]
                 self.backlog -= size
-                yield batch
+                self._writing = True
+                yield batch  # returns when the consumer takes the next: this one is written
+                self._writing = False
+                if self._written is not None:
+                    self._written.set_result(None)
+                    self._written = None
             if self.lost:
                 return
+
+    async def written(self) -> None:
+        """Returns at once if nothing waits to be written, else after the next write."""
+        if self.lost or not (self._frames or self._writing):
+            return
+        if self._written is None:
+            self._written = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._written)
 
 
 class LinkPlane:
@@ -192,7 +218,7 @@ class LinkPlane:
 
     def terminate(self, link: int, circuit: int, hop: native.CircuitHop) -> CircuitEnd:
         """Ends an admitted set-up here: confirms it; its plaintexts go to the returned end."""
-        end = self._new_end()
+        end = self._new_end(link)
         self.engine.terminate(link, circuit, hop, end.handle)
         self._after()
         return end
@@ -217,8 +243,14 @@ class LinkPlane:
         self.engine.close(handle, reason)
         self._after()
 
-    def _new_end(self) -> CircuitEnd:
-        end = CircuitEnd(self, next(self._ids))
+    async def written(self, link: int) -> None:
+        """See :meth:`_Link.written`; returns at once for a link that is gone."""
+        known = self._links.get(link)
+        if known is not None:
+            await known.written()
+
+    def _new_end(self, link: int | None = None) -> CircuitEnd:
+        end = CircuitEnd(self, next(self._ids), link)
         self._ends[end.handle] = end
         return end
 

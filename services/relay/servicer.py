@@ -300,6 +300,9 @@ class RelayServicer(relay_pb2_grpc.RelayServicer):
             async with contextlib.aclosing(self._terminus.handle(forward_plaintexts())) as answer:
                 async for plaintext in answer:
                     end.send(plaintext)
+                    # The next answer is taken once the link has written what it had: while it is
+                    # backlogged, the tokens made meanwhile leave together (services/inference/exit.py).
+                    await end.writable()
             end.close()
         except EndClosed:
             pass
