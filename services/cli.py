@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import Message
 from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import BaseModel
 
 from swarmserve import __version__, native
@@ -390,6 +391,24 @@ def _demo_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _health(args: argparse.Namespace) -> int:
+    """gRPC health of a node (a container's HEALTHCHECK): 0 if SERVING, 1 otherwise."""
+
+    async def check() -> str:
+        async with aio.insecure_channel(args.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+            return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+    try:
+        status = asyncio.run(check())
+    except grpc.aio.AioRpcError as error:
+        print(f"{args.address}: {error.code().name}: {error.details()}", file=sys.stderr)
+        return 1
+    print(f"{args.address}: {status}")
+    return 0 if status == "SERVING" else 1
+
+
 def _keys(args: argparse.Namespace) -> int:
     keys = NodeKeys.load_or_create(Path(args.data_dir))
     print(f"node id:       {keys.identity.node_id}")
@@ -614,6 +633,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--ports-from", type=int, default=7000, help="first router's port; the nodes use the next ten")
     demo.add_argument("--prompt", default="Explain in two sentences why the sky is blue.")
     demo.set_defaults(run=_demo_command)
+    health = commands.add_parser("health", help="ask a node's gRPC health service; exit 0 if it is SERVING")
+    health.add_argument("address", help="HOST:PORT of the node")
+    health.add_argument("--service", default="", help="a service name (default: the whole server)")
+    health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
+    health.set_defaults(run=_health)
     keys = commands.add_parser("keys", help="create (if missing) and show this node's identity and onion keys")
     keys.add_argument("--data-dir", default="data", help="node data directory (default: ./data)")
     keys.set_defaults(run=_keys)

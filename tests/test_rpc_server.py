@@ -209,3 +209,20 @@ async def test_the_channel_pool_evicts_the_least_recently_used() -> None:
     assert pool.get("127.0.0.1:2") is not b  # evicted (and closed), so a new one
     assert len(pool) == 2
     await pool.close()
+
+
+async def test_the_health_command_exits_zero_only_for_a_serving_node(server: RpcServer) -> None:
+    """``swarmserve health HOST:PORT``, the containers' HEALTHCHECK: SERVING is 0; a service the
+    node does not have, a node still loading (NOT_SERVING) and nothing listening are 1."""
+    from services.cli import main
+
+    assert await asyncio.to_thread(main, ["health", server.address]) == 0
+    assert await asyncio.to_thread(main, ["health", server.address, "--service", "swarmserve.v1.Inference"]) == 0
+    assert await asyncio.to_thread(main, ["health", server.address, "--service", "swarmserve.v1.Nope"]) == 1
+    loading = RpcServer(ServerSettings(listen="127.0.0.1:0"), [])
+    await loading.start(serving=False)
+    try:
+        assert await asyncio.to_thread(main, ["health", loading.address]) == 1
+    finally:
+        await loading.stop(0)
+    assert await asyncio.to_thread(main, ["health", loading.address, "--timeout", "1"]) == 1
