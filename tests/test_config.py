@@ -6,7 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from services.relay.config import RelayConfig
+from swarmserve import native
 from swarmserve.config import ConfigError, NodeConfig, load_config, parse_listen_address
+from swarmserve.keys import NodeKeys
 
 
 def test_defaults_need_no_file() -> None:
@@ -63,3 +66,25 @@ def test_listen_address_parsing() -> None:
     assert parse_listen_address("[::1]:0") == ("[::1]", 0)
     with pytest.raises(ValueError):
         parse_listen_address(":80")
+
+
+def test_an_identity_key_from_the_environment_is_the_nodes_key_and_never_replaced(tmp_path: Path) -> None:
+    """SWARMSERVE_IDENTITY_KEY (a Kubernetes secretKeyRef) as PEM: taken as written (YAML would
+    fold its lines), hidden from the config's repr, written to data_dir/identity.key on first
+    start; a data dir that already holds another key, or a key that is no PEM, is refused."""
+    pem = native.Identity.generate().to_pem()
+    config = load_config(RelayConfig, None, {"SWARMSERVE_IDENTITY_KEY": pem, "SWARMSERVE_DATA_DIR": str(tmp_path)})
+    assert config.identity_pem() == pem
+    assert "PRIVATE" not in repr(config)
+    keys = NodeKeys.load_or_create(config.data_dir, config.identity_pem())
+    assert keys.identity.public_key == native.Identity.from_pem(pem).public_key
+    assert native.Identity.load(tmp_path / "identity.key").public_key == keys.identity.public_key
+    assert (
+        NodeKeys.load_or_create(config.data_dir, config.identity_pem()).identity.public_key == keys.identity.public_key
+    )
+    with pytest.raises(native.KeyFileError, match="another identity key"):
+        NodeKeys.load_or_create(config.data_dir, native.Identity.generate().to_pem())
+    with pytest.raises(native.InvalidKeyError):
+        NodeKeys.load_or_create(
+            tmp_path / "other", "-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n"
+        )

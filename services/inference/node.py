@@ -76,7 +76,7 @@ async def load_engine(settings: ModelSettings, slots: int) -> Engine:
 class InferenceNode(ServiceNode):
     def __init__(self, config: InferenceConfig) -> None:
         self.config = config
-        self.keys = NodeKeys.load_or_create(config.data_dir)
+        self.keys = NodeKeys.load_or_create(config.data_dir, config.identity_pem())
         self.onion_keys = config.circuits.onion_keys()
         self.servicer = InferenceServicer()
         self.verifier = VerifierServicer()

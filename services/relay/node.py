@@ -19,7 +19,7 @@ log = get_logger("swarmserve.relay")
 class RelayNode(ServiceNode):
     def __init__(self, config: RelayConfig) -> None:
         self.config = config
-        self.keys = NodeKeys.load_or_create(config.data_dir)
+        self.keys = NodeKeys.load_or_create(config.data_dir, config.identity_pem())
         self.onion_keys = config.circuits.onion_keys()
         self.channels = ChannelPool(config.server.max_message_bytes)
         self.publisher = DescriptorPublisher(

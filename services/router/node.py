@@ -23,7 +23,7 @@ log = get_logger("swarmserve.router")
 class RouterNode(ServiceNode):
     def __init__(self, config: RouterConfig) -> None:
         self.config = config
-        self.keys = NodeKeys.load_or_create(config.data_dir)
+        self.keys = NodeKeys.load_or_create(config.data_dir, config.identity_pem())
         self.channels = ChannelPool(config.server.max_message_bytes)
         publisher = DescriptorPublisher(
             self.keys.identity, [common_pb2.NODE_ROLE_ROUTER], lambda: config.advertise or self.server.address

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 __all__ = [
     "ENV_PREFIX",
@@ -167,6 +167,12 @@ class NodeConfig(StrictModel):
     """Settings every node has; services extend it with their own sections."""
 
     data_dir: Path = Field(Path("data"), description="keys and the ledger replica live here")
+    identity_key: SecretStr | None = Field(
+        None,
+        description="this node's identity key as PKCS#8 PEM (e.g. SWARMSERVE_IDENTITY_KEY from a Kubernetes Secret); "
+        "kept in data_dir/identity.key, which must hold the same key if it exists (default: that file, made on "
+        "first start)",
+    )
     server: ServerSettings = ServerSettings()
     log: LogSettings = LogSettings()
     gossip: GossipSettings = GossipSettings()
@@ -174,6 +180,9 @@ class NodeConfig(StrictModel):
     metrics_listen: str | None = Field(
         None, description="HOST:PORT serving Prometheus metrics at /metrics (routers also serve them on http_listen)"
     )
+
+    def identity_pem(self) -> str | None:
+        return self.identity_key.get_secret_value() if self.identity_key is not None else None
 
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
@@ -197,6 +206,8 @@ def _env_overrides(environ: Mapping[str, str]) -> list[tuple[list[str], Any]]:
                 value = yaml.safe_load(raw) if raw != "" else ""
             except yaml.YAMLError:
                 value = raw
+            if isinstance(value, str):
+                value = raw  # a string as written: YAML would fold a PEM key's lines into one
             overrides.append((path, value))
     return overrides
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from swarmserve.keys.onion_ring import OnionKeyRing, OpenedSetup
-from swarmserve.native import Identity
+from swarmserve.native import Identity, KeyFileError
 
 __all__ = ["NodeKeys", "OnionKeyRing", "OpenedSetup"]
 
@@ -26,14 +26,20 @@ class NodeKeys:
     identity: Identity
 
     @classmethod
-    def load_or_create(cls, directory: Path) -> NodeKeys:
-        """Loads the identity from ``directory``, creating it if it is missing.
+    def load_or_create(cls, directory: Path, pem: str | None = None) -> NodeKeys:
+        """Loads the identity from ``directory``, creating it if it is missing; with ``pem``
+        (an operator's key, from a secret store), that key, written there if missing.
 
         The directory is created with mode 0700. A key file that group or others can read
-        raises :class:`swarmserve.native.KeyFileError` rather than being used.
+        raises :class:`swarmserve.native.KeyFileError` rather than being used, and so does a
+        key file holding another key than ``pem`` (the node's identity would change silently).
         """
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         identity_path = directory / IDENTITY_FILE
+        given = Identity.from_pem(pem) if pem is not None else None
         if not os.path.exists(identity_path):
-            Identity.generate().save(identity_path)
-        return cls(directory, Identity.load(identity_path))
+            (given or Identity.generate()).save(identity_path)
+        identity = Identity.load(identity_path)
+        if given is not None and given.public_key != identity.public_key:
+            raise KeyFileError(f"{identity_path} holds another identity key than the one configured (identity_key)")
+        return cls(directory, identity)
