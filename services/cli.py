@@ -394,6 +394,13 @@ def _demo_command(args: argparse.Namespace) -> int:
 def _health(args: argparse.Namespace) -> int:
     """gRPC health of a node (a container's HEALTHCHECK): 0 if SERVING, 1 otherwise."""
 
+    if args.address is None:  # the node's own listen address (a container's HEALTHCHECK)
+        host, _, port = os.environ.get(f"{ENV_PREFIX}SERVER__LISTEN", "").rpartition(":")
+        if not port:
+            print(f"swarmserve health: give HOST:PORT (or set {ENV_PREFIX}SERVER__LISTEN)", file=sys.stderr)
+            return 2
+        args.address = f"{'127.0.0.1' if host in ('', '0.0.0.0', '[::]') else host}:{port}"
+
     async def check() -> str:
         async with aio.insecure_channel(args.address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
@@ -634,7 +641,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--prompt", default="Explain in two sentences why the sky is blue.")
     demo.set_defaults(run=_demo_command)
     health = commands.add_parser("health", help="ask a node's gRPC health service; exit 0 if it is SERVING")
-    health.add_argument("address", help="HOST:PORT of the node")
+    health.add_argument(
+        "address", nargs="?", help=f"HOST:PORT of the node (default: this node's {ENV_PREFIX}SERVER__LISTEN)"
+    )
     health.add_argument("--service", default="", help="a service name (default: the whole server)")
     health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
     health.set_defaults(run=_health)

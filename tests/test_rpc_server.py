@@ -211,12 +211,17 @@ async def test_the_channel_pool_evicts_the_least_recently_used() -> None:
     await pool.close()
 
 
-async def test_the_health_command_exits_zero_only_for_a_serving_node(server: RpcServer) -> None:
-    """``swarmserve health HOST:PORT``, the containers' HEALTHCHECK: SERVING is 0; a service the
-    node does not have, a node still loading (NOT_SERVING) and nothing listening are 1."""
+async def test_the_health_command_exits_zero_only_for_a_serving_node(
+    server: RpcServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``swarmserve health [HOST:PORT]``, the containers' HEALTHCHECK (by default the address
+    the node listens on, from its environment): SERVING is 0; a service the node does not have,
+    a node still loading (NOT_SERVING) and nothing listening are 1."""
     from services.cli import main
 
     assert await asyncio.to_thread(main, ["health", server.address]) == 0
+    monkeypatch.setenv("SWARMSERVE_SERVER__LISTEN", f"0.0.0.0:{server.address.rpartition(':')[2]}")
+    assert await asyncio.to_thread(main, ["health"]) == 0
     assert await asyncio.to_thread(main, ["health", server.address, "--service", "swarmserve.v1.Inference"]) == 0
     assert await asyncio.to_thread(main, ["health", server.address, "--service", "swarmserve.v1.Nope"]) == 1
     loading = RpcServer(ServerSettings(listen="127.0.0.1:0"), [])
