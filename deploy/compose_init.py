@@ -25,12 +25,12 @@ from swarmserve.swarm import LOCAL_CHAIN, OPERATOR_CREDITS, OPERATOR_STAKE  # no
 
 # Every node of deploy/compose.yaml and its fixed address on the swarm network.
 NODES = {
-    "relay-1": "172.30.0.11",
-    "relay-2": "172.30.0.12",
-    "relay-3": "172.30.0.13",
-    "router": "172.30.0.2",
-    "inference-1": "172.30.0.21",
-    "inference-2": "172.30.0.22",
+    "relay-1": "172.25.0.11",
+    "relay-2": "172.26.0.12",
+    "relay-3": "172.27.0.13",
+    "router": "172.24.0.2",
+    "inference-1": "172.28.0.21",
+    "inference-2": "172.29.0.22",
     "verifier-1": "172.30.0.31",
 }
 VALIDATORS = ["relay-1", "relay-2", "relay-3", "router"]

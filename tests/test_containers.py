@@ -228,10 +228,15 @@ def test_a_partitioned_node_is_declared_dead_in_bound_and_rejoins_when_reconnect
         while (await _members(swarm)).get(target) != overlay_pb2.MEMBER_STATE_ALIVE:
             assert time.monotonic() < deadline, f"{target} did not rejoin"
             await asyncio.sleep(0.5)
-        served = set()
-        for index in range(12):  # it gets work again
-            summary = await _generate(swarm, chat_request(f"Count to {index}.", hops=1, max_new_tokens=4))
-            served.add(swarm.node_of[summary.served_by])
+        served: set[str] = set()
+        for round_ in range(4):  # it gets work again: more streams at once than the others' slots
+            summaries = await asyncio.gather(
+                *(
+                    _generate(swarm, chat_request(f"Story {round_}.{i}: once upon a time", hops=1, max_new_tokens=24))
+                    for i in range(6)
+                )
+            )
+            served.update(swarm.node_of[s.served_by] for s in summaries)
             if target in served:
                 return
         raise AssertionError(f"{target} got no work after rejoining (served by {served})")

@@ -112,7 +112,7 @@ class _Work(ABC):
     ``begin`` says what to evaluate first, given how many positions the sequence already holds
     as this work would compute them; ``advance`` reads the logits of the batch just evaluated
     and says what comes next (``None``: done). Results reach the event loop through ``deliver``,
-    which the decoder thread calls; ``cancel`` may be called from any thread."""
+    which the decoder thread calls; ``cancelled`` may be set from any thread."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -143,7 +143,7 @@ class _Scheduled(_Work):
     def __init__(self, loop: asyncio.AbstractEventLoop, prompt: Sequence[int], served: Sequence[int]) -> None:
         super().__init__(loop)
         self.stream = Evaluation(tuple(prompt), tuple(served))
-        self.added: list[int] = []  # tokens evaluated after ``stream``
+        self.added: list[int] = []  # tokens chosen to evaluate after ``stream``, in order
         self._pending: deque[tuple[int, ...]] = deque()
         self._position = 0
 
