@@ -7,7 +7,8 @@ one seed, the ledger's chain on the relays and the router. Through the real Dock
   other node) and its receipt covers every token;
 - `docker network disconnect` of an inference node (a partition): the router declares it dead
   within the stated bound and traffic goes to the other; reconnected, it rejoins and gets work;
-- afterwards every validator's replica of the chain agrees (height, block, state root).
+- afterwards every validator's replica of the chain agrees (the block at a common height);
+- and one container alone: uid 10001, read-only root, SIGTERM drains and exits 0.
 
 Skips, saying why, where no Docker engine answers, docker-compose is missing, or the image has
 not been built (`make image`; .ci/run builds it). On failure the containers' JSON logs are kept
@@ -16,6 +17,7 @@ not been built (`make image`; .ci/run builds it). On failure the containers' JSO
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import subprocess
@@ -266,3 +268,38 @@ def test_every_validator_replica_agrees(swarm: Swarm) -> None:
         assert len(blocks) == 1, f"the replicas differ at height {common}"
 
     asyncio.run(replicas())
+
+
+def test_a_node_container_is_unprivileged_read_only_and_stops_cleanly_on_sigterm() -> None:
+    """The image as any role runs it: uid 10001, the root filesystem read-only (only /data and
+    /tmp take writes), health SERVING through the HEALTHCHECK's command, and `docker stop`
+    (SIGTERM) drains and exits 0 with JSON log lines."""
+    run = subprocess.run(
+        ["docker", "run", "-d", "--read-only", "--tmpfs", "/tmp", "-e", "SWARMSERVE_SERVER__LISTEN=0.0.0.0:7100",
+         IMAGE, "relay"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    container = run.stdout.strip()
+    try:
+
+        def inside(*command: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(["docker", "exec", container, *command], capture_output=True, text=True)
+
+        assert inside("id", "-u").stdout.strip() == "10001"
+        assert inside("touch", "/opt/swarmserve/x").returncode != 0, "the root filesystem is read-only"
+        assert inside("touch", "/data/x").returncode == 0
+        deadline = time.monotonic() + 30
+        while inside("swarmserve", "health").returncode != 0:
+            assert time.monotonic() < deadline, "the relay did not report SERVING"
+            time.sleep(0.5)
+        subprocess.run(["docker", "stop", "-t", "30", container], check=True, capture_output=True)
+        state = subprocess.run(
+            ["docker", "inspect", "-f", "{{.State.ExitCode}}", container], capture_output=True, text=True, check=True
+        )
+        assert state.stdout.strip() == "0"
+        output = subprocess.run(["docker", "logs", container], capture_output=True, text=True)
+        logs = (output.stdout + output.stderr).splitlines()
+        events = [json.loads(line)["event"] for line in logs if line.startswith("{")]
+        assert "signal received" in events and events[-1] == "stopped", events
+    finally:
+        subprocess.run(["docker", "rm", "-f", container], capture_output=True)
