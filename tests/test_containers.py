@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -30,6 +31,7 @@ import httpx
 import pytest
 from grpc import aio
 
+from swarmserve.config import GossipSettings
 from swarmserve.native import Identity
 from swarmserve.swarm import free_port_block
 from swarmserve.v1 import chain_pb2, chain_pb2_grpc, overlay_pb2, router_pb2, router_pb2_grpc
@@ -44,10 +46,16 @@ sys.path.insert(0, str(ROOT / "deploy"))
 from compose_init import NODES, VALIDATORS  # noqa: E402
 from compose_init import main as compose_init  # noqa: E402
 
-# A member that stops answering is declared dead within: suspicion (4 x max(1, log10 n) protocol
-# periods of 0.5 s, up to 6x unconfirmed) plus the probes that lead to it. The bound stated in
-# the README for small swarms.
-DEATH_BOUND_S = 20.0
+# The bound of swarmserve/overlay/membership.py with the default gossip settings, as the
+# in-process test (tests/test_private_path.py) states it: probed within n + 1 periods, then
+# dead after the suspicion, counted here at its unconfirmed length (suspicion_max_mult x the
+# confirmed one: 4 x max(1, log10 n) periods), plus a second of slack. About 17 s for 7 nodes.
+_GOSSIP = GossipSettings()
+DEATH_BOUND_S = (
+    (len(NODES) + 1) * _GOSSIP.probe_interval_s
+    + _GOSSIP.suspicion_max_mult * _GOSSIP.suspicion_mult * max(1.0, math.log10(len(NODES))) * _GOSSIP.probe_interval_s
+    + 1.0
+)
 
 
 def _docker_ready() -> str | None:
