@@ -149,22 +149,22 @@ async def batched_responses(
 
     task = asyncio.create_task(pump())
     try:
-        ended: BaseException | None = None
-        while ended is None:
-            item = await ready.get()
-            batch: list[inference_pb2.InferenceGenerateResponse] = []
-            while True:
-                if item is None or isinstance(item, BaseException):
-                    ended = item or StopAsyncIteration()
-                    break
-                batch.append(item)
-                if len(batch) == MAX_BATCHED_RESPONSES or ready.empty():
-                    break
-                item = ready.get_nowait()
+        while True:
+            # All that is ready, up to the bound; the end (None or an error) comes last.
+            items = [await ready.get()]
+            while (
+                isinstance(items[-1], inference_pb2.InferenceGenerateResponse)
+                and len(items) < MAX_BATCHED_RESPONSES
+                and not ready.empty()
+            ):
+                items.append(ready.get_nowait())
+            batch = [i for i in items if isinstance(i, inference_pb2.InferenceGenerateResponse)]
             if batch:
                 yield batch
-        if not isinstance(ended, StopAsyncIteration):
-            raise ended
+            if items[-1] is None:
+                return
+            if isinstance(items[-1], BaseException):
+                raise items[-1]
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -140,9 +140,7 @@ class _Link:
     def end(self) -> None:
         self.lost = True
         self._wake.set()
-        if self._written is not None:  # nothing more will be written: nobody waits for it
-            self._written.set_result(None)
-            self._written = None
+        self._release_waiters()  # nothing more will be written: nobody waits for it
 
     async def outgoing(self) -> AsyncIterator[bytes]:
         """Batches of whole frames (each a valid frame), as soon as there is anything to send."""
@@ -164,11 +162,14 @@ class _Link:
                 self._writing = True
                 yield batch  # returns when the consumer takes the next: this one is written
                 self._writing = False
-                if self._written is not None:
-                    self._written.set_result(None)
-                    self._written = None
+                self._release_waiters()
             if self.lost:
                 return
+
+    def _release_waiters(self) -> None:
+        if self._written is not None:
+            self._written.set_result(None)
+            self._written = None
 
     async def written(self) -> None:
         """Returns at once if nothing waits to be written, else after the next write."""
